@@ -1,0 +1,160 @@
+"""Frozen, keyword-only configs, one per concern, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuestConfig:
+    """Quest sparsity. ``token_budget=None`` means dense decoding.
+
+    page_size: tokens a KV page holds (a power of two).
+    token_budget: tokens attended per decode step and KV head; the page budget
+        is ``token_budget // page_size``.
+    dense_layers: the first layers, which always attend densely.
+    """
+
+    page_size: int = 16
+    token_budget: int | None = 4096
+    dense_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(
+                f"QuestConfig.page_size must be a power of two, got {self.page_size}; "
+                "use 16 (the default) or another power of two."
+            )
+        if self.token_budget is not None and self.token_budget < self.page_size:
+            raise ValueError(
+                f"QuestConfig.token_budget={self.token_budget} is smaller than one page "
+                f"(page_size={self.page_size}); use a budget >= page_size, or None for dense."
+            )
+        if self.dense_layers < 0:
+            raise ValueError(f"QuestConfig.dense_layers must be >= 0, got {self.dense_layers}")
+
+    @property
+    def page_budget(self) -> int | None:
+        """Pages attended per (sequence, KV head) in sparse layers, or None for dense."""
+        return None if self.token_budget is None else self.token_budget // self.page_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """KV cache capacity.
+
+    num_pages: pages in the pool per layer; None derives it from free device
+        memory (CUDA) — required on the CPU unless ``max_tokens`` is given.
+    max_tokens: alternative to num_pages: the pool holds at least this many tokens.
+    memory_fraction: fraction of free GPU memory (after weights) to give the cache.
+    """
+
+    num_pages: int | None = None
+    max_tokens: int | None = None
+    memory_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"CacheConfig.num_pages must be >= 1, got {self.num_pages}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"CacheConfig.max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(
+                f"CacheConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Sequence parallelism: how many ranks share every sequence's KV pages."""
+
+    world_size: int = 1
+    prefill_chunk_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"ParallelConfig.world_size must be >= 1, got {self.world_size}")
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(
+                "ParallelConfig.prefill_chunk_tokens must be >= 1, "
+                f"got {self.prefill_chunk_tokens}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request sampling, named as in vLLM.
+
+    temperature 0 is greedy; top_k=-1 disables top-k; logprobs=n returns the
+    top-n log-probabilities of every generated token.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"SamplingParams.logprobs must be >= 0, got {self.logprobs}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is not None:
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The architecture facts the engine's model needs, read from a HF config."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, object], ...] | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; longquest supports "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_qo_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_qo_heads={self.num_qo_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
