@@ -106,9 +106,11 @@ def select_pages_ref(
     a bool for every sequence or a ``[num_seqs]`` bool tensor. A pinned page
     reports the score ``+inf``.
     Returns ``(top_scores, indices)``, both ``[num_seqs, num_kv_heads, top_k]``
-    (fp32, int32): logical page indices (positions in ``page_table``) in
-    descending score, ties to the lower index; rows with fewer than ``top_k``
-    valid pages are padded with score ``-inf`` and index ``-1``.
+    (fp32, int32): the logical page indices (positions in ``page_table``) of
+    the ``min(top_k, num_pages)`` highest scores, ties going to the lower
+    index, listed in ascending index order (reads walk memory forward), with
+    their scores; rows with fewer than ``top_k`` valid pages are padded at the
+    end with score ``-inf`` and index ``-1``.
     """
     num_seqs, num_kv_heads, _ = scores.shape
     pins = (
@@ -128,7 +130,7 @@ def select_pages_ref(
         k = min(top_k, n)
         for h in range(num_kv_heads):
             # Stable sort on the negated score keeps ties in index order.
-            order = torch.sort(-row[h], stable=True).indices[:k]
+            order = torch.sort(-row[h], stable=True).indices[:k].sort().values
             top_scores[s, h, :k] = row[h, order]
             indices[s, h, :k] = order.int()
     return top_scores, indices
