@@ -1,0 +1,11 @@
+"""Single-process execution: configs, model, paged KV cache, attention, sampler, loop."""
+
+from longquest.engine.config import (
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    QuestConfig,
+    SamplingParams,
+)
+
+__all__ = ["CacheConfig", "ModelConfig", "ParallelConfig", "QuestConfig", "SamplingParams"]

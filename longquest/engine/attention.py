@@ -1,0 +1,196 @@
+"""The attention layer the model calls: writes the paged cache, then attends.
+
+Per-step state lives in explicit metadata objects (``PrefillMetadata``,
+``DecodeMetadata``) built once per step by the engine and shared by every layer.
+The cross-rank steps of sparse decode (global top-k, log-sum-exp reduction) go
+through an injected ``comm`` object; ``LocalComm`` is the single-device one and
+``longquest.parallel.comm.SequenceParallelComm`` the sequence-parallel one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from longquest.engine.cache import KVCache
+from longquest.engine.config import QuestConfig
+from longquest.kernels import (
+    AppendPlan,
+    append_kv,
+    page_scores,
+    paged_decode_attention,
+    prefill_attention,
+    select_pages,
+)
+
+
+class AttentionComm(Protocol):
+    """The cross-rank steps of decode attention."""
+
+    def select_global(
+        self,
+        *,
+        top_scores: torch.Tensor,
+        local_indices: torch.Tensor,
+        global_pages: torch.Tensor,
+        top_k: int,
+    ) -> torch.Tensor: ...
+
+    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalComm:
+    """Single device: the local top-k is the global one and there is nothing to merge."""
+
+    def select_global(
+        self,
+        *,
+        top_scores: torch.Tensor,
+        local_indices: torch.Tensor,
+        global_pages: torch.Tensor,
+        top_k: int,
+    ) -> torch.Tensor:
+        return local_indices
+
+    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillMetadata:
+    """One chunk of one sequence's prompt, on a single device.
+
+    page_table: ``[num_pages]`` int32 physical pages holding positions ``0 .. seq_end - 1``.
+    query_start: position of the chunk's first token; the chunk ends at ``seq_end``.
+    """
+
+    append_plan: AppendPlan
+    slot_mapping: torch.Tensor
+    page_table: torch.Tensor
+    query_start: int
+    seq_end: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeMetadata:
+    """One decode token per sequence, for a batch.
+
+    append_rows: ``[num_appended]`` int64 rows of the batch whose new token this rank
+        stores (all rows on a single device), or None for all rows.
+    page_table: ``[num_seqs, max_pages]`` int32 local physical pages, position order.
+    seq_lens: ``[num_seqs]`` int32 local valid tokens after the append.
+    num_pages: ``[num_seqs]`` int32 local pages.
+    global_pages: ``[num_seqs, max_pages]`` int32 global page index of each local page.
+    pin_last: ``[num_seqs]`` bool — this rank holds the sequence's newest page.
+    sparse: False when no sequence has more pages than the budget (skip scoring).
+    """
+
+    append_plan: AppendPlan | None
+    slot_mapping: torch.Tensor | None
+    append_rows: torch.Tensor | None
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+    num_pages: torch.Tensor
+    global_pages: torch.Tensor
+    pin_last: torch.Tensor
+    sparse: bool
+
+
+class PagedAttention:
+    """``LayerAttention`` over the paged cache for one step (prefill chunk or decode batch)."""
+
+    def __init__(
+        self,
+        *,
+        cache: KVCache,
+        quest: QuestConfig,
+        metadata: PrefillMetadata | DecodeMetadata,
+        comm: AttentionComm | None = None,
+        impl: str | None = None,
+    ) -> None:
+        self.cache = cache
+        self.quest = quest
+        self.metadata = metadata
+        self.comm = comm or LocalComm()
+        self.impl = impl
+
+    def __call__(
+        self, *, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        if isinstance(self.metadata, PrefillMetadata):
+            return self._prefill(layer, query, key, value, self.metadata)
+        return self._decode(layer, query, key, value, self.metadata)
+
+    def _append(self, layer: int, key, value, slot_mapping, plan) -> None:
+        k_cache, v_cache, key_min, key_max = self.cache.layer(layer)
+        append_kv(
+            key=key,
+            value=value,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            key_min=key_min,
+            key_max=key_max,
+            slot_mapping=slot_mapping,
+            plan=plan,
+            impl=self.impl,
+        )
+
+    def _prefill(self, layer, query, key, value, meta: PrefillMetadata) -> torch.Tensor:
+        self._append(layer, key, value, meta.slot_mapping, meta.append_plan)
+        k_cache, v_cache, _, _ = self.cache.layer(layer)
+        # Earlier chunks' keys come back from the pages: [tokens, num_kv_heads, head_dim].
+        pages = meta.page_table.long()
+        keys = k_cache[pages].transpose(1, 2).flatten(0, 1)[: meta.seq_end]
+        values = v_cache[pages].transpose(1, 2).flatten(0, 1)[: meta.seq_end]
+        out, _ = prefill_attention(
+            query=query,
+            key=keys,
+            value=values,
+            query_start=meta.query_start,
+            causal=True,
+            impl=self.impl,
+        )
+        return out
+
+    def _decode(self, layer, query, key, value, meta: DecodeMetadata) -> torch.Tensor:
+        if meta.slot_mapping is not None:
+            if meta.append_rows is not None:
+                key, value = key[meta.append_rows], value[meta.append_rows]
+            self._append(layer, key, value, meta.slot_mapping, meta.append_plan)
+        k_cache, v_cache, key_min, key_max = self.cache.layer(layer)
+        selected = None
+        top_k = self.quest.page_budget
+        if top_k is not None and meta.sparse and layer >= self.quest.dense_layers:
+            scores = page_scores(
+                query=query,
+                key_min=key_min,
+                key_max=key_max,
+                page_table=meta.page_table,
+                num_pages=meta.num_pages,
+                impl=self.impl,
+            )
+            top_scores, local = select_pages(
+                scores=scores,
+                num_pages=meta.num_pages,
+                top_k=top_k,
+                pin_last=meta.pin_last,
+                impl=self.impl,
+            )
+            selected = self.comm.select_global(
+                top_scores=top_scores,
+                local_indices=local,
+                global_pages=meta.global_pages,
+                top_k=top_k,
+            )
+        out, lse = paged_decode_attention(
+            query=query,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            page_table=meta.page_table,
+            seq_lens=meta.seq_lens,
+            selected=selected,
+            impl=self.impl,
+        )
+        return self.comm.merge(out=out, lse=lse)

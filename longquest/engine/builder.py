@@ -1,0 +1,139 @@
+"""Builds an LLMEngine from a model directory: weights, tokenizer, a sized cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longquest.engine.attention import AttentionComm
+from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
+from longquest.engine.config import CacheConfig, ModelConfig, QuestConfig
+from longquest.engine.engine import LLMEngine, PageOwner
+from longquest.engine.loader import load_model
+from longquest.engine.tokenizer import Tokenizer
+
+# The CPU has no memory query the engine trusts (other processes share it), so
+# without a configured size the cache holds this many tokens.
+DEFAULT_CPU_CACHE_TOKENS = 32768
+
+DTYPES = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bf16 on CUDA and fp32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    resolved = DTYPES[dtype]
+    if resolved is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return resolved
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks the current CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available; use 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cache_pages(
+    *, config: ModelConfig, cache: CacheConfig, page_size: int, dtype, device, world_size: int = 1
+) -> int:
+    """Pages per layer for this rank: configured, or what free device memory holds."""
+    if cache.num_pages is not None:
+        return cache.num_pages
+    if cache.max_tokens is not None:
+        # Each rank holds about 1/world_size of every sequence, plus rounding slack.
+        per_rank = -(-cache.max_tokens // world_size)
+        return -(-per_rank // page_size) + 4
+    if device.type != "cuda":
+        return -(-DEFAULT_CPU_CACHE_TOKENS // page_size)
+    free, _ = torch.cuda.mem_get_info(device)
+    # Keep room for activations of a prefill chunk and the logits.
+    headroom = 2 * 2**30
+    return pages_that_fit(
+        free_bytes=int(max(0, free - headroom) * cache.memory_fraction),
+        page_size=page_size,
+        num_layers=config.num_layers,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=dtype,
+    )
+
+
+def build_engine(
+    model_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    quest: QuestConfig | None = None,
+    cache: CacheConfig | None = None,
+    prefill_chunk_tokens: int = 8192,
+    impl: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    owner: PageOwner | None = None,
+    comm: AttentionComm | None = None,
+) -> tuple[LLMEngine, Tokenizer]:
+    """Load the model and tokenizer, size the cache, return the engine and tokenizer."""
+    quest = quest or QuestConfig()
+    cache = cache or CacheConfig()
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = Tokenizer(model_dir)
+    model, config = load_model(model_dir, dtype=torch_dtype, device=device)
+    num_pages = cache_pages(
+        config=config,
+        cache=cache,
+        page_size=quest.page_size,
+        dtype=torch_dtype,
+        device=device,
+        world_size=world_size,
+    )
+    if num_pages < 1:
+        raise ValueError(
+            f"no device memory left for the KV cache on {device} after loading the weights; "
+            "use a smaller model, a larger CacheConfig.memory_fraction or more GPUs"
+        )
+    shape = CacheShape(
+        num_layers=config.num_layers,
+        num_pages=num_pages,
+        page_size=quest.page_size,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=torch_dtype,
+    )
+    engine = LLMEngine(
+        model=model,
+        model_config=config,
+        cache=KVCache(shape, device=device),
+        quest=quest,
+        detokenize=tokenizer.decode,
+        eos_token_ids=tuple(config.eos_token_ids) + tokenizer.eos_token_ids,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        impl=impl,
+        rank=rank,
+        owner=owner,
+        comm=comm,
+    )
+    return engine, tokenizer

@@ -1,0 +1,128 @@
+"""The paged KV cache: plain-Python page allocation and the device tensors it indexes.
+
+Layout per layer (see longquest.kernels.ref): ``k``/``v`` pages
+``[num_pages, num_kv_heads, page_size, head_dim]`` and Quest's per-page key bounds
+``key_min``/``key_max`` ``[num_pages, num_kv_heads, head_dim]``, all in the model dtype
+(a min or max of bf16 keys is itself a bf16 value, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheCapacityError(ValueError):
+    """Raised when a request cannot fit in the KV cache; the message gives the capacity."""
+
+
+class PageAllocator:
+    """Hands out physical page ids from a fixed pool. No device work, no torch."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.num_pages = num_pages
+        # Pop from the end: low ids come out first, which keeps tests readable.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._reserved = 0
+
+    @property
+    def num_free(self) -> int:
+        """Pages neither allocated nor reserved."""
+        return len(self._free) - self._reserved
+
+    def reserve(self, count: int) -> None:
+        """Promise ``count`` pages to a request before any work starts, or raise."""
+        if count > self.num_free:
+            raise CacheCapacityError(
+                f"the request needs {count} more KV pages but only {self.num_free} of "
+                f"{self.num_pages} are free"
+            )
+        self._reserved += count
+
+    def release_reservation(self, count: int) -> None:
+        """Return reserved-but-unused pages (a request finished early)."""
+        if count > self._reserved:
+            raise ValueError(f"releasing {count} reserved pages but only {self._reserved} are")
+        self._reserved -= count
+
+    def allocate(self, count: int, *, reserved: bool = False) -> list[int]:
+        """Take ``count`` pages, from the caller's reservation when ``reserved``."""
+        if reserved:
+            self.release_reservation(count)
+        if count > self.num_free:
+            raise CacheCapacityError(
+                f"out of KV pages: asked for {count}, {self.num_free} of {self.num_pages} free"
+            )
+        pages = self._free[len(self._free) - count :][::-1]
+        del self._free[len(self._free) - count :]
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        """Give pages back to the pool."""
+        self._free.extend(reversed(pages))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheShape:
+    """Everything that fixes the cache's size."""
+
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_page(self) -> int:
+        """Bytes one page costs across all layers: K, V and the two key bounds."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = (2 * self.page_size + 2) * self.num_kv_heads * self.head_dim * element
+        return per_layer * self.num_layers
+
+
+class KVCache:
+    """Device tensors of the paged cache for every layer."""
+
+    def __init__(self, shape: CacheShape, *, device: torch.device | str) -> None:
+        self.shape = shape
+        s = shape
+        pages = (s.num_layers, s.num_pages, s.num_kv_heads, s.page_size, s.head_dim)
+        bounds = (s.num_layers, s.num_pages, s.num_kv_heads, s.head_dim)
+        self.k = torch.zeros(pages, dtype=s.dtype, device=device)
+        self.v = torch.zeros(pages, dtype=s.dtype, device=device)
+        self.key_min = torch.zeros(bounds, dtype=s.dtype, device=device)
+        self.key_max = torch.zeros(bounds, dtype=s.dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache, key_min, key_max)`` views of one layer."""
+        return self.k[index], self.v[index], self.key_min[index], self.key_max[index]
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages needed to hold ``num_tokens`` tokens."""
+    return -(-num_tokens // page_size)
+
+
+def pages_that_fit(
+    *,
+    free_bytes: int,
+    page_size: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> int:
+    """How many pages fit in ``free_bytes`` of device memory."""
+    probe = CacheShape(
+        num_layers=num_layers,
+        num_pages=1,
+        page_size=page_size,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    return max(0, free_bytes // probe.bytes_per_page)

@@ -1,0 +1,331 @@
+"""The generation loop on one device: admission, chunked prefill, batched Quest decode.
+
+Scheduling is continuous batching with prefill first: whenever the waiting queue's
+head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
+running request never runs out of pages), it is prefilled and joins the decode batch.
+
+The loop is written SPMD-ready: page ownership and the cross-rank steps are
+injected (``owner``, ``comm``, ``broadcast_tokens``), so the sequence-parallel
+worker in longquest.parallel runs this same loop on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from longquest.engine.attention import (
+    AttentionComm,
+    DecodeMetadata,
+    LocalComm,
+    PagedAttention,
+    PrefillMetadata,
+)
+from longquest.engine.cache import CacheCapacityError, KVCache, PageAllocator, pages_for
+from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
+from longquest.engine.model import Model
+from longquest.engine.sampler import sample, top_logprobs
+from longquest.engine.sequence import RequestOutput, Sequence
+from longquest.kernels import plan_append
+
+
+class PageOwner(Protocol):
+    """Which rank holds a sequence's page (longquest.parallel.ownership implements it)."""
+
+    def owner(self, *, prompt_len: int, page_index: int) -> int: ...
+
+
+class OwnEverything:
+    """Single device: rank 0 holds every page."""
+
+    def owner(self, *, prompt_len: int, page_index: int) -> int:
+        return 0
+
+
+class Detokenizer(Protocol):
+    def __call__(self, token_ids: list[int]) -> str: ...
+
+
+class LLMEngine:
+    """Serves generation requests given as token ids."""
+
+    def __init__(
+        self,
+        *,
+        model: Model,
+        model_config: ModelConfig,
+        cache: KVCache,
+        quest: QuestConfig,
+        detokenize: Detokenizer,
+        eos_token_ids: tuple[int, ...],
+        prefill_chunk_tokens: int = 8192,
+        impl: str | None = None,
+        rank: int = 0,
+        owner: PageOwner | None = None,
+        comm: AttentionComm | None = None,
+    ) -> None:
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        self.model = model
+        self.config = model_config
+        self.cache = cache
+        self.quest = quest
+        self.page_size = cache.shape.page_size
+        self.allocator = PageAllocator(cache.shape.num_pages)
+        self.detokenize = detokenize
+        self.eos_token_ids = set(eos_token_ids)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.impl = impl
+        self.rank = rank
+        self.owner = owner or OwnEverything()
+        self.comm = comm or LocalComm()
+        self.device = cache.k.device
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cache.shape.num_pages * self.page_size
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        *,
+        on_progress: Callable[[str, int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results in input order.
+
+        on_progress(stage, done, total) is called during long prefills
+        (``stage="prefill"``, tokens) and after each finished request (``"requests"``).
+        """
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        waiting = [self._new_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        running: list[Sequence] = []
+        done: list[Sequence] = []
+        waiting.reverse()  # pop() takes the oldest
+        while waiting or running:
+            while waiting and self._try_reserve(waiting[-1]):
+                seq = waiting.pop()
+                self._prefill(seq, on_progress)
+                if seq.finish_reason:
+                    self._release(seq)
+                    done.append(seq)
+                else:
+                    running.append(seq)
+            if not running:
+                if waiting:  # nothing running yet the head doesn't fit: cannot happen
+                    raise CacheCapacityError("a request does not fit the empty cache")
+                continue
+            self._decode_step(running)
+            for seq in [s for s in running if s.finish_reason]:
+                running.remove(seq)
+                self._release(seq)
+                done.append(seq)
+                if on_progress:
+                    on_progress("requests", len(done), len(prompts))
+        return [s.result() for s in sorted(done, key=lambda s: s.request_id)]
+
+    # --------------------------------------------------------------- bookkeeping
+    def _new_sequence(self, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty; give at least one token")
+        total = len(prompt) + params.max_tokens
+        if total > self.config.max_position_embeddings * 1024:
+            raise ValueError(f"prompt {index}: {total} tokens is beyond any supported context")
+        need = self._pages_needed(len(prompt), total)
+        if need > self.cache.shape.num_pages:
+            raise CacheCapacityError(
+                f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
+                f"it needs {total} tokens of KV cache but the cache holds "
+                f"{self.capacity_tokens} tokens ({self.cache.shape.num_pages} pages of "
+                f"{self.page_size}); shorten the prompt, lower max_tokens, or give the cache "
+                "more memory (CacheConfig) or more GPUs (world_size)"
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return Sequence(request_id=index, prompt=list(prompt), params=params, generator=generator)
+
+    def _pages_needed(self, prompt_len: int, total_tokens: int) -> int:
+        """Pages this rank will hold for a sequence that grows to ``total_tokens``."""
+        return sum(
+            1
+            for page in range(pages_for(total_tokens, self.page_size))
+            if self.owner.owner(prompt_len=prompt_len, page_index=page) == self.rank
+        )
+
+    def _try_reserve(self, seq: Sequence) -> bool:
+        need = self._pages_needed(len(seq.prompt), len(seq.prompt) + seq.params.max_tokens)
+        if need > self.allocator.num_free:
+            return False
+        self.allocator.reserve(need)
+        seq.reserved_pages = need
+        return True
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Give the sequence the local pages it needs to hold ``num_tokens`` tokens."""
+        have = seq.local_pages[-1][0] + 1 if seq.local_pages else 0
+        for page in range(have, pages_for(num_tokens, self.page_size)):
+            if self.owner.owner(prompt_len=len(seq.prompt), page_index=page) == self.rank:
+                (physical,) = self.allocator.allocate(1, reserved=True)
+                seq.reserved_pages -= 1
+                seq.local_pages.append((page, physical))
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free([physical for _, physical in seq.local_pages])
+        self.allocator.release_reservation(seq.reserved_pages)
+        seq.local_pages, seq.reserved_pages = [], 0
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        page, offset = divmod(position, self.page_size)
+        physical = dict(seq.local_pages)[page]
+        return physical * self.page_size + offset
+
+    # ------------------------------------------------------------------- prefill
+    def _prefill(self, seq: Sequence, on_progress) -> None:
+        """Exact causal prefill in chunks, then sample the first output token."""
+        start_time = time.perf_counter()
+        prompt = seq.prompt
+        hidden = None
+        for start in range(0, len(prompt), self.prefill_chunk_tokens):
+            end = min(start + self.prefill_chunk_tokens, len(prompt))
+            self._grow(seq, end)
+            slots = torch.tensor(
+                [self._slot(seq, p) for p in range(start, end)], dtype=torch.int64
+            ).to(self.device)
+            page_table = torch.tensor([p for _, p in seq.local_pages], dtype=torch.int32)
+            meta = PrefillMetadata(
+                append_plan=plan_append(slot_mapping=slots, page_size=self.page_size),
+                slot_mapping=slots,
+                page_table=page_table.to(self.device),
+                query_start=start,
+                seq_end=end,
+            )
+            attention = PagedAttention(
+                cache=self.cache, quest=self.quest, metadata=meta, impl=self.impl
+            )
+            ids = torch.tensor(prompt[start:end], dtype=torch.int64, device=self.device)
+            positions = torch.arange(start, end, dtype=torch.int64, device=self.device)
+            with torch.inference_mode():
+                hidden = self.model(input_ids=ids, positions=positions, attention=attention)
+            if on_progress:
+                on_progress("prefill", end, len(prompt))
+        with torch.inference_mode():
+            logits = self.model.compute_logits(hidden[-1:])
+        self._accept(seq_list=[seq], logits=logits)
+        seq.prefill_seconds = time.perf_counter() - start_time
+
+    # -------------------------------------------------------------------- decode
+    def _decode_step(self, running: list[Sequence]) -> None:
+        start_time = time.perf_counter()
+        meta = self._decode_metadata(running)
+        attention = PagedAttention(
+            cache=self.cache, quest=self.quest, metadata=meta, comm=self.comm, impl=self.impl
+        )
+        ids = torch.tensor([s.token_ids[-1] for s in running], dtype=torch.int64)
+        positions = torch.tensor([s.length - 1 for s in running], dtype=torch.int64)
+        with torch.inference_mode():
+            hidden = self.model(
+                input_ids=ids.to(self.device),
+                positions=positions.to(self.device),
+                attention=attention,
+            )
+            logits = self.model.compute_logits(hidden)
+        self._accept(seq_list=running, logits=logits)
+        elapsed = time.perf_counter() - start_time
+        budget = self.quest.page_budget
+        for seq in running:
+            total = pages_for(seq.length - 1, self.page_size)
+            seq.decode_seconds += elapsed
+            seq.decode_steps += 1
+            seq.pages_total_sum += total
+            seq.pages_attended_sum += total if budget is None else min(budget, total)
+
+    def _decode_metadata(self, running: list[Sequence]) -> DecodeMetadata:
+        """Page tables of this rank's pages after appending each sequence's newest token."""
+        rows, slots, tables, globals_, lens, pins = [], [], [], [], [], []
+        sparse = False
+        for row, seq in enumerate(running):
+            position = seq.length - 1
+            self._grow(seq, position + 1)
+            page = position // self.page_size
+            owns_newest = bool(seq.local_pages) and seq.local_pages[-1][0] == page
+            if owns_newest:
+                rows.append(row)
+                slots.append(self._slot(seq, position))
+            tables.append([p for _, p in seq.local_pages])
+            globals_.append([g for g, _ in seq.local_pages])
+            full = (len(seq.local_pages) - (1 if owns_newest else 0)) * self.page_size
+            lens.append(full + (position % self.page_size + 1 if owns_newest else 0))
+            pins.append(owns_newest)
+            budget = self.quest.page_budget
+            sparse |= budget is not None and pages_for(position + 1, self.page_size) > budget
+        width = max(1, max(len(t) for t in tables))
+        pad = [t + [0] * (width - len(t)) for t in tables]
+        gpad = [g + [-1] * (width - len(g)) for g in globals_]
+        device = self.device
+        slot_tensor = torch.tensor(slots, dtype=torch.int64).to(device) if slots else None
+        return DecodeMetadata(
+            append_plan=(
+                plan_append(slot_mapping=slot_tensor, page_size=self.page_size)
+                if slot_tensor is not None
+                else None
+            ),
+            slot_mapping=slot_tensor,
+            append_rows=(
+                None
+                if len(rows) == len(running)
+                else torch.tensor(rows, dtype=torch.int64).to(device)
+            ),
+            page_table=torch.tensor(pad, dtype=torch.int32).to(device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(device),
+            num_pages=torch.tensor([len(t) for t in tables], dtype=torch.int32).to(device),
+            global_pages=torch.tensor(gpad, dtype=torch.int32).to(device),
+            pin_last=torch.tensor(pins, dtype=torch.bool).to(device),
+            sparse=sparse,
+        )
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):
+        """Sampling hook: the sequence-parallel worker samples on rank 0 and broadcasts."""
+        return sample(
+            logits=logits,
+            params=[s.params for s in seq_list],
+            generators=[s.generator for s in seq_list],
+        )
+
+    def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = self._sample(seq_list, logits)
+        token_list = tokens.tolist()
+        want = [s.params.logprobs for s in seq_list if s.params.logprobs is not None]
+        rows = top_logprobs(logprobs, tokens, max(want)) if want else None
+        for i, seq in enumerate(seq_list):
+            token = token_list[i]
+            seq.output.append(token)
+            if seq.params.logprobs is not None:
+                row = rows[i]
+                keep = dict(list(row.items())[: seq.params.logprobs + 1])
+                keep[token] = row[token]
+                seq.logprobs.append(keep)
+            self._check_finished(seq, token)
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+            seq.text = self.detokenize(seq.output[:-1])
+            return
+        seq.text = self.detokenize(seq.output)
+        if params.stop:
+            for stop in params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    seq.finish_reason = "stop"
+                    return
+        if len(seq.output) >= params.max_tokens:
+            seq.finish_reason = "length"

@@ -1,0 +1,84 @@
+"""Per-request state and results (plain Python, no device work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from longquest.engine.config import SamplingParams
+
+
+@dataclass(kw_only=True)
+class RequestOutput:
+    """What ``LLM.generate`` returns for one prompt.
+
+    logprobs: per generated token, ``{token_id: logprob}`` holding the sampled token
+        and the top ``SamplingParams.logprobs`` tokens; None unless asked for.
+    finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (max_tokens).
+    pages_attended: mean pages read per decode step, per sparse layer and KV head.
+    pages_total: mean pages the sequence had per decode step.
+    """
+
+    request_id: int
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str
+    prefill_seconds: float
+    decode_seconds: float
+    pages_attended: float
+    pages_total: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass(kw_only=True)
+class Sequence:
+    """A request being served. Positions ``0 .. len(token_ids) - 2`` are in the cache;
+    the last token is the one the next decode step feeds in."""
+
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    reserved_pages: int = 0
+    # (global page index, physical page id) of the pages this rank holds, ascending.
+    local_pages: list[tuple[int, int]] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    pages_attended_sum: float = 0.0
+    pages_total_sum: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        """Tokens so far, prompt and output."""
+        return len(self.prompt) + len(self.output)
+
+    def result(self) -> RequestOutput:
+        steps = max(self.decode_steps, 1)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt,
+            text=self.text,
+            token_ids=list(self.output),
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            finish_reason=self.finish_reason or "length",
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            pages_attended=self.pages_attended_sum / steps,
+            pages_total=self.pages_total_sum / steps,
+        )

@@ -1,0 +1,151 @@
+"""The Python API: ``LLM(model_dir, ...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.sequence import RequestOutput
+from longquest.engine.tokenizer import Prompt
+
+LAUNCHERS = ("local", "ray")
+
+
+class LLM:
+    """A model ready to generate, on one device (``launcher="local"``) or on
+    ``world_size`` sequence-parallel workers (``launcher="ray"``).
+
+    model: a Hugging Face model directory (config.json, tokenizer, safetensors).
+    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16" or "float32".
+    device: "cuda", "cuda:N", "cpu" or None (CUDA when available).
+    quest: Quest sparsity; ``QuestConfig(token_budget=None)`` decodes densely.
+    cache: KV cache size; by default what free GPU memory holds (32K tokens on CPU).
+    prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        quest: QuestConfig | None = None,
+        cache: CacheConfig | None = None,
+        world_size: int = 1,
+        launcher: str = "local",
+        prefill_chunk_tokens: int = 8192,
+        impl: str | None = None,
+    ) -> None:
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if launcher == "local" and world_size != 1:
+            raise ValueError(
+                "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
+                f"for world_size={world_size}"
+            )
+        self.quest = quest or QuestConfig()
+        if launcher == "local":
+            from longquest.engine.builder import build_engine
+
+            self._engine, self.tokenizer = build_engine(
+                model,
+                dtype=dtype,
+                device=device,
+                quest=self.quest,
+                cache=cache,
+                prefill_chunk_tokens=prefill_chunk_tokens,
+                impl=impl,
+            )
+            self._cluster = None
+        else:
+            from longquest.launch.ray_cluster import RayCluster
+
+            self._cluster = RayCluster(
+                model,
+                world_size=world_size,
+                dtype=dtype,
+                device=device,
+                quest=self.quest,
+                cache=cache,
+                prefill_chunk_tokens=prefill_chunk_tokens,
+                impl=impl,
+            )
+            self._engine = None
+            from longquest.engine.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer(model)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list; one RequestOutput per prompt, in order.
+
+        A prompt is a string, a list of token ids, or chat messages
+        (``[{"role": "user", "content": ...}]``, formatted by the chat template).
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and not isinstance(prompts[0], (str, list))
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"{len(prompts)} prompts but {len(params)} SamplingParams; give one, "
+                    "or one per prompt"
+                )
+        token_ids = [self.tokenizer.encode(p, index=i) for i, p in enumerate(prompts)]
+        if self._cluster is not None:
+            return self._cluster.generate(token_ids, params)
+        return self._engine.generate(token_ids, params, on_progress=_progress(use_tqdm))
+
+    @property
+    def engine(self):
+        """The single-device engine (``launcher="local"`` only)."""
+        return self._engine
+
+    def shutdown(self) -> None:
+        """Release the workers (Ray actors); a no-op for the local launcher."""
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+
+
+def _progress(enabled: bool):
+    """A tqdm-backed progress callback: prefill tokens of long prompts, requests done."""
+    if not enabled:
+        return None
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage == "prefill" and total <= 8192:
+            return  # short prompts need no bar
+        bar = bars.get(stage)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            unit = "tok" if stage == "prefill" else "req"
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bars.pop(stage, None)
+
+    return update

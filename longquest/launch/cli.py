@@ -1,0 +1,137 @@
+"""The ``longquest`` command line: ``generate`` one prompt, run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a model."""
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    sparsity = parser.add_mutually_exclusive_group()
+    sparsity.add_argument(
+        "--budget", type=int, default=4096, help="Quest token budget per decode step (4096)"
+    )
+    sparsity.add_argument("--dense", action="store_true", help="attend to every page")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (16)")
+    parser.add_argument("--dense-layers", type=int, default=2, help="leading dense layers (2)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda)")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    parser.add_argument(
+        "--cache-tokens", type=int, default=None, help="KV cache size in tokens (default: fit)"
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill step (8192)"
+    )
+
+
+def quest_from_args(args: argparse.Namespace) -> QuestConfig:
+    return QuestConfig(
+        page_size=args.page_size,
+        token_budget=None if args.dense else args.budget,
+        dense_layers=args.dense_layers,
+    )
+
+
+def summary_line(output, quest: QuestConfig) -> str:
+    """One line: context, pages attended per step out of total, speed."""
+    context = len(output.prompt_token_ids) + len(output.token_ids)
+    mode = "dense" if quest.token_budget is None else f"quest budget {quest.token_budget}"
+    return (
+        f"[longquest] context {context} tokens | {mode} | pages attended per step "
+        f"{output.pages_attended:.0f} of {output.pages_total:.0f} | prefill "
+        f"{output.prefill_seconds:.2f} s | decode {output.decode_tokens_per_second:.1f} tok/s"
+        f" | finish: {output.finish_reason}"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from longquest.launch.api import LLM
+
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompt-file {path} does not exist")
+        prompt = path.read_text()
+    else:
+        prompt = args.prompt
+    if not prompt:
+        raise SystemExit("error: the prompt is empty; give --prompt TEXT or --prompt-file F")
+    quest = quest_from_args(args)
+    cache = CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quest=quest,
+        cache=cache,
+        prefill_chunk_tokens=args.prefill_chunk,
+    )
+    request = [{"role": "user", "content": prompt}] if args.chat else prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    (output,) = llm.generate([request], params)
+    print(output.text)
+    print(summary_line(output, quest), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longquest", description="Quest sparse decoding for long contexts"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate from one prompt")
+    add_model_arguments(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="a file holding the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="passkey retrieval over long documents (no GPU)")
+    demo.add_argument("--trials", type=int, default=4)
+    demo.add_argument("--context", type=int, default=3000, help="tokens per document")
+    demo.add_argument("--budget", type=int, default=256)
+    demo.add_argument("--world-size", type=int, default=2)
+    demo.add_argument("--launcher", default="ray", choices=["ray", "local"])
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from longquest.launch.demo import run_demo
+
+    return run_demo(
+        trials=args.trials,
+        context_tokens=args.context,
+        token_budget=args.budget,
+        world_size=args.world_size,
+        launcher=args.launcher,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input: a message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The cross-rank steps of sparse decode attention under sequence parallelism.
+
+Every rank holds some whole KV pages of every sequence (see
+:mod:`longquest.parallel.ownership`) and computes, per layer, a local top-k of
+its own pages and a partial attention over the pages it keeps. This module
+joins those local results into the single-device answer:
+
+- :meth:`SequenceParallelComm.select_global` — one all-gather of every rank's
+  top-k candidates (score and global page id packed in one float64 tensor);
+  every rank then ranks the same ``world_size * top_k`` candidates the same way
+  and keeps those of its own pages that made the global cut.
+- :meth:`SequenceParallelComm.merge` — one all-gather of every rank's partial
+  ``(out, lse)`` (packed in one fp32 tensor), then the exact log-sum-exp merge.
+
+Collectives per decode step and layer: exactly **2** in a sparse layer
+(``select_global`` then ``merge``) and exactly **1** in a dense layer (``merge``
+only). Every rank of the group must make the same calls in the same order.
+
+The class has the two methods of the engine's ``AttentionComm`` protocol
+(``longquest.engine.attention``), so the attention layer takes it in place of
+the single-device ``LocalComm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longquest.kernels._checks import check_dim, check_tensor
+from longquest.kernels.ref import merge_attention_states_ref
+
+
+class SequenceParallelComm:
+    """Global top-k and log-sum-exp merge over the ranks of one process group.
+
+    group: the process group of the ranks that share the sequences' pages
+        (required: it is never looked up globally).
+    rank, world_size: this rank's index in ``group`` and the group's size.
+    impl: kernel implementation for the merge (``"triton"``, ``"torch"`` or None
+        for Triton on CUDA and PyTorch elsewhere).
+    """
+
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        impl: str | None = None,
+    ) -> None:
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(
+                f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}; "
+                "pass the group explicitly (e.g. torch.distributed.group.WORLD)"
+            )
+        if world_size != dist.get_world_size(group):
+            raise ValueError(
+                f"world_size={world_size} does not match the group's size "
+                f"{dist.get_world_size(group)}"
+            )
+        if rank != dist.get_rank(group):
+            raise ValueError(
+                f"rank={rank} does not match this process's rank {dist.get_rank(group)} "
+                "in the group"
+            )
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.impl = impl
+        # all_gather_single replaces the deprecated all_gather_into_tensor in newer torch;
+        # older releases only have the latter.
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def select_global(
+        self,
+        *,
+        top_scores: torch.Tensor,
+        local_indices: torch.Tensor,
+        global_pages: torch.Tensor,
+        top_k: int,
+    ) -> torch.Tensor:
+        """This rank's share of the global top ``top_k`` pages of every (sequence, KV head).
+
+        top_scores: ``[num_seqs, num_kv_heads, top_k]`` fp32 — the local top-k's
+            scores (``+inf`` for the pinned newest page, ``-inf`` padding).
+        local_indices: ``[num_seqs, num_kv_heads, top_k]`` int32 — their local
+            logical page indices, ``-1`` padding.
+        global_pages: ``[num_seqs, max_local_pages]`` int32 — global page index of
+            each local page (``-1`` past the rank's pages).
+        Returns ``[num_seqs, num_kv_heads, top_k]`` int32 local logical indices of
+        this rank's pages among the global top ``top_k`` (ranked by score, ties to
+        the lower global page index), ascending, padded with ``-1``. Over all
+        ranks these are exactly the pages a single-device ``select_pages`` over
+        every page would pick. One collective.
+        """
+        check_tensor("top_scores", top_scores, ndim=3, dtypes=(torch.float32,))
+        device = top_scores.device
+        check_tensor("local_indices", local_indices, ndim=3, dtypes=(torch.int32,), device=device)
+        check_tensor("global_pages", global_pages, ndim=2, dtypes=(torch.int32,), device=device)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        num_seqs, num_kv_heads, _ = top_scores.shape
+        check_dim("top_scores", top_scores, 2, top_k, "top_k")
+        for dim, size in enumerate(top_scores.shape):
+            check_dim("local_indices", local_indices, dim, size, "as top_scores")
+        check_dim("global_pages", global_pages, 0, num_seqs, "num_seqs")
+
+        valid = local_indices >= 0
+        rows = torch.arange(num_seqs, device=device)[:, None, None]
+        gathered_ids = global_pages.long()[rows, local_indices.long().clamp(min=0)]
+        page_ids = torch.where(valid, gathered_ids, -1)
+        # float64 holds every fp32 score and int32 page id exactly: one tensor, one collective.
+        packed = torch.stack((top_scores.double(), page_ids.double()), dim=-1)
+        everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
+        # Candidates along the last axis, rank-major: position // top_k is the source rank.
+        candidates = everyone.permute(1, 2, 0, 3, 4).reshape(num_seqs, num_kv_heads, -1, 2)
+        scores, ids = candidates[..., 0], candidates[..., 1]
+        is_page = ids >= 0
+        # Padding sorts after every real page, even one scoring -inf.
+        scores = torch.where(is_page, scores, -torch.inf)
+        ids = torch.where(is_page, ids, torch.inf)
+        # Two stable sorts give the order (score descending, then global id ascending).
+        by_id = torch.sort(ids, dim=-1, stable=True).indices
+        by_score = torch.sort(scores.gather(-1, by_id), dim=-1, descending=True, stable=True)
+        ranked = by_id.gather(-1, by_score.indices)  # candidate positions, best first
+        winners = ranked[..., :top_k]
+        chosen = torch.zeros_like(is_page).scatter_(-1, winners, True) & is_page
+
+        mine = chosen[..., self.rank * top_k : (self.rank + 1) * top_k]
+        kept = torch.where(mine & valid, local_indices, torch.iinfo(torch.int32).max)
+        kept = torch.sort(kept, dim=-1).values
+        return torch.where(kept == torch.iinfo(torch.int32).max, -1, kept).to(torch.int32)
+
+    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Exact attention over the union of every rank's tokens.
+
+        out: ``[num_seqs, num_qo_heads, head_dim]`` — this rank's partial output.
+        lse: ``[num_seqs, num_qo_heads]`` fp32 natural log; ``-inf`` where this
+            rank attended to nothing (its ``out`` is then ignored).
+        Returns ``[num_seqs, num_qo_heads, head_dim]`` in ``out``'s dtype, identical
+        on every rank; zeros where no rank had tokens. One collective.
+        """
+        merged, _ = self.merge_with_lse(out=out, lse=lse)
+        return merged
+
+    def merge_with_lse(
+        self, *, out: torch.Tensor, lse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`merge`, also returning the merged ``lse`` ``[num_seqs, num_qo_heads]`` fp32.
+
+        The merged lse is ``-inf`` where no rank had tokens. One collective.
+        """
+        check_tensor("out", out, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=out.device)
+        check_dim("lse", lse, 0, out.shape[0], "num_seqs")
+        check_dim("lse", lse, 1, out.shape[1], "num_qo_heads")
+        head_dim = out.shape[2]
+        # fp32 carries the lse exactly and the partial outputs without rounding them twice.
+        packed = torch.cat((out.float(), lse[..., None]), dim=-1)
+        everyone = self._gather(packed)  # [world_size, num_seqs, num_qo_heads, head_dim + 1]
+        # TODO(kernels): switch to longquest.kernels.merge.merge_attention_states(..., impl=self.impl)
+        # once that launcher lands; the reference has the same semantics.
+        merged, merged_lse = merge_attention_states_ref(
+            outputs=everyone[..., :head_dim].contiguous(),
+            lses=everyone[..., head_dim].contiguous(),
+        )
+        return merged.to(out.dtype), merged_lse
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-gather ``tensor`` over the group into ``[world_size, *tensor.shape]``."""
+        flat = tensor.contiguous().view(-1)
+        result = torch.empty(self.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
+        self._all_gather(result, flat, group=self.group)
+        return result.view(self.world_size, *tensor.shape)
