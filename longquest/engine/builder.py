@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from longquest.engine.attention import AttentionComm
 from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
 from longquest.engine.config import CacheConfig, ModelConfig, QuestConfig
-from longquest.engine.engine import LLMEngine, PageOwner
+from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
 from longquest.engine.tokenizer import Tokenizer
 
@@ -45,8 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` picks the current CUDA device when there is one, else the CPU."""
     if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -90,12 +91,15 @@ def build_engine(
     cache: CacheConfig | None = None,
     prefill_chunk_tokens: int = 8192,
     impl: str | None = None,
-    rank: int = 0,
     world_size: int = 1,
-    owner: PageOwner | None = None,
-    comm: AttentionComm | None = None,
+    make_engine: Callable[..., LLMEngine] = LLMEngine,
 ) -> tuple[LLMEngine, Tokenizer]:
-    """Load the model and tokenizer, size the cache, return the engine and tokenizer."""
+    """Load the model and tokenizer, size the cache, return the engine and tokenizer.
+
+    make_engine: the engine class or a partial of it; the sequence-parallel worker
+    passes ``functools.partial(SequenceParallelEngine, group=..., ...)``. With
+    ``world_size > 1`` the cache is sized for this rank's share of the context.
+    """
     quest = quest or QuestConfig()
     cache = cache or CacheConfig()
     device = resolve_device(device)
@@ -123,7 +127,7 @@ def build_engine(
         head_dim=config.head_dim,
         dtype=torch_dtype,
     )
-    engine = LLMEngine(
+    engine = make_engine(
         model=model,
         model_config=config,
         cache=KVCache(shape, device=device),
@@ -132,8 +136,5 @@ def build_engine(
         eos_token_ids=tuple(config.eos_token_ids) + tokenizer.eos_token_ids,
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,
-        rank=rank,
-        owner=owner,
-        comm=comm,
     )
     return engine, tokenizer

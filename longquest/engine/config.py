@@ -83,8 +83,7 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.world_size must be >= 1, got {self.world_size}")
         if self.prefill_chunk_tokens < 1:
             raise ValueError(
-                "ParallelConfig.prefill_chunk_tokens must be >= 1, "
-                f"got {self.prefill_chunk_tokens}"
+                f"ParallelConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}"
             )
 
 

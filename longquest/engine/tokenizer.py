@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
-Prompt = Union[str, list[int], list[dict]]
+Prompt = str | list[int] | list[dict]
 
 
 class Tokenizer:

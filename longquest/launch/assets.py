@@ -74,6 +74,7 @@ def _publish(*, final: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             os.rename(tmp, final)
         except OSError:
@@ -164,6 +165,14 @@ def _check_model_dir(*, path: Path) -> None:
         raise RuntimeError("converted demo tokenizer lacks its chat template or eos token")
 
 
+def _edit_json(*, path: Path, changes: dict[str, object], drop: Sequence[str] = ()) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    for key in drop:
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _convert_gguf(*, gguf_path: Path, out: Path) -> None:
     try:
         import torch
@@ -184,7 +193,9 @@ def _convert_gguf(*, gguf_path: Path, out: Path) -> None:
     ).eval()
 
     # A plain config, free of the GGUF loader's quantization metadata.
-    settings = {k: v for k, v in quantized.config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
+    settings = {
+        k: v for k, v in quantized.config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS
+    }
     settings["architectures"] = ["LlamaForCausalLM"]
     config = LlamaConfig.from_dict(settings)
     if not config.tie_word_embeddings:
@@ -199,10 +210,14 @@ def _convert_gguf(*, gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # Older transformers and plain-JSON readers look for rope_theta at the top level.
-    config_path = out / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved.setdefault("rope_theta", _EXPECTED_ROPE_THETA)
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    _edit_json(path=out / "config.json", changes={"rope_theta": _EXPECTED_ROPE_THETA})
+    # A class name every transformers release knows, the model's real context length, and
+    # none of the loader's bookkeeping keys.
+    _edit_json(
+        path=out / "tokenizer_config.json",
+        changes={"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192},
+        drop=("is_local", "local_files_only"),
+    )
 
     _check_model_dir(path=out)
     reloaded = AutoModelForCausalLM.from_pretrained(out).float().eval()

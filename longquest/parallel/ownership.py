@@ -8,12 +8,14 @@ map without talking to the others.
 Prompt pages (the ``ceil(prompt_len / page_size)`` pages that hold prompt
 tokens) follow the prefill: the prompt is processed in rounds of
 ``round_tokens = world_size * prefill_chunk_tokens`` tokens. A round's pages are
-cut into ``2 * world_size`` contiguous, nearly equal chunks (their sizes differ
-by at most one page) and rank ``r`` owns chunks ``r`` and
+cut into ``2 * world_size`` contiguous chunks whose sizes differ by at most one
+page, the larger ones last, and rank ``r`` owns chunks ``r`` and
 ``2 * world_size - 1 - r``. Causal attention work grows with position, so
 pairing an early chunk with the mirrored late one gives every rank the same
 work in a full round (zigzag). The final partial round is cut the same way over
-its own pages; with fewer pages than chunks some chunks are empty.
+its own pages; with fewer pages than chunks the early chunks are empty. Putting
+the larger chunks last hands the spare pages out one per rank first, so ranks'
+page counts in a round differ by at most one.
 
 Decode pages (every page after the prompt's last one) rotate: page ``p`` goes to
 rank ``p % world_size``, so decode growth stays balanced.
@@ -84,12 +86,14 @@ class PageOwnership:
         """The ``2 * world_size`` page chunks of one round, as global ``[first, end)`` pages.
 
         Chunk ``c`` belongs to rank ``min(c, 2 * world_size - 1 - c)``. Empty chunks
-        (``first == end``) occur only in a final round with fewer pages than chunks.
+        (``first == end``) occur only at the start of a final round with fewer pages
+        than chunks.
         """
         first, end = self._round_page_span(prompt_len=prompt_len, round_index=round_index)
         num_chunks = 2 * self.world_size
-        count = end - first
-        bounds = [first + c * count // num_chunks for c in range(num_chunks + 1)]
+        size, spare = divmod(end - first, num_chunks)
+        small = num_chunks - spare  # chunks of `size` pages; the last `spare` have one more
+        bounds = [first + c * size + max(0, c - small) for c in range(num_chunks + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
     def owner(self, *, prompt_len: int, page_index: int) -> int:
@@ -102,9 +106,13 @@ class PageOwnership:
         round_index = page_index // self.round_pages
         first, end = self._round_page_span(prompt_len=prompt_len, round_index=round_index)
         num_chunks = 2 * self.world_size
-        # Chunk c starts at floor(c * count / num_chunks); the last chunk starting at or
-        # before the page is the one that holds it.
-        chunk = ((page_index - first + 1) * num_chunks - 1) // (end - first)
+        size, spare = divmod(end - first, num_chunks)
+        small = num_chunks - spare
+        offset = page_index - first
+        if offset < small * size:
+            chunk = offset // size
+        else:
+            chunk = small + (offset - small * size) // (size + 1)
         return min(chunk, num_chunks - 1 - chunk)
 
     def local_pages(self, *, rank: int, prompt_len: int, num_pages: int) -> list[int]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from longquest.engine.loader import load_model
 
 from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache
 from longquest.engine.config import QuestConfig, SamplingParams
 from longquest.engine.engine import LLMEngine
-from longquest.engine.loader import load_model
 from tests.tiny_models import make_tiny_model
 
 STEPS = 32

@@ -1,0 +1,157 @@
+"""The per-rank engine of sequence parallelism.
+
+Every rank runs the same generation loop (``LLMEngine``) on the same requests in
+the same order (SPMD). What differs from one device:
+
+- page ownership (:class:`~longquest.parallel.ownership.PageOwnership`): a rank
+  allocates and stores only its own pages of every sequence;
+- decode attention goes through :class:`~longquest.parallel.comm.SequenceParallelComm`
+  (global top-k, log-sum-exp merge);
+- prefill is context-parallel (:mod:`longquest.parallel.prefill`);
+- sampling happens once: rank 0's tokens are broadcast, so every rank appends
+  the same token (temperature > 0 included).
+
+Collectives per decode step: 2 per sparse layer, 1 per dense layer, plus one
+broadcast of the sampled tokens. Per prefill round: 2 per layer, plus one
+broadcast of the last prompt token's logits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from longquest.engine.engine import LLMEngine
+from longquest.engine.sequence import Sequence
+from longquest.kernels import plan_append
+from longquest.parallel.ownership import PageOwnership
+from longquest.parallel.prefill import ContextParallelAttention, RoundPlan
+
+
+class SequenceParallelEngine(LLMEngine):
+    """``LLMEngine`` for one rank of a sequence-parallel group."""
+
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup,
+        ownership: PageOwnership,
+        world_size: int,
+        **engine_kwargs,
+    ) -> None:
+        super().__init__(owner=ownership, **engine_kwargs)
+        if ownership.world_size != world_size:
+            raise ValueError(
+                f"ownership is for {ownership.world_size} ranks but world_size={world_size}"
+            )
+        if ownership.page_size != self.page_size:
+            raise ValueError(
+                f"ownership page_size {ownership.page_size} != cache page_size {self.page_size}"
+            )
+        self.group = group
+        self.world_size = world_size
+        self.ownership = ownership
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):
+        tokens, logprobs = super()._sample(seq_list, logits)
+        # Rank 0 decides; the others take its tokens so every cache stays identical.
+        dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return tokens, logprobs
+
+    # ------------------------------------------------------------------- prefill
+    def _prefill(self, seq: Sequence, on_progress) -> None:
+        start_time = time.perf_counter()
+        prompt = seq.prompt
+        own = self.ownership
+        hidden = None
+        last_owner = own.owner(
+            prompt_len=len(prompt), page_index=(len(prompt) - 1) // self.page_size
+        )
+        for round_index in range(own.num_rounds(prompt_len=len(prompt))):
+            plan, positions = self._round_plan(seq, round_index)
+            attention = ContextParallelAttention(
+                cache=self.cache,
+                plan=plan,
+                group=self.group,
+                world_size=self.world_size,
+                impl=self.impl,
+            )
+            ids = torch.tensor([prompt[p] for p in positions], dtype=torch.int64)
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
+                    attention=attention,
+                )
+            if positions and positions[-1] == len(prompt) - 1:
+                hidden = out[-1:]
+            if on_progress:
+                on_progress("prefill", plan.round_end, len(prompt))
+        # The rank holding the last prompt token computes its logits and shares them.
+        logits = torch.empty(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        if self.rank == last_owner:
+            with torch.inference_mode():
+                logits.copy_(self.model.compute_logits(hidden))
+        dist.broadcast(logits, src=dist.get_global_rank(self.group, last_owner), group=self.group)
+        self._accept(seq_list=[seq], logits=logits)
+        seq.prefill_seconds = time.perf_counter() - start_time
+
+    def _round_plan(self, seq: Sequence, round_index: int) -> tuple[RoundPlan, list[int]]:
+        """The plan of one prefill round, and this rank's token positions in it."""
+        own, prompt_len, page_size = self.ownership, len(seq.prompt), self.page_size
+        ranges = [
+            own.prefill_positions(rank=r, prompt_len=prompt_len, round_index=round_index)
+            for r in range(self.world_size)
+        ]
+        counts = [sum(b - a for a, b in rs) for rs in ranges]
+        width = max(max(counts), 1)
+        chunks = own.round_chunks(prompt_len=prompt_len, round_index=round_index)
+        round_start = chunks[0][0] * page_size
+        round_end = min(chunks[-1][1] * page_size, prompt_len)
+        # Where each round position sits in the flattened all-gather, and who owns it.
+        order = [0] * (round_end - round_start)
+        send_rows = [[0] * width for _ in range(self.world_size)]
+        send_valid = [[False] * width for _ in range(self.world_size)]
+        for r, rs in enumerate(ranges):
+            row = 0
+            for a, b in rs:
+                for p in range(a, b):
+                    order[p - round_start] = r * width + row
+                    send_rows[r][row] = p - round_start
+                    send_valid[r][row] = True
+                    row += 1
+        positions = [p for a, b in ranges[self.rank] for p in range(a, b)]
+        self._grow(seq, round_end)
+        local = dict(seq.local_pages)
+        first_page = round_start // page_size
+        past = [phys for g, phys in seq.local_pages if g < first_page]
+        segments = []
+        for a, b in ranges[self.rank]:
+            pages = [local[g] for g in range(a // page_size, -(-b // page_size))]
+            segments.append((a, b, torch.tensor(pages, dtype=torch.int32, device=self.device)))
+        slots = None
+        if positions:
+            slots = torch.tensor(
+                [local[p // page_size] * page_size + p % page_size for p in positions],
+                dtype=torch.int64,
+            ).to(self.device)
+        device = self.device
+        plan = RoundPlan(
+            round_start=round_start,
+            round_end=round_end,
+            num_local=len(positions),
+            max_tokens=width,
+            order=torch.tensor(order, dtype=torch.int64, device=device),
+            send_rows=torch.tensor(send_rows, dtype=torch.int64, device=device),
+            send_valid=torch.tensor(send_valid, dtype=torch.bool, device=device),
+            slot_mapping=slots,
+            append_plan=(
+                plan_append(slot_mapping=slots, page_size=page_size) if slots is not None else None
+            ),
+            past_pages=torch.tensor(past, dtype=torch.int32, device=device),
+            segments=tuple(segments),
+        )
+        return plan, positions
