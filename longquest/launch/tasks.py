@@ -24,6 +24,7 @@ MIN_FILLER_TOKENS = 16
 # Relative error allowed between the rendered prompt and context_tokens.
 LENGTH_TOLERANCE = 0.02
 _FIT_ROUNDS = 6
+_MAX_SNAP_CHARS = 400
 _CHARS_PER_TOKEN_BOUND = 8  # generous: English prose averages about 4.5 with this tokenizer
 
 
@@ -52,12 +53,15 @@ def passkey_prompt_ids(*, tokenizer, messages: Sequence[dict]) -> list[int]:
 
 
 def score_passkey(answer_text: str, passkey: str) -> bool:
-    """True when ``passkey`` appears in ``answer_text`` as a whole number (not inside a longer one)."""
+    """True when ``passkey`` appears in ``answer_text`` as a number of its own.
+
+    Digits inside a longer number do not count: "123456" does not answer "12345".
+    """
     return re.search(rf"(?<!\d){re.escape(passkey)}(?!\d)", answer_text) is not None
 
 
 def _messages(*, filler_before: str, needle: str, filler_after: str) -> list[dict]:
-    haystack = f"{filler_before} {needle} {filler_after}".strip()
+    haystack = f"{filler_before}\n{needle}\n{filler_after}".strip()
     return [{"role": "user", "content": f"{INSTRUCTION}\n\n{haystack}\n\n{QUESTION}"}]
 
 
@@ -71,14 +75,18 @@ def _cut(*, tokenizer, text: str, num_tokens: int) -> tuple[str, str]:
     """Split ``text`` after its first ``num_tokens`` tokens, at a whitespace boundary."""
     if num_tokens <= 0:
         return "", text
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: windows may outrun model_max_length; only the final prompt matters.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = encoding["offset_mapping"]
     if num_tokens >= len(offsets):
         return text, ""
     end = offsets[num_tokens][0]
-    # Back up to whitespace so the needle never splits a word.
-    space = max(text.rfind(" ", 0, end), text.rfind("\n", 0, end))
-    if space > 0:
+    # Back up to a line break (else a space) so the needle never splits a word.
+    line = text.rfind("\n", 0, end)
+    space = text.rfind(" ", 0, end)
+    if line > 0 and end - line <= _MAX_SNAP_CHARS:
+        end = line
+    elif space > 0:
         end = space
     return text[:end].rstrip(), text[end:].lstrip()
 

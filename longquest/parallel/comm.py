@@ -106,9 +106,12 @@ class SequenceParallelComm:
         check_dim("global_pages", global_pages, 0, num_seqs, "num_seqs")
 
         valid = local_indices >= 0
-        rows = torch.arange(num_seqs, device=device)[:, None, None]
-        gathered_ids = global_pages.long()[rows, local_indices.long().clamp(min=0)]
-        page_ids = torch.where(valid, gathered_ids, -1)
+        if global_pages.shape[1] == 0:  # this rank holds no page of any sequence
+            page_ids = torch.full_like(local_indices, -1, dtype=torch.long)
+        else:
+            rows = torch.arange(num_seqs, device=device)[:, None, None]
+            gathered = global_pages.long()[rows, local_indices.long().clamp(min=0)]
+            page_ids = torch.where(valid, gathered, -1)
         # float64 holds every fp32 score and int32 page id exactly: one tensor, one collective.
         packed = torch.stack((top_scores.double(), page_ids.double()), dim=-1)
         everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
@@ -158,7 +161,7 @@ class SequenceParallelComm:
         # fp32 carries the lse exactly and the partial outputs without rounding them twice.
         packed = torch.cat((out.float(), lse[..., None]), dim=-1)
         everyone = self._gather(packed)  # [world_size, num_seqs, num_qo_heads, head_dim + 1]
-        # TODO(kernels): switch to longquest.kernels.merge.merge_attention_states(..., impl=self.impl)
+        # TODO(kernels): call longquest.kernels.merge.merge_attention_states(impl=self.impl)
         # once that launcher lands; the reference has the same semantics.
         merged, merged_lse = merge_attention_states_ref(
             outputs=everyone[..., :head_dim].contiguous(),

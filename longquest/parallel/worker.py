@@ -155,3 +155,77 @@ class SequenceParallelEngine(LLMEngine):
             segments=tuple(segments),
         )
         return plan, positions
+
+
+def check_same_everywhere(*, group: dist.ProcessGroup, world_size: int, **settings) -> None:
+    """Raise ValueError on every rank if the ranks were started with different settings.
+
+    One all-gather of the settings' text at start-up: a rank with another budget,
+    page size or model would otherwise hang or silently compute garbage later.
+    """
+    mine = repr(sorted(settings.items()))
+    everyone: list[str | None] = [None] * world_size
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise ValueError(
+                f"ranks were started with different settings: this rank has {mine}, rank "
+                f"{rank} has {theirs}; start every rank with the same arguments"
+            )
+
+
+def build_worker(
+    model_dir,
+    *,
+    group: dist.ProcessGroup,
+    rank: int,
+    world_size: int,
+    dtype="auto",
+    device=None,
+    quest=None,
+    cache=None,
+    prefill_chunk_tokens: int = 8192,
+    impl: str | None = None,
+):
+    """Build this rank's SequenceParallelEngine and the tokenizer (see build_engine)."""
+    from functools import partial
+
+    from longquest.engine.builder import build_engine
+    from longquest.engine.config import QuestConfig
+    from longquest.parallel.comm import SequenceParallelComm
+
+    quest = quest or QuestConfig()
+    check_same_everywhere(
+        group=group,
+        world_size=world_size,
+        model=str(model_dir),
+        dtype=str(dtype),
+        quest=quest,
+        cache=cache,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+    )
+    # A round splits into 2 * world_size whole-page chunks.
+    step = 2 * quest.page_size
+    chunk = max(step, prefill_chunk_tokens // step * step)
+    ownership = PageOwnership(
+        world_size=world_size, page_size=quest.page_size, prefill_chunk_tokens=chunk
+    )
+    make_engine = partial(
+        SequenceParallelEngine,
+        group=group,
+        ownership=ownership,
+        world_size=world_size,
+        rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, impl=impl),
+    )
+    return build_engine(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        quest=quest,
+        cache=cache,
+        prefill_chunk_tokens=chunk,
+        impl=impl,
+        world_size=world_size,
+        make_engine=make_engine,
+    )

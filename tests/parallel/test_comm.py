@@ -86,9 +86,11 @@ def _check_rank(seed: int, *, rank: int, world_size: int, group) -> dict:
     result: dict = {"rank": rank, "selected": {}, "out": {}, "lse": {}}
     for top_k in (1, 2, 3, 7, 100):
         top_scores, indices = select_pages_ref(
-            scores=local["scores"], num_pages=local["num_pages"], top_k=top_k,
+            scores=local["scores"],
+            num_pages=local["num_pages"],
+            top_k=top_k,
             pin_last=local["pin_last"],
-        )  # fmt: skip
+        )
         selected = comm.select_global(
             top_scores=top_scores,
             local_indices=indices,
@@ -99,15 +101,22 @@ def _check_rank(seed: int, *, rank: int, world_size: int, group) -> dict:
         assert selected.dtype == torch.int32
         result["selected"][top_k] = _as_global(selected, local["global_pages"])
         out, lse = paged_decode_attention_ref(
-            query=world["query"], k_cache=world["k_cache"], v_cache=world["v_cache"],
-            page_table=local["page_table"], seq_lens=local["seq_lens"], selected=selected,
-        )  # fmt: skip
+            query=world["query"],
+            k_cache=world["k_cache"],
+            v_cache=world["v_cache"],
+            page_table=local["page_table"],
+            seq_lens=local["seq_lens"],
+            selected=selected,
+        )
         result["out"][top_k], result["lse"][top_k] = comm.merge_with_lse(out=out, lse=lse)
         assert torch.equal(comm.merge(out=out, lse=lse), result["out"][top_k])
     out, lse = paged_decode_attention_ref(
-        query=world["query"], k_cache=world["k_cache"], v_cache=world["v_cache"],
-        page_table=local["page_table"], seq_lens=local["seq_lens"],
-    )  # fmt: skip
+        query=world["query"],
+        k_cache=world["k_cache"],
+        v_cache=world["v_cache"],
+        page_table=local["page_table"],
+        seq_lens=local["seq_lens"],
+    )
     result["out"]["dense"], result["lse"]["dense"] = comm.merge_with_lse(out=out, lse=lse)
     # No rank attended to anything: zeros and -inf, never NaN.
     empty_out, empty_lse = comm.merge_with_lse(
@@ -152,16 +161,23 @@ def test_select_and_merge_match_a_single_device(world_size):
                 want = [i for i in expected[s, h].tolist() if i >= 0]
                 assert union == want, (seed, top_k, s, h)
         out, lse = paged_decode_attention_ref(
-            query=world["query"], k_cache=world["k_cache"], v_cache=world["v_cache"],
-            page_table=all_pages.int(), seq_lens=world["seq_lens"], selected=expected,
-        )  # fmt: skip
+            query=world["query"],
+            k_cache=world["k_cache"],
+            v_cache=world["v_cache"],
+            page_table=all_pages.int(),
+            seq_lens=world["seq_lens"],
+            selected=expected,
+        )
         for r in results:
             torch.testing.assert_close(r["out"][top_k], out, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r["lse"][top_k], lse, rtol=1e-5, atol=1e-5)
     out, lse = paged_decode_attention_ref(
-        query=world["query"], k_cache=world["k_cache"], v_cache=world["v_cache"],
-        page_table=all_pages.int(), seq_lens=world["seq_lens"],
-    )  # fmt: skip
+        query=world["query"],
+        k_cache=world["k_cache"],
+        v_cache=world["v_cache"],
+        page_table=all_pages.int(),
+        seq_lens=world["seq_lens"],
+    )
     for r in results:
         torch.testing.assert_close(r["out"]["dense"], out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["lse"]["dense"], lse, rtol=1e-5, atol=1e-5)

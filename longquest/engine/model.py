@@ -1,0 +1,170 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3).
+
+Tokens of several sequences arrive packed flat, ``[num_tokens]``; the model
+knows nothing about sequences, pages or caches. Attention is injected: every
+layer hands its post-RoPE query, key and value to a ``LayerAttention``, which
+owns the cache and decides what each token attends to. The same forward
+serves chunked prefill (thousands of tokens of one sequence) and batched
+decode (one token per sequence). Shapes depend only on ``num_tokens``, so a
+decode step can be captured in a CUDA graph.
+
+Weights are created uninitialised; ``longquest.engine.loader.load_model``
+fills them from a checkpoint. q/k/v and gate/up projections are fused into
+one matrix each (one matmul instead of three / two).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longquest.engine.config import ModelConfig
+from longquest.engine.rope import rope_cos_sin, rope_inv_freq, rotate
+from longquest.kernels._checks import INDEX_DTYPES, check_tensor
+
+
+class LayerAttention(Protocol):
+    """What a decoder layer calls to attend; the engine supplies it per step.
+
+    query: ``[num_tokens, num_qo_heads, head_dim]``; key, value:
+    ``[num_tokens, num_kv_heads, head_dim]``, all contiguous, in the model
+    dtype, after q/k norm and RoPE. Returns ``[num_tokens, num_qo_heads,
+    head_dim]`` in the model dtype.
+    """
+
+    def __call__(self, *, layer: int, query: Tensor, key: Tensor, value: Tensor) -> Tensor: ...
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension, as Hugging Face computes it.
+
+    Normalises in fp32, casts back to ``x``'s dtype, then scales by ``weight``
+    (``[x.shape[-1]]``, model dtype).
+    """
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block and SwiGLU MLP block, each with a residual."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.num_qo_heads, self.num_kv_heads = config.num_qo_heads, config.num_kv_heads
+        self.head_dim, self.eps = head_dim, config.rms_norm_eps
+        q_size, kv_size = self.num_qo_heads * head_dim, self.num_kv_heads * head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+
+        def weight(*shape: int) -> nn.Parameter:
+            return _weight(*shape, dtype=dtype, device=device)
+
+        self.input_norm = weight(hidden)
+        self.qkv_proj = weight(q_size + 2 * kv_size, hidden)  # rows: q | k | v
+        self.qkv_bias = weight(q_size + 2 * kv_size) if config.qkv_bias else None
+        self.q_norm = weight(head_dim) if config.qk_norm else None
+        self.k_norm = weight(head_dim) if config.qk_norm else None
+        self.o_proj = weight(hidden, q_size)
+        self.post_attention_norm = weight(hidden)
+        self.gate_up_proj = weight(2 * config.intermediate_size, hidden)  # rows: gate | up
+        self.down_proj = weight(hidden, config.intermediate_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        layer: int,
+        cos: Tensor,
+        sin: Tensor,
+        attention: LayerAttention,
+    ) -> Tensor:
+        num_tokens = x.shape[0]
+        h = rms_norm(x, self.input_norm, self.eps)  # [num_tokens, hidden]
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [num_tokens, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_qo_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        if self.q_norm is not None:
+            # Qwen3 normalises every head's query and key before RoPE.
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q, k = rotate(q, cos=cos, sin=sin), rotate(k, cos=cos, sin=sin)
+        o = attention(layer=layer, query=q, key=k, value=v)  # [num_tokens, Hq, D]
+        x = x + F.linear(o.reshape(num_tokens, -1), self.o_proj)
+
+        h = rms_norm(x, self.post_attention_norm, self.eps)
+        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)  # [num_tokens, I] each
+        return x + F.linear(F.silu(gate) * up, self.down_proj)
+
+
+class Model(nn.Module):
+    """Embedding, decoder layers, final norm and LM head of a Llama-family model.
+
+    Build it with the dtype and device it will run on (its parameters are
+    uninitialised until loaded). Do not ``.to(dtype)`` it afterwards: the
+    rotary ``inv_freq`` buffer must stay fp32.
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.embed_tokens = _weight(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, dtype=dtype, device=device) for _ in range(config.num_layers)
+        )
+        self.norm = _weight(config.hidden_size, dtype=dtype, device=device)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens  # one tensor, registered under both names
+        else:
+            self.lm_head = _weight(
+                config.vocab_size, config.hidden_size, dtype=dtype, device=device
+            )
+        inv_freq = rope_inv_freq(
+            head_dim=config.head_dim,
+            rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+        )
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(
+        self, *, input_ids: Tensor, positions: Tensor, attention: LayerAttention
+    ) -> Tensor:
+        """Hidden states of packed tokens after the final norm.
+
+        input_ids: ``[num_tokens]`` int64 (or int32) token ids.
+        positions: ``[num_tokens]`` int64 (or int32) position of each token in its
+            own sequence (restarting at 0 for every packed sequence).
+        attention: called once per layer (see ``LayerAttention``).
+        Returns ``[num_tokens, hidden_size]`` in the model dtype.
+        """
+        device = self.embed_tokens.device
+        check_tensor("input_ids", input_ids, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        if positions.shape != input_ids.shape:
+            raise ValueError(
+                f"positions must match input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(positions.shape)}"
+            )
+        cos, sin = rope_cos_sin(positions=positions, inv_freq=self.inv_freq)  # [T, 1, D/2]
+        x = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
+        for index, layer in enumerate(self.layers):
+            x = layer(x, layer=index, cos=cos, sin=sin, attention=attention)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits: hidden ``[n, hidden_size]`` -> ``[n, vocab_size]`` fp32."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,393 @@
+"""Paged decode attention: one query token per sequence over all or selected KV pages.
+
+The Triton path is split-K ("flash-decoding"): the (selected) pages of every
+(sequence, KV head) are divided among ``num_splits`` programs so that even batch 1
+with a 256-page budget fills the GPU; each program writes a partial (out, lse) and
+the merge kernel (:mod:`longquest.kernels.merge`) reduces the splits.
+
+One program serves every query head of its KV group, so each K/V page is read from
+memory once per group. Scores and the weighted sum use ``tl.dot`` with the group
+padded to 16 rows: decode is memory-bound, the padding costs tensor-core time that is
+free, and it keeps the CUDA cores out of the inner loop (an elementwise
+``[group, tokens, head_dim]`` product would cost as many instructions as bytes read).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from longquest.kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_group,
+    check_page_ids,
+    check_tensor,
+    resolve_impl,
+)
+from longquest.kernels.merge import _merge_triton_into
+
+_LOG2E = 1.4426950408889634
+# Tokens a program loads per loop iteration (several pages gathered at once).
+_TOKENS_PER_BLOCK = 64
+# Grid target in waves of the GPU: enough programs to hide the latency of page gathers.
+_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    seq_lens_ptr,
+    selected_ptr,
+    o_ptr,
+    lse_ptr,
+    num_splits,
+    top_k,
+    max_pages,
+    group,
+    head_dim,
+    qk_scale,
+    stride_qs,
+    stride_qh,
+    stride_kp,
+    stride_kh,
+    stride_kt,
+    stride_vp,
+    stride_vh,
+    stride_vt,
+    stride_table,
+    stride_sel_s,
+    stride_sel_h,
+    stride_on,
+    stride_os,
+    stride_oh,
+    stride_ln,
+    stride_ls,
+    stride_lh,
+    PAGE_SIZE: tl.constexpr,
+    PAGES_PER_BLOCK: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SELECTED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Clamped so that a too-long seq_len can never index past the page table's row.
+    num_pages = tl.minimum(tl.cdiv(seq_len, PAGE_SIZE), max_pages)
+    if HAS_SELECTED:
+        total = top_k
+    else:
+        total = num_pages
+    # Splits own whole blocks of pages, so no split wastes a partly used iteration.
+    per_split = tl.cdiv(tl.cdiv(total, num_splits), PAGES_PER_BLOCK) * PAGES_PER_BLOCK
+    start = split * per_split
+    end = tl.minimum(start + per_split, total)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, BLOCK_N)
+    g_mask = g < group
+    d_mask = d < head_dim
+    heads = kv * group + g
+    q = tl.load(
+        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+
+    page_of_token = t // PAGE_SIZE
+    slot = t % PAGE_SIZE
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for j0 in range(start, end, PAGES_PER_BLOCK):
+        j = j0 + page_of_token  # [BLOCK_N] position in the page list, per token
+        in_range = j < end
+        if HAS_SELECTED:
+            logical = tl.load(
+                selected_ptr + seq * stride_sel_s + kv * stride_sel_h + j, mask=in_range, other=-1
+            )
+        else:
+            logical = j
+        valid = in_range & (logical >= 0) & (logical < num_pages)
+        page = tl.load(table_ptr + seq * stride_table + logical, mask=valid, other=0)
+        page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
+        valid = valid & (logical * PAGE_SIZE + slot < seq_len)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_ptr + page[:, None] * stride_kp + kv * stride_kh + slot[:, None] * stride_kt + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        # A block with no valid token leaves m at -inf; shift by 0 to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_use[:, None])
+        alpha = tl.exp2(m - m_use)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + page[:, None] * stride_vp + kv * stride_vh + slot[:, None] * stride_vt + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(v.dtype), v, input_precision=DOT_PRECISION
+        )
+        m = m_new
+
+    nonempty = l > 0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    o_ptrs = o_ptr + split * stride_on + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    lse_ptrs = lse_ptr + split * stride_ln + seq * stride_ls + heads * stride_lh
+    tl.store(lse_ptrs, lse, mask=g_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the CPU interpreter runs programs one by one; fewer is faster
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _choose_num_splits(
+    device: torch.device, num_seqs: int, num_kv_heads: int, pages: int, pages_per_block: int
+) -> int:
+    """Enough splits to give the GPU a few waves of programs, but at least one block each.
+
+    Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
+    """
+    target = _PROGRAMS_PER_SM * _sm_count(device)
+    wanted = triton.cdiv(target, max(num_seqs * num_kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(pages, pages_per_block)))
+
+
+def _decode_triton(
+    query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_seqs, num_qo_heads, head_dim = query.shape
+    _, num_kv_heads, page_size, _ = k_cache.shape
+    group = num_qo_heads // num_kv_heads
+    device = query.device
+    out = torch.empty_like(query)
+    lse = torch.empty(num_seqs, num_qo_heads, dtype=torch.float32, device=device)
+    if num_seqs == 0:
+        return out, lse
+    pages_per_block = max(1, _TOKENS_PER_BLOCK // page_size)
+    pages = selected.shape[2] if selected is not None else page_table.shape[1]
+    if num_splits is None:
+        num_splits = _choose_num_splits(device, num_seqs, num_kv_heads, pages, pages_per_block)
+    if num_splits == 1:
+        # The single split's partial state is the answer: skip the scratch and the merge.
+        part_out, part_lse = out[None], lse[None]
+    else:
+        part_out = torch.empty(
+            num_splits, num_seqs, num_qo_heads, head_dim, dtype=torch.float32, device=device
+        )
+        part_lse = torch.empty(num_splits, num_seqs, num_qo_heads, dtype=torch.float32, device=device)
+    sel = selected if selected is not None else page_table  # any valid pointer when unused
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        page_table,
+        seq_lens,
+        sel,
+        part_out,
+        part_lse,
+        num_splits,
+        selected.shape[2] if selected is not None else 0,
+        page_table.shape[1],
+        group,
+        head_dim,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        page_table.stride(0),
+        sel.stride(0),
+        sel.stride(1),
+        *part_out.stride()[:3],
+        *part_lse.stride(),
+        PAGE_SIZE=page_size,
+        PAGES_PER_BLOCK=pages_per_block,
+        BLOCK_G=max(triton.next_power_of_2(group), 16),
+        BLOCK_D=block_d,
+        HAS_SELECTED=selected is not None,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=4 if block_d <= 128 else 8,
+    )
+    if num_splits > 1:
+        _merge_triton_into(part_out, part_lse, out, lse)
+    return out, lse
+
+
+def _decode_torch(
+    query, k_cache, v_cache, page_table, seq_lens, selected, scale, block_elements=1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online softmax over chunks of the page list, vectorised over sequences and heads.
+
+    A chunk gathers at most ``block_elements`` K (and V) values, so memory stays bounded
+    however long the context is.
+    """
+    num_seqs, num_qo_heads, head_dim = query.shape
+    _, num_kv_heads, page_size, _ = k_cache.shape
+    group = num_qo_heads // num_kv_heads
+    device = query.device
+    lens = seq_lens.long()
+    num_pages = (-(-lens // page_size)).clamp(max=page_table.shape[1])  # [num_seqs]
+    if selected is None:
+        width = int(num_pages.max()) if num_seqs else 0
+        logical = torch.arange(width, device=device).expand(num_seqs, num_kv_heads, width)
+    else:
+        logical = selected.long()
+    table = page_table.long()
+    heads = torch.arange(num_kv_heads, device=device)[None, :, None]
+    slots = torch.arange(page_size, device=device)
+    q = query.float().view(num_seqs, num_kv_heads, group, head_dim) * scale
+    m = torch.full((num_seqs, num_kv_heads, group), -math.inf, device=device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(num_seqs, num_kv_heads, group, head_dim, device=device)
+    per_page = max(num_seqs * num_kv_heads * page_size * head_dim, 1)
+    block_pages = max(1, block_elements // per_page)
+    for c0 in range(0, logical.shape[2], block_pages):
+        idx = logical[:, :, c0 : c0 + block_pages]  # [num_seqs, num_kv_heads, C]
+        valid = (idx >= 0) & (idx < num_pages[:, None, None])
+        idx = torch.where(valid, idx, 0)
+        page = table.gather(1, idx.flatten(1)).view_as(idx)
+        page = torch.where(valid, page, 0)
+        k = k_cache[page, heads].float()  # [num_seqs, num_kv_heads, C, page_size, head_dim]
+        v = v_cache[page, heads].float()
+        pos = idx[..., None] * page_size + slots  # [num_seqs, num_kv_heads, C, page_size]
+        token_valid = (valid[..., None] & (pos < lens[:, None, None, None])).flatten(2)
+        logits = torch.einsum("skgd,sktd->skgt", q, k.flatten(2, 3))
+        logits = logits.masked_fill(~token_valid[:, :, None], -math.inf)
+        m_new = torch.maximum(m, logits.amax(-1))
+        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(logits - m_use[..., None])
+        alpha = torch.exp(m - m_use)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("skgt,sktd->skgd", p, v.flatten(2, 3))
+        m = m_new
+    nonempty = l > 0
+    out = torch.where(nonempty[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
+    lse = torch.where(nonempty, m + torch.log(l), -math.inf)
+    out = out.view(num_seqs, num_qo_heads, head_dim).to(query.dtype)
+    return out, lse.view(num_seqs, num_qo_heads)
+
+
+def _check_pages(page_table, seq_lens, selected, num_pages_total: int, page_size: int) -> None:
+    """Host-syncing checks that every page the kernel will read lies in the pool."""
+    lens = seq_lens.long()
+    capacity = page_table.shape[1] * page_size
+    if bool(((lens < 0) | (lens > capacity)).any()):
+        raise ValueError(
+            f"seq_lens must lie in [0, {capacity}] (page_table has {page_table.shape[1]} "
+            f"columns of {page_size} tokens), got {seq_lens.tolist()}"
+        )
+    num_pages = -(-lens // page_size)
+    if selected is None:
+        used = torch.arange(page_table.shape[1], device=page_table.device) < num_pages[:, None]
+        ids = page_table[used]
+    else:
+        sel = selected.long()
+        used = (sel >= 0) & (sel < num_pages[:, None, None])
+        ids = page_table.long().gather(1, torch.where(used, sel, 0).flatten(1)).view_as(sel)[used]
+    check_page_ids("page_table", ids, num_pages_total)
+
+
+def paged_decode_attention(
+    *,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor | None = None,
+    scale: float | None = None,
+    impl: str | None = None,
+    num_splits: int | None = None,
+    check_pages: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one query token per sequence over its (selected) KV pages.
+
+    query: ``[num_seqs, num_qo_heads, head_dim]`` fp16/bf16/fp32.
+    k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``, one float
+    dtype (the Triton path rounds the query to it for the tensor-core product).
+    page_table: ``[num_seqs, max_pages]`` int32/int64 — physical page ids in position
+    order, any ids of the pool; entries past the sequence's last page are not read.
+    seq_lens: ``[num_seqs]`` int32/int64 — tokens per sequence; slots past it on the
+    last page are masked; 0 gives an empty sequence.
+    selected: ``[num_seqs, num_kv_heads, top_k]`` int32/int64 logical page indices
+    (positions in ``page_table``), ``-1`` (or any index past the last page) for none;
+    ``None`` attends to every page. Query head ``h`` reads the pages of KV head
+    ``h // (num_qo_heads // num_kv_heads)``.
+    scale: logit scale, default ``head_dim ** -0.5``.
+    impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
+    num_splits: Triton split-K factor; ``None`` picks one from the shapes to fill the GPU.
+    check_pages: verify that ``seq_lens`` fit the page table and every page read lies in
+    the pool — costs a host sync; pass ``False`` on the hot path (CUDA graphs).
+
+    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the query's dtype
+    and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head with no tokens gives
+    ``out = 0, lse = -inf``. See :func:`longquest.kernels.ref.paged_decode_attention_ref`.
+    """
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    device = query.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=device)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    num_seqs, num_qo_heads, head_dim = query.shape
+    num_pages_total, num_kv_heads, page_size, _ = k_cache.shape
+    check_dim("k_cache", k_cache, 3, head_dim, "head_dim, as in query")
+    check_group(num_qo_heads, num_kv_heads)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_dim("seq_lens", seq_lens, 0, num_seqs, "num_seqs")
+    if selected is not None:
+        check_tensor("selected", selected, ndim=3, dtypes=INDEX_DTYPES, device=device)
+        check_dim("selected", selected, 0, num_seqs, "num_seqs")
+        check_dim("selected", selected, 1, num_kv_heads, "num_kv_heads")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    impl = resolve_impl(impl, device)
+    if check_pages:
+        _check_pages(page_table, seq_lens, selected, num_pages_total, page_size)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if impl == "torch":
+        return _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale)
+    if page_size & (page_size - 1):
+        raise ValueError(f"k_cache page_size must be a power of two for Triton, got {page_size}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in head_dim")
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    seq_lens = seq_lens if seq_lens.stride(0) == 1 else seq_lens.contiguous()
+    page_table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
+    if selected is not None and selected.stride(2) != 1:
+        selected = selected.contiguous()
+    return _decode_triton(
+        query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits
+    )

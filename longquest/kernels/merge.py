@@ -1,0 +1,160 @@
+"""Merge partial attention states (out, lse) over disjoint token sets into exact attention.
+
+The sequence-parallel engine combines the partial attention of several GPUs with
+this; the split-K decode kernel reduces its splits with the same kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from longquest.kernels._checks import FLOAT_DTYPES, check_dim, check_tensor, resolve_impl
+
+
+@triton.jit
+def _merge_kernel(
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    out_lse_ptr,
+    num_sources,
+    num_heads,
+    head_dim,
+    stride_on,
+    stride_os,
+    stride_oh,
+    stride_ln,
+    stride_ls,
+    stride_lh,
+    stride_out_s,
+    stride_out_h,
+    stride_out_lse_s,
+    BLOCK_SRC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, query head) row; the sources are walked in chunks so
+    # that any number of them (GPUs, decode splits) fits in registers.
+    row = tl.program_id(0)
+    seq = row // num_heads
+    head = row % num_heads
+    src = tl.arange(0, BLOCK_SRC)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    lse_base = lse_ptr + seq * stride_ls + head * stride_lh
+    o_base = o_ptr + seq * stride_os + head * stride_oh
+
+    # Pass 1: the largest lse, so every weight below is exp(<= 0) and cannot overflow.
+    m_vec = tl.full([BLOCK_SRC], float("-inf"), tl.float32)
+    for n0 in range(0, num_sources, BLOCK_SRC):
+        n = n0 + src
+        lse = tl.load(lse_base + n * stride_ln, mask=n < num_sources, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse.to(tl.float32))
+    m = tl.max(m_vec, 0)
+    # All sources empty: shift by 0 so that exp(-inf - 0) = 0 instead of exp(nan).
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+
+    # Pass 2: weighted sum. Empty sources are never read, so garbage in their `o`
+    # (e.g. uninitialised scratch) cannot turn into NaN.
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    total_vec = tl.zeros([BLOCK_SRC], tl.float32)
+    for n0 in range(0, num_sources, BLOCK_SRC):
+        n = n0 + src
+        lse = tl.load(lse_base + n * stride_ln, mask=n < num_sources, other=float("-inf"))
+        lse = lse.to(tl.float32)
+        has_tokens = lse > float("-inf")
+        weight = tl.where(has_tokens, tl.exp(lse - m_safe), 0.0)
+        o = tl.load(
+            o_base + n[:, None] * stride_on + d[None, :],
+            mask=has_tokens[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(weight[:, None] * o, 0)
+        total_vec += weight
+    total = tl.sum(total_vec, 0)
+    out = tl.where(total > 0, acc / total, 0.0)
+    out_lse = tl.where(total > 0, m_safe + tl.log(total), float("-inf"))
+    out_ptrs = out_ptr + seq * stride_out_s + head * stride_out_h + d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_lse_ptr + seq * stride_out_lse_s + head, out_lse)
+
+
+def _merge_triton_into(
+    outputs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Launch the merge kernel writing into ``out`` ``[num_seqs, num_qo_heads, head_dim]``
+    (any float dtype) and ``lse`` ``[num_seqs, num_qo_heads]`` fp32 (inner dims contiguous).
+
+    Shared with the split-K decode launcher; performs no checks and no host syncs.
+    """
+    num_sources, num_seqs, num_heads, head_dim = outputs.shape
+    if num_seqs * num_heads == 0:
+        return
+    if outputs.stride(-1) != 1:
+        outputs = outputs.contiguous()
+    block_src = min(max(triton.next_power_of_2(num_sources), 2), 16)
+    _merge_kernel[(num_seqs * num_heads,)](
+        outputs,
+        lses,
+        out,
+        lse,
+        num_sources,
+        num_heads,
+        head_dim,
+        *outputs.stride()[:3],
+        *lses.stride(),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        BLOCK_SRC=block_src,
+        BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        num_warps=2,
+    )
+
+
+def _merge_torch(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lses = lses.float()
+    m = lses.amax(dim=0) if lses.shape[0] else torch.full_like(lses[0], -math.inf)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    has_tokens = lses > -math.inf  # [num_sources, num_seqs, num_qo_heads]
+    weights = torch.where(has_tokens, torch.exp(lses - m_safe), torch.zeros_like(lses))
+    total = weights.sum(0)
+    # Empty sources are masked out rather than multiplied by 0, so NaN in them cannot leak.
+    acc = torch.einsum("nsh,nshd->shd", weights, outputs.float().masked_fill(~has_tokens[..., None], 0))
+    nonempty = total > 0
+    out = torch.where(nonempty[..., None], acc / total.clamp_min(1e-30)[..., None], 0.0)
+    lse = torch.where(nonempty, m_safe + torch.log(total), -math.inf)
+    return out.to(outputs.dtype), lse
+
+
+def merge_attention_states(
+    *, outputs: torch.Tensor, lses: torch.Tensor, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention over the union of disjoint token sets, from partial states.
+
+    outputs: ``[num_sources, num_seqs, num_qo_heads, head_dim]`` fp16/bf16/fp32 — each
+    source's normalised attention output over its own tokens.
+    lses: ``[num_sources, num_seqs, num_qo_heads]`` float (fp32 expected), natural log;
+    a source with ``lse = -inf`` had no tokens and contributes nothing (its ``outputs``
+    entries are not read).
+    impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
+
+    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the outputs' dtype
+    and ``[num_seqs, num_qo_heads]`` fp32. All sources empty gives ``out = 0,
+    lse = -inf``, never NaN. See :func:`longquest.kernels.ref.merge_attention_states_ref`.
+    """
+    check_tensor("outputs", outputs, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("lses", lses, ndim=3, dtypes=FLOAT_DTYPES, device=outputs.device)
+    for dim, meaning in enumerate(("num_sources", "num_seqs", "num_qo_heads")):
+        check_dim("lses", lses, dim, outputs.shape[dim], meaning)
+    impl = resolve_impl(impl, outputs.device)
+    if impl == "torch":
+        return _merge_torch(outputs, lses)
+    _, num_seqs, num_heads, head_dim = outputs.shape
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=outputs.dtype, device=outputs.device)
+    lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=outputs.device)
+    _merge_triton_into(outputs, lses, out, lse)
+    return out, lse

@@ -1,0 +1,231 @@
+"""Ray launcher: one actor per GPU (or per CPU slot) in a packed placement group.
+
+The actors form a torch.distributed group (NCCL on GPUs, gloo on CPUs) at an
+address rank 0 picks, then each runs a :class:`SequenceParallelEngine`. The driver
+sends small typed requests (token ids and sampling parameters) to typed methods
+and receives small typed results; tensors move only between the actors, over the
+process group, never through Ray's object store.
+
+``ray.init`` joins the cluster named by ``RAY_ADDRESS`` when it is set, otherwise
+starts a local one with the dashboard off.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.sequence import RequestOutput
+
+# Ray's own start-up on a busy 2-core machine can take a while; forming the group is quick.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSetup:
+    """Everything a rank needs to join the group and load the model."""
+
+    model: str
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    use_gpu: bool
+    dtype: str
+    quest: QuestConfig
+    cache: CacheConfig | None
+    prefill_chunk_tokens: int
+    impl: str | None
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+
+
+class RankWorker:
+    """The body of one Ray actor: one rank of the sequence-parallel group."""
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """A reachable address of this node and a free port for the group's store."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return host, port
+
+    def setup(self, setup: WorkerSetup) -> int:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        from longquest.parallel.worker import build_worker
+
+        if setup.use_gpu:
+            # Ray pins one GPU per actor through CUDA_VISIBLE_DEVICES.
+            torch.cuda.set_device(0)
+        dist.init_process_group(
+            backend="nccl" if setup.use_gpu else "gloo",
+            init_method=f"tcp://{setup.master_addr}:{setup.master_port}",
+            rank=setup.rank,
+            world_size=setup.world_size,
+            timeout=datetime.timedelta(seconds=setup.timeout_s),
+        )
+        self.engine, _ = build_worker(
+            setup.model,
+            group=dist.group.WORLD,
+            rank=setup.rank,
+            world_size=setup.world_size,
+            dtype=setup.dtype,
+            device="cuda:0" if setup.use_gpu else "cpu",
+            quest=setup.quest,
+            cache=setup.cache,
+            prefill_chunk_tokens=setup.prefill_chunk_tokens,
+            impl=setup.impl,
+        )
+        return os.getpid()
+
+    def generate(self, request: GenerateRequest) -> list[RequestOutput] | ValueError:
+        # Bad input is an answer, not a failure: every rank refuses it the same way
+        # before any collective, and the group stays usable.
+        try:
+            return self.engine.generate(request.prompts, request.params)
+        except ValueError as error:
+            return error
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayCluster:
+    """``world_size`` RankWorker actors driven from this process."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        world_size: int,
+        dtype: str = "auto",
+        device: str | None = None,
+        quest: QuestConfig,
+        cache: CacheConfig | None = None,
+        prefill_chunk_tokens: int = 8192,
+        impl: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            ray.init(
+                address=address or None,
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                log_to_driver=True,
+                **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
+            )
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = device != "cpu" and not str(device).startswith("cpu") and gpus >= 1
+        if use_gpu and gpus < world_size:
+            raise ValueError(
+                f"world_size={world_size} needs {world_size} GPUs but the Ray cluster has "
+                f"{gpus:g}; lower world_size or add GPUs"
+            )
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        self._group = placement_group([bundle] * world_size, strategy="PACK")
+        self.timeout_s = timeout_s
+        try:
+            ray.get(self._group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            remove_placement_group(self._group)
+            raise RuntimeError(
+                f"Ray could not place {world_size} workers ({bundle} each) within "
+                f"{timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            ) from error
+        actor_class = ray.remote(RankWorker)
+        self.actors = [
+            actor_class.options(
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=1,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._group, placement_group_bundle_index=rank
+                ),
+            ).remote()
+            for rank in range(world_size)
+        ]
+        host, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
+        setups = [
+            WorkerSetup(
+                model=str(Path(model).resolve()),
+                rank=rank,
+                world_size=world_size,
+                master_addr=host,
+                master_port=port,
+                use_gpu=use_gpu,
+                dtype=str(dtype),
+                quest=quest,
+                cache=cache,
+                prefill_chunk_tokens=prefill_chunk_tokens,
+                impl=impl,
+                timeout_s=timeout_s,
+            )
+            for rank in range(world_size)
+        ]
+        self._call([a.setup.remote(s) for a, s in zip(self.actors, setups)], "setup")
+
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Every rank runs the same requests; rank 0's results are returned."""
+        request = GenerateRequest(prompts=prompts, params=params)
+        results = self._call([a.generate.remote(request) for a in self.actors], "generate")
+        if isinstance(results[0], ValueError):
+            raise results[0]
+        return results[0]
+
+    def worker_pids(self) -> list[int]:
+        return self._call([a.pid.remote() for a in self.actors], "pid")
+
+    def _call(self, refs: list, what: str, timeout_s: float | None = None) -> list:
+        """Wait for every rank; the first failure (a dead actor, an exception) is raised
+        at once, the workers are torn down, and nothing waits on the survivors, which
+        would otherwise block in a collective."""
+        pending = list(refs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as error:
+                    rank = refs.index(ref)
+                    self.shutdown()
+                    raise RuntimeError(
+                        f"longquest worker rank {rank} failed during {what}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+            if deadline is not None and time.monotonic() > deadline:
+                self.shutdown()
+                raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s")
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if getattr(self, "_group", None) is not None:
+            remove_placement_group(self._group)
+            self._group = None

@@ -1,0 +1,119 @@
+"""torchrun entry: ``torchrun --nproc-per-node N -m longquest.launch.torchrun --model DIR ...``.
+
+Every process is one rank of a sequence-parallel group (NCCL on GPUs, gloo with
+``--device cpu``). Rank 0 prints what ``longquest generate`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longquest.engine.config import CacheConfig, SamplingParams
+from longquest.launch.cli import add_model_arguments, quest_from_args, summary_line
+
+
+def init_distributed(*, device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the group torchrun describes in the environment; return (rank, world, device).
+
+    Raises RuntimeError with the cause when ranks don't all join within ``timeout_s``,
+    and ValueError when more ranks than GPUs were asked for on this node.
+    """
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in needed if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"environment variables {missing} are not set: start this module with torchrun, "
+            "e.g. torchrun --nproc-per-node 2 -m longquest.launch.torchrun --model DIR ..."
+        )
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        available = torch.cuda.device_count()
+        if local_world > available:
+            raise ValueError(
+                f"{local_world} ranks on this node but only {available} CUDA devices; use "
+                f"--nproc-per-node {available} or fewer, or --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    try:
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        # The first collective is where a missing rank shows: make it happen here.
+        dist.barrier()
+    except Exception as error:  # noqa: BLE001 - re-raised with the cause attached
+        raise RuntimeError(
+            f"rank {rank}: the group of {world} ranks did not form within {timeout_s:.0f} s "
+            f"({type(error).__name__}: {error}); check that every rank was started and can "
+            "reach MASTER_ADDR:MASTER_PORT"
+        ) from error
+    return rank, world, where
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="torchrun -m longquest.launch.torchrun",
+        description="sequence-parallel generation, one process per GPU",
+    )
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file")
+    parser.add_argument("--chat", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to form the group")
+    args = parser.parse_args(argv)
+
+    from longquest.parallel.worker import build_worker
+
+    rank, world, device = init_distributed(device=args.device, timeout_s=args.timeout)
+    try:
+        prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+        quest = quest_from_args(args)
+        engine, tokenizer = build_worker(
+            args.model,
+            group=dist.group.WORLD,
+            rank=rank,
+            world_size=world,
+            dtype=args.dtype,
+            device=device,
+            quest=quest,
+            cache=CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None,
+            prefill_chunk_tokens=args.prefill_chunk,
+        )
+        request = [{"role": "user", "content": prompt}] if args.chat else prompt
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        (output,) = engine.generate([tokenizer.encode(request)], [params])
+        if rank == 0:
+            print(output.text)
+            print(summary_line(output, quest) + f" | world size {world}", file=sys.stderr)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
