@@ -134,6 +134,7 @@ def run_batch(
     generate: Generate,
     tokenizer,
     group_size: int = 8,
+    done_ids: set[str] | None = None,
     write: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -142,11 +143,13 @@ def run_batch(
     generate: serves token-id prompts (the local engine, a Ray cluster, or one
         rank of a torchrun group — there only rank 0 passes ``write=True``).
     group_size: requests handed to ``generate`` at once (they decode as a batch).
+    done_ids: ids already served, when the caller read them (torchrun ranks);
+        otherwise they are read from ``output_path``.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise ValueError(f"input file {input_path} does not exist")
-    done = read_done_ids(output_path)
+    done = read_done_ids(output_path) if done_ids is None else done_ids
     writer = ResultWriter(output_path, enabled=write)
     todo: list[BatchItem] = []
     errors = skipped = 0

@@ -84,6 +84,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    if args.launcher == "torchrun":
+        return _batch_with_torchrun(args)
+    from longquest.launch.api import LLM
+    from longquest.launch.batch import run_batch
+
+    if args.launcher == "local" and args.world_size != 1:
+        raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quest=quest_from_args(args),
+        cache=CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None,
+        world_size=args.world_size,
+        launcher=args.launcher,
+        prefill_chunk_tokens=args.prefill_chunk,
+    )
+    try:
+        summary = run_batch(
+            input_path=args.input,
+            output_path=args.output,
+            generate=lambda ids, params: llm.generate(ids, params, use_tqdm=False),
+            tokenizer=llm.tokenizer,
+            group_size=args.group_size,
+        )
+    finally:
+        llm.shutdown()
+    print(f"[longquest] batch {summary}", file=sys.stderr)
+    return 0
+
+
+def _batch_with_torchrun(args: argparse.Namespace) -> int:
+    """Start ``world_size`` local ranks with torchrun, each serving the same file."""
+    import subprocess
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={args.world_size}", "-m", "longquest.launch.torchrun",
+        "--model", args.model, "--input", args.input, "--output", args.output,
+        "--page-size", str(args.page_size), "--dense-layers", str(args.dense_layers),
+        "--dtype", args.dtype, "--prefill-chunk", str(args.prefill_chunk),
+    ]  # fmt: skip
+    command += ["--dense"] if args.dense else ["--budget", str(args.budget)]
+    if args.device:
+        command += ["--device", args.device]
+    if args.cache_tokens:
+        command += ["--cache-tokens", str(args.cache_tokens)]
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longquest", description="Quest sparse decoding for long contexts"
@@ -101,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    batch = commands.add_parser("batch", help="serve a JSONL file of requests (resumable)")
+    add_model_arguments(batch)
+    batch.add_argument("--input", required=True, help="JSONL: id, prompt|messages, sampling")
+    batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
+    batch.add_argument("--world-size", type=int, default=1)
+    batch.add_argument("--launcher", default="local", choices=["local", "ray", "torchrun"])
+    batch.add_argument("--group-size", type=int, default=8, help="requests decoded together")
+    batch.set_defaults(func=cmd_batch)
 
     demo = commands.add_parser("demo", help="passkey retrieval over long documents (no GPU)")
     demo.add_argument("--trials", type=int, default=4)

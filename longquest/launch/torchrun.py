@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file")
+    source.add_argument("--input", help="batch mode: JSONL requests (see longquest batch)")
+    parser.add_argument("--output", help="batch mode: JSONL results (resumable)")
     parser.add_argument("--chat", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -81,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to form the group")
     args = parser.parse_args(argv)
+    if (args.input is None) != (args.output is None):
+        parser.error("--input and --output go together")
 
     from longquest.parallel.worker import build_worker
 
     rank, world, device = init_distributed(device=args.device, timeout_s=args.timeout)
     try:
-        prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         quest = quest_from_args(args)
         engine, tokenizer = build_worker(
             args.model,
@@ -99,6 +102,26 @@ def main(argv: list[str] | None = None) -> int:
             cache=CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None,
             prefill_chunk_tokens=args.prefill_chunk,
         )
+        if args.input is not None:
+            from longquest.launch.batch import read_done_ids, run_batch
+
+            # Every rank serves the same requests and rank 0 alone writes; rank 0 reads
+            # what is already done and tells the others, so nobody reads while it appends.
+            done = [read_done_ids(Path(args.output)) if rank == 0 else None]
+            dist.broadcast_object_list(done, src=0)
+            summary = run_batch(
+                input_path=args.input,
+                output_path=args.output,
+                generate=engine.generate,
+                tokenizer=tokenizer,
+                done_ids=done[0],
+                write=rank == 0,
+                progress=rank == 0,
+            )
+            if rank == 0:
+                print(f"[longquest] batch {summary}", file=sys.stderr)
+            return 0
+        prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
         request = [{"role": "user", "content": prompt}] if args.chat else prompt
         params = SamplingParams(
             max_tokens=args.max_tokens,
