@@ -114,9 +114,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     ]
 
     def line(values: list[str]) -> str:
-        parts = [
-            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
-        ]
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "  ".join(parts).rstrip()
 
     print(line(columns))
@@ -232,5 +230,4 @@ def measure_copy_bandwidth(device: torch.device | str, *, num_bytes: int | None 
         end.record()
     torch.cuda.synchronize(device)
     ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-    del src, dst
     return moved / (ms * 1e-3) / 1e9

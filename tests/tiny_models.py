@@ -142,12 +142,11 @@ def make_tiny_model(directory: Path, *, architecture: str, seed: int = 0, **over
 def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * noise)
+                param.normal_(1.0, 0.2, generator=generator)
             elif name.endswith("bias"):
-                param.copy_(0.2 * noise)
+                param.normal_(0.0, 0.2, generator=generator)
             elif "embed_tokens" in name:
-                param.copy_(noise)
+                param.normal_(0.0, 1.0, generator=generator)
             else:  # [out, in] projections: unit-variance outputs for unit inputs
-                param.copy_(noise / param.shape[1] ** 0.5)
+                param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)

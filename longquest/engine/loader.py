@@ -57,7 +57,9 @@ def model_config_from_hf(hf_config: object) -> ModelConfig:
         raise ValueError("mlp_bias=True is not supported; the MLP has no biases")
     # Qwen2 always has q/k/v biases; elsewhere attention_bias also adds an o_proj bias.
     if architecture != "Qwen2ForCausalLM" and getattr(hf_config, "attention_bias", False):
-        raise ValueError("attention_bias=True (q/k/v/o biases) is not supported for " + architecture)
+        raise ValueError(
+            "attention_bias=True (q/k/v/o biases) is not supported for " + architecture
+        )
     if getattr(hf_config, "partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ValueError("partial_rotary_factor != 1 is not supported; RoPE covers whole heads")
     _reject_sliding_window(hf_config, max_positions)
@@ -264,7 +266,7 @@ def _stream(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every ``(name, tensor)`` of the files, read one at a time onto the CPU."""
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as tensors:
-            for name in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for name in tensors.keys():
                 yield name, tensors.get_tensor(name)
 
 
@@ -278,7 +280,11 @@ def _checkpoint_targets(model: Model) -> dict[str, torch.Tensor]:
         targets["lm_head.weight"] = model.lm_head
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
-        fused = [("q_proj", 0, q_rows), ("k_proj", q_rows, kv_rows), ("v_proj", q_rows + kv_rows, kv_rows)]
+        fused = [
+            ("q_proj", 0, q_rows),
+            ("k_proj", q_rows, kv_rows),
+            ("v_proj", q_rows + kv_rows, kv_rows),
+        ]
         for name, start, rows in fused:
             targets[f"{prefix}self_attn.{name}.weight"] = layer.qkv_proj.narrow(0, start, rows)
             if layer.qkv_bias is not None:

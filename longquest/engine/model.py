@@ -140,9 +140,7 @@ class Model(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(
-        self, *, input_ids: Tensor, positions: Tensor, attention: LayerAttention
-    ) -> Tensor:
+    def forward(self, *, input_ids: Tensor, positions: Tensor, attention: LayerAttention) -> Tensor:
         """Hidden states of packed tokens after the final norm.
 
         input_ids: ``[num_tokens]`` int64 (or int32) token ids.

@@ -67,7 +67,9 @@ def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, object]) -> torch.Te
     high = float(params["high_freq_factor"])
     original = float(params["original_max_position_embeddings"])
     if high <= low:
-        raise ValueError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {params}")
+        raise ValueError(
+            f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {params}"
+        )
     wavelength = 2 * math.pi / inv_freq
     # 1 for wavelengths at most original/high (kept), 0 for those past original/low (scaled).
     keep = (original / wavelength - low) / (high - low)

@@ -41,44 +41,19 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    table_ptr,
-    seq_lens_ptr,
-    selected_ptr,
-    o_ptr,
-    lse_ptr,
-    num_splits,
-    top_k,
-    max_pages,
-    group,
-    head_dim,
-    qk_scale,
-    stride_qs,
-    stride_qh,
-    stride_kp,
-    stride_kh,
-    stride_kt,
-    stride_vp,
-    stride_vh,
-    stride_vt,
-    stride_table,
-    stride_sel_s,
-    stride_sel_h,
-    stride_on,
-    stride_os,
-    stride_oh,
-    stride_ln,
-    stride_ls,
-    stride_lh,
-    PAGE_SIZE: tl.constexpr,
-    PAGES_PER_BLOCK: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_SELECTED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, selected_ptr, o_ptr, lse_ptr,
+    num_splits, top_k, max_pages, group, head_dim, qk_scale,
+    stride_qs, stride_qh,
+    stride_kp, stride_kh, stride_kt,
+    stride_vp, stride_vh, stride_vt,
+    stride_table, stride_sel_s, stride_sel_h,
+    stride_on, stride_os, stride_oh,
+    stride_ln, stride_ls, stride_lh,
+    PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SELECTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    LN2: tl.constexpr = 0.6931471805599453
     seq = tl.program_id(0)
     kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -110,6 +85,8 @@ def _decode_split_kernel(
 
     page_of_token = t // PAGE_SIZE
     slot = t % PAGE_SIZE
+    k_base = k_ptr + kv * stride_kh + slot[:, None] * stride_kt + d[None, :]
+    v_base = v_ptr + kv * stride_vh + slot[:, None] * stride_vt + d[None, :]
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -127,11 +104,7 @@ def _decode_split_kernel(
         page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
         valid = valid & (logical * PAGE_SIZE + slot < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_ptr + page[:, None] * stride_kp + kv * stride_kh + slot[:, None] * stride_kt + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
@@ -140,27 +113,20 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m - m_use)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + page[:, None] * stride_vp + kv * stride_vh + slot[:, None] * stride_vt + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(
-            p.to(v.dtype), v, input_precision=DOT_PRECISION
-        )
+        v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     nonempty = l > 0
     out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l, 1.0)[:, None], 0.0)
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
     o_ptrs = o_ptr + split * stride_on + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     lse_ptrs = lse_ptr + split * stride_ln + seq * stride_ls + heads * stride_lh
     tl.store(lse_ptrs, lse, mask=g_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the CPU interpreter runs programs one by one; fewer is faster
@@ -186,7 +152,7 @@ def _decode_triton(
     _, num_kv_heads, page_size, _ = k_cache.shape
     group = num_qo_heads // num_kv_heads
     device = query.device
-    out = torch.empty_like(query)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(num_seqs, num_qo_heads, dtype=torch.float32, device=device)
     if num_seqs == 0:
         return out, lse
@@ -201,41 +167,27 @@ def _decode_triton(
         part_out = torch.empty(
             num_splits, num_seqs, num_qo_heads, head_dim, dtype=torch.float32, device=device
         )
-        part_lse = torch.empty(num_splits, num_seqs, num_qo_heads, dtype=torch.float32, device=device)
+        part_lse = torch.empty(
+            num_splits, num_seqs, num_qo_heads, dtype=torch.float32, device=device
+        )
     sel = selected if selected is not None else page_table  # any valid pointer when unused
     block_d = max(triton.next_power_of_2(head_dim), 16)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query,
-        k_cache,
-        v_cache,
-        page_table,
-        seq_lens,
-        sel,
-        part_out,
-        part_lse,
-        num_splits,
-        selected.shape[2] if selected is not None else 0,
-        page_table.shape[1],
-        group,
-        head_dim,
-        scale * _LOG2E,
-        query.stride(0),
-        query.stride(1),
+        query, k_cache, v_cache, page_table, seq_lens, sel, part_out, part_lse,
+        num_splits, selected.shape[2] if selected is not None else 0, page_table.shape[1],
+        group, head_dim, scale * _LOG2E,
+        query.stride(0), query.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
-        page_table.stride(0),
-        sel.stride(0),
-        sel.stride(1),
+        page_table.stride(0), sel.stride(0), sel.stride(1),
         *part_out.stride()[:3],
         *part_lse.stride(),
-        PAGE_SIZE=page_size,
-        PAGES_PER_BLOCK=pages_per_block,
-        BLOCK_G=max(triton.next_power_of_2(group), 16),
-        BLOCK_D=block_d,
+        PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
+        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_D=block_d,
         HAS_SELECTED=selected is not None,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=4 if block_d <= 128 else 8,
-    )
+    )  # fmt: skip
     if num_splits > 1:
         _merge_triton_into(part_out, part_lse, out, lse)
     return out, lse

@@ -17,25 +17,13 @@ from longquest.kernels._checks import FLOAT_DTYPES, check_dim, check_tensor, res
 
 @triton.jit
 def _merge_kernel(
-    o_ptr,
-    lse_ptr,
-    out_ptr,
-    out_lse_ptr,
-    num_sources,
-    num_heads,
-    head_dim,
-    stride_on,
-    stride_os,
-    stride_oh,
-    stride_ln,
-    stride_ls,
-    stride_lh,
-    stride_out_s,
-    stride_out_h,
-    stride_out_lse_s,
-    BLOCK_SRC: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    o_ptr, lse_ptr, out_ptr, out_lse_ptr,
+    num_sources, num_heads, head_dim,
+    stride_on, stride_os, stride_oh,
+    stride_ln, stride_ls, stride_lh,
+    stride_out_s, stride_out_h, stride_out_lse_s,
+    BLOCK_SRC: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     # One program per (sequence, query head) row; the sources are walked in chunks so
     # that any number of them (GPUs, decode splits) fits in registers.
     row = tl.program_id(0)
@@ -75,8 +63,9 @@ def _merge_kernel(
         acc += tl.sum(weight[:, None] * o, 0)
         total_vec += weight
     total = tl.sum(total_vec, 0)
-    out = tl.where(total > 0, acc / total, 0.0)
-    out_lse = tl.where(total > 0, m_safe + tl.log(total), float("-inf"))
+    total_safe = tl.where(total > 0, total, 1.0)
+    out = tl.where(total > 0, acc / total_safe, 0.0)
+    out_lse = tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf"))
     out_ptrs = out_ptr + seq * stride_out_s + head * stride_out_h + d
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
     tl.store(out_lse_ptr + seq * stride_out_lse_s + head, out_lse)
@@ -97,33 +86,26 @@ def _merge_triton_into(
         outputs = outputs.contiguous()
     block_src = min(max(triton.next_power_of_2(num_sources), 2), 16)
     _merge_kernel[(num_seqs * num_heads,)](
-        outputs,
-        lses,
-        out,
-        lse,
-        num_sources,
-        num_heads,
-        head_dim,
+        outputs, lses, out, lse,
+        num_sources, num_heads, head_dim,
         *outputs.stride()[:3],
         *lses.stride(),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        BLOCK_SRC=block_src,
-        BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
-        num_warps=2,
-    )
+        out.stride(0), out.stride(1), lse.stride(0),
+        BLOCK_SRC=block_src, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), num_warps=2,
+    )  # fmt: skip
 
 
 def _merge_torch(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lses = lses.float()
-    m = lses.amax(dim=0) if lses.shape[0] else torch.full_like(lses[0], -math.inf)
+    m = lses.amax(dim=0) if lses.shape[0] else lses.new_full(lses.shape[1:], -math.inf)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     has_tokens = lses > -math.inf  # [num_sources, num_seqs, num_qo_heads]
     weights = torch.where(has_tokens, torch.exp(lses - m_safe), torch.zeros_like(lses))
     total = weights.sum(0)
     # Empty sources are masked out rather than multiplied by 0, so NaN in them cannot leak.
-    acc = torch.einsum("nsh,nshd->shd", weights, outputs.float().masked_fill(~has_tokens[..., None], 0))
+    acc = torch.einsum(
+        "nsh,nshd->shd", weights, outputs.float().masked_fill(~has_tokens[..., None], 0)
+    )
     nonempty = total > 0
     out = torch.where(nonempty[..., None], acc / total.clamp_min(1e-30)[..., None], 0.0)
     lse = torch.where(nonempty, m_safe + torch.log(total), -math.inf)

@@ -78,6 +78,9 @@ class RankWorker:
         if setup.use_gpu:
             # Ray pins one GPU per actor through CUDA_VISIBLE_DEVICES.
             torch.cuda.set_device(0)
+        else:
+            # CPU actors share the machine's cores instead of each taking all of them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world_size))
         dist.init_process_group(
             backend="nccl" if setup.use_gpu else "gloo",
             init_method=f"tcp://{setup.master_addr}:{setup.master_port}",

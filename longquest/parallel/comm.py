@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from longquest.kernels._checks import check_dim, check_tensor
-from longquest.kernels.ref import merge_attention_states_ref
+from longquest.kernels.merge import merge_attention_states
 
 
 class SequenceParallelComm:
@@ -82,7 +82,8 @@ class SequenceParallelComm:
         """This rank's share of the global top ``top_k`` pages of every (sequence, KV head).
 
         top_scores: ``[num_seqs, num_kv_heads, top_k]`` fp32 — the local top-k's
-            scores (``+inf`` for the pinned newest page, ``-inf`` padding).
+            scores (``+inf`` for the pinned newest page, ``-inf`` padding). Only
+            the rank owning a sequence's newest page may pin it.
         local_indices: ``[num_seqs, num_kv_heads, top_k]`` int32 — their local
             logical page indices, ``-1`` padding.
         global_pages: ``[num_seqs, max_local_pages]`` int32 — global page index of
@@ -161,11 +162,8 @@ class SequenceParallelComm:
         # fp32 carries the lse exactly and the partial outputs without rounding them twice.
         packed = torch.cat((out.float(), lse[..., None]), dim=-1)
         everyone = self._gather(packed)  # [world_size, num_seqs, num_qo_heads, head_dim + 1]
-        # TODO(kernels): call longquest.kernels.merge.merge_attention_states(impl=self.impl)
-        # once that launcher lands; the reference has the same semantics.
-        merged, merged_lse = merge_attention_states_ref(
-            outputs=everyone[..., :head_dim].contiguous(),
-            lses=everyone[..., head_dim].contiguous(),
+        merged, merged_lse = merge_attention_states(
+            outputs=everyone[..., :head_dim], lses=everyone[..., head_dim], impl=self.impl
         )
         return merged.to(out.dtype), merged_lse
 

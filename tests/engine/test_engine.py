@@ -39,21 +39,22 @@ def make_engine(model_dir, *, quest: QuestConfig, num_pages: int = 256, chunk: i
 def hf_greedy(model_dir, prompt: list[int], steps: int):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.eval()
+    # The engine under test has no EOS: neither may transformers (raw logits, no processors).
+    hf.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = hf.generate(
             ids,
             max_new_tokens=steps,
             do_sample=False,
-            min_new_tokens=steps,
-            output_scores=True,
+            output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=0,
         )
     tokens = out.sequences[0, len(prompt) :].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+    logprobs = [torch.log_softmax(s[0].float(), -1) for s in out.logits]
     return tokens, logprobs
 
 

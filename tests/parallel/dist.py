@@ -70,7 +70,14 @@ def run_distributed(
                     ) from None
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{payload}")
+                # A peer that crashed first is the likelier cause; name it too.
+                crashed = [
+                    f"rank {r} exited with code {p.exitcode} without reporting"
+                    for r, p in enumerate(processes)
+                    if r not in results and r != rank and p.exitcode not in (None, 0)
+                ]
+                note = "".join(f"\n({c})" for c in crashed)
+                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{payload}{note}")
             results[rank] = pickle.loads(payload)
         for process in processes:
             process.join(timeout=5.0)

@@ -126,6 +126,13 @@ def _check_rank(seed: int, *, rank: int, world_size: int, group) -> dict:
     assert torch.isneginf(empty_lse).all()
     # Lower precision outputs come back in their own dtype.
     assert comm.merge(out=out.half(), lse=lse).dtype == torch.float16
+    # The Triton merge (interpreted on the CPU) agrees with the PyTorch one.
+    triton_comm = SequenceParallelComm(group=group, rank=rank, world_size=world_size, impl="triton")
+    # One sequence only: the interpreter runs a Python loop per (sequence, head).
+    triton_out, triton_lse = triton_comm.merge_with_lse(out=out[:1], lse=lse[:1])
+    # Not torch.testing.assert_close: with a process group up it imports DTensor (seconds).
+    assert torch.allclose(triton_out, result["out"]["dense"][:1], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(triton_lse, result["lse"]["dense"][:1], rtol=1e-5, atol=1e-5)
     return result
 
 

@@ -1,0 +1,212 @@
+"""Quest page criticality: ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, max over a KV group.
+
+The Triton kernel is built for bandwidth: the bounds (``2 * head_dim`` elements a page and
+KV head) are read exactly once and everything else is small. One program scores
+``BLOCK_P`` pages of one (sequence, KV head): it gathers the pages' ids from the page table,
+loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is contiguous, so the
+loads are 16-byte vectors), and for each query head of the group accumulates the bound in
+fp32, keeping the max over the group. KV heads vary fastest across programs, so neighbouring
+programs read neighbouring rows of the same pages. Blocks past ``num_pages[s]`` only write
+``-inf``. At 1M tokens (65536 pages, 8 KV heads, head_dim 128, bf16) the kernel reads 268 MB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from longquest.kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_group,
+    check_page_ids,
+    check_tensor,
+    resolve_impl,
+)
+
+# Elements of one [BLOCK_P, head_dim] bounds tile: 32 pages at head_dim 128 keeps each of the
+# 128 threads at 32 elements a tile (4 x 16-byte loads for bf16) without spilling.
+_TILE_ELEMENTS = 4096
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _page_scores_kernel(
+    query_ptr,
+    key_min_ptr,
+    key_max_ptr,
+    page_table_ptr,
+    num_pages_ptr,
+    out_ptr,
+    num_kv_heads,
+    max_pages,
+    stride_qs,
+    stride_qh,
+    stride_bp,
+    stride_bh,
+    stride_ts,
+    stride_tp,
+    stride_os,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # Axis 0 packs (page block, KV head), heads fastest; axis 0 has no 65535 limit.
+    head = tl.program_id(0) % num_kv_heads
+    block = tl.program_id(0) // num_kv_heads
+    seq = tl.program_id(1)
+    n = tl.minimum(tl.maximum(tl.load(num_pages_ptr + seq).to(tl.int32), 0), max_pages)
+    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    out = out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + pages
+    in_row = pages < max_pages
+    if block * BLOCK_P < n:
+        valid = pages < n
+        ids = tl.load(page_table_ptr + seq * stride_ts + pages * stride_tp, mask=valid, other=0)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        offsets = ids.to(tl.int64)[:, None] * stride_bp + head * stride_bh + dims[None, :]
+        tile_mask = valid[:, None] & dim_ok[None, :]
+        kmin = tl.load(key_min_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        kmax = tl.load(key_max_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        q_row = query_ptr + seq * stride_qs + (head * GROUP) * stride_qh + dims
+        for g in range(GROUP):
+            q = tl.load(q_row + g * stride_qh, mask=dim_ok, other=0.0).to(tl.float32)
+            bound = tl.maximum(q[None, :] * kmin, q[None, :] * kmax)
+            best = tl.maximum(best, tl.sum(bound, axis=1))
+        tl.store(out, tl.where(valid, best, float("-inf")), mask=in_row)
+    else:
+        tl.store(out, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=in_row)
+
+
+def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.Tensor:
+    """Vectorised PyTorch path, in page chunks that bound the [.., pages, head_dim] temporary."""
+    num_seqs, num_qo_heads, head_dim = query.shape
+    num_kv_heads = key_min.shape[1]
+    group = num_qo_heads // num_kv_heads
+    max_pages = page_table.shape[1]
+    positions = torch.arange(max_pages, device=query.device)
+    valid = positions[None, :] < num_pages.long()[:, None]  # [num_seqs, max_pages]
+    ids = torch.where(valid, page_table.long(), 0)
+    q = query.float().view(num_seqs, num_kv_heads, group, 1, head_dim)
+    scores = torch.empty(num_seqs, num_kv_heads, max_pages, device=query.device)
+    step = max(1, (1 << 24) // max(1, num_seqs * num_qo_heads * head_dim))
+    for start in range(0, max_pages, step):
+        chunk = ids[:, start : start + step]  # [num_seqs, P]
+        kmin = key_min[chunk].float().permute(0, 2, 1, 3)[:, :, None]  # [S, Hkv, 1, P, D]
+        kmax = key_max[chunk].float().permute(0, 2, 1, 3)[:, :, None]
+        bound = torch.maximum(q * kmin, q * kmax).sum(-1)  # [S, Hkv, group, P]
+        scores[:, :, start : start + step] = bound.amax(dim=2)
+    return scores.masked_fill_(~valid[:, None, :], -math.inf)
+
+
+def page_scores(
+    *,
+    query: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    check_pages: bool = True,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Quest criticality of every page, reduced over each KV head's query group by max.
+
+    query: ``[num_seqs, num_qo_heads, head_dim]`` (post-RoPE), any float dtype.
+    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, one float dtype.
+    page_table: ``[num_seqs, max_pages]`` int32/int64 physical page ids; entries at
+    ``j >= num_pages[s]`` are ignored.
+    num_pages: ``[num_seqs]`` int — valid pages per sequence, ``0 <= num_pages <= max_pages``.
+    check_pages: verify that the used page ids lie in the pool and that ``num_pages`` is in
+    range. That costs one device-to-host sync, so a caller that builds its page tables
+    itself (the engine) passes False on the hot path; the kernel then still never reads
+    the page table out of bounds (it clamps ``num_pages``), but trusts the page ids.
+    Returns ``[num_seqs, num_kv_heads, max_pages]`` fp32 (math in fp32); ``-inf`` at
+    ``j >= num_pages[s]``. Semantics: :func:`longquest.kernels.ref.page_scores_ref`.
+    """
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    device = query.device
+    num_seqs, num_qo_heads, head_dim = query.shape
+    check_tensor("key_min", key_min, ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("key_max", key_max, ndim=3, dtypes=(key_min.dtype,), device=device)
+    if key_max.shape != key_min.shape:
+        raise ValueError(
+            f"key_max has shape {tuple(key_max.shape)}; it must match key_min "
+            f"{tuple(key_min.shape)}"
+        )
+    num_pages_total, num_kv_heads, _ = key_min.shape
+    check_dim("key_min", key_min, 2, head_dim, "head_dim of query")
+    group = check_group(num_qo_heads, num_kv_heads)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
+    check_tensor("num_pages", num_pages, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_dim("num_pages", num_pages, 0, num_seqs, "num_seqs")
+    max_pages = page_table.shape[1]
+    if check_pages and num_seqs and max_pages:
+        _check_page_table(page_table, num_pages, num_pages_total)
+
+    if resolve_impl(impl, device) == "torch":
+        return _page_scores_torch(query, key_min, key_max, page_table, num_pages)
+    out = torch.empty(num_seqs, num_kv_heads, max_pages, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
+        raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
+    block_d = triton.next_power_of_2(head_dim)
+    block_p = max(16, _TILE_ELEMENTS // block_d)
+    grid = (triton.cdiv(max_pages, block_p) * num_kv_heads, num_seqs)
+    _page_scores_kernel[grid](
+        query,
+        key_min,
+        key_max,
+        page_table,
+        num_pages,
+        out,
+        num_kv_heads,
+        max_pages,
+        query.stride(0),
+        query.stride(1),
+        key_min.stride(0),
+        key_min.stride(1),
+        page_table.stride(0),
+        page_table.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_P=block_p,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def _check_page_table(page_table, num_pages, num_pages_total: int) -> None:
+    """Range-check num_pages and the used page ids with a single device-to-host copy."""
+    max_pages = page_table.shape[1]
+    valid = torch.arange(max_pages, device=page_table.device)[None, :] < num_pages[:, None]
+    used = page_table.long()
+    facts = torch.stack(
+        [
+            num_pages.min().long(),
+            num_pages.max().long(),
+            torch.where(valid, used, num_pages_total).min(),  # pool size when none are used
+            torch.where(valid, used, -1).max(),
+        ]
+    ).cpu()
+    low, high = int(facts[0]), int(facts[1])
+    if low < 0 or high > max_pages:
+        raise ValueError(
+            f"num_pages must lie in [0, {max_pages}] (page_table's width), got values in "
+            f"[{low}, {high}]"
+        )
+    if int(facts[3]) >= 0:
+        check_page_ids("page_table", facts[2:], num_pages_total)

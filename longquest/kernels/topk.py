@@ -1,0 +1,380 @@
+"""Top-k page selection per (sequence, KV head), listed in ascending page order.
+
+Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here):
+
+* **Keys.** An fp32 score maps to an order-preserving uint32 key (flip all bits of
+  negatives, set the sign bit of the rest; ``-0.0`` folds into ``+0.0`` and NaN to 1, below
+  ``-inf``, as a stable sort treats them). Slots outside the row get key 0, below every
+  valid key, so they are never counted or selected.
+* **Threshold.** The k-th largest key ``T`` is found by radix select, most significant
+  digit first (``_DIGIT_BITS`` = 4: 8 levels of a 16-bin ``tl.histogram``). Keys below the
+  current prefix fall in bin 0 (never used), keys above it in the top bin, so the suffix
+  sums of the histogram are exactly ``count(key >= candidate)``. The search stops as soon
+  as ``count(key >= prefix) == k`` (no tie to break): at once for ``k >= num_pages`` and
+  empty rows, after about half the levels for continuous scores.
+* **Compaction.** One ``tl.cumsum`` over packed (key > T, key == T) flags gives every
+  selected slot its output position: keys above ``T`` plus the lowest-index keys equal to
+  it, written in ascending index order — the contract's order, with ties to the lower index.
+* **Parallelism.** A row of up to ``_SINGLE_PASS_MAX`` pages is one program, held in
+  registers. A longer row is split into chunks of ``~sqrt(pages * k)``: pass 1 takes each
+  chunk's local top-k (a page of the global top-k is in its chunk's top-k under the same
+  tie rule, so nothing is lost) on a (row, chunk) grid; pass 2 selects from the
+  ``chunks * k`` candidates, which sit in index order. A list too long for registers is
+  looped over in blocks (every level re-reads it), the correct but slow path for huge k.
+
+Expected cost (issue-bound estimates, unmeasured): about 30 instructions per element and
+level plus ~0.5 us of barriers a level — ~3-4 us for 8 rows of 2048 pages, ~5 us for 8192,
+~10 us (two launches) for 65536 pages at k = 256.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor, resolve_impl
+
+_DIGIT_BITS = 4  # 16-bin histograms; 8 levels of radix select
+_USE_HISTOGRAM = True  # False counts digits with a one-hot sum instead of tl.histogram
+_SINGLE_PASS_MAX = 4096  # rows up to this many pages: one program, one launch
+_REGISTER_MAX = 8192  # the longest list one program holds in registers
+_LOOP_BLOCK = 4096  # block size when a list is looped over
+
+
+@triton.jit
+def _order_key(score):
+    """Order-preserving uint32 key of fp32 scores (>= 1; NaN is 1, below -inf)."""
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.uint32, bitcast=True)
+    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    return tl.where(score != score, tl.full(key.shape, 1, tl.uint32), key)
+
+
+@triton.jit
+def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: tl.constexpr):
+    """Scores, page indices and keys of list positions ``offsets`` (key 0: not in the row)."""
+    inside = offsets < end
+    if FROM_CANDIDATES:
+        index = tl.load(index_ptr + offsets, mask=inside, other=-1)
+        valid = index >= 0
+        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
+    else:
+        index = offsets
+        valid = inside
+        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
+        score = tl.where(offsets == pin_index, float("inf"), score)
+    key = tl.where(valid, _order_key(score), tl.zeros(offsets.shape, tl.uint32))
+    return score, index, key
+
+
+@triton.jit
+def _digit_counts(
+    key, prefix, LEVEL: tl.constexpr, DIGIT_BITS: tl.constexpr, USE_HISTOGRAM: tl.constexpr
+):
+    """Histogram of this level's digit; keys below the prefix go to bin 0, above to the top."""
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    SHIFT: tl.constexpr = 32 - (LEVEL + 1) * DIGIT_BITS
+    digit = (key >> SHIFT) & (NUM_BINS - 1)
+    if LEVEL > 0:
+        HIGH: tl.constexpr = SHIFT + DIGIT_BITS
+        high, wanted = key >> HIGH, prefix >> HIGH
+        digit = tl.where(high == wanted, digit, tl.where(high > wanted, NUM_BINS - 1, 0))
+    digit = digit.to(tl.int32)
+    if USE_HISTOGRAM:
+        return tl.histogram(digit, NUM_BINS)
+    one_hot = digit[:, None] == tl.arange(0, NUM_BINS)[None, :]
+    return tl.sum(one_hot.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _select_kernel(
+    score_ptr,
+    index_ptr,
+    num_pages_ptr,
+    pin_ptr,
+    out_score_ptr,
+    out_index_ptr,
+    num_kv_heads,
+    max_pages,
+    chunk_len,
+    list_len,
+    k_out,
+    stride_ss,
+    stride_sh,
+    stride_out_row,
+    stride_out_chunk,
+    FROM_CANDIDATES: tl.constexpr,
+    PIN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IN_REGISTERS: tl.constexpr,
+    OUT_BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+    USE_HISTOGRAM: tl.constexpr,
+):
+    row = tl.program_id(0)  # seq * num_kv_heads + head
+    chunk = tl.program_id(1)
+    seq = row // num_kv_heads
+    n = tl.minimum(tl.maximum(tl.load(num_pages_ptr + seq).to(tl.int32), 0), max_pages)
+    pin_index = -1
+    if FROM_CANDIDATES:
+        # Pass 2: the row's chunks * k_chunk candidates (index -1: none), in index order.
+        # k_chunk = list_len // num_chunks candidates came from each chunk of chunk_len pages.
+        score_ptr += row.to(tl.int64) * list_len
+        index_ptr += row.to(tl.int64) * list_len
+        start, end = 0, list_len
+        k_chunk = list_len // tl.cdiv(max_pages, chunk_len)
+        full = n // chunk_len
+        count = full * k_chunk + tl.minimum(k_chunk, n - full * chunk_len)
+    else:
+        score_ptr += seq.to(tl.int64) * stride_ss + (row % num_kv_heads) * stride_sh
+        start = chunk * chunk_len
+        end = tl.minimum(start + chunk_len, n)
+        count = tl.maximum(end - start, 0)
+        if PIN == 1:
+            pin_index = n - 1
+        if PIN == 2:
+            pin_index = tl.where(tl.load(pin_ptr + seq) != 0, n - 1, -1)
+    k = tl.minimum(k_out, count)
+    out_score_ptr += row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
+    out_index_ptr += row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
+    lanes = tl.arange(0, BLOCK)
+    if IN_REGISTERS:
+        score, index, key = _load_block(
+            score_ptr, index_ptr, start + lanes, end, pin_index, FROM_CANDIDATES
+        )
+
+    # Radix select. Invariant: count(key >= prefix) = count_lo >= k > count_hi =
+    # count(key >= prefix + one step of the current digit).
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    bins = tl.arange(0, NUM_BINS)
+    prefix = tl.zeros([], tl.uint32)
+    count_lo = count
+    count_hi = count * 0
+    for level in tl.static_range(32 // DIGIT_BITS):
+        if count_lo != k:
+            if IN_REGISTERS:
+                hist = _digit_counts(key, prefix, level, DIGIT_BITS, USE_HISTOGRAM)
+            else:
+                hist = tl.zeros([NUM_BINS], tl.int32)
+                for block in range(start, end, BLOCK):
+                    _, _, key = _load_block(
+                        score_ptr, index_ptr, block + lanes, end, pin_index, FROM_CANDIDATES
+                    )
+                    hist += _digit_counts(key, prefix, level, DIGIT_BITS, USE_HISTOGRAM)
+            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+            digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
+            at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
+            above = tl.sum(tl.where(bins == digit + 1, suffix, 0), axis=0)
+            count_lo = tl.where(digit > 0, at_digit, count_lo)
+            count_hi = tl.where(digit + 1 < NUM_BINS, above, count_hi)
+            prefix = prefix | (digit.to(tl.uint32) << (32 - (level + 1) * DIGIT_BITS))
+
+    # Select key >= floor, plus the first `ties` keys equal to `tie` in index order.
+    exact = count_lo == k
+    floor = tl.where(exact, tl.maximum(prefix, 1), prefix + 1)
+    tie = tl.where(exact, 0, prefix)
+    ties = tl.where(exact, 0, k - count_hi)
+    above_before = count * 0
+    ties_before = count * 0
+    for block in range(start, end, BLOCK):
+        if not IN_REGISTERS:
+            score, index, key = _load_block(
+                score_ptr, index_ptr, block + lanes, end, pin_index, FROM_CANDIDATES
+            )
+        is_above = key >= floor
+        is_tie = key == tie
+        packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)
+        exclusive = tl.cumsum(packed, axis=0) - packed
+        above_seen = above_before + (exclusive & 0xFFFF)
+        ties_seen = ties_before + (exclusive >> 16)
+        chosen = is_above | (is_tie & (ties_seen < ties))
+        position = above_seen + tl.minimum(ties_seen, ties)
+        tl.store(out_score_ptr + position, score, mask=chosen)
+        tl.store(out_index_ptr + position, index.to(tl.int32), mask=chosen)
+        above_before += tl.sum(is_above.to(tl.int32), axis=0)
+        ties_before += tl.sum(is_tie.to(tl.int32), axis=0)
+
+    for block in range(0, k_out, OUT_BLOCK):
+        slots = block + tl.arange(0, OUT_BLOCK)
+        pad = (slots >= k) & (slots < k_out)
+        tl.store(out_score_ptr + slots, tl.full([OUT_BLOCK], float("-inf"), tl.float32), pad)
+        tl.store(out_index_ptr + slots, tl.full([OUT_BLOCK], -1, tl.int32), pad)
+
+
+def _select_pages_torch(scores, num_pages, top_k, pins) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch path: topk over unique (score, -index) keys, then sort by index."""
+    num_seqs, num_kv_heads, max_pages = scores.shape
+    device = scores.device
+    top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=device)
+    indices = torch.full((num_seqs, num_kv_heads, top_k), -1, dtype=torch.int32, device=device)
+    if max_pages == 0 or num_seqs == 0:
+        return top_scores, indices
+    n = num_pages.long().clamp(0, max_pages)[:, None, None]
+    positions = torch.arange(max_pages, device=device)
+    row = scores.float().clone()
+    pinned = (positions == n - 1) & pins.to(device)[:, None, None]
+    row.masked_fill_(pinned, math.inf)
+    # Order-preserving int32 key; -0.0 ties +0.0 and NaN ranks below -inf, as in a stable sort.
+    bits = torch.where(row == 0, 0.0, row).view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    key = torch.where(torch.isnan(row), -(2**31) + 1, key)
+    key = torch.where(positions < n, key, -(2**31))
+    # Unique keys: the lower index wins a tie.
+    key = key * 2**31 + (max_pages - 1 - positions)
+    k = min(top_k, max_pages)
+    chosen = key.topk(k, dim=-1).indices  # [num_seqs, num_kv_heads, k]
+    chosen = torch.where(chosen < n, chosen, max_pages).sort(dim=-1).values
+    valid = chosen < max_pages
+    safe = torch.where(valid, chosen, 0)
+    top_scores[..., :k] = torch.where(valid, row.gather(-1, safe), -math.inf)
+    indices[..., :k] = torch.where(valid, chosen, -1).int()
+    return top_scores, indices
+
+
+def _select_pages_triton(
+    scores: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    pin_last: bool | torch.Tensor,
+    *,
+    single_pass_max: int = _SINGLE_PASS_MAX,
+    register_max: int = _REGISTER_MAX,
+    loop_block: int = _LOOP_BLOCK,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch one or two selection passes (see the module docstring); tests shrink the sizes."""
+    num_seqs, num_kv_heads, max_pages = scores.shape
+    device = scores.device
+    top_scores = torch.empty(num_seqs, num_kv_heads, top_k, device=device)
+    indices = torch.empty(num_seqs, num_kv_heads, top_k, dtype=torch.int32, device=device)
+    rows = num_seqs * num_kv_heads
+    if rows == 0:
+        return top_scores, indices
+    if max_pages == 0:
+        return top_scores.fill_(-math.inf), indices.fill_(-1)
+    if scores.stride(2) != 1:
+        scores = scores.contiguous()
+    if isinstance(pin_last, torch.Tensor):
+        pin_mode, pins = 2, pin_last
+    else:
+        pin_mode, pins = int(bool(pin_last)), num_pages  # pins unread unless pin_mode == 2
+    common = dict(
+        DIGIT_BITS=_DIGIT_BITS,
+        USE_HISTOGRAM=_USE_HISTOGRAM,
+        OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
+    )
+
+    def launch(grid, *, src, out, strides, from_candidates, chunk_len, list_len, k_out):
+        length = list_len if from_candidates else min(chunk_len, max_pages)
+        fits = length <= register_max
+        block = triton.next_power_of_2(length) if fits else loop_block
+        _select_kernel[grid](
+            *src,
+            num_pages,
+            pins,
+            *out,
+            num_kv_heads,
+            max_pages,
+            chunk_len,
+            list_len,
+            k_out,
+            scores.stride(0),
+            scores.stride(1),
+            *strides,
+            FROM_CANDIDATES=from_candidates,
+            PIN=0 if from_candidates else pin_mode,
+            BLOCK=block,
+            IN_REGISTERS=fits,
+            num_warps=max(4, min(16, block // 256)),
+            **common,
+        )
+
+    if chunk is None:
+        chunk = triton.next_power_of_2(math.isqrt(max_pages * top_k))
+        chunk = max(2048, min(register_max, chunk))
+    k_chunk = min(top_k, chunk)
+    num_chunks = triton.cdiv(max_pages, chunk)
+    if max_pages <= single_pass_max or num_chunks == 1 or 2 * k_chunk > chunk:
+        launch(
+            (rows, 1),
+            src=(scores, scores),
+            out=(top_scores, indices),
+            strides=(top_k, 0),
+            from_candidates=False,
+            chunk_len=max_pages,
+            list_len=0,
+            k_out=top_k,
+        )
+        return top_scores, indices
+    list_len = num_chunks * k_chunk
+    cand_scores = torch.empty(rows, list_len, device=device)
+    cand_index = torch.empty(rows, list_len, dtype=torch.int32, device=device)
+    launch(
+        (rows, num_chunks),
+        src=(scores, scores),
+        out=(cand_scores, cand_index),
+        strides=(list_len, k_chunk),
+        from_candidates=False,
+        chunk_len=chunk,
+        list_len=list_len,
+        k_out=k_chunk,
+    )
+    launch(
+        (rows, 1),
+        src=(cand_scores, cand_index),
+        out=(top_scores, indices),
+        strides=(top_k, 0),
+        from_candidates=True,
+        chunk_len=chunk,
+        list_len=list_len,
+        k_out=top_k,
+    )
+    return top_scores, indices
+
+
+def select_pages(
+    *,
+    scores: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    pin_last: bool | torch.Tensor = True,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``top_k`` pages of each (sequence, KV head) by score, in ascending page order.
+
+    scores: ``[num_seqs, num_kv_heads, max_pages]`` fp32 (from :func:`page_scores`).
+    num_pages: ``[num_seqs]`` int — valid pages per sequence, ``0 <= num_pages <= max_pages``
+    (not checked: that would sync; out-of-range values are clamped).
+    top_k: pages to keep, ``>= 1``; rows with fewer valid pages keep them all.
+    pin_last: always keep the sequence's last valid page, reported with score ``+inf`` — a
+    bool for every sequence or a ``[num_seqs]`` bool tensor.
+    Returns ``(top_scores, indices)``, both ``[num_seqs, num_kv_heads, top_k]`` (fp32,
+    int32): logical page indices (positions in the page table) of the ``min(top_k,
+    num_pages)`` highest scores, ties to the lower index, in ascending index order, with
+    their scores; padded at the end with ``-inf`` / ``-1``. Semantics:
+    :func:`longquest.kernels.ref.select_pages_ref`.
+    """
+    check_tensor("scores", scores, ndim=3, dtypes=(torch.float32,))
+    device = scores.device
+    num_seqs = scores.shape[0]
+    check_tensor("num_pages", num_pages, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_dim("num_pages", num_pages, 0, num_seqs, "num_seqs")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if isinstance(pin_last, torch.Tensor):
+        check_tensor("pin_last", pin_last, ndim=1, dtypes=(torch.bool,), device=device)
+        check_dim("pin_last", pin_last, 0, num_seqs, "num_seqs")
+    elif not isinstance(pin_last, bool):
+        raise ValueError(f"pin_last must be a bool or a bool tensor, got {type(pin_last).__name__}")
+
+    if resolve_impl(impl, device) == "torch":
+        pins = (
+            pin_last
+            if isinstance(pin_last, torch.Tensor)
+            else torch.full((num_seqs,), pin_last, dtype=torch.bool, device=device)
+        )
+        return _select_pages_torch(scores, num_pages, top_k, pins)
+    return _select_pages_triton(scores, num_pages, top_k, pin_last)

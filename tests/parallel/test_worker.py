@@ -1,0 +1,107 @@
+"""Sequence-parallel engine (gloo, several processes) against the single-device engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longquest.engine.cache import CacheShape, KVCache
+from longquest.engine.config import QuestConfig, SamplingParams
+from longquest.engine.engine import LLMEngine
+from longquest.engine.loader import load_model
+from longquest.parallel.comm import SequenceParallelComm
+from longquest.parallel.ownership import PageOwnership
+from longquest.parallel.worker import SequenceParallelEngine, check_same_everywhere
+from tests.parallel.dist import run_distributed
+from tests.tiny_models import make_tiny_model
+
+PAGE = 4
+CHUNK = 8  # tokens per rank per prefill round: several rounds per prompt
+QUESTS = {
+    "dense": QuestConfig(page_size=PAGE, token_budget=None, dense_layers=0),
+    # 4 pages of budget over prompts of 13-25 pages: selection matters.
+    "quest": QuestConfig(page_size=PAGE, token_budget=4 * PAGE, dense_layers=1),
+}
+PROMPT_LENGTHS = (51, 97, 7)  # not multiples of the page size or any world size
+STEPS = 10
+
+
+def _engine(model_dir, quest, **kwargs):
+    model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
+    shape = CacheShape(
+        num_layers=config.num_layers,
+        num_pages=128,
+        page_size=PAGE,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=torch.float32,
+    )
+    return LLMEngine if not kwargs else SequenceParallelEngine, dict(
+        model=model,
+        model_config=config,
+        cache=KVCache(shape, device="cpu"),
+        quest=quest,
+        detokenize=lambda ids: " ".join(map(str, ids)),
+        eos_token_ids=(),
+        **kwargs,
+    )
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def _run(model_dir, quest_name, params, *, rank, world_size, group):
+    cls, kwargs = _engine(
+        model_dir,
+        QUESTS[quest_name],
+        group=group,
+        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
+        world_size=world_size,
+        rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+    )
+    engine = cls(**kwargs)
+    outs = engine.generate(_prompts(engine.config.vocab_size), [params] * len(PROMPT_LENGTHS))
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("sp"), architecture="qwen2")
+
+
+@pytest.mark.parametrize("quest_name", ["dense", "quest"])
+def test_world_sizes_match_single_device(model_dir, quest_name):
+    params = SamplingParams(max_tokens=STEPS, logprobs=2)
+    cls, kwargs = _engine(model_dir, QUESTS[quest_name])
+    single = cls(**kwargs)
+    want = single.generate(_prompts(single.config.vocab_size), [params] * len(PROMPT_LENGTHS))
+    for world_size in (1, 2, 3, 4):
+        results = run_distributed(
+            _run, world_size=world_size, args=(model_dir, quest_name, params), timeout_s=300
+        )
+        for rank_result in results:
+            for out, (tokens, logprobs) in zip(want, rank_result):
+                assert tokens == out.token_ids, f"world_size={world_size}"
+                for a, b in zip(out.logprobs, logprobs):
+                    for token, value in a.items():
+                        assert b[token] == pytest.approx(value, abs=1e-5)
+
+
+def test_sampling_agrees_across_ranks(model_dir):
+    params = SamplingParams(max_tokens=STEPS, temperature=1.0)  # unseeded: ranks must agree
+    results = run_distributed(
+        _run, world_size=3, args=(model_dir, "quest", params), timeout_s=300
+    )
+    assert results[0] == results[1] == results[2]
+
+
+def _mismatch(*, rank, world_size, group):
+    check_same_everywhere(group=group, world_size=world_size, budget=256 if rank == 0 else 512)
+
+
+def test_different_settings_are_detected():
+    with pytest.raises(RuntimeError, match="different settings"):
+        run_distributed(_mismatch, world_size=2, timeout_s=120)

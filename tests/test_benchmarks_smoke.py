@@ -1,0 +1,73 @@
+"""The kernel benchmark runs end to end on the CPU (``--smoke``) and writes its JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import bench_graph, device_slug, environment, print_table, write_result
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OPS = ("append", "scores", "select", "attend", "merge", "quest_step", "dense_paged", "sdpa")
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_smoke_writes_json(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/kernels.py", "--smoke", "--out-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "quest_step" in done.stdout
+    (path,) = tmp_path.glob("kernels-*.json")
+    record = json.loads(path.read_text())
+    assert {"name", "environment", "config", "copy_gbps", "correctness", "results"} <= set(record)
+    assert {"device", "torch", "git_commit", "git_dirty", "date"} <= set(record["environment"])
+    assert record["correctness"]["passed"] is True, record["correctness"]["failures"]
+    config = record["config"]
+    assert config["smoke"] is True and config["impl"] == "torch"
+    assert len(record["results"]) == len(config["contexts"]) * len(config["batches"])
+    for row in record["results"]:
+        assert row["finite"] is True
+        assert set(OPS) <= set(row["eager_ms"])
+        assert all(row["eager_ms"][op] > 0 for op in OPS)
+        assert row["derived_eager"]["speedup_vs_sdpa"] > 0
+        assert {"k_cache", "key_min", "page_table", "query", "selected"} <= set(row["shapes"])
+        assert row["sdpa"]["kv_shape"][2] == row["context"]
+
+
+def test_write_result_names_file_by_device_and_date(tmp_path):
+    path = write_result("unit", {"value": 1.5}, out_dir=tmp_path)
+    env = environment()
+    assert path.name == f"unit-{device_slug(env['device'])}-{env['date'][:10]}.json"
+    record = json.loads(path.read_text())
+    assert record["value"] == 1.5 and record["environment"]["python"] == env["python"]
+
+
+def test_write_result_rejects_a_name_that_is_not_a_file_name(tmp_path):
+    with pytest.raises(ValueError, match="name"):
+        write_result("../escape", {}, out_dir=tmp_path)
+
+
+def test_device_slug():
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_print_table_aligns_columns(capsys):
+    print_table([{"op": "scores", "ms": 0.5}, {"op": "select", "ms": None}], ["op", "ms"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["op", "ms"]
+    assert lines[2].split() == ["scores", "0.5000"] and lines[3].split() == ["select", "-"]
+    assert len({len(line) for line in lines}) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_bench_graph_refuses_the_cpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        bench_graph(lambda: None)
