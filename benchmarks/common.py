@@ -47,7 +47,15 @@ def _git(*args: str) -> str | None:
 def environment() -> dict:
     """Where and with what a result was measured (no hostname)."""
     cuda = torch.cuda.is_available()
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain")
+    # Untracked source counts (a new kernel file changes what ran); earlier results do not.
+    changes = (
+        None
+        if status is None
+        else [
+            line for line in status.splitlines() if not line[3:].startswith("benchmarks/results/")
+        ]
+    )
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -63,7 +71,7 @@ def environment() -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": None if changes is None else bool(changes),
     }
 
 
@@ -138,27 +146,43 @@ def _wall_median(fn: Callable[[], object], *, warmup_ms: float, rep_ms: float) -
     return statistics.median(times)
 
 
-def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median ms of one call of ``fn``.
+def _on_cuda(device: torch.device | str | None) -> bool:
+    return torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+
+
+def bench(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    device: torch.device | str | None = None,
+) -> float:
+    """Median ms of one call of ``fn``, which runs on ``device`` (default: CUDA if present).
 
     CUDA: ``triton.testing.do_bench`` (device events, L2 flushed before every
     call, so this is the cold-cache device time; host launch cost shows only
     where it exceeds the flush it overlaps). CPU: wall clock.
     """
-    if not torch.cuda.is_available():
+    if not _on_cuda(device):
         return _wall_median(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def bench_host(fn: Callable[[], object], *, calls: int = 20, repeats: int = 5) -> float:
+def bench_host(
+    fn: Callable[[], object],
+    *,
+    calls: int = 20,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> float:
     """Median ms per call when ``fn`` is called back to back, as an eager decode loop does.
 
     Includes the host's launch and validation cost whenever that, not the
     device, is the bottleneck. Each of ``repeats`` groups of ``calls`` is synchronized.
     """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if _on_cuda(device) else (lambda: None)
     fn()
     sync()
     groups = []

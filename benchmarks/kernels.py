@@ -236,14 +236,16 @@ def input_sets(*, working_set: int, bytes_each: int, device: torch.device, limit
     return int(min(wanted, (free - HEADROOM) // bytes_each))
 
 
-def time_op(per_set: list[Callable[[], object]], *, graphs: bool, timing: dict) -> tuple:
+def time_op(
+    per_set: list[Callable[[], object]], *, device: torch.device, graphs: bool, timing: dict
+) -> tuple:
     """``(eager_ms, graph_ms, graph_error)`` of one call, rotating among the input sets.
 
     Eager: each timed call uses the next set. Graph: one graph runs every set in
     turn; its replay time is divided by the number of sets.
     """
     sets = itertools.cycle(per_set)
-    eager = bench(lambda: next(sets)(), **timing)
+    eager = bench(lambda: next(sets)(), device=device, **timing)
     if not graphs:
         return eager, None, None
     try:
@@ -374,15 +376,19 @@ def run_quest(
     }
     row.update(sets=sets, eager_ms={}, graph_ms={}, graph_errors={}, host_ms={})
     row["eager_ms"]["plan_append"] = bench(
-        lambda: plan_append(slot_mapping=slots[0], page_size=shape.page_size), **timing
+        lambda: plan_append(slot_mapping=slots[0], page_size=shape.page_size),
+        device=device,
+        **timing,
     )
     for name, fns in per_op.items():
-        eager, graph, error = time_op(fns, graphs=graphs, timing=timing)
+        eager, graph, error = time_op(fns, device=device, graphs=graphs, timing=timing)
         row["eager_ms"][name], row["graph_ms"][name] = eager, graph
         if error:
             row["graph_errors"][name] = error
     cycle = itertools.cycle(per_op["quest_step"])
-    row["host_ms"]["quest_step"] = bench_host(lambda: next(cycle)(), calls=host_calls)
+    row["host_ms"]["quest_step"] = bench_host(
+        lambda: next(cycle)(), calls=host_calls, device=device
+    )
     out, lse = step(0)
     row["finite"] = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
     row["score_bytes"] = bounds_bytes + query_bytes
@@ -417,7 +423,7 @@ def run_sdpa(
     query = torch.randn(sets, batch, shape.num_qo_heads, 1, shape.head_dim, device=device)
     query = query.to(shape.dtype)
     fns = [lambda i=i: sdpa(query[i], keys[i], values[i]) for i in range(sets)]
-    eager, graph, error = time_op(fns, graphs=graphs, timing=timing)
+    eager, graph, error = time_op(fns, device=device, graphs=graphs, timing=timing)
     return {
         "sets": sets,
         "eager_ms": eager,

@@ -105,6 +105,9 @@ def _decode_split_kernel(
         valid = valid & (logical * PAGE_SIZE + slot < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
+        # Issued before the softmax so both page gathers are in flight together: short
+        # splits (one block at a 256-page budget) are latency-bound.
+        v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
@@ -113,7 +116,6 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m - m_use)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -215,7 +217,7 @@ def _decode_torch(
     table = page_table.long()
     heads = torch.arange(num_kv_heads, device=device)[None, :, None]
     slots = torch.arange(page_size, device=device)
-    q = query.float().view(num_seqs, num_kv_heads, group, head_dim) * scale
+    q = query.float().reshape(num_seqs, num_kv_heads, group, head_dim) * scale
     m = torch.full((num_seqs, num_kv_heads, group), -math.inf, device=device)
     l = torch.zeros_like(m)
     acc = torch.zeros(num_seqs, num_kv_heads, group, head_dim, device=device)

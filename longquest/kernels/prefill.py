@@ -164,7 +164,7 @@ def _prefill_torch(
         q1 = min(q0 + block_q, num_q)
         rows = q1 - q0
         # [num_kv_heads, group * rows, head_dim], rows ordered (g, i).
-        q = query[q0:q1].float().view(rows, num_kv_heads, group, head_dim)
+        q = query[q0:q1].float().reshape(rows, num_kv_heads, group, head_dim)
         q = q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * rows, head_dim) * scale
         q_pos = (torch.arange(q0, q1, device=device) + query_start).repeat(group)
         hi = min(num_k, query_start + q1) if causal else num_k

@@ -198,8 +198,8 @@ def _check_page_table(page_table, num_pages, num_pages_total: int) -> None:
         [
             num_pages.min().long(),
             num_pages.max().long(),
-            torch.where(valid, used, num_pages_total).min(),  # pool size when none are used
-            torch.where(valid, used, -1).max(),
+            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).max)).min(),
+            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).min)).max(),
         ]
     ).cpu()
     low, high = int(facts[0]), int(facts[1])
@@ -208,5 +208,5 @@ def _check_page_table(page_table, num_pages, num_pages_total: int) -> None:
             f"num_pages must lie in [0, {max_pages}] (page_table's width), got values in "
             f"[{low}, {high}]"
         )
-    if int(facts[3]) >= 0:
+    if high > 0:  # some entry is used
         check_page_ids("page_table", facts[2:], num_pages_total)

@@ -72,15 +72,18 @@ def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: 
 
 @triton.jit
 def _digit_counts(
-    key, prefix, LEVEL: tl.constexpr, DIGIT_BITS: tl.constexpr, USE_HISTOGRAM: tl.constexpr
+    key,
+    prefix,
+    LEVEL: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    USE_HISTOGRAM: tl.constexpr,
 ):
     """Histogram of this level's digit; keys below the prefix go to bin 0, above to the top."""
-    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
-    SHIFT: tl.constexpr = 32 - (LEVEL + 1) * DIGIT_BITS
-    digit = (key >> SHIFT) & (NUM_BINS - 1)
+    shift = 32 - (LEVEL + 1) * DIGIT_BITS
+    digit = (key >> shift) & (NUM_BINS - 1)
     if LEVEL > 0:
-        HIGH: tl.constexpr = SHIFT + DIGIT_BITS
-        high, wanted = key >> HIGH, prefix >> HIGH
+        high, wanted = key >> (shift + DIGIT_BITS), prefix >> (shift + DIGIT_BITS)
         digit = tl.where(high == wanted, digit, tl.where(high > wanted, NUM_BINS - 1, 0))
     digit = digit.to(tl.int32)
     if USE_HISTOGRAM:
@@ -112,6 +115,7 @@ def _select_kernel(
     IN_REGISTERS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
+    NUM_BINS: tl.constexpr,
     USE_HISTOGRAM: tl.constexpr,
 ):
     row = tl.program_id(0)  # seq * num_kv_heads + head
@@ -148,7 +152,6 @@ def _select_kernel(
 
     # Radix select. Invariant: count(key >= prefix) = count_lo >= k > count_hi =
     # count(key >= prefix + one step of the current digit).
-    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
     bins = tl.arange(0, NUM_BINS)
     prefix = tl.zeros([], tl.uint32)
     count_lo = count
@@ -156,14 +159,14 @@ def _select_kernel(
     for level in tl.static_range(32 // DIGIT_BITS):
         if count_lo != k:
             if IN_REGISTERS:
-                hist = _digit_counts(key, prefix, level, DIGIT_BITS, USE_HISTOGRAM)
+                hist = _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM)
             else:
                 hist = tl.zeros([NUM_BINS], tl.int32)
                 for block in range(start, end, BLOCK):
                     _, _, key = _load_block(
                         score_ptr, index_ptr, block + lanes, end, pin_index, FROM_CANDIDATES
                     )
-                    hist += _digit_counts(key, prefix, level, DIGIT_BITS, USE_HISTOGRAM)
+                    hist += _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM)
             suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
             digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
             at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
@@ -263,6 +266,7 @@ def _select_pages_triton(
         pin_mode, pins = int(bool(pin_last)), num_pages  # pins unread unless pin_mode == 2
     common = dict(
         DIGIT_BITS=_DIGIT_BITS,
+        NUM_BINS=1 << _DIGIT_BITS,
         USE_HISTOGRAM=_USE_HISTOGRAM,
         OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
     )
@@ -271,6 +275,10 @@ def _select_pages_triton(
         length = list_len if from_candidates else min(chunk_len, max_pages)
         fits = length <= register_max
         block = triton.next_power_of_2(length) if fits else loop_block
+        num_warps = max(4, min(16, block // 256))
+        # No lane may hold a replicated element: tl.histogram's GPU lowering would count it
+        # once per replica.
+        block = max(block, 32 * num_warps)
         _select_kernel[grid](
             *src,
             num_pages,
@@ -288,7 +296,7 @@ def _select_pages_triton(
             PIN=0 if from_candidates else pin_mode,
             BLOCK=block,
             IN_REGISTERS=fits,
-            num_warps=max(4, min(16, block // 256)),
+            num_warps=num_warps,
             **common,
         )
 

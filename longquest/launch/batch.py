@@ -76,8 +76,11 @@ def parse_line(line: str, number: int, tokenizer) -> tuple[str, BatchItem | None
         return request_id, None, "give exactly one of 'prompt' (text) or 'messages' (chat)"
     unknown = set(record) - {"id", "prompt", "messages"} - SAMPLING_FIELDS
     if unknown:
-        return request_id, None, f"unknown fields {sorted(unknown)}; sampling fields are " + (
-            ", ".join(sorted(SAMPLING_FIELDS))
+        return (
+            request_id,
+            None,
+            f"unknown fields {sorted(unknown)}; sampling fields are "
+            + (", ".join(sorted(SAMPLING_FIELDS))),
         )
     try:
         params = SamplingParams(**{k: v for k, v in record.items() if k in SAMPLING_FIELDS})

@@ -98,7 +98,7 @@ class ContextParallelAttention:
         padded = query.new_zeros(width, num_qo_heads, head_dim)
         padded[: query.shape[0]] = query
         gathered = query.new_empty(world * width, num_qo_heads, head_dim)
-        dist.all_gather_into_tensor(gathered, padded, group=self.group)
+        _all_gather(gathered, padded, group=self.group)
         round_queries = gathered[plan.order]  # [round_tokens, num_qo_heads, head_dim]
 
         # 2. Partial attention of every round query over the keys this rank holds.
@@ -164,6 +164,10 @@ class ContextParallelAttention:
         return merge_attention_states(
             outputs=torch.stack(outs), lses=torch.stack(lses), impl=self.impl
         )
+
+
+# all_gather_single replaces the deprecated all_gather_into_tensor in newer torch.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _gather_pages(k_cache, v_cache, pages: torch.Tensor, num_tokens: int | None):

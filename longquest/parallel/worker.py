@@ -79,15 +79,18 @@ class SequenceParallelEngine(LLMEngine):
                 world_size=self.world_size,
                 impl=self.impl,
             )
-            ids = torch.tensor([prompt[p] for p in positions], dtype=torch.int64)
             with torch.inference_mode():
-                out = self.model(
-                    input_ids=ids.to(self.device),
-                    positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
-                    attention=attention,
-                )
-            if positions and positions[-1] == len(prompt) - 1:
-                hidden = out[-1:]
+                if positions:
+                    ids = torch.tensor([prompt[p] for p in positions], dtype=torch.int64)
+                    out = self.model(
+                        input_ids=ids.to(self.device),
+                        positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
+                        attention=attention,
+                    )
+                    if positions[-1] == len(prompt) - 1:
+                        hidden = out[-1:]
+                else:
+                    self._join_round_without_tokens(attention)
             if on_progress:
                 on_progress("prefill", plan.round_end, len(prompt))
         # The rank holding the last prompt token computes its logits and shares them.
@@ -98,6 +101,18 @@ class SequenceParallelEngine(LLMEngine):
         dist.broadcast(logits, src=dist.get_global_rank(self.group, last_owner), group=self.group)
         self._accept(seq_list=[seq], logits=logits)
         seq.prefill_seconds = time.perf_counter() - start_time
+
+    def _join_round_without_tokens(self, attention: ContextParallelAttention) -> None:
+        """A rank with no tokens in a (short, final) round still takes part in every
+        layer's collectives: its keys serve the other ranks' queries."""
+        config = self.config
+        dtype = self.cache.shape.dtype
+        query = torch.empty(
+            0, config.num_qo_heads, config.head_dim, dtype=dtype, device=self.device
+        )
+        key = torch.empty(0, config.num_kv_heads, config.head_dim, dtype=dtype, device=self.device)
+        for layer in range(config.num_layers):
+            attention(layer=layer, query=query, key=key, value=key)
 
     def _round_plan(self, seq: Sequence, round_index: int) -> tuple[RoundPlan, list[int]]:
         """The plan of one prefill round, and this rank's token positions in it."""

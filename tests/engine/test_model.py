@@ -81,18 +81,36 @@ def test_packed_batch_equals_separate_runs(models):
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-4)
 
 
-def test_greedy_generation_matches_transformers(models):
+def transformers_greedy(theirs, prompt: list[int], new_tokens: int) -> list[int]:
+    generation = transformers.GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with torch.inference_mode():
+        return theirs.generate(torch.tensor([prompt]), generation_config=generation)[0].tolist()
+
+
+def test_greedy_choices_match_transformers_generate(models):
+    """Every greedy choice along transformers' 32-token generation is ours too.
+
+    By causality the logits at position ``i`` of one forward over the whole
+    generated sequence are those a recompute-from-scratch step sees, so this
+    one forward checks all 32 steps of our greedy generation.
+    """
+    ours, config, theirs = models
+    prompt = random_tokens(10, config.vocab_size, seed=4)
+    expected = transformers_greedy(theirs, prompt, 32)
+    choices = run(ours, [expected[:-1]])[len(prompt) - 1 :].argmax(-1).tolist()
+    assert choices == expected[len(prompt) :]
+
+
+@pytest.mark.parametrize("models", ["qwen3"], indirect=True)
+def test_greedy_generation_by_recomputation_matches_transformers(models):
     ours, config, theirs = models
     prompt = random_tokens(10, config.vocab_size, seed=4)
     tokens = list(prompt)
     for _ in range(32):  # no cache: recompute the whole sequence each step
         tokens.append(int(run(ours, [tokens])[-1].argmax()))
-    generation = transformers.GenerationConfig(
-        max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    with torch.inference_mode():
-        expected = theirs.generate(torch.tensor([prompt]), generation_config=generation)
-    assert tokens == expected[0].tolist()
+    assert tokens == transformers_greedy(theirs, prompt, 32)
 
 
 def test_attention_sees_every_layer_in_order_with_documented_shapes(models):

@@ -167,6 +167,22 @@ def test_triton_split_counts_and_page_sizes(page_size, num_splits, device):
         assert_matches(out, lse, ref_out, ref_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs(impl, device):
+    """Views (a query slice, a shared selection expanded over KV heads) need no copies."""
+    gen = torch.Generator().manual_seed(14)
+    seq_lens = [50, 21]
+    k_cache, v_cache, table, lens = make_cache(
+        gen, seq_lens=seq_lens, num_kv_heads=2, page_size=16, head_dim=32,
+        dtype=torch.float32, device=device,
+    )  # fmt: skip
+    query = torch.randn(2, 4, 96, generator=gen).to(device)[:, :, 32:64]
+    selected = torch.tensor([[2, 0, -1], [1, -1, 0]], dtype=torch.int32, device=device)
+    selected = selected[:, None].expand(2, 2, 3)  # stride 0 over KV heads
+    common = dict(query=query, k_cache=k_cache, v_cache=v_cache, page_table=table, seq_lens=lens)
+    run_both(impl=impl, device=device, **common, selected=selected)
+
+
 def test_torch_path_chunks_bound_memory():
     """Tiny chunks (one page per step) give the same answer as one big chunk."""
     gen = torch.Generator().manual_seed(4)

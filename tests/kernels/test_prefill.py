@@ -79,6 +79,20 @@ def test_explicit_scale(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs(impl, device):
+    """Slices of fused projections (non-contiguous heads) are read in place."""
+    gen = torch.Generator().manual_seed(15)
+    qkv = torch.randn(40, 8, 32, generator=gen)  # 4 query heads, then 2 key and 2 value heads
+    query, key, value = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    ref_out, ref_lse = prefill_attention_ref(query=query, key=key, value=value, query_start=0)
+    qkv = qkv.to(device)
+    out, lse = prefill_attention(
+        query=qkv[:, :4], key=qkv[:, 4:6], value=qkv[:, 6:], query_start=0, impl=impl
+    )
+    assert_matches(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_no_keys_gives_zero_and_minus_inf(impl, causal, device):
     query = torch.randn(5, 2, 32, device=device)
