@@ -7,9 +7,11 @@ the merge kernel (:mod:`longquest.kernels.merge`) reduces the splits.
 
 One program serves every query head of its KV group, so each K/V page is read from
 memory once per group. Scores and the weighted sum use ``tl.dot`` with the group
-padded to 16 rows: decode is memory-bound, the padding costs tensor-core time that is
-free, and it keeps the CUDA cores out of the inner loop (an elementwise
-``[group, tokens, head_dim]`` product would cost as many instructions as bytes read).
+padded to 16 rows: decode is memory-bound, so the padded rows only cost tensor-core
+cycles that would sit idle, while an elementwise ``[group, tokens, head_dim]`` product
+would put about one CUDA-core instruction on every byte read.
+The PyTorch path (the engine's CPU decode) runs the same online softmax over chunks of
+the page list, vectorised over sequences and heads.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ def _check_pages(page_table, seq_lens, selected, num_pages_total: int, page_size
     if bool(((lens < 0) | (lens > capacity)).any()):
         raise ValueError(
             f"seq_lens must lie in [0, {capacity}] (page_table has {page_table.shape[1]} "
-            f"columns of {page_size} tokens), got {seq_lens.tolist()}"
+            f"columns of {page_size} tokens), got values in [{int(lens.min())}, {int(lens.max())}]"
         )
     num_pages = -(-lens // page_size)
     if selected is None:
@@ -297,7 +299,8 @@ def paged_decode_attention(
     ``h // (num_qo_heads // num_kv_heads)``.
     scale: logit scale, default ``head_dim ** -0.5``.
     impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
-    num_splits: Triton split-K factor; ``None`` picks one from the shapes to fill the GPU.
+    num_splits: Triton split-K factor; ``None`` picks one from the shapes to fill the GPU
+    (the PyTorch path ignores it).
     check_pages: verify that ``seq_lens`` fit the page table and every page read lies in
     the pool — costs a host sync; pass ``False`` on the hot path (CUDA graphs).
 

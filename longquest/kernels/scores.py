@@ -67,7 +67,8 @@ def _page_scores_kernel(
     in_row = pages < max_pages
     if block * BLOCK_P < n:
         valid = pages < n
-        ids = tl.load(page_table_ptr + seq * stride_ts + pages * stride_tp, mask=valid, other=0)
+        table_row = page_table_ptr + seq.to(tl.int64) * stride_ts
+        ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
         offsets = ids.to(tl.int64)[:, None] * stride_bp + head * stride_bh + dims[None, :]

@@ -68,9 +68,12 @@ def _messages(*, filler_before: str, needle: str, filler_after: str) -> list[dic
 
 
 def _tidy(*, text: str) -> str:
-    """Collapse indentation and blank-line runs: runs of whitespace tokens make the prompt
-    length jump where the filler is cut, and carry nothing the test needs."""
-    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines())
+    """Filler fit for the test: no digits, so the passkey is the prompt's only number (the
+    texts hold ZIP codes and dates a model could answer with), and no indentation or
+    blank-line runs, which make the prompt length jump where the filler is cut."""
+    lines = (
+        re.sub(r"[ \t]+", " ", re.sub(r"[0-9]", "", line)).strip() for line in text.splitlines()
+    )
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
@@ -80,11 +83,12 @@ def _window(*, corpus: str, start: int, num_chars: int) -> str:
     return (corpus * repeats)[start : start + num_chars]
 
 
-def _cut(*, tokenizer, text: str, num_tokens: int, at_line: bool) -> tuple[str, str]:
-    """Split ``text`` after about its first ``num_tokens`` tokens, never inside a word.
+def _cut(*, tokenizer, text: str, num_tokens: int, snap: bool) -> tuple[str, str]:
+    """Split ``text`` after its first ``num_tokens`` tokens.
 
-    at_line: prefer the nearest earlier line break when it is close (within 2% of the text),
-        so that an inserted paragraph does not cut a line of prose in half.
+    snap: move the split back to a line break (when within 2% of the text) or else a space,
+        so an inserted paragraph cuts neither a line nor a word; without it the split is
+        token-exact, which lets the prompt length be fitted to the token.
     """
     if num_tokens <= 0:
         return "", text
@@ -94,12 +98,13 @@ def _cut(*, tokenizer, text: str, num_tokens: int, at_line: bool) -> tuple[str, 
     if num_tokens >= len(offsets):
         return text, ""
     end = offsets[num_tokens][0]
-    line = text.rfind("\n", 0, end)
-    space = text.rfind(" ", 0, end)
-    if at_line and line > 0 and end - line <= min(_MAX_SNAP_CHARS, len(text) // 50):
-        end = line
-    elif space > 0:
-        end = space
+    if snap:
+        line = text.rfind("\n", 0, end)
+        space = text.rfind(" ", 0, end)
+        if line > 0 and end - line <= min(_MAX_SNAP_CHARS, len(text) // 50):
+            end = line
+        elif space > 0:
+            end = space
     return text[:end].rstrip(), text[end:].lstrip()
 
 
@@ -154,9 +159,9 @@ def make_passkey_task(
     best: tuple[int, list[dict]] | None = None
     for _ in range(_FIT_ROUNDS):
         raw = _window(corpus=corpus, start=start, num_chars=filler_tokens * _CHARS_PER_TOKEN_BOUND)
-        filler, _rest = _cut(tokenizer=tokenizer, text=raw, num_tokens=filler_tokens, at_line=False)
+        filler, _rest = _cut(tokenizer=tokenizer, text=raw, num_tokens=filler_tokens, snap=False)
         before, after = _cut(
-            tokenizer=tokenizer, text=filler, num_tokens=round(depth * filler_tokens), at_line=True
+            tokenizer=tokenizer, text=filler, num_tokens=round(depth * filler_tokens), snap=True
         )
         messages = _messages(filler_before=before, needle=needle, filler_after=after)
         error = len(passkey_prompt_ids(tokenizer=tokenizer, messages=messages)) - context_tokens
@@ -165,7 +170,7 @@ def make_passkey_task(
         if abs(error) <= 1:
             break
         # Token counts change a little where the pieces are joined; correct and retry.
-        filler_tokens = max(MIN_FILLER_TOKENS, filler_tokens - error)
+        filler_tokens = max(1, filler_tokens - error)
     error, messages = best
     if abs(error) > LENGTH_TOLERANCE * context_tokens + 1:
         raise ValueError(

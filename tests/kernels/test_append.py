@@ -149,11 +149,10 @@ def test_plan_rejects_bad_arguments():
         plan_append(slot_mapping=torch.tensor([1]), page_size=0)
 
 
-def _bad_inputs(device):
-    """(name, kwargs-mutation, expected message fragment) for append_kv's validation."""
+def _good(device):
     k_cache, v_cache, key_min, key_max = _pool(device, pages=3)
     key = torch.randn(2, 2, 32, device=device)
-    good = dict(
+    return dict(
         key=key,
         value=key.clone(),
         k_cache=k_cache,
@@ -162,35 +161,37 @@ def _bad_inputs(device):
         key_max=key_max,
         slot_mapping=torch.tensor([0, 1], device=device),
     )
-    meta = torch.empty(2, 2, 32, device="meta")
-    return good, [
-        (dict(key=key[0]), "key must have 3 dimensions"),
-        (dict(value=key.half()), "value has dtype"),
-        (dict(key=torch.randn(2, 3, 32, device=device)), r"key.shape\[1\] \(num_kv_heads\)"),
-        (dict(key=torch.randn(2, 2, 16, device=device)), r"key.shape\[2\] \(head_dim\)"),
-        (dict(value=key[:1]), r"value.shape\[0\] \(num_tokens\)"),
-        (dict(k_cache=k_cache[0]), "k_cache must have 4 dimensions"),
-        (dict(k_cache=k_cache.int()), "k_cache must have dtype"),
-        (dict(key_min=key_min.half()), "key_min has dtype"),
-        (dict(key_max=key_max[:, :1]), r"key_max.shape\[1\]"),
-        (dict(v_cache=v_cache[:2]), r"v_cache.shape\[0\]"),
-        (dict(value=meta), "value is on meta"),
-        (dict(slot_mapping=torch.tensor([0, 12], device=device)), "slot_mapping points outside"),
-        (dict(slot_mapping=torch.tensor([0, 1, 2], device=device)), r"slot_mapping.shape\[0\]"),
-        (dict(slot_mapping=torch.tensor([0.0, 1.0], device=device)), "slot_mapping must have"),
-        (dict(slot_mapping=None), "needs slot_mapping or plan"),
-        (
-            dict(plan=plan_append(slot_mapping=torch.tensor([0, 1], device=device), page_size=8)),
-            "rebuild it with plan_append",
-        ),
-        (dict(plan="plan"), "plan must be an AppendPlan"),
-        (dict(impl="cuda"), "impl must be"),
-    ]
 
 
-@pytest.mark.parametrize("case", range(18))
+def _plan_for_page_size_8(a):
+    return dict(plan=plan_append(slot_mapping=a["slot_mapping"], page_size=8))
+
+
+BAD = {
+    "key rank": (lambda a: dict(key=a["key"][0]), "key must have 3 dimensions"),
+    "value dtype": (lambda a: dict(value=a["value"].half()), "value has dtype"),
+    "key heads": (lambda a: dict(key=a["key"].repeat(1, 2, 1)), r"key.shape\[1\] \(num_kv_heads"),
+    "key head_dim": (lambda a: dict(key=a["key"][..., :16]), r"key.shape\[2\] \(head_dim\)"),
+    "value tokens": (lambda a: dict(value=a["value"][:1]), r"value.shape\[0\] \(num_tokens\)"),
+    "k_cache rank": (lambda a: dict(k_cache=a["k_cache"][0]), "k_cache must have 4 dimensions"),
+    "k_cache dtype": (lambda a: dict(k_cache=a["k_cache"].int()), "k_cache must have dtype"),
+    "key_min dtype": (lambda a: dict(key_min=a["key_min"].half()), "key_min has dtype"),
+    "key_max heads": (lambda a: dict(key_max=a["key_max"][:, :1]), r"key_max.shape\[1\]"),
+    "v_cache pages": (lambda a: dict(v_cache=a["v_cache"][:2]), r"v_cache.shape\[0\]"),
+    "device": (lambda a: dict(value=a["value"].to("meta")), "value is on meta"),
+    "slot range": (lambda a: dict(slot_mapping=a["slot_mapping"] + 12), "slot_mapping points"),
+    "slot length": (lambda a: dict(slot_mapping=a["slot_mapping"][:1]), r"slot_mapping.shape"),
+    "slot dtype": (lambda a: dict(slot_mapping=a["slot_mapping"].float()), "slot_mapping must"),
+    "no slots": (lambda a: dict(slot_mapping=None), "needs slot_mapping or plan"),
+    "stale plan": (_plan_for_page_size_8, "rebuild it with plan_append"),
+    "plan type": (lambda a: dict(plan="plan"), "plan must be an AppendPlan"),
+    "impl": (lambda a: dict(impl="cuda"), "impl must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_raises_value_error_naming_the_argument(device, case):
-    good, cases = _bad_inputs(device)
-    change, match = cases[case]
+    good = _good(device)
+    change, match = BAD[case]
     with pytest.raises(ValueError, match=match):
-        append_kv(**{**good, **change})
+        append_kv(**{**good, **change(good)})

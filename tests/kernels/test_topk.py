@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from longquest.kernels.ref import select_pages_ref
 from longquest.kernels import topk
+from longquest.kernels.ref import select_pages_ref
 from longquest.kernels.topk import _select_pages_triton, select_pages
 
 IMPLS = ("triton", "torch")
