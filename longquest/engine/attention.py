@@ -169,6 +169,7 @@ class PagedAttention:
                 key_max=key_max,
                 page_table=meta.page_table,
                 num_pages=meta.num_pages,
+                check_pages=False,  # the engine built the tables; checking costs a sync
                 impl=self.impl,
             )
             top_scores, local = select_pages(
@@ -191,6 +192,7 @@ class PagedAttention:
             page_table=meta.page_table,
             seq_lens=meta.seq_lens,
             selected=selected,
+            check_pages=False,
             impl=self.impl,
         )
         return self.comm.merge(out=out, lse=lse)

@@ -73,7 +73,9 @@ def test_demo_tokenizer_has_chat_template(model_dir):
     assert text.startswith("<|im_start|>system\n")
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     # SmolLM2 splits numbers into single digits; the passkey test relies on that.
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("key 12345", add_special_tokens=False))
+    pieces = tokenizer.convert_ids_to_tokens(
+        tokenizer.encode("key 12345", add_special_tokens=False)
+    )
     assert pieces[-5:] == ["1", "2", "3", "4", "5"]
 
 
