@@ -49,6 +49,7 @@ def random_selection(gen, *, seq_lens, num_kv_heads, page_size, top_k, device):
 
 def assert_matches(out, lse, ref_out, ref_lse, *, atol, rtol=1e-3):
     assert out.dtype == ref_out.dtype and lse.dtype == torch.float32
+    out, lse, ref_out, ref_lse = out.cpu(), lse.cpu(), ref_out.cpu(), ref_lse.cpu()
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     torch.testing.assert_close(out.float().cpu(), ref_out.float().cpu(), atol=atol, rtol=rtol)
