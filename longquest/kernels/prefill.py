@@ -194,6 +194,52 @@ def _prefill_torch(
     return out, lse
 
 
+# PyTorch's fused CPU flash attention also returns the LSE (natural log), which the
+# context-parallel prefill needs; ~5x faster than the blocked path on the CPU.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefill_cpu_flash(
+    query, key, value, query_start, causal, scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with an offset as two fused calls merged exactly.
+
+    Keys ``< query_start`` are visible to every query (no mask); key
+    ``query_start + t`` is visible to query ``i`` iff ``t <= i`` — PyTorch's
+    top-left-aligned causal mask over the remaining keys.
+    """
+    from longquest.kernels.merge import merge_attention_states
+
+    num_q, num_qo_heads, head_dim = query.shape
+    group = num_qo_heads // key.shape[1]
+    split = min(query_start, key.shape[0]) if causal else key.shape[0]
+
+    def fused(k, v, is_causal):
+        q = query.float().transpose(0, 1)[None]  # [1, num_qo_heads, num_q, head_dim]
+        k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        out, lse = _CPU_FLASH(q, k, v, 0.0, is_causal, attn_mask=None, scale=scale)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+    parts = []
+    if split > 0:
+        parts.append(fused(key[:split], value[:split], False))
+    if split < key.shape[0]:
+        parts.append(fused(key[split:], value[split:], True))
+    if not parts:
+        return (
+            torch.zeros_like(query),
+            torch.full((num_q, num_qo_heads), -math.inf, device=query.device),
+        )
+    if len(parts) == 1:
+        out, lse = parts[0]
+    else:
+        out, lse = merge_attention_states(
+            outputs=torch.stack([p[0] for p in parts]), lses=torch.stack([p[1] for p in parts])
+        )
+    return out.to(query.dtype).contiguous(), lse.contiguous()
+
+
 def prefill_attention(
     *,
     query: torch.Tensor,
@@ -236,6 +282,8 @@ def prefill_attention(
     impl = resolve_impl(impl, device)
     scale = query.shape[2] ** -0.5 if scale is None else float(scale)
     if impl == "torch":
+        if device.type == "cpu" and _CPU_FLASH is not None and query.shape[0] and key.shape[0]:
+            return _prefill_cpu_flash(query, key, value, query_start, bool(causal), scale)
         return _prefill_torch(query, key, value, query_start, bool(causal), scale)
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
