@@ -104,8 +104,8 @@ def build_engine(
     cache = cache or CacheConfig()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    tokenizer = Tokenizer(model_dir)
     model, config = load_model(model_dir, dtype=torch_dtype, device=device)
+    tokenizer = Tokenizer(model_dir)
     num_pages = cache_pages(
         config=config,
         cache=cache,

@@ -13,7 +13,15 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(str(model_dir))
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"could not load a tokenizer from {model_dir} ({error}); the directory needs "
+                "the tokenizer files a Hugging Face model directory has (tokenizer.json, ...)"
+            ) from error
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

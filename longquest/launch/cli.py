@@ -55,12 +55,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise SystemExit(f"error: --prompt-file {path} does not exist")
+            raise ValueError(f"--prompt-file {path} does not exist")
         prompt = path.read_text()
     else:
         prompt = args.prompt
     if not prompt:
-        raise SystemExit("error: the prompt is empty; give --prompt TEXT or --prompt-file F")
+        raise ValueError("the prompt is empty; give --prompt TEXT or --prompt-file F")
     quest = quest_from_args(args)
     cache = CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None
     llm = LLM(
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as error:  # bad input: a message, not a traceback
+    except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -92,9 +92,7 @@ def test_world_sizes_match_single_device(model_dir, quest_name):
 
 def test_sampling_agrees_across_ranks(model_dir):
     params = SamplingParams(max_tokens=STEPS, temperature=1.0)  # unseeded: ranks must agree
-    results = run_distributed(
-        _run, world_size=3, args=(model_dir, "quest", params), timeout_s=300
-    )
+    results = run_distributed(_run, world_size=3, args=(model_dir, "quest", params), timeout_s=300)
     assert results[0] == results[1] == results[2]
 
 
@@ -105,3 +103,56 @@ def _mismatch(*, rank, world_size, group):
 def test_different_settings_are_detected():
     with pytest.raises(RuntimeError, match="different settings"):
         run_distributed(_mismatch, world_size=2, timeout_s=120)
+
+
+TINY = dict(
+    architecture="LlamaForCausalLM", vocab_size=300, hidden_size=64, intermediate_size=96,
+    num_layers=3, num_qo_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+    rope_theta=1e4,
+)  # fmt: skip
+SYNTH_CONTEXT = 301
+SYNTH_QUEST = QuestConfig(page_size=PAGE, token_budget=6 * PAGE, dense_layers=1)
+
+
+def _synthetic_engine(num_pages, **kwargs):
+    from longquest.engine.config import ModelConfig
+    from longquest.engine.synthetic import random_model
+
+    config = ModelConfig(**TINY)
+    model = random_model(config, dtype=torch.float32, device="cpu", seed=3)
+    shape = CacheShape(num_layers=3, num_pages=num_pages, page_size=PAGE, num_kv_heads=2,
+                       head_dim=16, dtype=torch.float32)  # fmt: skip
+    cls = SequenceParallelEngine if kwargs else LLMEngine
+    return cls(model=model, model_config=config, cache=KVCache(shape, device="cpu"),
+               quest=SYNTH_QUEST, detokenize=str, eos_token_ids=(), **kwargs)  # fmt: skip
+
+
+def _synthetic_decode(engine):
+    from longquest.engine.synthetic import decode_steps, fill_synthetic
+
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    seq = fill_synthetic(engine, context_tokens=SYNTH_CONTEXT, params=params, seed=5)
+    decode_steps(engine, [seq], steps=8)
+    return seq.output
+
+
+def _synthetic_rank(*, rank, world_size, group):
+    engine = _synthetic_engine(
+        60,  # 240 tokens a rank: the 301-token context fits only across ranks
+        group=group,
+        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
+        world_size=world_size,
+        rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+    )
+    return _synthetic_decode(engine)
+
+
+def test_context_past_one_device_decodes_like_a_big_one():
+    from longquest.engine.cache import CacheCapacityError
+
+    with pytest.raises(CacheCapacityError, match="cache holds 240 tokens"):
+        _synthetic_decode(_synthetic_engine(60))
+    want = _synthetic_decode(_synthetic_engine(200))  # one device with room for it
+    results = run_distributed(_synthetic_rank, world_size=2, timeout_s=300)
+    assert results[0] == results[1] == want

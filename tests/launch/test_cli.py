@@ -1,0 +1,69 @@
+"""The ``longquest generate`` command and the LLM API on the real demo model (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from longquest.launch.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from longquest.launch.assets import ensure_demo_model
+
+    return str(ensure_demo_model())
+
+
+def test_generate_prints_text_and_summary(model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The capital of France is Paris. " * 60 + "What is the capital of France?")
+    code = main([
+        "generate", "--model", model_dir, "--prompt-file", str(prompt), "--chat",
+        "--max-tokens", "8", "--budget", "64", "--device", "cpu", "--dtype", "float32",
+    ])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0
+    assert "Paris" in out.out
+    summary = out.err.strip().splitlines()[-1]
+    assert summary.startswith("[longquest] context ")
+    assert "quest budget 64" in summary and "pages attended per step 4 of " in summary
+    assert "tok/s" in summary
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "hi", "--budget", "8"], "smaller than one page"),
+        (["--prompt", "hi", "--page-size", "12"], "power of two"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "hi", "--dtype", "int8"], "unknown dtype"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(model_dir, capsys, extra, message):
+    args = ["generate", "--model", model_dir, "--device", "cpu", *extra]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse-level refusals
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code not in (0, None)
+    assert message in err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_api_refuses_too_long_before_work(model_dir):
+    from longquest import LLM, CacheConfig, SamplingParams
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", cache=CacheConfig(max_tokens=256))
+    with pytest.raises(ValueError, match="cache holds"):
+        llm.generate(["word " * 400], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([""])
+    (out,) = llm.generate("Say hi.", SamplingParams(max_tokens=3, logprobs=2))
+    assert len(out.token_ids) <= 3 and len(out.logprobs[0]) >= 2
