@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
     # The demo model's tokenizer, so text prompts work; the tiny vocab covers its ids.
     demo = ensure_demo_model()
     for name in os.listdir(demo):
-        if name.startswith(("tokenizer", "special_tokens")) or name == "vocab.json":
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(demo / name, directory / name)
     return directory
 
