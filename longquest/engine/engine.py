@@ -85,9 +85,12 @@ class LLMEngine:
         self.device = cache.k.device
 
     # ----------------------------------------------------------------- public API
+    world_size = 1
+
     @property
     def capacity_tokens(self) -> int:
-        return self.cache.shape.num_pages * self.page_size
+        """Tokens the cache holds across all ranks (one sequence, balanced ownership)."""
+        return self.allocator.num_pages * self.page_size * self.world_size
 
     def generate(
         self,
@@ -134,16 +137,14 @@ class LLMEngine:
         if not prompt:
             raise ValueError(f"prompt {index} is empty; give at least one token")
         total = len(prompt) + params.max_tokens
-        if total > self.config.max_position_embeddings * 1024:
-            raise ValueError(f"prompt {index}: {total} tokens is beyond any supported context")
-        need = self._pages_needed(len(prompt), total)
-        if need > self.cache.shape.num_pages:
+        need = self._most_pages_needed(len(prompt), total)
+        if need > self.allocator.num_pages:
             raise CacheCapacityError(
                 f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
                 f"it needs {total} tokens of KV cache but the cache holds "
-                f"{self.capacity_tokens} tokens ({self.cache.shape.num_pages} pages of "
-                f"{self.page_size}); shorten the prompt, lower max_tokens, or give the cache "
-                "more memory (CacheConfig) or more GPUs (world_size)"
+                f"{self.capacity_tokens} tokens ({self.allocator.num_pages} pages of "
+                f"{self.page_size} on each of {self.world_size} rank(s)); shorten the prompt, "
+                "lower max_tokens, or give the cache more memory (CacheConfig) or more GPUs"
             )
         generator = None
         if params.seed is not None:
@@ -158,9 +159,17 @@ class LLMEngine:
             if self.owner.owner(prompt_len=prompt_len, page_index=page) == self.rank
         )
 
+    def _most_pages_needed(self, prompt_len: int, total_tokens: int) -> int:
+        """The largest share of the sequence's pages any rank holds (here: all of them)."""
+        return self._pages_needed(prompt_len, total_tokens)
+
+    def _all_agree(self, fits: bool) -> bool:
+        """Every rank must admit the same requests; one device decides alone."""
+        return fits
+
     def _try_reserve(self, seq: Sequence) -> bool:
         need = self._pages_needed(len(seq.prompt), len(seq.prompt) + seq.params.max_tokens)
-        if need > self.allocator.num_free:
+        if not self._all_agree(need <= self.allocator.num_free):
             return False
         self.allocator.reserve(need)
         seq.reserved_pages = need

@@ -1,17 +1,21 @@
 """Quest page criticality: ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, max over a KV group.
 
 The Triton kernel is built for bandwidth: the bounds (``2 * head_dim`` elements a page and
-KV head) are read exactly once and everything else is small. One program scores
-``BLOCK_P`` pages of one (sequence, KV head): it gathers the pages' ids from the page table,
-loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is contiguous, so the
-loads are 16-byte vectors), and for each query head of the group accumulates the bound in
-fp32, keeping the max over the group. KV heads vary fastest across programs, so neighbouring
-programs read neighbouring rows of the same pages. Blocks past ``num_pages[s]`` only write
-``-inf``. At 1M tokens (65536 pages, 8 KV heads, head_dim 128, bf16) the kernel reads 268 MB.
+KV head) are read exactly once and everything else is small. A program scores a run of
+``BLOCK_P``-page blocks of one (sequence, KV head): it gathers each block's page ids from
+the page table, loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is
+contiguous, so the loads are 16-byte vectors), and for each query head of the group
+accumulates the bound in fp32, keeping the max over the group. The loop is software
+pipelined by hand: while block ``b`` is scored, the bounds of ``b + 1`` and the page ids of
+``b + 2`` are in flight, so a program never waits on the id -> bounds chain after its first
+block (a one-block program did, and at 128K tokens ran 2-3 waves of such chains). The grid
+gives each (sequence, KV head) enough programs to fill the GPU a few times over. At 1M
+tokens (65536 pages, 8 KV heads, head_dim 128, bf16) the kernel reads 268 MB.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,63 +31,119 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
 
-# Elements of one [BLOCK_P, head_dim] bounds tile: 32 pages at head_dim 128 keeps each of the
-# 128 threads at 32 elements a tile (4 x 16-byte loads for bf16) without spilling.
-_TILE_ELEMENTS = 4096
+# Elements of one [BLOCK_P, head_dim] bounds tile: 16 pages at head_dim 128. Two tiles of
+# min and max are in flight per program (the pipeline), 32 KB per 4-warp program at bf16.
+_TILE_ELEMENTS = 2048
 _NUM_WARPS = 4
+# Programs per SM the grid aims at (registers allow about five of these per SM).
+_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims, stride_bp, HEAD_DIM):
+    offsets = ids.to(tl.int64)[:, None] * stride_bp + head_offset + dims[None, :]
+    mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
+    kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
+    kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
+    return kmin, kmax
+
+
+@triton.jit
+def _score_blocks(
+    query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
+    n, first, last, head, max_pages,
+    stride_qh, stride_bp, stride_bh, stride_tp,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Score blocks ``first .. last - 1`` of one (sequence, KV head) row into ``out_row``.
+
+    ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
+    Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
+    """
+    dims = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_P)
+    head_offset = head * stride_bh
+    # The page table is read without waiting for n (any id below max_pages is in the row);
+    # only the bounds loads are masked by n.
+    pages = first * BLOCK_P + lanes
+    ids = tl.load(table_row + pages * stride_tp, mask=(pages < max_pages) & (first < last))
+    nxt = pages + BLOCK_P
+    ids_next = tl.load(table_row + nxt * stride_tp, mask=(nxt < max_pages) & (first + 1 < last))
+    kmin, kmax = _load_bounds(
+        key_min_ptr, key_max_ptr, ids, (pages < n) & (first < last), head_offset, dims, stride_bp,
+        HEAD_DIM,
+    )  # fmt: skip
+    for block in range(first, last):
+        pages = block * BLOCK_P + lanes
+        nxt = pages + BLOCK_P
+        after = nxt + BLOCK_P
+        ids_after = tl.load(
+            table_row + after * stride_tp, mask=(after < max_pages) & (block + 2 < last)
+        )
+        kmin_next, kmax_next = _load_bounds(
+            key_min_ptr, key_max_ptr, ids_next, (nxt < n) & (block + 1 < last), head_offset,
+            dims, stride_bp, HEAD_DIM,
+        )  # fmt: skip
+        lo = kmin.to(tl.float32)
+        hi = kmax.to(tl.float32)
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for g in range(GROUP):
+            q = tl.load(query_ptr + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
+            q = q.to(tl.float32)
+            bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
+            best = tl.maximum(best, tl.sum(bound, axis=1))
+        tl.store(out_row + pages, tl.where(pages < n, best, float("-inf")), mask=pages < max_pages)
+        kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
 
 
 @triton.jit
 def _page_scores_kernel(
-    query_ptr,
-    key_min_ptr,
-    key_max_ptr,
-    page_table_ptr,
-    num_pages_ptr,
-    out_ptr,
-    num_kv_heads,
-    max_pages,
-    stride_qs,
-    stride_qh,
-    stride_bp,
-    stride_bh,
-    stride_ts,
-    stride_tp,
-    stride_os,
-    stride_oh,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    # Axis 0 packs (page block, KV head), heads fastest; axis 0 has no 65535 limit.
+    query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, out_ptr,
+    num_kv_heads, max_pages, blocks_per_program,
+    stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
-    block = tl.program_id(0) // num_kv_heads
+    chunk = tl.program_id(0) // num_kv_heads
     seq = tl.program_id(1)
+    _wait_for_inputs(USE_PDL)
     n = tl.minimum(tl.maximum(tl.load(num_pages_ptr + seq).to(tl.int32), 0), max_pages)
-    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    out = out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + pages
-    in_row = pages < max_pages
-    if block * BLOCK_P < n:
-        valid = pages < n
-        table_row = page_table_ptr + seq.to(tl.int64) * stride_ts
-        ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < HEAD_DIM
-        offsets = ids.to(tl.int64)[:, None] * stride_bp + head * stride_bh + dims[None, :]
-        tile_mask = valid[:, None] & dim_ok[None, :]
-        kmin = tl.load(key_min_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-        kmax = tl.load(key_max_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        q_row = query_ptr + seq * stride_qs + (head * GROUP) * stride_qh + dims
-        for g in range(GROUP):
-            q = tl.load(q_row + g * stride_qh, mask=dim_ok, other=0.0).to(tl.float32)
-            bound = tl.maximum(q[None, :] * kmin, q[None, :] * kmax)
-            best = tl.maximum(best, tl.sum(bound, axis=1))
-        tl.store(out, tl.where(valid, best, float("-inf")), mask=in_row)
-    else:
-        tl.store(out, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=in_row)
+    first = chunk * blocks_per_program
+    last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
+    _score_blocks(
+        query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
+        page_table_ptr + seq.to(tl.int64) * stride_ts,
+        out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
+        n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
+    )  # fmt: skip
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the CPU interpreter runs programs one by one; fewer is faster
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def score_grid(
+    device: torch.device, num_seqs: int, num_kv_heads: int, max_pages: int, head_dim: int
+) -> tuple[int, int, int]:
+    """``(BLOCK_P, blocks_per_program, programs_per_row)`` for a score launch.
+
+    Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    block_p = max(16, _TILE_ELEMENTS // block_d) if device.type == "cuda" else 16
+    blocks = triton.cdiv(max_pages, block_p)
+    target = _PROGRAMS_PER_SM * _sm_count(device)
+    per_row = max(1, triton.cdiv(target, max(1, num_seqs * num_kv_heads)))
+    blocks_per_program = triton.cdiv(blocks, min(per_row, blocks))
+    return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
 
 
 def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.Tensor:
@@ -161,32 +221,18 @@ def page_scores(
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
-    block_d = triton.next_power_of_2(head_dim)
-    block_p = max(16, _TILE_ELEMENTS // block_d)
-    grid = (triton.cdiv(max_pages, block_p) * num_kv_heads, num_seqs)
-    _page_scores_kernel[grid](
-        query,
-        key_min,
-        key_max,
-        page_table,
-        num_pages,
-        out,
-        num_kv_heads,
-        max_pages,
-        query.stride(0),
-        query.stride(1),
-        key_min.stride(0),
-        key_min.stride(1),
-        page_table.stride(0),
-        page_table.stride(1),
-        out.stride(0),
-        out.stride(1),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+    block_p, blocks_per_program, per_row = score_grid(
+        device, num_seqs, num_kv_heads, max_pages, head_dim
     )
+    _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
+        query, key_min, key_max, page_table, num_pages, out,
+        num_kv_heads, max_pages, blocks_per_program,
+        query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
+        page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_P=block_p, USE_PDL=pdl_enabled(device),
+        num_warps=_NUM_WARPS, **launch_options(device),
+    )  # fmt: skip
     return out
 
 

@@ -12,8 +12,9 @@ the same order (SPMD). What differs from one device:
   the same token (temperature > 0 included).
 
 Collectives per decode step: 2 per sparse layer, 1 per dense layer, plus one
-broadcast of the sampled tokens. Per prefill round: 2 per layer, plus one
-broadcast of the last prompt token's logits.
+broadcast of the sampled tokens. Admission (whether a request's pages fit) is one
+tiny all-reduce per attempt, so every rank admits the same requests. Per prefill
+round: 2 per layer, plus one broadcast of the last prompt token's logits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from longquest.engine.cache import PageAllocator, pages_for
 from longquest.engine.engine import LLMEngine
 from longquest.engine.sequence import Sequence
 from longquest.kernels import plan_append
@@ -53,6 +55,22 @@ class SequenceParallelEngine(LLMEngine):
         self.group = group
         self.world_size = world_size
         self.ownership = ownership
+        # Every rank plans with the smallest pool, so capacity decisions agree.
+        pool = torch.tensor([self.cache.shape.num_pages], dtype=torch.int64, device=self.device)
+        dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
+        self.allocator = PageAllocator(int(pool))
+
+    # ----------------------------------------------------------------- admission
+    def _most_pages_needed(self, prompt_len: int, total_tokens: int) -> int:
+        counts = [0] * self.world_size
+        for page in range(pages_for(total_tokens, self.page_size)):
+            counts[self.ownership.owner(prompt_len=prompt_len, page_index=page)] += 1
+        return max(counts)
+
+    def _all_agree(self, fits: bool) -> bool:
+        flag = torch.tensor([int(fits)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag)
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):
