@@ -2,21 +2,27 @@
 
 The Triton path is split-K ("flash-decoding"): the (selected) pages of every
 (sequence, KV head) are divided among ``num_splits`` programs so that even batch 1
-with a 256-page budget fills the GPU; each program writes a partial (out, lse) and
-the merge kernel (:mod:`longquest.kernels.merge`) reduces the splits.
+with a 256-page budget fills the GPU; each program writes a partial (out, lse), and the
+partials are reduced either by the merge kernel (:mod:`longquest.kernels.merge`) or, when
+the caller provides zeroed arrival counters (:mod:`longquest.kernels.quest_step`), by the
+last program of each (sequence, KV head) to finish: it takes a ticket from an atomic
+counter after publishing its partial, and the one that draws ``num_splits - 1`` reads the
+others back from L2, writes the result and resets the counter (so CUDA-graph replays find
+it zeroed).
 
 One program serves every query head of its KV group, so each K/V page is read from
 memory once per group. Scores and the weighted sum use ``tl.dot`` with the group
 padded to 16 rows: decode is memory-bound, so the padded rows only cost tensor-core
 cycles that would sit idle, while an elementwise ``[group, tokens, head_dim]`` product
-would put about one CUDA-core instruction on every byte read.
+would put about one CUDA-core instruction on every byte read. Triton pipelines the page
+gathers through shared memory (cp.async), so a program keeps a block of K and V in flight
+while it computes the previous one.
 The PyTorch path (the engine's CPU decode) runs the same online softmax over chunks of
 the page list, vectorised over sequences and heads.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -32,42 +38,121 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
-from longquest.kernels.merge import _merge_triton_into
+from longquest.kernels.merge import (
+    _fence_gpu,
+    _merge_triton_into,
+    _wait_for_inputs,
+    launch_options,
+    pdl_enabled,
+)
+from longquest.kernels.scores import _sm_count
 
 _LOG2E = 1.4426950408889634
 # Tokens a program loads per loop iteration (several pages gathered at once).
 _TOKENS_PER_BLOCK = 64
-# Grid target in waves of the GPU: enough programs to hide the latency of page gathers.
-_PROGRAMS_PER_SM = 4
+# Grid target in programs per SM. Four fit at a time, but two (a 256-page budget in splits
+# of 8 pages at batch 1) measured faster: fewer partials to merge (benchmarks/NOTES-kernels.md).
+_PROGRAMS_PER_SM = 2
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+# When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
+# (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
+# 4, head_dim 128). 32 measured ~0.5-1 us faster than 16 at batch 1, 8 slower.
+_FUSED_MAX_SPLITS = 32
+_MERGE_CHUNK = 16
+
+# What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
+_DENSE, _LOGICAL, _PHYSICAL = 0, 1, 2
+_SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, selected_ptr, o_ptr, lse_ptr,
-    num_splits, top_k, max_pages, group, head_dim, qk_scale,
+def _reduce_partials(
+    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits,
+    stride_os, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Merge the ``num_splits`` partial states of one (sequence, KV head) into out / lse.
+
+    Loads bypass L1 (``.cg``): the partials were written by other programs of this launch.
+    """
+    g = tl.arange(0, MERGE_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    rows = (seq * num_qo_heads + kv * GROUP + g) * num_splits  # [MERGE_G] first partial
+    sp = tl.arange(0, BLOCK_SPLITS)
+    lse_all = tl.load(
+        part_lse_ptr + rows[:, None] + sp[None, :],
+        mask=g_ok[:, None] & (sp[None, :] < num_splits), other=float("-inf"),
+        cache_modifier=".cg",
+    )  # fmt: skip
+    m = tl.max(lse_all, 1)
+    # All splits empty: shift by 0 so that exp(-inf - 0) = 0 instead of exp(nan).
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    total = tl.zeros([MERGE_G], tl.float32)
+    c = tl.arange(0, MERGE_CHUNK)
+    for s0 in tl.static_range(0, BLOCK_SPLITS, MERGE_CHUNK):
+        part = rows[:, None] + s0 + c[None, :]  # [MERGE_G, MERGE_CHUNK]
+        ok = g_ok[:, None] & (s0 + c[None, :] < num_splits)
+        if MERGE_CHUNK == BLOCK_SPLITS:
+            lse = lse_all
+        else:
+            lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        # Not masked by lse, so that these loads issue beside the lse loads (one L2 round
+        # trip when a single chunk covers the splits); empty splits are zeroed below instead,
+        # so whatever their scratch holds cannot become NaN.
+        o = tl.load(
+            part_o_ptr + part.to(tl.int64)[:, :, None] * HEAD_DIM + d[None, None, :],
+            mask=ok[:, :, None] & (d[None, None, :] < HEAD_DIM), other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        has_tokens = lse > float("-inf")
+        weight = tl.where(has_tokens, tl.exp(lse - m_safe[:, None]), 0.0)
+        o = tl.where(has_tokens[:, :, None], o, 0.0)
+        acc += tl.sum(weight[:, :, None] * o, 1)
+        total += tl.sum(weight, 1)
+    nonempty = total > 0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, total, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
+    heads = kv * GROUP + g
+    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < HEAD_DIM))
+    tl.store(lse_ptr + seq * num_qo_heads + heads, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, selected_ptr, pages_ptr,
+    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, counter_ptr,
+    num_kv_heads, num_splits, list_len, max_pages, qk_scale,
     stride_qs, stride_qh,
     stride_kp, stride_kh, stride_kt,
     stride_vp, stride_vh, stride_vt,
-    stride_table, stride_sel_s, stride_sel_h,
-    stride_on, stride_os, stride_oh,
-    stride_ln, stride_ls, stride_lh,
+    stride_table, stride_sel_s, stride_sel_h, stride_pages_s, stride_pages_h,
+    stride_os, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SELECTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SELECTION: tl.constexpr, REDUCE: tl.constexpr,
+    MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr, FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     LN2: tl.constexpr = 0.6931471805599453
-    seq = tl.program_id(0)
+    split = tl.program_id(0)
     kv = tl.program_id(1)
-    split = tl.program_id(2)
+    seq = tl.program_id(2)
+    num_qo_heads = num_kv_heads * GROUP
     BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
+    _wait_for_inputs(USE_PDL)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # Clamped so that a too-long seq_len can never index past the page table's row.
     num_pages = tl.minimum(tl.cdiv(seq_len, PAGE_SIZE), max_pages)
-    if HAS_SELECTED:
-        total = top_k
-    else:
+    if SELECTION == 0:
         total = num_pages
+    else:
+        total = list_len
     # Splits own whole blocks of pages, so no split wastes a partly used iteration.
     per_split = tl.cdiv(tl.cdiv(total, num_splits), PAGES_PER_BLOCK) * PAGES_PER_BLOCK
     start = split * per_split
@@ -76,9 +161,9 @@ def _decode_split_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     t = tl.arange(0, BLOCK_N)
-    g_mask = g < group
-    d_mask = d < head_dim
-    heads = kv * group + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    heads = kv * GROUP + g
     q = tl.load(
         q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
@@ -89,26 +174,29 @@ def _decode_split_kernel(
     slot = t % PAGE_SIZE
     k_base = k_ptr + kv * stride_kh + slot[:, None] * stride_kt + d[None, :]
     v_base = v_ptr + kv * stride_vh + slot[:, None] * stride_vt + d[None, :]
+    sel_row = selected_ptr + seq * stride_sel_s + kv * stride_sel_h
+    pages_row = pages_ptr + seq * stride_pages_s + kv * stride_pages_h
+    table_row = table_ptr + seq * stride_table
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for j0 in range(start, end, PAGES_PER_BLOCK):
         j = j0 + page_of_token  # [BLOCK_N] position in the page list, per token
         in_range = j < end
-        if HAS_SELECTED:
-            logical = tl.load(
-                selected_ptr + seq * stride_sel_s + kv * stride_sel_h + j, mask=in_range, other=-1
-            )
-        else:
+        if SELECTION == 0:
             logical = j
+        else:
+            logical = tl.load(sel_row + j, mask=in_range, other=-1)
+        if SELECTION == 2:
+            # Physical ids come with the selection: loaded beside it, not after it.
+            page = tl.load(pages_row + j, mask=in_range, other=0)
         valid = in_range & (logical >= 0) & (logical < num_pages)
-        page = tl.load(table_ptr + seq * stride_table + logical, mask=valid, other=0)
+        if SELECTION != 2:
+            page = tl.load(table_row + logical, mask=valid, other=0)
         page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
         valid = valid & (logical * PAGE_SIZE + slot < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
-        # Issued before the softmax so both page gathers are in flight together: short
-        # splits (one block at a 256-page budget) are latency-bound.
         v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
@@ -124,17 +212,30 @@ def _decode_split_kernel(
     nonempty = l > 0
     out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l, 1.0)[:, None], 0.0)
     lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
-    o_ptrs = o_ptr + split * stride_on + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
-    lse_ptrs = lse_ptr + split * stride_ln + seq * stride_ls + heads * stride_lh
-    tl.store(lse_ptrs, lse, mask=g_mask)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the CPU interpreter runs programs one by one; fewer is faster
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    if REDUCE == 0:
+        o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        tl.store(lse_ptr + seq * num_qo_heads + heads, lse, mask=g_mask)
+    else:
+        # Partials: [num_seqs, num_qo_heads, num_splits, HEAD_DIM] fp32 and its lse.
+        part = (seq * num_qo_heads + heads) * num_splits + split
+        o_ptrs = part_o_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+        tl.store(o_ptrs, out, mask=gd_mask)
+        tl.store(part_lse_ptr + part, lse, mask=g_mask)
+        if REDUCE == 2:
+            _fence_gpu(split, FENCE)
+            tl.debug_barrier()
+            counter = counter_ptr + seq * num_kv_heads + kv
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                _fence_gpu(split, FENCE)
+                tl.store(counter, 0)
+                _reduce_partials(
+                    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads,
+                    num_splits, stride_os, stride_oh, GROUP, HEAD_DIM, BLOCK_D, MERGE_G,
+                    BLOCK_SPLITS, MERGE_CHUNK,
+                )  # fmt: skip
 
 
 def _choose_num_splits(
@@ -150,8 +251,15 @@ def _choose_num_splits(
 
 
 def _decode_triton(
-    query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits,
+    *, physical=None, counters=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the split kernel, then the merge kernel unless ``counters`` (int32 zeros,
+    ``[>= num_seqs * num_kv_heads]``, left zeroed) let the last split of each row reduce.
+
+    ``physical``: ``[num_seqs, num_kv_heads, top_k]`` page ids of ``selected`` (-1 beside a
+    -1 index), saving the page-table lookup.
+    """
     num_seqs, num_qo_heads, head_dim = query.shape
     _, num_kv_heads, page_size, _ = k_cache.shape
     group = num_qo_heads // num_kv_heads
@@ -164,36 +272,47 @@ def _decode_triton(
     pages = selected.shape[2] if selected is not None else page_table.shape[1]
     if num_splits is None:
         num_splits = _choose_num_splits(device, num_seqs, num_kv_heads, pages, pages_per_block)
-    if num_splits == 1:
-        # The single split's partial state is the answer: skip the scratch and the merge.
-        part_out, part_lse = out[None], lse[None]
+        if counters is not None:
+            num_splits = min(num_splits, _FUSED_MAX_SPLITS)
+    reduce = _SINGLE if num_splits == 1 else (_PARTIALS if counters is None else _LAST_REDUCES)
+    if reduce == _SINGLE:
+        part_out, part_lse = out, lse  # unused
     else:
         part_out = torch.empty(
-            num_splits, num_seqs, num_qo_heads, head_dim, dtype=torch.float32, device=device
+            num_seqs, num_qo_heads, num_splits, head_dim, dtype=torch.float32, device=device
         )
         part_lse = torch.empty(
-            num_splits, num_seqs, num_qo_heads, dtype=torch.float32, device=device
+            num_seqs, num_qo_heads, num_splits, dtype=torch.float32, device=device
         )
     sel = selected if selected is not None else page_table  # any valid pointer when unused
+    phys = physical if physical is not None else sel
+    selection = _DENSE if selected is None else (_LOGICAL if physical is None else _PHYSICAL)
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, page_table, seq_lens, sel, part_out, part_lse,
-        num_splits, selected.shape[2] if selected is not None else 0, page_table.shape[1],
-        group, head_dim, scale * _LOG2E,
+    use_pdl = pdl_enabled(device)
+    _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
+        query, k_cache, v_cache, page_table, seq_lens, sel, phys,
+        part_out, part_lse, out, lse, counters if counters is not None else seq_lens,
+        num_kv_heads, num_splits, pages if selected is not None else 0, page_table.shape[1],
+        scale * _LOG2E,
         query.stride(0), query.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
-        page_table.stride(0), sel.stride(0), sel.stride(1),
-        *part_out.stride()[:3],
-        *part_lse.stride(),
-        PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
-        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_D=block_d,
-        HAS_SELECTED=selected is not None,
+        page_table.stride(0), sel.stride(0), sel.stride(1), phys.stride(0), phys.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(triton.next_power_of_2(group), 16),
+        BLOCK_D=block_d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
+        SELECTION=selection, REDUCE=reduce,
+        MERGE_G=triton.next_power_of_2(group),
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        MERGE_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_CHUNK),
+        USE_PDL=use_pdl, FENCE=device.type == "cuda",
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_d <= 128 else 8,
+        num_warps=_NUM_WARPS if block_d <= 128 else 2 * _NUM_WARPS, num_stages=_NUM_STAGES,
+        **launch_options(device),
     )  # fmt: skip
-    if num_splits > 1:
-        _merge_triton_into(part_out, part_lse, out, lse)
+    if reduce == _PARTIALS:
+        # The merge kernel takes [num_splits, num_seqs, num_qo_heads, head_dim] views.
+        _merge_triton_into(part_out.permute(2, 0, 1, 3), part_lse.permute(2, 0, 1), out, lse)
     return out, lse
 
 

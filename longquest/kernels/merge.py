@@ -22,7 +22,9 @@ try:  # programmatic dependent launch (Hopper): the next kernel starts while thi
     _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
 except ImportError:  # an older Triton: kernels launch in plain stream order
     _HAS_PDL = False
-_USE_PDL = True  # tuning knob; the benchmark measured it (benchmarks/NOTES-kernels.md)
+# Off: on an H100 it was no consistent gain (Quest step at batch 1: -1.2 us at 32K tokens but
+# +3 us at 128K; see benchmarks/NOTES-kernels.md). The kernels keep the waits: a switch.
+_USE_PDL = False
 
 
 # Grid-ordering helpers shared by this package's kernels. ---------------------------------

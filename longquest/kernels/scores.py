@@ -3,14 +3,16 @@
 The Triton kernel is built for bandwidth: the bounds (``2 * head_dim`` elements a page and
 KV head) are read exactly once and everything else is small. A program scores a run of
 ``BLOCK_P``-page blocks of one (sequence, KV head): it gathers each block's page ids from
-the page table, loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is
-contiguous, so the loads are 16-byte vectors), and for each query head of the group
-accumulates the bound in fp32, keeping the max over the group. The loop is software
-pipelined by hand: while block ``b`` is scored, the bounds of ``b + 1`` and the page ids of
-``b + 2`` are in flight, so a program never waits on the id -> bounds chain after its first
-block (a one-block program did, and at 128K tokens ran 2-3 waves of such chains). The grid
-gives each (sequence, KV head) enough programs to fill the GPU a few times over. At 1M
-tokens (65536 pages, 8 KV heads, head_dim 128, bf16) the kernel reads 268 MB.
+the page table and loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is
+contiguous, so the loads are 16-byte vectors). The loop is software pipelined by hand:
+while block ``b`` is scored, the bounds of ``b + 1`` and the page ids of ``b + 2`` are in
+flight. The grid is one wave of programs (``_PROGRAMS_PER_SM`` a SM).
+
+The bound itself runs on the tensor cores where that is exact (see ``_score_blocks``): the
+elementwise fp32 form cost ~31 instructions a page and head per warp and made the kernel
+issue-bound (117 us at 1M tokens, 76% of copy bandwidth on an H100); the tensor-core form
+costs ~9 and ran at 108.7 us (82%). At 1M tokens (65536 pages, 8 KV heads, head_dim 128,
+bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ from longquest.kernels._checks import (
 )
 from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
 
-# Elements of one [BLOCK_P, head_dim] bounds tile: 16 pages at head_dim 128. Two tiles of
-# min and max are in flight per program (the pipeline), 32 KB per 4-warp program at bf16.
+# Elements of one [BLOCK_P, head_dim] bounds tile: 16 pages at head_dim 128 elementwise,
+# 32 through the tensor cores (fewer registers a page). Two tiles of min and max are in
+# flight per program (the pipeline): 64 KB per 4-warp program at bf16 on the tensor cores.
 _TILE_ELEMENTS = 2048
+_TILE_ELEMENTS_DOT = 4096
 _NUM_WARPS = 4
-# Programs per SM the grid aims at (registers allow about five of these per SM).
+# Programs per SM the grid aims at: four fit (about 100 registers a thread, 24 KB of
+# shared memory); 2 and 8 measured slower at 1M tokens.
 _PROGRAMS_PER_SM = 4
+_USE_DOT = True  # tensor-core bounds (see _score_blocks); False: elementwise fp32
 
 
 @triton.jit
@@ -56,44 +62,72 @@ def _score_blocks(
     n, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Score blocks ``first .. last - 1`` of one (sequence, KV head) row into ``out_row``.
 
     ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
     Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
+
+    ``USE_DOT`` (query and bounds of one dtype): for ``q_d >= 0`` the bound's term is
+    ``q_d * max(kmin_d, kmax_d)`` and for ``q_d < 0`` it is ``q_d * min(kmin_d, kmax_d)``
+    (rounding is monotone, so this is exact), so a page's bound for every query head of the
+    group is ``relu(q) . max(kmin, kmax) + min(q, 0) . min(kmin, kmax)``: two tensor-core
+    products with exact fp16/bf16 products and fp32 sums. The elementwise form spent about
+    18 instructions per bound element and made the kernel issue-bound (117 us at 1M tokens).
     """
     dims = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_P)
     head_offset = head * stride_bh
+    if USE_DOT:
+        BLOCK_G: tl.constexpr = 16  # tl.dot's smallest M; rows past the group are masked
+        rows = tl.arange(0, BLOCK_G)
+        q = tl.load(
+            query_ptr + rows[:, None] * stride_qh + dims[None, :],
+            mask=(rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM), other=0.0,
+        )  # fmt: skip
+        q_pos = tl.where(q > 0, q, 0.0).to(key_min_ptr.dtype.element_ty)
+        q_neg = tl.where(q < 0, q, 0.0).to(key_min_ptr.dtype.element_ty)
     # The page table is read without waiting for n (any id below max_pages is in the row);
     # only the bounds loads are masked by n.
+    # Masks compare lanes with a per-block limit (0 past the program's last block).
     pages = first * BLOCK_P + lanes
-    ids = tl.load(table_row + pages * stride_tp, mask=(pages < max_pages) & (first < last))
+    ids = tl.load(table_row + pages * stride_tp, mask=pages < tl.where(first < last, max_pages, 0))
     nxt = pages + BLOCK_P
-    ids_next = tl.load(table_row + nxt * stride_tp, mask=(nxt < max_pages) & (first + 1 < last))
+    ids_next = tl.load(
+        table_row + nxt * stride_tp, mask=nxt < tl.where(first + 1 < last, max_pages, 0)
+    )
     kmin, kmax = _load_bounds(
-        key_min_ptr, key_max_ptr, ids, (pages < n) & (first < last), head_offset, dims, stride_bp,
-        HEAD_DIM,
+        key_min_ptr, key_max_ptr, ids, pages < tl.where(first < last, n, 0), head_offset, dims,
+        stride_bp, HEAD_DIM,
     )  # fmt: skip
     for block in range(first, last):
         pages = block * BLOCK_P + lanes
         nxt = pages + BLOCK_P
         after = nxt + BLOCK_P
         ids_after = tl.load(
-            table_row + after * stride_tp, mask=(after < max_pages) & (block + 2 < last)
+            table_row + after * stride_tp, mask=after < tl.where(block + 2 < last, max_pages, 0)
         )
         kmin_next, kmax_next = _load_bounds(
-            key_min_ptr, key_max_ptr, ids_next, (nxt < n) & (block + 1 < last), head_offset,
-            dims, stride_bp, HEAD_DIM,
+            key_min_ptr, key_max_ptr, ids_next, nxt < tl.where(block + 1 < last, n, 0),
+            head_offset, dims, stride_bp, HEAD_DIM,
         )  # fmt: skip
-        lo = kmin.to(tl.float32)
-        hi = kmax.to(tl.float32)
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for g in range(GROUP):
-            q = tl.load(query_ptr + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
-            q = q.to(tl.float32)
-            bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
-            best = tl.maximum(best, tl.sum(bound, axis=1))
+        if USE_DOT:
+            # Exact in the bounds' dtype (some Triton versions compute the max in fp32).
+            top = tl.maximum(kmin, kmax).to(key_min_ptr.dtype.element_ty)
+            bottom = tl.minimum(kmin, kmax).to(key_min_ptr.dtype.element_ty)
+            bound = tl.dot(q_pos, tl.trans(top), input_precision=DOT_PRECISION)
+            bound = tl.dot(q_neg, tl.trans(bottom), bound, input_precision=DOT_PRECISION)
+            best = tl.max(tl.where(rows[:, None] < GROUP, bound, float("-inf")), axis=0)
+        else:
+            lo = kmin.to(tl.float32)
+            hi = kmax.to(tl.float32)
+            best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+            for g in range(GROUP):
+                q = tl.load(query_ptr + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
+                q = q.to(tl.float32)
+                bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
+                best = tl.maximum(best, tl.sum(bound, axis=1))
         tl.store(out_row + pages, tl.where(pages < n, best, float("-inf")), mask=pages < max_pages)
         kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
 
@@ -104,6 +138,7 @@ def _page_scores_kernel(
     num_kv_heads, max_pages, blocks_per_program,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    COUNT_PAGE_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
@@ -111,7 +146,10 @@ def _page_scores_kernel(
     chunk = tl.program_id(0) // num_kv_heads
     seq = tl.program_id(1)
     _wait_for_inputs(USE_PDL)
-    n = tl.minimum(tl.maximum(tl.load(num_pages_ptr + seq).to(tl.int32), 0), max_pages)
+    count = tl.load(num_pages_ptr + seq).to(tl.int32)
+    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens (quest_step)
+        count = tl.cdiv(count, COUNT_PAGE_SIZE)
+    n = tl.minimum(tl.maximum(count, 0), max_pages)
     first = chunk * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
     _score_blocks(
@@ -119,7 +157,7 @@ def _page_scores_kernel(
         page_table_ptr + seq.to(tl.int64) * stride_ts,
         out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
         n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
-        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
+        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -130,18 +168,35 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
+    """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
+    through the ``ieee`` path). The interpreter keeps the elementwise form."""
+    use_dot = _USE_DOT and query.device.type == "cuda" and query.dtype == key_min.dtype
+    precision = "ieee" if key_min.dtype == torch.float32 else "tf32"
+    return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
+
+
 def score_grid(
-    device: torch.device, num_seqs: int, num_kv_heads: int, max_pages: int, head_dim: int
+    device: torch.device,
+    num_seqs: int,
+    num_kv_heads: int,
+    max_pages: int,
+    head_dim: int,
+    use_dot: bool,
 ) -> tuple[int, int, int]:
     """``(BLOCK_P, blocks_per_program, programs_per_row)`` for a score launch.
 
     Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
     """
     block_d = triton.next_power_of_2(head_dim)
-    block_p = max(16, _TILE_ELEMENTS // block_d) if device.type == "cuda" else 16
+    tile = _TILE_ELEMENTS_DOT if use_dot else _TILE_ELEMENTS
+    block_p = max(16, tile // block_d) if device.type == "cuda" else 16
     blocks = triton.cdiv(max_pages, block_p)
+    # Rounded down: a grid just past one wave (batch 16: 5 programs a row = 640 > 528 slots)
+    # leaves a second wave of programs each as long as the first (measured 261 us instead
+    # of ~190 at 128K tokens).
     target = _PROGRAMS_PER_SM * _sm_count(device)
-    per_row = max(1, triton.cdiv(target, max(1, num_seqs * num_kv_heads)))
+    per_row = max(1, target // max(1, num_seqs * num_kv_heads))
     blocks_per_program = triton.cdiv(blocks, min(per_row, blocks))
     return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
 
@@ -203,7 +258,7 @@ def page_scores(
         )
     num_pages_total, num_kv_heads, _ = key_min.shape
     check_dim("key_min", key_min, 2, head_dim, "head_dim of query")
-    group = check_group(num_qo_heads, num_kv_heads)
+    check_group(num_qo_heads, num_kv_heads)
     check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
     check_tensor("num_pages", num_pages, ndim=1, dtypes=INDEX_DTYPES, device=device)
@@ -214,24 +269,36 @@ def page_scores(
 
     if resolve_impl(impl, device) == "torch":
         return _page_scores_torch(query, key_min, key_max, page_table, num_pages)
-    out = torch.empty(num_seqs, num_kv_heads, max_pages, dtype=torch.float32, device=device)
-    if out.numel() == 0:
-        return out
     if query.stride(2) != 1:
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
+    return _page_scores_triton(query, key_min, key_max, page_table, num_pages)
+
+
+def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0) -> torch.Tensor:
+    """Launch the score kernel (no checks, no host sync). ``count``: valid pages per
+    sequence, or with ``page_size > 0`` tokens per sequence."""
+    num_seqs, num_qo_heads, head_dim = query.shape
+    num_kv_heads = key_min.shape[1]
+    max_pages = page_table.shape[1]
+    device = query.device
+    out = torch.empty(num_seqs, num_kv_heads, max_pages, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
+    dot = dot_options(query, key_min)
     block_p, blocks_per_program, per_row = score_grid(
-        device, num_seqs, num_kv_heads, max_pages, head_dim
+        device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"]
     )
     _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
-        query, key_min, key_max, page_table, num_pages, out,
+        query, key_min, key_max, page_table, count, out,
         num_kv_heads, max_pages, blocks_per_program,
         query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_P=block_p, USE_PDL=pdl_enabled(device),
-        num_warps=_NUM_WARPS, **launch_options(device),
+        GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, COUNT_PAGE_SIZE=page_size,
+        **dot, USE_PDL=pdl_enabled(device), num_warps=_NUM_WARPS,
+        **launch_options(device),
     )  # fmt: skip
     return out
 

@@ -22,9 +22,13 @@ Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here)
   ``chunks * k`` candidates, which sit in index order. A list too long for registers is
   looped over in blocks (every level re-reads it), the correct but slow path for huge k.
 
-Expected cost (issue-bound estimates, unmeasured): about 30 instructions per element and
-level plus ~0.5 us of barriers a level — ~3-4 us for 8 rows of 2048 pages, ~5 us for 8192,
-~10 us (two launches) for 65536 pages at k = 256.
+* **Physical ids.** On request (:mod:`longquest.kernels.quest_step`) the final pass also
+  writes each chosen page's id from the page table, so attention skips that lookup.
+
+Measured on an H100, CUDA graph, k = 256, 8 rows (benchmarks/NOTES-kernels.md): 8.0-8.4 us
+at 2048 pages, 14-15 us at 8192 (two passes), 30 us at 65536. Slower there: a one-hot count
+instead of tl.histogram (12.6 us at 2048), 4 or 16 warps instead of 8, 8-bit digits, and
+spreading each bin over 8 or 32 lane-tagged counters (11-21 us).
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor, resolve_impl
+from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
 
 _DIGIT_BITS = 4  # 16-bin histograms; 8 levels of radix select
 _USE_HISTOGRAM = True  # False counts digits with a one-hot sum instead of tl.histogram
+_NUM_WARPS = 0  # 0: from the list length (8 warps at 2048 pages, 16 from 4096)
 _SINGLE_PASS_MAX = 4096  # rows up to this many pages: one program, one launch
 _REGISTER_MAX = 8192  # the longest list one program holds in registers
 _LOOP_BLOCK = 4096  # block size when a list is looped over
+_MIN_CHUNK = 2048  # pass-1 chunks of a two-pass selection hold at least this many pages
 
 
 @triton.jit
@@ -93,57 +100,18 @@ def _digit_counts(
 
 
 @triton.jit
-def _select_kernel(
-    score_ptr,
-    index_ptr,
-    num_pages_ptr,
-    pin_ptr,
-    out_score_ptr,
-    out_index_ptr,
-    num_kv_heads,
-    max_pages,
-    chunk_len,
-    list_len,
-    k_out,
-    stride_ss,
-    stride_sh,
-    stride_out_row,
-    stride_out_chunk,
-    FROM_CANDIDATES: tl.constexpr,
-    PIN: tl.constexpr,
-    BLOCK: tl.constexpr,
-    IN_REGISTERS: tl.constexpr,
-    OUT_BLOCK: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
-    NUM_BINS: tl.constexpr,
-    USE_HISTOGRAM: tl.constexpr,
-):
-    row = tl.program_id(0)  # seq * num_kv_heads + head
-    chunk = tl.program_id(1)
-    seq = row // num_kv_heads
-    n = tl.minimum(tl.maximum(tl.load(num_pages_ptr + seq).to(tl.int32), 0), max_pages)
-    pin_index = -1
-    if FROM_CANDIDATES:
-        # Pass 2: the row's chunks * k_chunk candidates (index -1: none), in index order.
-        # k_chunk = list_len // num_chunks candidates came from each chunk of chunk_len pages.
-        score_ptr += row.to(tl.int64) * list_len
-        index_ptr += row.to(tl.int64) * list_len
-        start, end = 0, list_len
-        k_chunk = list_len // tl.cdiv(max_pages, chunk_len)
-        full = n // chunk_len
-        count = full * k_chunk + tl.minimum(k_chunk, n - full * chunk_len)
-    else:
-        score_ptr += seq.to(tl.int64) * stride_ss + (row % num_kv_heads) * stride_sh
-        start = chunk * chunk_len
-        end = tl.minimum(start + chunk_len, n)
-        count = tl.maximum(end - start, 0)
-        if PIN == 1:
-            pin_index = n - 1
-        if PIN == 2:
-            pin_index = tl.where(tl.load(pin_ptr + seq) != 0, n - 1, -1)
+def _select_row(
+    score_ptr, index_ptr, start, end, count, pin_index, k_out,
+    out_score_ptr, out_index_ptr, out_page_ptr, table_row,
+    FROM_CANDIDATES: tl.constexpr, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
+    OUT_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
+    USE_HISTOGRAM: tl.constexpr, WRITE_PAGES: tl.constexpr,
+):  # fmt: skip
+    """Top ``k_out`` of list positions ``start .. end - 1`` (``count`` of them valid), written
+    in index order to ``out_score_ptr`` / ``out_index_ptr`` and padded with -inf / -1; with
+    ``WRITE_PAGES`` also each chosen page's physical id (``table_row[index]``) to
+    ``out_page_ptr`` (-1 padding)."""
     k = tl.minimum(k_out, count)
-    out_score_ptr += row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
-    out_index_ptr += row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
     lanes = tl.arange(0, BLOCK)
     if IN_REGISTERS:
         score, index, key = _load_block(
@@ -197,6 +165,9 @@ def _select_kernel(
         position = above_seen + tl.minimum(ties_seen, ties)
         tl.store(out_score_ptr + position, score, mask=chosen)
         tl.store(out_index_ptr + position, index.to(tl.int32), mask=chosen)
+        if WRITE_PAGES:
+            page = tl.load(table_row + index, mask=chosen, other=0)
+            tl.store(out_page_ptr + position, page.to(tl.int32), mask=chosen)
         above_before += tl.sum(is_above.to(tl.int32), axis=0)
         ties_before += tl.sum(is_tie.to(tl.int32), axis=0)
 
@@ -205,6 +176,56 @@ def _select_kernel(
         pad = (slots >= k) & (slots < k_out)
         tl.store(out_score_ptr + slots, tl.full([OUT_BLOCK], float("-inf"), tl.float32), pad)
         tl.store(out_index_ptr + slots, tl.full([OUT_BLOCK], -1, tl.int32), pad)
+        if WRITE_PAGES:
+            tl.store(out_page_ptr + slots, tl.full([OUT_BLOCK], -1, tl.int32), pad)
+
+
+@triton.jit
+def _select_kernel(
+    score_ptr, index_ptr, num_pages_ptr, pin_ptr, out_score_ptr, out_index_ptr,
+    out_page_ptr, table_ptr,
+    num_kv_heads, max_pages, chunk_len, list_len, k_out,
+    stride_ss, stride_sh, stride_out_row, stride_out_chunk, stride_table,
+    FROM_CANDIDATES: tl.constexpr, PIN: tl.constexpr, BLOCK: tl.constexpr,
+    IN_REGISTERS: tl.constexpr, OUT_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    NUM_BINS: tl.constexpr, USE_HISTOGRAM: tl.constexpr,
+    WRITE_PAGES: tl.constexpr, COUNT_PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # seq * num_kv_heads + head
+    chunk = tl.program_id(1)
+    seq = row // num_kv_heads
+    _wait_for_inputs(USE_PDL)
+    n = tl.load(num_pages_ptr + seq).to(tl.int32)
+    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens (quest_step)
+        n = tl.cdiv(n, COUNT_PAGE_SIZE)
+    n = tl.minimum(tl.maximum(n, 0), max_pages)
+    pin_index = -1
+    if FROM_CANDIDATES:
+        # Pass 2: the row's chunks * k_chunk candidates (index -1: none), in index order.
+        # k_chunk = list_len // num_chunks candidates came from each chunk of chunk_len pages.
+        score_ptr += row.to(tl.int64) * list_len
+        index_ptr += row.to(tl.int64) * list_len
+        start, end = 0, list_len
+        k_chunk = list_len // tl.cdiv(max_pages, chunk_len)
+        full = n // chunk_len
+        count = full * k_chunk + tl.minimum(k_chunk, n - full * chunk_len)
+    else:
+        score_ptr += seq.to(tl.int64) * stride_ss + (row % num_kv_heads) * stride_sh
+        start = chunk * chunk_len
+        end = tl.minimum(start + chunk_len, n)
+        count = tl.maximum(end - start, 0)
+        if PIN == 1:
+            pin_index = n - 1
+        if PIN == 2:
+            pin_index = tl.where(tl.load(pin_ptr + seq) != 0, n - 1, -1)
+    offset = row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
+    _select_row(
+        score_ptr, index_ptr, start, end, count, pin_index, k_out,
+        out_score_ptr + offset, out_index_ptr + offset, out_page_ptr + offset,
+        table_ptr + seq.to(tl.int64) * stride_table,
+        FROM_CANDIDATES, BLOCK, IN_REGISTERS, OUT_BLOCK, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM,
+        WRITE_PAGES,
+    )  # fmt: skip
 
 
 def _select_pages_torch(scores, num_pages, top_k, pins) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,21 +264,34 @@ def _select_pages_triton(
     top_k: int,
     pin_last: bool | torch.Tensor,
     *,
-    single_pass_max: int = _SINGLE_PASS_MAX,
-    register_max: int = _REGISTER_MAX,
-    loop_block: int = _LOOP_BLOCK,
+    single_pass_max: int | None = None,
+    register_max: int | None = None,
+    loop_block: int | None = None,
     chunk: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch one or two selection passes (see the module docstring); tests shrink the sizes."""
+    page_size: int = 0,
+    page_table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch one or two selection passes (see the module docstring); tests shrink the sizes.
+
+    With ``page_size > 0``, ``num_pages`` holds tokens per sequence (pages are rounded up).
+    With a ``page_table`` (unit inner stride) also return the chosen pages' physical ids.
+    """
+    # The module's sizes, read per call so that tests can shrink them.
+    single_pass_max = _SINGLE_PASS_MAX if single_pass_max is None else single_pass_max
+    register_max = _REGISTER_MAX if register_max is None else register_max
+    loop_block = _LOOP_BLOCK if loop_block is None else loop_block
     num_seqs, num_kv_heads, max_pages = scores.shape
     device = scores.device
     top_scores = torch.empty(num_seqs, num_kv_heads, top_k, device=device)
     indices = torch.empty(num_seqs, num_kv_heads, top_k, dtype=torch.int32, device=device)
+    pages = torch.empty_like(indices) if page_table is not None else indices
+    done = (top_scores, indices) if page_table is None else (top_scores, indices, pages)
     rows = num_seqs * num_kv_heads
     if rows == 0:
-        return top_scores, indices
+        return done
     if max_pages == 0:
-        return top_scores.fill_(-math.inf), indices.fill_(-1)
+        top_scores.fill_(-math.inf), indices.fill_(-1), pages.fill_(-1)
+        return done
     if scores.stride(2) != 1:
         scores = scores.contiguous()
     if isinstance(pin_last, torch.Tensor):
@@ -271,38 +305,28 @@ def _select_pages_triton(
         OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
     )
 
-    def launch(grid, *, src, out, strides, from_candidates, chunk_len, list_len, k_out):
+    def launch(grid, *, src, out, strides, from_candidates, chunk_len, list_len, k_out, write):
         length = list_len if from_candidates else min(chunk_len, max_pages)
         fits = length <= register_max
         block = triton.next_power_of_2(length) if fits else loop_block
-        num_warps = max(4, min(16, block // 256))
+        num_warps = _NUM_WARPS or max(4, min(16, block // 256))
         # No lane may hold a replicated element: tl.histogram's GPU lowering would count it
         # once per replica.
         block = max(block, 32 * num_warps)
         _select_kernel[grid](
-            *src,
-            num_pages,
-            pins,
-            *out,
-            num_kv_heads,
-            max_pages,
-            chunk_len,
-            list_len,
-            k_out,
-            scores.stride(0),
-            scores.stride(1),
-            *strides,
-            FROM_CANDIDATES=from_candidates,
-            PIN=0 if from_candidates else pin_mode,
-            BLOCK=block,
-            IN_REGISTERS=fits,
-            num_warps=num_warps,
-            **common,
-        )
+            *src, num_pages, pins, *out, pages if write else out[1],
+            page_table if write else num_pages,
+            num_kv_heads, max_pages, chunk_len, list_len, k_out,
+            scores.stride(0), scores.stride(1), *strides,
+            page_table.stride(0) if write else 0,
+            FROM_CANDIDATES=from_candidates, PIN=0 if from_candidates else pin_mode, BLOCK=block,
+            IN_REGISTERS=fits, WRITE_PAGES=write, COUNT_PAGE_SIZE=page_size,
+            USE_PDL=pdl_enabled(device), num_warps=num_warps, **common, **launch_options(device),
+        )  # fmt: skip
 
     if chunk is None:
         chunk = triton.next_power_of_2(math.isqrt(max_pages * top_k))
-        chunk = max(2048, min(register_max, chunk))
+        chunk = max(_MIN_CHUNK, min(register_max, chunk))
     k_chunk = min(top_k, chunk)
     num_chunks = triton.cdiv(max_pages, chunk)
     if max_pages <= single_pass_max or num_chunks == 1 or 2 * k_chunk > chunk:
@@ -315,8 +339,9 @@ def _select_pages_triton(
             chunk_len=max_pages,
             list_len=0,
             k_out=top_k,
+            write=page_table is not None,
         )
-        return top_scores, indices
+        return done
     list_len = num_chunks * k_chunk
     cand_scores = torch.empty(rows, list_len, device=device)
     cand_index = torch.empty(rows, list_len, dtype=torch.int32, device=device)
@@ -329,6 +354,7 @@ def _select_pages_triton(
         chunk_len=chunk,
         list_len=list_len,
         k_out=k_chunk,
+        write=False,
     )
     launch(
         (rows, 1),
@@ -339,8 +365,9 @@ def _select_pages_triton(
         chunk_len=chunk,
         list_len=list_len,
         k_out=top_k,
+        write=page_table is not None,
     )
-    return top_scores, indices
+    return done
 
 
 def select_pages(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from longquest.kernels import scores as scores_module
 from longquest.kernels.ref import page_scores_ref
 from longquest.kernels.scores import page_scores
 
@@ -74,6 +75,26 @@ def test_half_precision_bounds_and_query(device, impl, dtype):
         seed=5,
     )
     _check(args, impl)
+
+
+@pytest.mark.parametrize("programs_per_sm", [3, 5, 40])
+def test_rows_split_over_programs(device, monkeypatch, programs_per_sm):
+    # Rows of 7 blocks over 2 (4 + 3 blocks), 3 (3 + 3 + 1) or 7 programs: the pipelined block
+    # loop at every length, and programs that start past the second sequence's 20 pages.
+    monkeypatch.setattr(scores_module, "_PROGRAMS_PER_SM", programs_per_sm)
+    args = _inputs(
+        device,
+        seqs=2,
+        qo_heads=4,
+        kv_heads=1,
+        head_dim=32,
+        pool=120,
+        num_pages=[100, 20],
+        width=100,
+        dtype=torch.float32,
+        seed=programs_per_sm,
+    )
+    _check(args, "triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
