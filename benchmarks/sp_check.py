@@ -86,8 +86,8 @@ def make_engine(model, config, quest, *, num_pages, device, group=None, rank=0, 
     )  # fmt: skip
 
 
-def free(*objects) -> None:
-    del objects
+def free() -> None:
+    """Return freed cache memory to the device (callers ``del`` their references first)."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -95,7 +95,7 @@ def free(*objects) -> None:
 def equivalence(model, config, *, rank, world, group, device, prompt_len, steps) -> list[dict]:
     g = torch.Generator().manual_seed(1234)
     prompt = torch.randint(0, config.vocab_size, (prompt_len,), generator=g).tolist()
-    params = SamplingParams(max_tokens=steps, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_tokens=steps, ignore_eos=True, logprobs=5)
     rows = []
     for name, quest in (
         ("dense", QuestConfig(token_budget=None)),
@@ -107,22 +107,31 @@ def equivalence(model, config, *, rank, world, group, device, prompt_len, steps)
         start = time.perf_counter()
         (sp,) = engine.generate([prompt], [params])
         sp_seconds = time.perf_counter() - start
-        free(engine)
+        del engine
+        free()
         dist.barrier()
         if rank == 0:
             single_engine = make_engine(model, config, quest, num_pages=pages, device=device)
             (single,) = single_engine.generate([prompt], [params])
-            free(single_engine)
+            del single_engine
+            free()
             same = 0
             while same < steps and sp.token_ids[same] == single.token_ids[same]:
                 same += 1
             row = {"mode": name, "prompt_tokens": prompt_len, "steps": steps,
                    "identical_prefix": same, "all_identical": same == steps,
                    "sp_seconds": round(sp_seconds, 3)}  # fmt: skip
+            # How close the two runs' distributions are before any divergence.
+            diffs = [abs(a[t] - b[t]) for a, b in zip(sp.logprobs[:same], single.logprobs[:same])
+                     for t in a if t in b]  # fmt: skip
+            row["max_logprob_diff_before_divergence"] = max(diffs) if diffs else None
             if same < steps:
                 ranked = sorted(single.logprobs[same].values(), reverse=True)
                 row["divergence_step"] = same
                 row["single_top2_margin"] = ranked[0] - ranked[1] if len(ranked) > 1 else None
+                row["sp_top2_margin"] = (lambda r: r[0] - r[1])(
+                    sorted(sp.logprobs[same].values(), reverse=True)
+                )
             rows.append(row)
             print("equivalence", json.dumps(row), flush=True)
         dist.barrier()
@@ -148,7 +157,8 @@ def capacity_and_long_decode(model, config, *, rank, world, group, device, conte
         except CacheCapacityError as error:
             result["single_gpu_refused"] = True
             result["single_gpu_message"] = str(error)
-        free(single)
+        del single
+        free()
         log(rank, "single GPU:", json.dumps(result))
     dist.barrier()
     pages = cache_pages(config=config, cache=CacheConfig(), page_size=16, dtype=DTYPE,
@@ -173,7 +183,8 @@ def capacity_and_long_decode(model, config, *, rank, world, group, device, conte
             "pool_pages_per_rank": pages,
         }
         log(rank, name, json.dumps({k: v for k, v in timings[name].items() if k != "tokens"}))
-        free(engine, seq)
+        del engine, seq
+        free()
         dist.barrier()
     result["decode"] = timings
     q, d = timings["quest-4096"], timings["dense-sp"]
