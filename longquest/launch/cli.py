@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="passkey retrieval over long documents (no GPU)")
     demo.add_argument("--trials", type=int, default=4)
     demo.add_argument("--context", type=int, default=3000, help="tokens per document")
-    demo.add_argument("--budget", type=int, default=256)
+    demo.add_argument("--budget", type=int, default=512)
     demo.add_argument("--world-size", type=int, default=2)
     demo.add_argument("--launcher", default="ray", choices=["ray", "local"])
     demo.set_defaults(func=_cmd_demo)

@@ -13,7 +13,7 @@ def run_demo(
     *,
     trials: int = 4,
     context_tokens: int = 3000,
-    token_budget: int = 256,
+    token_budget: int = 512,
     world_size: int = 2,
     launcher: str = "ray",
     max_tokens: int = 12,
