@@ -191,7 +191,9 @@ class LLMEngine:
 
     def _slot(self, seq: Sequence, position: int) -> int:
         page, offset = divmod(position, self.page_size)
-        physical = dict(seq.local_pages)[page]
+        last_page, last_physical = seq.local_pages[-1]
+        # A decode step writes into the newest page: skip building a map of every page.
+        physical = last_physical if page == last_page else dict(seq.local_pages)[page]
         return physical * self.page_size + offset
 
     # ------------------------------------------------------------------- prefill
@@ -203,8 +205,10 @@ class LLMEngine:
         for start in range(0, len(prompt), self.prefill_chunk_tokens):
             end = min(start + self.prefill_chunk_tokens, len(prompt))
             self._grow(seq, end)
+            local = dict(seq.local_pages)  # once per chunk, not once per token
+            size = self.page_size
             slots = torch.tensor(
-                [self._slot(seq, p) for p in range(start, end)], dtype=torch.int64
+                [local[p // size] * size + p % size for p in range(start, end)], dtype=torch.int64
             ).to(self.device)
             page_table = torch.tensor([p for _, p in seq.local_pages], dtype=torch.int32)
             meta = PrefillMetadata(
