@@ -19,13 +19,13 @@ import torch
 
 from longquest.engine.attention import (
     AttentionComm,
-    DecodeMetadata,
     LocalComm,
     PagedAttention,
     PrefillMetadata,
 )
 from longquest.engine.cache import CacheCapacityError, KVCache, PageAllocator, pages_for
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
+from longquest.engine.decode_batch import DecodeBatch
 from longquest.engine.model import Model
 from longquest.engine.sampler import sample, top_logprobs
 from longquest.engine.sequence import RequestOutput, Sequence
@@ -66,6 +66,7 @@ class LLMEngine:
         rank: int = 0,
         owner: PageOwner | None = None,
         comm: AttentionComm | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
@@ -83,6 +84,14 @@ class LLMEngine:
         self.owner = owner or OwnEverything()
         self.comm = comm or LocalComm()
         self.device = cache.k.device
+        # Decode steps replay CUDA graphs by default on CUDA with the Triton kernels.
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and impl in (None, "triton")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA cache, got {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._batch: DecodeBatch | None = None
 
     # ----------------------------------------------------------------- public API
     world_size = 1
@@ -185,16 +194,10 @@ class LLMEngine:
                 seq.local_pages.append((page, physical))
 
     def _release(self, seq: Sequence) -> None:
+        self._batch = None  # its tables name the pages freed here
         self.allocator.free([physical for _, physical in seq.local_pages])
         self.allocator.release_reservation(seq.reserved_pages)
         seq.local_pages, seq.reserved_pages = [], 0
-
-    def _slot(self, seq: Sequence, position: int) -> int:
-        page, offset = divmod(position, self.page_size)
-        last_page, last_physical = seq.local_pages[-1]
-        # A decode step writes into the newest page: skip building a map of every page.
-        physical = last_physical if page == last_page else dict(seq.local_pages)[page]
-        return physical * self.page_size + offset
 
     # ------------------------------------------------------------------- prefill
     def _prefill(self, seq: Sequence, on_progress) -> None:
@@ -235,19 +238,18 @@ class LLMEngine:
     # -------------------------------------------------------------------- decode
     def _decode_step(self, running: list[Sequence]) -> None:
         start_time = time.perf_counter()
-        meta = self._decode_metadata(running)
-        attention = PagedAttention(
-            cache=self.cache, quest=self.quest, metadata=meta, comm=self.comm, impl=self.impl
-        )
-        ids = torch.tensor([s.token_ids[-1] for s in running], dtype=torch.int64)
-        positions = torch.tensor([s.length - 1 for s in running], dtype=torch.int64)
-        with torch.inference_mode():
-            hidden = self.model(
-                input_ids=ids.to(self.device),
-                positions=positions.to(self.device),
-                attention=attention,
+        batch, sparse = self._prepare_decode(running)
+
+        def forward() -> torch.Tensor:
+            ids, positions, meta = batch.inputs(sparse=sparse)
+            attention = PagedAttention(
+                cache=self.cache, quest=self.quest, metadata=meta, comm=self.comm, impl=self.impl
             )
-            logits = self.model.compute_logits(hidden)
+            hidden = self.model(input_ids=ids, positions=positions, attention=attention)
+            return self.model.compute_logits(hidden)
+
+        with torch.inference_mode():
+            logits = batch.run(sparse=sparse, forward=forward)
         self._accept(seq_list=running, logits=logits)
         elapsed = time.perf_counter() - start_time
         budget = self.quest.page_budget
@@ -258,49 +260,47 @@ class LLMEngine:
             seq.pages_total_sum += total
             seq.pages_attended_sum += total if budget is None else min(budget, total)
 
-    def _decode_metadata(self, running: list[Sequence]) -> DecodeMetadata:
-        """Page tables of this rank's pages after appending each sequence's newest token."""
-        rows, slots, tables, globals_, lens, pins = [], [], [], [], [], []
-        sparse = False
-        for row, seq in enumerate(running):
+    def _prepare_decode(self, running: list[Sequence]) -> tuple[DecodeBatch, bool]:
+        """Grow every sequence by its newest token and load the step into the batch buffers.
+
+        Returns the batch (rebuilt when the running sequences changed) and whether any
+        sequence has more pages than the budget (else scoring is skipped).
+        """
+        ids = [s.request_id for s in running]
+        batch = self._batch
+        if batch is None or batch.request_ids != ids:
+            self._batch = None  # free the old buffers and graphs first
+            width = max(len(s.local_pages) + s.reserved_pages for s in running)
+            batch = self._batch = DecodeBatch(
+                request_ids=ids,
+                width=width,
+                page_size=self.page_size,
+                device=self.device,
+                use_graphs=self.cuda_graphs,
+                graph_pool=self._graph_pool,
+            )
+        rows, sparse, budget = [], False, self.quest.page_budget
+        for seq in running:
             position = seq.length - 1
             self._grow(seq, position + 1)
-            page = position // self.page_size
-            owns_newest = bool(seq.local_pages) and seq.local_pages[-1][0] == page
-            if owns_newest:
-                rows.append(row)
-                slots.append(self._slot(seq, position))
-            tables.append([p for _, p in seq.local_pages])
-            globals_.append([g for g, _ in seq.local_pages])
-            full = (len(seq.local_pages) - (1 if owns_newest else 0)) * self.page_size
-            lens.append(full + (position % self.page_size + 1 if owns_newest else 0))
-            pins.append(owns_newest)
-            budget = self.quest.page_budget
-            sparse |= budget is not None and pages_for(position + 1, self.page_size) > budget
-        width = max(1, max(len(t) for t in tables))
-        pad = [t + [0] * (width - len(t)) for t in tables]
-        gpad = [g + [-1] * (width - len(g)) for g in globals_]
-        device = self.device
-        slot_tensor = torch.tensor(slots, dtype=torch.int64).to(device) if slots else None
-        return DecodeMetadata(
-            append_plan=(
-                plan_append(slot_mapping=slot_tensor, page_size=self.page_size)
-                if slot_tensor is not None
-                else None
-            ),
-            slot_mapping=slot_tensor,
-            append_rows=(
-                None
-                if len(rows) == len(running)
-                else torch.tensor(rows, dtype=torch.int64).to(device)
-            ),
-            page_table=torch.tensor(pad, dtype=torch.int32).to(device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32).to(device),
-            num_pages=torch.tensor([len(t) for t in tables], dtype=torch.int32).to(device),
-            global_pages=torch.tensor(gpad, dtype=torch.int32).to(device),
-            pin_last=torch.tensor(pins, dtype=torch.bool).to(device),
-            sparse=sparse,
-        )
+            page, offset = divmod(position, self.page_size)
+            pages = seq.local_pages
+            owns_newest = bool(pages) and pages[-1][0] == page
+            full = (len(pages) - owns_newest) * self.page_size
+            rows.append(
+                (
+                    seq.token_ids[-1],
+                    position,
+                    pages[-1][1] if owns_newest else -1,
+                    offset,
+                    full + (offset + 1 if owns_newest else 0),
+                    len(pages),
+                    int(owns_newest),
+                )
+            )
+            sparse |= budget is not None and page + 1 > budget
+        batch.update(rows=rows, local_pages=[s.local_pages for s in running])
+        return batch, sparse
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):

@@ -5,7 +5,7 @@ devices, and accepts ``impl="triton" | "torch" | None`` (None: Triton on CUDA,
 PyTorch elsewhere). Layouts are documented in :mod:`longquest.kernels.ref`.
 """
 
-from longquest.kernels.append import AppendPlan, append_kv, plan_append
+from longquest.kernels.append import AppendPlan, append_kv, plan_append, plan_decode_append
 from longquest.kernels.decode import paged_decode_attention
 from longquest.kernels.merge import merge_attention_states
 from longquest.kernels.prefill import prefill_attention
@@ -19,6 +19,7 @@ __all__ = [
     "page_scores",
     "paged_decode_attention",
     "plan_append",
+    "plan_decode_append",
     "prefill_attention",
     "select_pages",
 ]

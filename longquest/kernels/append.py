@@ -58,9 +58,13 @@ def _append_kv_kernel(
     head = tl.program_id(1)
     # int64: page * page stride overflows int32 for pools past ~2G elements.
     page = tl.load(page_ids_ptr + run).to(tl.int64)
+    # A negative page skips the run (plan_decode_append: a row this rank does not store).
+    keep = page >= 0
+    page = tl.maximum(page, 0)
     first = tl.load(page_offsets_ptr + run)
     token_start = tl.load(token_starts_ptr + run)
-    end = first + tl.load(token_starts_ptr + run + 1) - token_start
+    end = tl.where(keep, first + tl.load(token_starts_ptr + run + 1) - token_start, 0)
+    first = tl.where(keep, first, 0)
 
     slots = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
@@ -87,8 +91,9 @@ def _append_kv_kernel(
     low = tl.min(tl.where(filled, keys, float("inf")), axis=0)
     high = tl.max(tl.where(filled, keys, float("-inf")), axis=0)
     bound = page * stride_bp + head * stride_bh + dims
-    tl.store(key_min_ptr + bound, low.to(key_min_ptr.dtype.element_ty), mask=dim_ok)
-    tl.store(key_max_ptr + bound, high.to(key_max_ptr.dtype.element_ty), mask=dim_ok)
+    bound_ok = dims < tl.where(keep, HEAD_DIM, 0)
+    tl.store(key_min_ptr + bound, low.to(key_min_ptr.dtype.element_ty), mask=bound_ok)
+    tl.store(key_max_ptr + bound, high.to(key_max_ptr.dtype.element_ty), mask=bound_ok)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,15 +174,50 @@ def plan_append(*, slot_mapping: torch.Tensor, page_size: int) -> AppendPlan:
     )
 
 
+def plan_decode_append(
+    *, page_ids: torch.Tensor, page_offsets: torch.Tensor, page_size: int
+) -> AppendPlan:
+    """The append plan of a decode step (one new token per row), built without a host sync.
+
+    page_ids: ``[num_seqs]`` int32 — the page each row's token goes to, or ``-1`` to skip
+    the row (sequence parallelism: another rank stores it).
+    page_offsets: ``[num_seqs]`` int32 — the slot within that page.
+    Both stay referenced by the plan, so a caller may refill them in place between CUDA
+    graph replays. The page ids are trusted (no range check: that would sync); the rows'
+    pages must differ, as they do for distinct sequences.
+    """
+    check_tensor("page_ids", page_ids, ndim=1, dtypes=(torch.int32,))
+    device = page_ids.device
+    check_tensor("page_offsets", page_offsets, ndim=1, dtypes=(torch.int32,), device=device)
+    num_rows = page_ids.shape[0]
+    check_dim("page_offsets", page_offsets, 0, num_rows, "num_seqs")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    return AppendPlan(
+        page_ids=page_ids,
+        page_offsets=page_offsets,
+        token_starts=torch.arange(num_rows + 1, dtype=torch.int32, device=device),
+        slot_mapping=page_ids.long() * page_size + page_offsets.long(),
+        page_size=page_size,
+        num_tokens=num_rows,
+        max_run_length=1,
+        max_page_id=-1,  # unknown without a sync; the caller vouches for the ids
+    )
+
+
 def _append_kv_torch(key, value, k_cache, v_cache, key_min, key_max, plan: AppendPlan) -> None:
     """Vectorised PyTorch path: scatter the tokens, then recompute the touched pages' bounds."""
     page_size = k_cache.shape[2]
     slots = plan.slot_mapping.long()
+    keep_tokens = slots >= 0  # a decode plan's skipped rows have negative slots
+    if not bool(keep_tokens.all()):
+        slots, key, value = slots[keep_tokens], key[keep_tokens], value[keep_tokens]
     pages, offsets = slots // page_size, slots % page_size
     k_cache[pages, :, offsets] = key  # advanced indices around a slice: [num_tokens, H, D]
     v_cache[pages, :, offsets] = value
-    touched = plan.page_ids.long()
-    filled = plan.page_offsets.long() + plan.token_starts.long().diff()  # [num_runs]
+    keep_runs = plan.page_ids >= 0
+    touched = plan.page_ids.long()[keep_runs]
+    filled = (plan.page_offsets.long() + plan.token_starts.long().diff())[keep_runs]
     keys = k_cache[touched]  # [num_runs, num_kv_heads, page_size, head_dim]
     empty = torch.arange(page_size, device=keys.device)[None, :] >= filled[:, None]
     empty = empty[:, None, :, None]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from longquest.kernels.append import AppendPlan, append_kv, plan_append
+from longquest.kernels.append import AppendPlan, append_kv, plan_append, plan_decode_append
 from longquest.kernels.ref import append_kv_ref
 
 IMPLS = ("triton", "torch")
@@ -88,6 +88,47 @@ def test_decode_batch_of_ragged_sequences(device, impl, use_plan):
         steps.append((torch.tensor(slots, device=device), key, value))
         lengths = [n + 1 for n in lengths]
     _apply(steps, pools, impl=impl, use_plan=use_plan)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_plan_built_on_device_skips_rows(device, impl):
+    """plan_decode_append: rows with page -1 write nothing; the rest equal the reference."""
+    page_size, heads, head_dim = 4, 2, 32
+    pools = _pool(device, page_size=page_size, heads=heads, head_dim=head_dim)
+    gen = torch.Generator().manual_seed(5)
+    pages = torch.tensor([3, -1, 8, -1, 6], dtype=torch.int32)
+    offsets = torch.tensor([1, 2, 0, 3, 3], dtype=torch.int32)
+    key, value = _tokens(5, heads, head_dim, torch.float32, device, gen)
+    expected = [t.cpu().clone() for t in pools]
+    keep = pages >= 0
+    append_kv_ref(
+        key=key.cpu()[keep],
+        value=value.cpu()[keep],
+        slot_mapping=(pages * page_size + offsets)[keep].long(),
+        **dict(zip(("k_cache", "v_cache", "key_min", "key_max"), expected, strict=True)),
+    )
+    page_ids, page_offsets = pages.to(device), offsets.to(device)
+    plan = plan_decode_append(page_ids=page_ids, page_offsets=page_offsets, page_size=page_size)
+    actual = [t.clone() for t in pools]
+    append_kv(
+        key=key,
+        value=value,
+        plan=plan,
+        impl=impl,
+        **dict(zip(("k_cache", "v_cache", "key_min", "key_max"), actual, strict=True)),
+    )
+    for name, want, got in zip(("k_cache", "v_cache", "key_min", "key_max"), expected, actual):
+        assert torch.equal(want, got.cpu()), name
+
+
+def test_decode_plan_rejects_bad_arguments():
+    ids = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="page_ids"):
+        plan_decode_append(page_ids=ids.long(), page_offsets=ids, page_size=4)
+    with pytest.raises(ValueError, match="page_offsets"):
+        plan_decode_append(page_ids=ids, page_offsets=ids[:2], page_size=4)
+    with pytest.raises(ValueError, match="page_size"):
+        plan_decode_append(page_ids=ids, page_offsets=ids, page_size=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,0 +1,140 @@
+"""The running batch's decode metadata, kept on the device, and its CUDA graphs.
+
+A decode step used to rebuild every sequence's page table in Python (``O(pages)``:
+tens of milliseconds at a million tokens). Here the tables live in device buffers
+for as long as the batch keeps the same sequences: a step sends one small
+``[num_seqs, 7]`` int64 tensor (token, position, append page, append offset, local
+tokens, local pages, pins-newest) and writes only the pages allocated since the
+last step. Every tensor the attention layers read is derived from those buffers on
+the device, so the whole step — model, Quest selection, collectives, logits — can
+be captured once in a CUDA graph and replayed while the batch lasts (one graph per
+value of the host-side ``sparse`` flag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from longquest.engine.attention import DecodeMetadata
+from longquest.kernels import plan_decode_append
+
+# Columns of the per-step row info.
+TOKEN, POSITION, APPEND_PAGE, APPEND_OFFSET, SEQ_LEN, NUM_PAGES, PIN_LAST = range(7)
+_COLUMNS = 7
+
+
+class DecodeBatch:
+    """Device buffers of one running batch, updated in ``O(num_seqs)`` per step.
+
+    request_ids: the batch's sequences, in row order (a new batch is built when they change).
+    width: page-table columns: the most local pages any of the sequences will hold.
+    use_graphs: capture the step in a CUDA graph after its first eager run (CUDA only).
+    graph_pool: memory pool shared by the engine's graphs (``torch.cuda.graph_pool_handle()``).
+    """
+
+    def __init__(
+        self,
+        *,
+        request_ids: list[int],
+        width: int,
+        page_size: int,
+        device: torch.device,
+        use_graphs: bool = False,
+        graph_pool=None,
+    ) -> None:
+        if use_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        rows = len(request_ids)
+        self.request_ids = list(request_ids)
+        self.width = max(1, width)
+        self.page_size = page_size
+        self.device = device
+        self.use_graphs = use_graphs
+        self.graph_pool = graph_pool
+        # [num_seqs, width] int32: local physical pages in position order; -1 global padding.
+        self.page_table = torch.zeros(rows, self.width, dtype=torch.int32, device=device)
+        self.global_pages = torch.full_like(self.page_table, -1)
+        self.step_info = torch.zeros(rows, _COLUMNS, dtype=torch.int64, device=device)
+        pin = device.type == "cuda"
+        self._host_info = torch.zeros(rows, _COLUMNS, dtype=torch.int64, pin_memory=pin)
+        self.known_pages = [0] * rows  # page-table entries written so far, per row
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def update(
+        self, *, rows: list[tuple[int, int, int, int, int, int, int]], local_pages: list[list]
+    ) -> None:
+        """Load one step's row info and any pages added since the last step.
+
+        rows: per sequence ``(token, position, append_page or -1, append_offset,
+            local_tokens, local_pages, pins_newest)``.
+        local_pages: per sequence, its ``(global page, physical page)`` list (only the
+            entries past what this batch has already written are read).
+        """
+        host = self._host_info
+        host.copy_(torch.tensor(rows, dtype=torch.int64))
+        new_rows, new_cols, new_phys, new_glob = [], [], [], []
+        for row, pages in enumerate(local_pages):
+            for col in range(self.known_pages[row], len(pages)):
+                new_rows.append(row)
+                new_cols.append(col)
+                new_glob.append(pages[col][0])
+                new_phys.append(pages[col][1])
+            self.known_pages[row] = len(pages)
+        if new_rows:
+            if max(new_cols) >= self.width:
+                raise RuntimeError(
+                    f"a sequence holds {max(new_cols) + 1} pages but the batch was sized for "
+                    f"{self.width}; this is a bug in the page reservation"
+                )
+            index = torch.tensor([new_rows, new_cols], dtype=torch.int64)
+            values = torch.tensor([new_phys, new_glob], dtype=torch.int32)
+            index, values = index.to(self.device), values.to(self.device)
+            self.page_table[index[0], index[1]] = values[0]
+            self.global_pages[index[0], index[1]] = values[1]
+        self.step_info.copy_(host, non_blocking=True)
+
+    def inputs(self, *, sparse: bool) -> tuple[torch.Tensor, torch.Tensor, DecodeMetadata]:
+        """``(input_ids [num_seqs] int64, positions [num_seqs] int64, metadata)``, all
+        derived on the device from the batch's buffers (so a graph replays them)."""
+        info = self.step_info
+        plan = plan_decode_append(
+            page_ids=info[:, APPEND_PAGE].to(torch.int32),
+            page_offsets=info[:, APPEND_OFFSET].to(torch.int32),
+            page_size=self.page_size,
+        )
+        meta = DecodeMetadata(
+            append_plan=plan,
+            slot_mapping=plan.slot_mapping,
+            append_rows=None,
+            page_table=self.page_table,
+            seq_lens=info[:, SEQ_LEN].to(torch.int32),
+            num_pages=info[:, NUM_PAGES].to(torch.int32),
+            global_pages=self.global_pages,
+            pin_last=info[:, PIN_LAST] != 0,
+            sparse=sparse,
+        )
+        return info[:, TOKEN], info[:, POSITION], meta
+
+    def run(self, *, sparse: bool, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run the step: ``forward()`` eagerly, or its CUDA graph once captured.
+
+        forward: computes the step's logits ``[num_seqs, vocab_size]`` from
+        :meth:`inputs`. Its first run with a given ``sparse`` is eager (it warms up the
+        kernels and the communicators); the graph is captured right after and replayed
+        from the next step on. The returned tensor is overwritten by the next replay.
+        """
+        if not self.use_graphs:
+            return forward()
+        captured = self._graphs.get(sparse)
+        if captured is not None:
+            graph, logits = captured
+            graph.replay()
+            return logits
+        logits = forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            static_logits = forward()
+        self._graphs[sparse] = (graph, static_logits)
+        return logits
