@@ -74,17 +74,19 @@ def fill_synthetic(
     first_token: int = 1,
     seed: int = 0,
     params: SamplingParams | None = None,
+    request_id: int = 0,
 ) -> Sequence:
     """Add a sequence of ``context_tokens`` tokens whose KV cache is random, not prefilled.
 
     Reserves pages for ``context_tokens + params.max_tokens`` like a real request
     (raising CacheCapacityError when it cannot fit), writes this rank's pages of
-    every layer, and returns the Sequence, ready for ``engine.decode(...)``: its
-    next input token is ``first_token``.
+    every layer, and returns the Sequence, ready for ``engine._decode_step([...])``: its
+    next input token is ``first_token``. Sequences decoded together need distinct
+    ``request_id`` values (and distinct ``seed`` values for distinct contents).
     """
     params = params or SamplingParams(max_tokens=64, ignore_eos=True)
     prompt = [first_token] * context_tokens
-    seq = engine._new_sequence(0, prompt, params)
+    seq = engine._new_sequence(request_id, prompt, params)
     if not engine._try_reserve(seq):
         raise ValueError("the synthetic sequence does not fit the free pages")
     engine._grow(seq, context_tokens)

@@ -1,0 +1,426 @@
+"""Decode speed at long contexts: Quest against dense, per world size, with the floor.
+
+Run one process per GPU (NCCL); ``--nproc-per-node 1`` is the single-GPU engine:
+
+    torchrun --nproc-per-node 2 benchmarks/decode.py --contexts 131072,524288,1048576
+
+The model is Llama-3.1-8B-shaped with random bf16 weights (decode speed does not
+depend on weight values). Each sequence's KV cache is filled synthetically
+(:func:`longquest.engine.synthetic.fill_synthetic`: seeded random keys and values
+per page, exact Quest bounds) instead of a prefill. For every (context, batch) that
+fits, the same engine decodes the same sequences in each mode:
+
+- ``quest-B``: Quest at a token budget B (first two layers dense);
+- ``dense``: the same engine attending to every page (under sequence parallelism:
+  the dense sequence-parallel baseline, "decode context parallelism");
+- ``sdpa`` (one GPU): the same model with torch SDPA over contiguous K/V (one K/V
+  buffer shared by all layers: the time does not depend on the values).
+
+Times are engine steps as a user sees them (CUDA graph replay, sampling, the
+broadcast of the token, Python bookkeeping), median of ``--steps`` after warm-up.
+The breakdown replays each component alone in a CUDA graph at the row's shapes.
+The floor of a row is (weight bytes + Quest metadata bytes + KV bytes read) per
+rank / the copy bandwidth measured in this run, plus the collectives per step x
+the all-gather latency measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
+from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
+from longquest.engine.engine import LLMEngine  # noqa: E402
+from longquest.engine.synthetic import (  # noqa: E402
+    decode_steps,
+    fill_synthetic,
+    llama31_8b_config,
+    random_model,
+)
+from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
+from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
+from longquest.parallel.ownership import PageOwnership  # noqa: E402
+from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
+
+PAGE = 16
+
+
+def log(rank: int, *parts) -> None:
+    if rank == 0:
+        print(*parts, flush=True)
+
+
+def tiny_config() -> ModelConfig:
+    """A small Llama for the CPU smoke test."""
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=96,
+        num_layers=3, num_qo_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=10000.0, rope_scaling=None, max_position_embeddings=1 << 20,
+        eos_token_ids=(0,),
+    )  # fmt: skip
+
+
+def timed_ms(fn, *, device: torch.device, group, iters: int = 20) -> float:
+    """Median ms of ``fn``: a CUDA graph of one call replayed ``iters`` times (every
+    rank replays the same number: collectives inside stay matched); wall clock on CPU."""
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if group is not None:
+        dist.barrier(group)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]  # fmt: skip
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    del graph
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+class SdpaAttention:
+    """Dense attention with torch SDPA over one contiguous K/V shared by every layer."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value  # [num_seqs, num_kv_heads, tokens, head_dim]
+
+    def __call__(self, *, layer, query, key, value):
+        out = F.scaled_dot_product_attention(
+            query[:, :, None], self.key, self.value, enable_gqa=True
+        )
+        return out[:, :, 0]
+
+
+def make_engine(model, config, *, num_pages, device, dtype, group, rank, world):
+    shape = CacheShape(
+        num_layers=config.num_layers,
+        num_pages=num_pages,
+        page_size=PAGE,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=dtype,
+    )
+    common = dict(model=model, model_config=config, cache=KVCache(shape, device=device),
+                  quest=QuestConfig(token_budget=None), detokenize=lambda ids: "",
+                  eos_token_ids=(), prefill_chunk_tokens=8192)  # fmt: skip
+    if world == 1:
+        return LLMEngine(**common)
+    ownership = PageOwnership(world_size=world, page_size=PAGE, prefill_chunk_tokens=8192)
+    comm = SequenceParallelComm(group=group, rank=rank, world_size=world)
+    return SequenceParallelEngine(group=group, ownership=ownership, world_size=world, rank=rank,
+                                  comm=comm, **common)  # fmt: skip
+
+
+def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
+    """ms per decode step of each component, replayed alone at this batch's shapes."""
+    config, device, cache = engine.config, engine.device, engine.cache
+    batch = engine._batch
+    rows = len(batch.request_ids)
+    dtype = cache.shape.dtype
+    world = engine.world_size
+    ids, positions, meta = batch.inputs(sparse=True)
+    query = torch.randn(rows, config.num_qo_heads, config.head_dim, device=device, dtype=dtype)
+    layer = config.num_layers - 1
+    k_cache, v_cache, key_min, key_max = cache.layer(layer)
+    budget = quest.page_budget
+    dense_layers = config.num_layers if budget is None else min(quest.dense_layers,
+                                                                 config.num_layers)  # fmt: skip
+    sparse_layers = config.num_layers - dense_layers
+    result: dict = {}
+
+    def identity(*, layer, query, key, value):
+        return query
+
+    def weights():
+        hidden = engine.model(input_ids=ids, positions=positions, attention=identity)
+        return engine.model.compute_logits(hidden)
+
+    with torch.inference_mode():
+        result["weights_and_mlp"] = timed_ms(weights, device=device, group=group, iters=iters)
+        dense_ms = timed_ms(
+            lambda: paged_decode_attention(query=query, k_cache=k_cache, v_cache=v_cache,
+                                           page_table=meta.page_table, seq_lens=meta.seq_lens,
+                                           check_pages=False),
+            device=device, group=group, iters=iters,
+        )  # fmt: skip
+        result["dense_attention"] = dense_ms * dense_layers
+        gather_ms = 0.0
+        if world > 1:
+            lse = torch.zeros(rows, config.num_qo_heads, device=device)
+            gather_ms = timed_ms(lambda: engine.comm.merge(out=query, lse=lse), device=device,
+                                 group=group, iters=iters)  # fmt: skip
+            result["collective_merge"] = gather_ms * config.num_layers
+        if sparse_layers:
+            scores = page_scores(query=query, key_min=key_min, key_max=key_max,
+                                 page_table=meta.page_table, num_pages=meta.num_pages,
+                                 check_pages=False)  # fmt: skip
+            top_scores, local = select_pages(scores=scores, num_pages=meta.num_pages,
+                                             top_k=budget, pin_last=meta.pin_last)  # fmt: skip
+            result["scores"] = sparse_layers * timed_ms(
+                lambda: page_scores(query=query, key_min=key_min, key_max=key_max,
+                                    page_table=meta.page_table, num_pages=meta.num_pages,
+                                    check_pages=False),
+                device=device, group=group, iters=iters,
+            )  # fmt: skip
+            result["top_k"] = sparse_layers * timed_ms(
+                lambda: select_pages(scores=scores, num_pages=meta.num_pages, top_k=budget,
+                                     pin_last=meta.pin_last),
+                device=device, group=group, iters=iters,
+            )  # fmt: skip
+            selected = engine.comm.select_global(
+                top_scores=top_scores,
+                local_indices=local,
+                global_pages=meta.global_pages,
+                top_k=budget,
+            )
+            if world > 1:
+                result["collective_top_k"] = sparse_layers * timed_ms(
+                    lambda: engine.comm.select_global(
+                        top_scores=top_scores, local_indices=local,
+                        global_pages=meta.global_pages, top_k=budget),
+                    device=device, group=group, iters=iters,
+                )  # fmt: skip
+            result["sparse_attention"] = sparse_layers * timed_ms(
+                lambda: paged_decode_attention(query=query, k_cache=k_cache, v_cache=v_cache,
+                                               page_table=meta.page_table,
+                                               seq_lens=meta.seq_lens, selected=selected,
+                                               check_pages=False),
+                device=device, group=group, iters=iters,
+            )  # fmt: skip
+            result["selected_pages_this_rank"] = int((selected >= 0).sum())
+    result["all_gather_latency"] = gather_ms
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: float) -> dict:
+    """The row's floor: bytes this rank must read / copy bandwidth + collective latency."""
+    config, shape = engine.config, engine.cache.shape
+    world = engine.world_size
+    model = engine.model
+    rows = len(seqs)
+    element = shape.dtype.itemsize
+    embed = config.vocab_size * config.hidden_size
+    params = sum(p.numel() for p in model.parameters())
+    # The embedding table is read one row per sequence; every other weight in full.
+    weight_bytes = (params - embed + rows * config.hidden_size) * element
+    page_kv = 2 * PAGE * config.num_kv_heads * config.head_dim * element  # K and V of a page
+    local_pages = sum(len(s.local_pages) for s in seqs)
+    budget = quest.page_budget
+    if budget is None:
+        kv_bytes = config.num_layers * local_pages * page_kv
+        meta_bytes = 0
+        collectives = config.num_layers
+    else:
+        dense = min(quest.dense_layers, config.num_layers)
+        sparse = config.num_layers - dense
+        bound = 2 * config.num_kv_heads * config.head_dim * element  # min and max of a page
+        meta_bytes = sparse * local_pages * bound
+        # Each rank attends to its share of the global top-k: budget / world on average.
+        selected = sparse * rows * math.ceil(budget / world) * page_kv
+        kv_bytes = dense * local_pages * page_kv + selected
+        collectives = dense + 2 * sparse
+    total = weight_bytes + meta_bytes + kv_bytes
+    comm_ms = (collectives + 1) * gather_ms if world > 1 else 0.0
+    return {
+        "weight_bytes": weight_bytes, "metadata_bytes": meta_bytes, "kv_bytes": kv_bytes,
+        "collectives_per_step": collectives + 1 if world > 1 else 0,
+        "floor_ms": round(total / (copy_gbps * 1e9) * 1e3 + comm_ms, 4),
+    }  # fmt: skip
+
+
+def sdpa_ms(engine, *, batch: int, context: int, iters: int) -> float | None:
+    """Per-token ms of the same model with SDPA over contiguous K/V, or None if it won't fit."""
+    config, device = engine.config, engine.device
+    need = 2 * batch * context * config.num_kv_heads * config.head_dim * 2
+    if device.type == "cuda" and need > torch.cuda.mem_get_info(device)[0] - 2 * 2**30:
+        return None
+    kv = (batch, config.num_kv_heads, context, config.head_dim)
+    key = torch.randn(kv, device=device, dtype=engine.cache.shape.dtype)
+    value = torch.randn_like(key)
+    attention = SdpaAttention(key, value)
+    ids = torch.ones(batch, dtype=torch.long, device=device)
+    positions = torch.full((batch,), context, dtype=torch.long, device=device)
+
+    def step():
+        hidden = engine.model(input_ids=ids, positions=positions, attention=attention)
+        return engine.model.compute_logits(hidden)
+
+    with torch.inference_mode():
+        ms = timed_ms(step, device=device, group=None, iters=iters)
+    del key, value
+    return ms
+
+
+def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) -> dict | None:
+    world = engine.world_size
+    modes = [(f"quest-{b}", QuestConfig(token_budget=b)) for b in budgets]
+    modes.append(("dense", QuestConfig(token_budget=None)))
+    per_mode = args.warmup + args.steps
+    params = SamplingParams(max_tokens=len(modes) * per_mode + 4, ignore_eos=True)
+    seqs = []
+    row: dict = {"context": context, "batch": batch, "world_size": world}
+    try:
+        for i in range(batch):
+            seqs.append(fill_synthetic(engine, context_tokens=context, seed=i, request_id=i,
+                                       params=params))  # fmt: skip
+    except (CacheCapacityError, ValueError) as error:
+        for seq in seqs:
+            engine._release(seq)
+        row["skipped"] = f"does not fit: {str(error)[:200]}"
+        log(rank, json.dumps(row))
+        return row
+    row["local_pages_rank0"] = sum(len(s.local_pages) for s in seqs)
+    results = {}
+    for name, quest in modes:
+        engine.quest = quest
+        engine._batch = None
+        times = decode_steps(engine, seqs, steps=per_mode)[args.warmup :]
+        entry = {"ms_per_token": round(1e3 * statistics.median(times), 4),
+                 "ms_per_token_min": round(1e3 * min(times), 4)}  # fmt: skip
+        entry["breakdown_ms"] = breakdown(engine, quest=quest, group=engine_group(engine),
+                                          iters=args.iters)  # fmt: skip
+        entry["floor"] = floor_ms(
+            engine,
+            seqs=seqs,
+            quest=quest,
+            copy_gbps=copy_gbps,
+            gather_ms=entry["breakdown_ms"]["all_gather_latency"],
+        )
+        entry["vs_floor"] = round(entry["ms_per_token"] / entry["floor"]["floor_ms"], 2)
+        results[name] = entry
+        log(rank, f"  {context=} {batch=} {world=} {name}: {entry['ms_per_token']} ms/token "
+                  f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']})")  # fmt: skip
+    engine._batch = None
+    if world == 1 and not args.no_sdpa:
+        ms = sdpa_ms(engine, batch=batch, context=context, iters=args.iters)
+        results["sdpa"] = {"ms_per_token": None if ms is None else round(ms, 4)}
+        log(rank, f"  sdpa: {ms}")
+    for seq in seqs:
+        engine._release(seq)
+    row["modes"] = results
+    dense = results["dense"]["ms_per_token"]
+    row["quest_speedup_vs_dense"] = {
+        name: round(dense / entry["ms_per_token"], 2)
+        for name, entry in results.items() if name.startswith("quest")
+    }  # fmt: skip
+    return row
+
+
+def engine_group(engine):
+    return getattr(engine, "group", None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", default="131072,524288,1048576")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--budgets", default="2048,4096")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=20, help="replays per breakdown component")
+    parser.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=8.0,
+        help="GPU memory left outside the KV cache (graphs, SDPA, workspace)",
+    )
+    parser.add_argument("--no-sdpa", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args()
+    on_cuda = torch.cuda.is_available() and not args.tiny
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if on_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=900))  # fmt: skip
+        rank, world = dist.get_rank(), dist.get_world_size()
+        group = dist.group.WORLD
+    else:
+        rank, world, group = 0, 1, None
+    if on_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    config = tiny_config() if args.tiny else llama31_8b_config()
+    model = random_model(config, dtype=dtype, device=device, seed=0)
+    if on_cuda:
+        from benchmarks.common import measure_copy_bandwidth
+
+        copy_gbps = measure_copy_bandwidth(device)
+        free = torch.cuda.mem_get_info(device)[0] - int(args.reserve_gib * 2**30)
+    else:
+        copy_gbps, free = 10.0, 256 * 2**20
+    page_bytes = 2 * PAGE * config.num_kv_heads * config.head_dim * dtype.itemsize
+    page_bytes += 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
+    num_pages = free // (page_bytes * config.num_layers)
+    if group is not None:  # every rank plans with the smallest pool
+        pool = torch.tensor([num_pages], device=device)
+        dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
+        num_pages = int(pool)
+    engine = make_engine(model, config, num_pages=num_pages, device=device, dtype=dtype,
+                         group=group, rank=rank, world=world)  # fmt: skip
+    log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * PAGE} tokens), "
+              f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    rows = []
+    for context in [int(c) for c in args.contexts.split(",") if c]:
+        for batch in [int(b) for b in args.batches.split(",") if b]:
+            row = run_row(engine, context=context, batch=batch, budgets=budgets, args=args,
+                          copy_gbps=copy_gbps, group=group, rank=rank)  # fmt: skip
+            rows.append(row)
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
+    report = {
+        "model": "tiny" if args.tiny else "Llama-3.1-8B shape, random weights",
+        "dtype": str(dtype), "world_size": world, "page_size": PAGE,
+        "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
+        "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
+        "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
+    }  # fmt: skip
+    if rank == 0:
+        from benchmarks.common import write_result
+
+        path = write_result(f"decode-w{world}", report, out_dir=args.out_dir)
+        print("wrote", path, flush=True)
+    if group is not None:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
