@@ -31,7 +31,7 @@ class DecodeBatch:
     request_ids: the batch's sequences, in row order (a new batch is built when they change).
     width: page-table columns: the most local pages any of the sequences will hold.
     use_graphs: capture the step in a CUDA graph after its first eager run (CUDA only).
-    graph_pool: memory pool shared by the engine's graphs (``torch.cuda.graph_pool_handle()``).
+        The batch's graphs share one memory pool, freed with the batch.
     """
 
     def __init__(
@@ -42,7 +42,6 @@ class DecodeBatch:
         page_size: int,
         device: torch.device,
         use_graphs: bool = False,
-        graph_pool=None,
     ) -> None:
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -52,7 +51,9 @@ class DecodeBatch:
         self.page_size = page_size
         self.device = device
         self.use_graphs = use_graphs
-        self.graph_pool = graph_pool
+        # Per batch, not per engine: a pool handle outlives its graphs only while one of
+        # them is alive, so a handle shared across batches would dangle.
+        self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
         # [num_seqs, width] int32: local physical pages in position order; -1 global padding.
         self.page_table = torch.zeros(rows, self.width, dtype=torch.int32, device=device)
         self.global_pages = torch.full_like(self.page_table, -1)

@@ -90,7 +90,6 @@ class LLMEngine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA cache, got {self.device}")
         self.cuda_graphs = cuda_graphs
-        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self._batch: DecodeBatch | None = None
 
     # ----------------------------------------------------------------- public API
@@ -277,7 +276,6 @@ class LLMEngine:
                 page_size=self.page_size,
                 device=self.device,
                 use_graphs=self.cuda_graphs,
-                graph_pool=self._graph_pool,
             )
         rows, sparse, budget = [], False, self.quest.page_budget
         for seq in running:

@@ -6,9 +6,10 @@ its own pages and a partial attention over the pages it keeps. This module
 joins those local results into the single-device answer:
 
 - :meth:`SequenceParallelComm.select_global` — one all-gather of every rank's
-  top-k candidates (score and global page id packed in one float64 tensor);
-  every rank then ranks the same ``world_size * top_k`` candidates the same way
-  and keeps those of its own pages that made the global cut.
+  top-k candidates (score bits and global page id packed in one int32 tensor,
+  :func:`longquest.kernels.global_topk.pack_candidates`); every rank then ranks the
+  same ``world_size * top_k`` candidates the same way and keeps those of its own
+  pages that made the global cut (:func:`~longquest.kernels.global_topk.keep_global_top_k`).
 - :meth:`SequenceParallelComm.merge` — one all-gather of every rank's partial
   ``(out, lse)`` (packed in one fp32 tensor), then the exact log-sum-exp merge.
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from longquest.kernels._checks import check_dim, check_tensor
+from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
 from longquest.kernels.merge import merge_attention_states
 
 
@@ -106,34 +108,16 @@ class SequenceParallelComm:
             check_dim("local_indices", local_indices, dim, size, "as top_scores")
         check_dim("global_pages", global_pages, 0, num_seqs, "num_seqs")
 
-        valid = local_indices >= 0
-        if global_pages.shape[1] == 0:  # this rank holds no page of any sequence
-            page_ids = torch.full_like(local_indices, -1, dtype=torch.long)
-        else:
-            rows = torch.arange(num_seqs, device=device)[:, None, None]
-            gathered = global_pages.long()[rows, local_indices.long().clamp(min=0)]
-            page_ids = torch.where(valid, gathered, -1)
-        # float64 holds every fp32 score and int32 page id exactly: one tensor, one collective.
-        packed = torch.stack((top_scores.double(), page_ids.double()), dim=-1)
+        packed = pack_candidates(
+            top_scores=top_scores,
+            local_indices=local_indices,
+            global_pages=global_pages,
+            impl=self.impl,
+        )
         everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
-        # Candidates along the last axis, rank-major: position // top_k is the source rank.
-        candidates = everyone.permute(1, 2, 0, 3, 4).reshape(num_seqs, num_kv_heads, -1, 2)
-        scores, ids = candidates[..., 0], candidates[..., 1]
-        is_page = ids >= 0
-        # Padding sorts after every real page, even one scoring -inf.
-        scores = torch.where(is_page, scores, -torch.inf)
-        ids = torch.where(is_page, ids, torch.inf)
-        # Two stable sorts give the order (score descending, then global id ascending).
-        by_id = torch.sort(ids, dim=-1, stable=True).indices
-        by_score = torch.sort(scores.gather(-1, by_id), dim=-1, descending=True, stable=True)
-        ranked = by_id.gather(-1, by_score.indices)  # candidate positions, best first
-        winners = ranked[..., :top_k]
-        chosen = torch.zeros_like(is_page).scatter_(-1, winners, True) & is_page
-
-        mine = chosen[..., self.rank * top_k : (self.rank + 1) * top_k]
-        kept = torch.where(mine & valid, local_indices, torch.iinfo(torch.int32).max)
-        kept = torch.sort(kept, dim=-1).values
-        return torch.where(kept == torch.iinfo(torch.int32).max, -1, kept).to(torch.int32)
+        return keep_global_top_k(
+            gathered=everyone, local_indices=local_indices, rank=self.rank, impl=self.impl
+        )
 
     def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Exact attention over the union of every rank's tokens.
