@@ -287,7 +287,7 @@ class LLMEngine:
             full = (len(pages) - owns_newest) * self.page_size
             rows.append(
                 (
-                    seq.token_ids[-1],
+                    seq.last_token,
                     position,
                     pages[-1][1] if owns_newest else -1,
                     offset,

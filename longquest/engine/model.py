@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longquest.engine.config import ModelConfig
-from longquest.engine.rope import rope_cos_sin, rope_inv_freq, rotate
+from longquest.engine.rope import rope_cos_sin, rope_inv_freq
 from longquest.kernels._checks import INDEX_DTYPES, check_tensor
+from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
+from longquest.kernels.norm_rope import rotate_query_key
 
 
 class LayerAttention(Protocol):
@@ -44,9 +46,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     Normalises in fp32, casts back to ``x``'s dtype, then scales by ``weight``
     (``[x.shape[-1]]``, model dtype).
     """
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return fused_rms_norm(x=x, weight=weight, eps=eps)
 
 
 def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -97,7 +97,7 @@ class DecoderLayer(nn.Module):
             # Qwen3 normalises every head's query and key before RoPE.
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q, k = rotate(q, cos=cos, sin=sin), rotate(k, cos=cos, sin=sin)
+        q, k = rotate_query_key(query=q, key=k, cos=cos, sin=sin)
         o = attention(layer=layer, query=q, key=k, value=v)  # [num_tokens, Hq, D]
         x = x + F.linear(o.reshape(num_tokens, -1), self.o_proj)
 
@@ -158,6 +158,7 @@ class Model(nn.Module):
                 f"got {tuple(positions.shape)}"
             )
         cos, sin = rope_cos_sin(positions=positions, inv_freq=self.inv_freq)  # [T, 1, D/2]
+        cos, sin = cos[:, 0], sin[:, 0]  # [T, D/2]
         x = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
         for index, layer in enumerate(self.layers):
             x = layer(x, layer=index, cos=cos, sin=sin, attention=attention)

@@ -61,7 +61,13 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """Prompt and output (a new list: O(length); use ``last_token`` in hot paths)."""
         return self.prompt + self.output
+
+    @property
+    def last_token(self) -> int:
+        """The token the next decode step feeds in."""
+        return self.output[-1] if self.output else self.prompt[-1]
 
     @property
     def length(self) -> int:
