@@ -1,8 +1,8 @@
 """longquest: Quest query-aware sparse decoding for million-token contexts across GPUs.
 
-    from longquest import LLM, SamplingParams, QuestConfig
-    llm = LLM(model_dir, quest=QuestConfig(token_budget=4096))
-    outputs = llm.generate(["..."], SamplingParams(max_tokens=64))
+from longquest import LLM, SamplingParams, QuestConfig
+llm = LLM(model_dir, quest=QuestConfig(token_budget=4096))
+outputs = llm.generate(["..."], SamplingParams(max_tokens=64))
 """
 
 from longquest.engine.config import CacheConfig, ParallelConfig, QuestConfig, SamplingParams

@@ -8,7 +8,7 @@ tokens, local pages, pins-newest) and writes only the pages allocated since the
 last step. Every tensor the attention layers read is derived from those buffers on
 the device, so the whole step — model, Quest selection, collectives, logits — can
 be captured once in a CUDA graph and replayed while the batch lasts (one graph per
-value of the host-side ``sparse`` flag).
+combination of the host-side ``sparse`` and greedy flags).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class DecodeBatch:
         pin = device.type == "cuda"
         self._host_info = torch.zeros(rows, _COLUMNS, dtype=torch.int64, pin_memory=pin)
         self.known_pages = [0] * rows  # page-table entries written so far, per row
-        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def update(
         self, *, rows: list[tuple[int, int, int, int, int, int, int]], local_pages: list[list]
@@ -118,17 +118,18 @@ class DecodeBatch:
         )
         return info[:, TOKEN], info[:, POSITION], meta
 
-    def run(self, *, sparse: bool, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(self, *, key: tuple, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run the step: ``forward()`` eagerly, or its CUDA graph once captured.
 
-        forward: computes the step's logits ``[num_seqs, vocab_size]`` from
-        :meth:`inputs`. Its first run with a given ``sparse`` is eager (it warms up the
+        forward: computes the step's result (logits, or greedy tokens) from
+        :meth:`inputs`. key: the host-side facts ``forward`` depends on (e.g. the
+        ``sparse`` flag); its first run with a given key is eager (it warms up the
         kernels and the communicators); the graph is captured right after and replayed
         from the next step on. The returned tensor is overwritten by the next replay.
         """
         if not self.use_graphs:
             return forward()
-        captured = self._graphs.get(sparse)
+        captured = self._graphs.get(key)
         if captured is not None:
             graph, logits = captured
             graph.replay()
@@ -137,5 +138,5 @@ class DecodeBatch:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             static_logits = forward()
-        self._graphs[sparse] = (graph, static_logits)
+        self._graphs[key] = (graph, static_logits)
         return logits

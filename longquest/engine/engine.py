@@ -238,6 +238,8 @@ class LLMEngine:
     def _decode_step(self, running: list[Sequence]) -> None:
         start_time = time.perf_counter()
         batch, sparse = self._prepare_decode(running)
+        # Greedy rows without logprobs pick their token on the device, inside the graph.
+        greedy = all(s.params.temperature == 0.0 and s.params.logprobs is None for s in running)
 
         def forward() -> torch.Tensor:
             ids, positions, meta = batch.inputs(sparse=sparse)
@@ -245,11 +247,15 @@ class LLMEngine:
                 cache=self.cache, quest=self.quest, metadata=meta, comm=self.comm, impl=self.impl
             )
             hidden = self.model(input_ids=ids, positions=positions, attention=attention)
-            return self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)
+            return self._greedy_tokens(logits) if greedy else logits
 
         with torch.inference_mode():
-            logits = batch.run(sparse=sparse, forward=forward)
-        self._accept(seq_list=running, logits=logits)
+            out = batch.run(key=(sparse, greedy), forward=forward)
+        if greedy:
+            self._append_tokens(seq_list=running, tokens=out.tolist(), logprobs=None)
+        else:
+            self._accept(seq_list=running, logits=out)
         elapsed = time.perf_counter() - start_time
         budget = self.quest.page_budget
         for seq in running:
@@ -309,16 +315,30 @@ class LLMEngine:
             generators=[s.generator for s in seq_list],
         )
 
+    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[num_seqs]`` int64 of logits ``[num_seqs, vocab_size]``, on the
+        device with no host sync (capturable). The sequence-parallel worker broadcasts
+        rank 0's, as it does for sampled tokens."""
+        return logits.argmax(dim=-1)
+
     def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
         tokens, logprobs = self._sample(seq_list, logits)
-        token_list = tokens.tolist()
         want = [s.params.logprobs for s in seq_list if s.params.logprobs is not None]
         rows = top_logprobs(logprobs, tokens, max(want)) if want else None
+        self._append_tokens(seq_list=seq_list, tokens=tokens.tolist(), logprobs=rows)
+
+    def _append_tokens(
+        self,
+        *,
+        seq_list: list[Sequence],
+        tokens: list[int],
+        logprobs: list[dict[int, float]] | None,
+    ) -> None:
         for i, seq in enumerate(seq_list):
-            token = token_list[i]
+            token = tokens[i]
             seq.output.append(token)
             if seq.params.logprobs is not None:
-                row = rows[i]
+                row = logprobs[i]
                 keep = dict(list(row.items())[: seq.params.logprobs + 1])
                 keep[token] = row[token]
                 seq.logprobs.append(keep)

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from longquest.engine.config import ModelConfig
 from longquest.engine.rope import rope_cos_sin, rope_inv_freq
 from longquest.kernels._checks import INDEX_DTYPES, check_tensor
+from longquest.kernels.norm_rope import add_rms_norm, rotate_query_key, silu_mul
 from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
-from longquest.kernels.norm_rope import rotate_query_key
 
 
 class LayerAttention(Protocol):
@@ -80,14 +80,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
+        residual: Tensor | None,
         *,
         layer: int,
         cos: Tensor,
         sin: Tensor,
         attention: LayerAttention,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """One layer on ``x + residual`` (``residual`` None: x is the embedding).
+
+        Returns ``(mlp_out, residual)``: the stream after this layer is their sum, added
+        by the next layer's input norm (one fused kernel instead of an add and a norm).
+        """
         num_tokens = x.shape[0]
-        h = rms_norm(x, self.input_norm, self.eps)  # [num_tokens, hidden]
+        if residual is None:
+            residual, h = x, rms_norm(x, self.input_norm, self.eps)  # [num_tokens, hidden]
+        else:
+            residual, h = add_rms_norm(x=x, residual=residual, weight=self.input_norm, eps=self.eps)
         qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [num_tokens, (Hq + 2 Hkv) D]
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_qo_heads, self.head_dim)
@@ -99,11 +108,12 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q, k = rotate_query_key(query=q, key=k, cos=cos, sin=sin)
         o = attention(layer=layer, query=q, key=k, value=v)  # [num_tokens, Hq, D]
-        x = x + F.linear(o.reshape(num_tokens, -1), self.o_proj)
-
-        h = rms_norm(x, self.post_attention_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)  # [num_tokens, I] each
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        o = F.linear(o.reshape(num_tokens, -1), self.o_proj)
+        residual, h = add_rms_norm(
+            x=o, residual=residual, weight=self.post_attention_norm, eps=self.eps
+        )
+        act = silu_mul(gate_up=F.linear(h, self.gate_up_proj))  # [num_tokens, I]
+        return F.linear(act, self.down_proj), residual
 
 
 class Model(nn.Module):
@@ -160,9 +170,11 @@ class Model(nn.Module):
         cos, sin = rope_cos_sin(positions=positions, inv_freq=self.inv_freq)  # [T, 1, D/2]
         cos, sin = cos[:, 0], sin[:, 0]  # [T, D/2]
         x = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
+        residual = None
         for index, layer in enumerate(self.layers):
-            x = layer(x, layer=index, cos=cos, sin=sin, attention=attention)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, layer=index, cos=cos, sin=sin, attention=attention)
+        _, h = add_rms_norm(x=x, residual=residual, weight=self.norm, eps=self.config.rms_norm_eps)
+        return h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits: hidden ``[n, hidden_size]`` -> ``[n, vocab_size]`` fp32."""

@@ -57,6 +57,97 @@ def rms_norm(
 
 
 @triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, out_ptr, stride_x, stride_r, size, eps,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < size
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    res = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    # The sum is rounded to the model dtype first, as an eager residual add would.
+    total = (x + res).to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * size + cols, total, mask=ok)
+    total = total.to(tl.float32)
+    mean_square = tl.sum(total * total, axis=0) / size
+    normed = (total * tl.rsqrt(mean_square + eps)).to(out_ptr.dtype.element_ty)
+    weight = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    out = (weight.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * size + cols, out, mask=ok)
+
+
+def add_rms_norm(
+    *,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one pass.
+
+    x, residual: ``[num_tokens, size]``, one float dtype (last dimension contiguous);
+    weight: ``[size]``. Returns ``(x + residual, rms_norm(x + residual))``, both new
+    ``[num_tokens, size]`` tensors; the sum is rounded to the dtype before the norm.
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; x has {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=1, dtypes=(x.dtype,), device=x.device)
+    check_dim("weight", weight, 0, x.shape[1], "x's last dimension")
+    if resolve_impl(impl, x.device) == "torch":
+        total = x + residual
+        return total, rms_norm(x=total, weight=weight, eps=eps, impl="torch")
+    if x.stride(1) != 1 or residual.stride(1) != 1:
+        x, residual = x.contiguous(), residual.contiguous()
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
+    num_tokens, size = x.shape
+    if num_tokens:
+        _add_rms_norm_kernel[(num_tokens,)](
+            x, residual, weight, total, out, x.stride(0), residual.stride(0), size, float(eps),
+            BLOCK=triton.next_power_of_2(size), num_warps=4 if size <= 4096 else 8,
+        )  # fmt: skip
+    return total, out
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_g, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < size
+    gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_g + size + cols, mask=ok, other=0.0)
+    # Round silu(gate) to the dtype before the product, as eager PyTorch does.
+    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty)
+    out = (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * size + cols, out, mask=ok)
+
+
+def silu_mul(*, gate_up: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` from the fused projection ``[num_tokens, 2 * size]``
+    (gate columns first, then up). Returns ``[num_tokens, size]`` in gate_up's dtype."""
+    check_tensor("gate_up", gate_up, ndim=2, dtypes=FLOAT_DTYPES)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must have an even last dimension, got {gate_up.shape[1]}")
+    if resolve_impl(impl, gate_up.device) == "torch":
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    num_tokens, size = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(num_tokens, size, dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens:
+        block = 1024
+        _silu_mul_kernel[(num_tokens, triton.cdiv(size, block))](
+            gate_up, out, gate_up.stride(0), size, BLOCK=block
+        )
+    return out
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, num_qo_heads,

@@ -113,9 +113,7 @@ def select_pages_ref(
     end with score ``-inf`` and index ``-1``.
     """
     num_seqs, num_kv_heads, _ = scores.shape
-    pins = (
-        pin_last.tolist() if isinstance(pin_last, torch.Tensor) else [bool(pin_last)] * num_seqs
-    )
+    pins = pin_last.tolist() if isinstance(pin_last, torch.Tensor) else [bool(pin_last)] * num_seqs
     top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=scores.device)
     indices = torch.full(
         (num_seqs, num_kv_heads, top_k), -1, dtype=torch.int32, device=scores.device

@@ -79,6 +79,11 @@ class SequenceParallelEngine(LLMEngine):
         dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
         return tokens, logprobs
 
+    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = super()._greedy_tokens(logits)
+        dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return tokens
+
     # ------------------------------------------------------------------- prefill
     def _prefill(self, seq: Sequence, on_progress) -> None:
         start_time = time.perf_counter()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longquest.engine.rope import rope_cos_sin, rope_inv_freq, rotate
-from longquest.kernels.norm_rope import rms_norm, rotate_query_key
+from longquest.kernels.norm_rope import add_rms_norm, rms_norm, rotate_query_key, silu_mul
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,7 +45,34 @@ def test_rotate_query_key_matches_reference(device, dtype):
     torch.testing.assert_close(got_k.cpu(), want_k.cpu(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_and_silu_mul_match_reference(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 80, generator=gen).to(dtype).to(device)
+    residual = torch.randn(3, 80, generator=gen).to(dtype).to(device)
+    weight = torch.randn(80, generator=gen).to(dtype).to(device)
+    want_sum, want = add_rms_norm(
+        x=x.cpu(), residual=residual.cpu(), weight=weight.cpu(), eps=1e-6, impl="torch"
+    )
+    got_sum, got = add_rms_norm(x=x, residual=residual, weight=weight, eps=1e-6, impl="triton")
+    tol = 1e-6 if dtype == torch.float32 else 1.6e-2
+    # (The CPU interpreter's bf16 cast may truncate where the GPU rounds: one ulp.)
+    torch.testing.assert_close(got_sum.cpu(), want_sum, rtol=tol / 2, atol=0)
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    gate_up = torch.randn(3, 2 * 1100, generator=gen).to(dtype).to(device)
+    torch.testing.assert_close(
+        silu_mul(gate_up=gate_up, impl="triton").cpu(),
+        silu_mul(gate_up=gate_up.cpu(), impl="torch"),
+        rtol=tol,
+        atol=tol,
+    )
+
+
 def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x=torch.zeros(2, 8), residual=torch.zeros(3, 8), weight=torch.zeros(8), eps=1)
+    with pytest.raises(ValueError, match="even"):
+        silu_mul(gate_up=torch.zeros(2, 7))
     x = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="weight"):
         rms_norm(x=x, weight=torch.zeros(4), eps=1e-5)
