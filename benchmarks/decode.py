@@ -260,13 +260,13 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
     }  # fmt: skip
 
 
-def replay_ms(engine, *, iters: int) -> float | None:
-    """Device time of the step's captured graph alone (the rest of a step is host work:
-    sampling, the token broadcast, bookkeeping). Replays rewrite the same slot with the
-    same values, so the cache is unchanged."""
+def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
+    """Device time of the step's captured graph alone, and the host time of one
+    ``graph.replay()`` call (the launch). The rest of a step is host work: sampling,
+    bookkeeping. Replays rewrite the same slot with the same values: the cache stays."""
     batch = engine._batch
     if batch is None or not batch._graphs:
-        return None
+        return None, None
     graph, _ = batch._graphs[max(batch._graphs)]  # the sparse graph if there is one
     group = engine_group(engine)
     torch.cuda.synchronize()
@@ -274,12 +274,16 @@ def replay_ms(engine, *, iters: int) -> float | None:
         dist.barrier(group)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(iters)]  # fmt: skip
+    launches = []
     for start, end in events:
         start.record()
+        began = time.perf_counter()
         graph.replay()
+        launches.append((time.perf_counter() - began) * 1e3)
         end.record()
     torch.cuda.synchronize()
-    return round(statistics.median(s.elapsed_time(e) for s, e in events), 4)
+    device_ms = statistics.median(s.elapsed_time(e) for s, e in events)
+    return round(device_ms, 4), round(statistics.median(launches), 4)
 
 
 def sdpa_ms(engine, *, batch: int, context: int, iters: int) -> float | None:
@@ -331,7 +335,9 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         times = decode_steps(engine, seqs, steps=per_mode)[args.warmup :]
         entry = {"ms_per_token": round(1e3 * statistics.median(times), 4),
                  "ms_per_token_min": round(1e3 * min(times), 4)}  # fmt: skip
-        entry["graph_replay_ms"] = replay_ms(engine, iters=args.iters)
+        entry["graph_replay_ms"], entry["graph_launch_host_ms"] = replay_ms(
+            engine, iters=args.iters
+        )
         entry["breakdown_ms"] = breakdown(engine, quest=quest, group=engine_group(engine),
                                           iters=args.iters)  # fmt: skip
         entry["floor"] = floor_ms(
@@ -345,7 +351,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         results[name] = entry
         log(rank, f"  {context=} {batch=} {world=} {name}: {entry['ms_per_token']} ms/token "
                   f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
-                  f"graph {entry['graph_replay_ms']}) "
+                  f"graph {entry['graph_replay_ms']}, launch {entry['graph_launch_host_ms']}) "
                   f"{json.dumps(entry['breakdown_ms'])}")  # fmt: skip
     engine._batch = None
     if world == 1 and not args.no_sdpa:
