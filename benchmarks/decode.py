@@ -16,8 +16,10 @@ fits, the same engine decodes the same sequences in each mode:
 - ``sdpa`` (one GPU): the same model with torch SDPA over contiguous K/V (one K/V
   buffer shared by all layers: the time does not depend on the values).
 
-Times are engine steps as a user sees them (CUDA graph replay, sampling, the
-broadcast of the token, Python bookkeeping), median of ``--steps`` after warm-up.
+Times are per output token as a user sees them: an engine launch (a CUDA graph of
+``steps_per_launch`` greedy steps, tokens picked and broadcast on the device, plus
+the host's bookkeeping) divided by the tokens it made; median of ``--steps``
+launches after ``--warmup`` launches.
 The breakdown replays each component alone in a CUDA graph at the row's shapes.
 The floor of a row is (weight bytes + Quest metadata bytes + KV bytes read) per
 rank / the copy bandwidth measured in this run, plus the collectives per step x
@@ -150,7 +152,8 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
     rows = len(batch.request_ids)
     dtype = cache.shape.dtype
     world = engine.world_size
-    ids, positions, meta = batch.inputs(sparse=True)
+    ids = batch.first_tokens()
+    positions, meta = batch.inputs(step=0, sparse=True)
     query = torch.randn(rows, config.num_qo_heads, config.head_dim, device=device, dtype=dtype)
     layer = config.num_layers - 1
     k_cache, v_cache, key_min, key_max = cache.layer(layer)
@@ -267,7 +270,9 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
     batch = engine._batch
     if batch is None or not batch._graphs:
         return None, None
-    graph, _ = batch._graphs[max(batch._graphs)]  # the sparse graph if there is one
+    key = max(batch._graphs)  # (sparse, greedy, steps): the sparse graph if there is one
+    graph, _ = batch._graphs[key]
+    steps = key[2]
     group = engine_group(engine)
     torch.cuda.synchronize()
     if group is not None:
@@ -279,10 +284,10 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
         start.record()
         began = time.perf_counter()
         graph.replay()
-        launches.append((time.perf_counter() - began) * 1e3)
+        launches.append((time.perf_counter() - began) * 1e3 / steps)
         end.record()
     torch.cuda.synchronize()
-    device_ms = statistics.median(s.elapsed_time(e) for s, e in events)
+    device_ms = statistics.median(s.elapsed_time(e) for s, e in events) / steps
     return round(device_ms, 4), round(statistics.median(launches), 4)
 
 
@@ -313,7 +318,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     world = engine.world_size
     modes = [(f"quest-{b}", QuestConfig(token_budget=b)) for b in budgets]
     modes.append(("dense", QuestConfig(token_budget=None)))
-    per_mode = args.warmup + args.steps
+    per_mode = (args.warmup + args.steps) * engine.steps_per_launch
     params = SamplingParams(max_tokens=len(modes) * per_mode + 4, ignore_eos=True)
     seqs = []
     row: dict = {"context": context, "batch": batch, "world_size": world}
@@ -332,7 +337,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     for name, quest in modes:
         engine.quest = quest
         engine._batch = None
-        times = decode_steps(engine, seqs, steps=per_mode)[args.warmup :]
+        times = decode_steps(engine, seqs, launches=args.warmup + args.steps)[args.warmup :]
         entry = {"ms_per_token": round(1e3 * statistics.median(times), 4),
                  "ms_per_token_min": round(1e3 * min(times), 4)}  # fmt: skip
         entry["graph_replay_ms"], entry["graph_launch_host_ms"] = replay_ms(
@@ -378,8 +383,8 @@ def main() -> int:
     parser.add_argument("--contexts", default="131072,524288,1048576")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="2048,4096")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="timed launches per mode")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed launches per mode")
     parser.add_argument("--iters", type=int, default=20, help="replays per breakdown component")
     parser.add_argument(
         "--reserve-gib",

@@ -172,7 +172,7 @@ def capacity_and_long_decode(model, config, *, rank, world, group, device, conte
         seq = fill_synthetic(engine, context_tokens=context,
                              params=SamplingParams(max_tokens=steps + 8, ignore_eos=True))
         fill_s = time.perf_counter() - start
-        times = decode_steps(engine, [seq], steps=steps)
+        times = decode_steps(engine, [seq], launches=steps)
         warm = times[2:] or times
         timings[name] = {
             "ms_per_token_median": round(1000 * statistics.median(warm), 3),

@@ -42,6 +42,7 @@ class DecodeBatch:
         page_size: int,
         device: torch.device,
         use_graphs: bool = False,
+        max_steps: int = 1,
     ) -> None:
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -57,23 +58,23 @@ class DecodeBatch:
         # [num_seqs, width] int32: local physical pages in position order; -1 global padding.
         self.page_table = torch.zeros(rows, self.width, dtype=torch.int32, device=device)
         self.global_pages = torch.full_like(self.page_table, -1)
-        self.step_info = torch.zeros(rows, _COLUMNS, dtype=torch.int64, device=device)
+        # [steps, num_seqs, 7] int64: one row block per chained step.
+        self.step_info = torch.zeros(max_steps, rows, _COLUMNS, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
-        self._host_info = torch.zeros(rows, _COLUMNS, dtype=torch.int64, pin_memory=pin)
+        self._host_info = torch.zeros(max_steps, rows, _COLUMNS, dtype=torch.int64, pin_memory=pin)
         self.known_pages = [0] * rows  # page-table entries written so far, per row
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def update(
-        self, *, rows: list[tuple[int, int, int, int, int, int, int]], local_pages: list[list]
-    ) -> None:
-        """Load one step's row info and any pages added since the last step.
+    def update(self, *, rows: list[list[tuple[int, ...]]], local_pages: list[list]) -> None:
+        """Load the row info of the next steps and any pages added since the last launch.
 
-        rows: per sequence ``(token, position, append_page or -1, append_offset,
-            local_tokens, local_pages, pins_newest)``.
+        rows: per step, per sequence ``(token, position, append_page or -1,
+            append_offset, local_tokens, local_pages, pins_newest)`` (only step 0's
+            token is read: later steps take the previous step's token on the device).
         local_pages: per sequence, its ``(global page, physical page)`` list (only the
             entries past what this batch has already written are read).
         """
-        host = self._host_info
+        host = self._host_info[: len(rows)]
         host.copy_(torch.tensor(rows, dtype=torch.int64))
         new_rows, new_cols, new_phys, new_glob = [], [], [], []
         for row, pages in enumerate(local_pages):
@@ -94,12 +95,16 @@ class DecodeBatch:
             index, values = index.to(self.device), values.to(self.device)
             self.page_table[index[0], index[1]] = values[0]
             self.global_pages[index[0], index[1]] = values[1]
-        self.step_info.copy_(host, non_blocking=True)
+        self.step_info[: len(rows)].copy_(host, non_blocking=True)
 
-    def inputs(self, *, sparse: bool) -> tuple[torch.Tensor, torch.Tensor, DecodeMetadata]:
-        """``(input_ids [num_seqs] int64, positions [num_seqs] int64, metadata)``, all
-        derived on the device from the batch's buffers (so a graph replays them)."""
-        info = self.step_info
+    def first_tokens(self) -> torch.Tensor:
+        """``[num_seqs]`` int64: the tokens the first step feeds in (device buffer view)."""
+        return self.step_info[0, :, TOKEN]
+
+    def inputs(self, *, step: int = 0, sparse: bool) -> tuple[torch.Tensor, DecodeMetadata]:
+        """``(positions [num_seqs] int64, metadata)`` of one step, derived on the device
+        from the batch's buffers (so a graph replays them)."""
+        info = self.step_info[step]
         plan = plan_decode_append(
             page_ids=info[:, APPEND_PAGE].to(torch.int32),
             page_offsets=info[:, APPEND_OFFSET].to(torch.int32),
@@ -116,7 +121,7 @@ class DecodeBatch:
             pin_last=info[:, PIN_LAST] != 0,
             sparse=sparse,
         )
-        return info[:, TOKEN], info[:, POSITION], meta
+        return info[:, POSITION], meta
 
     def run(self, *, key: tuple, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run the step: ``forward()`` eagerly, or its CUDA graph once captured.

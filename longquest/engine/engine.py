@@ -67,6 +67,7 @@ class LLMEngine:
         owner: PageOwner | None = None,
         comm: AttentionComm | None = None,
         cuda_graphs: bool | None = None,
+        steps_per_launch: int | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
@@ -90,6 +91,14 @@ class LLMEngine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA cache, got {self.device}")
         self.cuda_graphs = cuda_graphs
+        # Greedy steps chained per launch: amortises the host's per-launch work.
+        if steps_per_launch is None:
+            steps_per_launch = 8 if cuda_graphs else 1
+        if isinstance(steps_per_launch, bool) or not isinstance(steps_per_launch, int):
+            raise ValueError(f"steps_per_launch must be an int >= 1, got {steps_per_launch!r}")
+        if steps_per_launch < 1:
+            raise ValueError(f"steps_per_launch must be >= 1, got {steps_per_launch}")
+        self.steps_per_launch = steps_per_launch
         self._batch: DecodeBatch | None = None
 
     # ----------------------------------------------------------------- public API
@@ -236,40 +245,76 @@ class LLMEngine:
 
     # -------------------------------------------------------------------- decode
     def _decode_step(self, running: list[Sequence]) -> None:
+        """One launch: ``steps_per_launch`` greedy steps chained on the device (fewer
+        near ``max_tokens``), or one step when a row samples or wants logprobs."""
         start_time = time.perf_counter()
-        batch, sparse = self._prepare_decode(running)
-        # Greedy rows without logprobs pick their token on the device, inside the graph.
+        # Greedy rows without logprobs pick their token on the device, inside the graph,
+        # so several steps can chain without the host; tokens past a stop are dropped.
         greedy = all(s.params.temperature == 0.0 and s.params.logprobs is None for s in running)
+        steps = 1
+        if greedy:
+            left = min(s.params.max_tokens - len(s.output) for s in running)
+            steps = max(1, min(self.steps_per_launch, left))
+        batch, sparse = self._prepare_decode(running, steps=steps)
 
         def forward() -> torch.Tensor:
-            ids, positions, meta = batch.inputs(sparse=sparse)
-            attention = PagedAttention(
-                cache=self.cache, quest=self.quest, metadata=meta, comm=self.comm, impl=self.impl
-            )
-            hidden = self.model(input_ids=ids, positions=positions, attention=attention)
-            logits = self.model.compute_logits(hidden)
-            return self._greedy_tokens(logits) if greedy else logits
+            ids = batch.first_tokens()
+            picked = []
+            for step in range(steps):
+                positions, meta = batch.inputs(step=step, sparse=sparse)
+                attention = PagedAttention(
+                    cache=self.cache,
+                    quest=self.quest,
+                    metadata=meta,
+                    comm=self.comm,
+                    impl=self.impl,
+                )
+                hidden = self.model(input_ids=ids, positions=positions, attention=attention)
+                logits = self.model.compute_logits(hidden)
+                if not greedy:
+                    return logits
+                ids = self._greedy_tokens(logits)
+                picked.append(ids)
+            return torch.stack(picked, dim=1)  # [num_seqs, steps]
 
         with torch.inference_mode():
-            out = batch.run(key=(sparse, greedy), forward=forward)
+            out = batch.run(key=(sparse, greedy, steps), forward=forward)
         if greedy:
-            self._append_tokens(seq_list=running, tokens=out.tolist(), logprobs=None)
+            table = out.tolist()
+            per_step = []
+            for step in range(steps):
+                live = [i for i, seq in enumerate(running) if not seq.finish_reason]
+                if not live:
+                    break
+                self._append_tokens(
+                    seq_list=[running[i] for i in live],
+                    tokens=[table[i][step] for i in live],
+                    logprobs=None,
+                )
+                per_step.append(live)
         else:
             self._accept(seq_list=running, logits=out)
-        elapsed = time.perf_counter() - start_time
+            per_step = [list(range(len(running)))]
+        elapsed = (time.perf_counter() - start_time) / steps
         budget = self.quest.page_budget
-        for seq in running:
-            total = pages_for(seq.length - 1, self.page_size)
-            seq.decode_seconds += elapsed
-            seq.decode_steps += 1
-            seq.pages_total_sum += total
-            seq.pages_attended_sum += total if budget is None else min(budget, total)
+        for live in per_step:
+            for i in live:
+                seq = running[i]
+                total = pages_for(seq.length - 1, self.page_size)
+                seq.decode_seconds += elapsed
+                seq.decode_steps += 1
+                seq.pages_total_sum += total
+                seq.pages_attended_sum += total if budget is None else min(budget, total)
 
-    def _prepare_decode(self, running: list[Sequence]) -> tuple[DecodeBatch, bool]:
-        """Grow every sequence by its newest token and load the step into the batch buffers.
+    def _prepare_decode(
+        self, running: list[Sequence], *, steps: int = 1
+    ) -> tuple[DecodeBatch, bool]:
+        """Grow every sequence by ``steps`` tokens and load those steps into the batch.
 
-        Returns the batch (rebuilt when the running sequences changed) and whether any
-        sequence has more pages than the budget (else scoring is skipped).
+        Step ``j`` feeds position ``length - 1 + j``; only step 0's input token is known
+        here (later ones come from the device). Returns the batch (rebuilt when the
+        running sequences changed) and whether any sequence has more pages than the
+        budget in any of the steps (else scoring is skipped).
         """
         ids = [s.request_id for s in running]
         batch = self._batch
@@ -282,27 +327,30 @@ class LLMEngine:
                 page_size=self.page_size,
                 device=self.device,
                 use_graphs=self.cuda_graphs,
+                max_steps=self.steps_per_launch,
             )
-        rows, sparse, budget = [], False, self.quest.page_budget
+        rows = [[] for _ in range(steps)]
+        sparse, budget = False, self.quest.page_budget
         for seq in running:
-            position = seq.length - 1
-            self._grow(seq, position + 1)
-            page, offset = divmod(position, self.page_size)
-            pages = seq.local_pages
-            owns_newest = bool(pages) and pages[-1][0] == page
-            full = (len(pages) - owns_newest) * self.page_size
-            rows.append(
-                (
-                    seq.last_token,
-                    position,
-                    pages[-1][1] if owns_newest else -1,
-                    offset,
-                    full + (offset + 1 if owns_newest else 0),
-                    len(pages),
-                    int(owns_newest),
+            for step in range(steps):
+                position = seq.length - 1 + step
+                self._grow(seq, position + 1)
+                page, offset = divmod(position, self.page_size)
+                pages = seq.local_pages
+                owns_newest = bool(pages) and pages[-1][0] == page
+                full = (len(pages) - owns_newest) * self.page_size
+                rows[step].append(
+                    (
+                        seq.last_token if step == 0 else 0,
+                        position,
+                        pages[-1][1] if owns_newest else -1,
+                        offset,
+                        full + (offset + 1 if owns_newest else 0),
+                        len(pages),
+                        int(owns_newest),
+                    )
                 )
-            )
-            sparse |= budget is not None and page + 1 > budget
+                sparse |= budget is not None and page + 1 > budget
         batch.update(rows=rows, local_pages=[s.local_pages for s in running])
         return batch, sparse
 

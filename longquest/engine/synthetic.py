@@ -133,17 +133,21 @@ def fill_synthetic(
     return seq
 
 
-def decode_steps(engine: LLMEngine, seqs: list[Sequence], *, steps: int) -> list[float]:
-    """Run ``steps`` decode steps of ``seqs``; return each step's wall seconds (synced)."""
+def decode_steps(engine: LLMEngine, seqs: list[Sequence], *, launches: int) -> list[float]:
+    """Run ``launches`` decode launches of ``seqs`` (each makes ``engine.steps_per_launch``
+    tokens a sequence, fewer near max_tokens); return each launch's wall seconds per
+    token (synced). The first launch of a batch also captures its CUDA graph."""
     import time
 
     times = []
-    for _ in range(steps):
+    for _ in range(launches):
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
+        before = len(seqs[0].output)
         start = time.perf_counter()
         engine._decode_step(seqs)
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
-        times.append(time.perf_counter() - start)
+        made = max(1, len(seqs[0].output) - before)
+        times.append((time.perf_counter() - start) / made)
     return times

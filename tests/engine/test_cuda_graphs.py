@@ -16,6 +16,7 @@ from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
 from tests.tiny_models import make_tiny_model
 
+
 def _engine(model_dir, *, quest: QuestConfig, cuda_graphs: bool, dtype=torch.float32):
     model, config = load_model(model_dir, dtype=dtype, device="cuda")
     shape = CacheShape(
@@ -45,24 +46,26 @@ def model_dir(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_equals_eager(model_dir, budget, dtype):
+@pytest.mark.parametrize("logprobs", [1, None])  # None: greedy steps chained in one graph
+def test_graph_replay_equals_eager(model_dir, budget, dtype, logprobs):
     gen = torch.Generator().manual_seed(7)
     # Lengths off the page size; a short request finishes first so the batch changes.
     prompts = [torch.randint(0, 200, (n,), generator=gen).tolist() for n in (301, 157, 90)]
     params = [
-        SamplingParams(max_tokens=40, ignore_eos=True, logprobs=1),
-        SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1),
-        SamplingParams(max_tokens=25, ignore_eos=True, logprobs=1),
+        SamplingParams(max_tokens=40, ignore_eos=True, logprobs=logprobs),
+        SamplingParams(max_tokens=12, ignore_eos=True, logprobs=logprobs),
+        SamplingParams(max_tokens=25, ignore_eos=True, logprobs=logprobs),
     ]
     quest = QuestConfig(token_budget=budget, dense_layers=1)
     outputs = {}
     for graphs in (False, True):
         engine = _engine(model_dir, quest=quest, cuda_graphs=graphs, dtype=dtype)
         assert engine.cuda_graphs is graphs
+        assert engine.steps_per_launch == (8 if graphs else 1)
         outputs[graphs] = engine.generate(prompts, params)
     for eager, graphed in zip(outputs[False], outputs[True]):
         assert graphed.token_ids == eager.token_ids
-        for a, b in zip(eager.logprobs, graphed.logprobs):
+        for a, b in zip(eager.logprobs or [], graphed.logprobs or []):
             token = next(iter(a))
             assert abs(a[token] - b[token]) < 1e-4
 

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from longquest.engine.loader import load_model
 
 from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache
 from longquest.engine.config import QuestConfig, SamplingParams
 from longquest.engine.engine import LLMEngine
+from longquest.engine.loader import load_model
 from tests.tiny_models import make_tiny_model
 
 STEPS = 32
 
 
-def make_engine(model_dir, *, quest: QuestConfig, num_pages: int = 256, chunk: int = 8192):
+def make_engine(
+    model_dir,
+    *,
+    quest: QuestConfig,
+    num_pages: int = 256,
+    chunk: int = 8192,
+    steps_per_launch: int = 1,
+    eos: tuple[int, ...] = (),
+):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
         num_layers=config.num_layers,
@@ -31,8 +39,9 @@ def make_engine(model_dir, *, quest: QuestConfig, num_pages: int = 256, chunk: i
         cache=KVCache(shape, device="cpu"),
         quest=quest,
         detokenize=lambda ids: " ".join(map(str, ids)),
-        eos_token_ids=(),
+        eos_token_ids=eos,
         prefill_chunk_tokens=chunk,
+        steps_per_launch=steps_per_launch,
     )
 
 
@@ -96,6 +105,28 @@ def test_batched_ragged_equals_one_by_one(llama_dir):
         for a, b in zip(out.logprobs, alone.logprobs):
             for token, value in a.items():
                 assert value == pytest.approx(b[token], abs=1e-5)
+
+
+@pytest.mark.parametrize("budget", [None, 32])
+def test_chained_greedy_steps_equal_single_steps(llama_dir, budget):
+    """steps_per_launch > 1 chains greedy steps on the device: same tokens, same stops
+    (EOS mid-launch, max_tokens not a multiple of the chain), pages all returned."""
+    quest = QuestConfig(token_budget=budget, dense_layers=1)
+    prompts = [random_prompt(n, 1000, n) for n in (37, 70, 5)]
+    params = [SamplingParams(max_tokens=n) for n in (11, 4, 9)]
+    reference = make_engine(llama_dir, quest=quest).generate(prompts, params)
+    # Make the first request stop on a token it produces mid-way.
+    eos = reference[0].token_ids[5]
+    params[0] = SamplingParams(max_tokens=11)
+    expected = make_engine(llama_dir, quest=quest, eos=(eos,)).generate(prompts, params)
+    chained = make_engine(llama_dir, quest=quest, eos=(eos,), steps_per_launch=3)
+    free = chained.allocator.num_free
+    outputs = chained.generate(prompts, params)
+    for want, got in zip(expected, outputs):
+        assert got.token_ids == want.token_ids
+        assert got.finish_reason == want.finish_reason
+    assert outputs[0].finish_reason == "stop"
+    assert chained.allocator.num_free == free
 
 
 def test_quest_with_budget_covering_context_equals_dense(llama_dir):

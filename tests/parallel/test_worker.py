@@ -52,7 +52,7 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _run(model_dir, quest_name, params, *, rank, world_size, group):
+def _run(model_dir, quest_name, params, steps_per_launch=1, *, rank, world_size, group):
     cls, kwargs = _engine(
         model_dir,
         QUESTS[quest_name],
@@ -61,6 +61,7 @@ def _run(model_dir, quest_name, params, *, rank, world_size, group):
         world_size=world_size,
         rank=rank,
         comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        steps_per_launch=steps_per_launch,
     )
     engine = cls(**kwargs)
     outs = engine.generate(_prompts(engine.config.vocab_size), [params] * len(PROMPT_LENGTHS))
@@ -88,6 +89,21 @@ def test_world_sizes_match_single_device(model_dir, quest_name):
                 for a, b in zip(out.logprobs, logprobs):
                     for token, value in a.items():
                         assert b[token] == pytest.approx(value, abs=1e-5)
+
+
+def test_chained_greedy_steps_match_single_device(model_dir):
+    """Greedy steps chained per launch (tokens broadcast on the device) give the tokens
+    of one step at a time on a single device."""
+    params = SamplingParams(max_tokens=STEPS)
+    cls, kwargs = _engine(model_dir, QUESTS["quest"])
+    single = cls(**kwargs)
+    want = single.generate(_prompts(single.config.vocab_size), [params] * len(PROMPT_LENGTHS))
+    for world_size in (2, 3):
+        results = run_distributed(
+            _run, world_size=world_size, args=(model_dir, "quest", params, 4), timeout_s=300
+        )
+        for rank_result in results:
+            assert [tokens for tokens, _ in rank_result] == [o.token_ids for o in want]
 
 
 def test_sampling_agrees_across_ranks(model_dir):
@@ -132,7 +148,7 @@ def _synthetic_decode(engine):
 
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     seq = fill_synthetic(engine, context_tokens=SYNTH_CONTEXT, params=params, seed=5)
-    decode_steps(engine, [seq], steps=8)
+    decode_steps(engine, [seq], launches=8)
     return seq.output
 
 
