@@ -70,7 +70,8 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A copied tree's .git can be stale: the caller may name the commit it copied.
+        "git_commit": os.environ.get("LONGQUEST_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": None if changes is None else bool(changes),
     }
 

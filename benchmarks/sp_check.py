@@ -201,6 +201,7 @@ def main() -> int:
     parser.add_argument("--long-context", type=int, default=None)
     parser.add_argument("--long-steps", type=int, default=12)
     parser.add_argument("--skip-equivalence", action="store_true")
+    parser.add_argument("--skip-long", action="store_true", help="equivalence only")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=600))
@@ -217,10 +218,11 @@ def main() -> int:
             model, config, rank=rank, world=world, group=group, device=device,
             prompt_len=args.prompt_tokens, steps=args.steps,
         )  # fmt: skip
-    report["long_context"] = capacity_and_long_decode(
-        model, config, rank=rank, world=world, group=group, device=device,
-        context=args.long_context, steps=args.long_steps,
-    )  # fmt: skip
+    if not args.skip_long:
+        report["long_context"] = capacity_and_long_decode(
+            model, config, rank=rank, world=world, group=group, device=device,
+            context=args.long_context, steps=args.long_steps,
+        )  # fmt: skip
     if rank == 0:
         from benchmarks.common import write_result
 
