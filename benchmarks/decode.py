@@ -333,6 +333,12 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         log(rank, json.dumps(row))
         return row
     row["local_pages_rank0"] = sum(len(s.local_pages) for s in seqs)
+    # Every rank finishes its fill before any mode is timed (a rank still filling would
+    # stall the others' collectives inside the first timed launches).
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    if engine_group(engine) is not None:
+        dist.barrier(engine_group(engine))
     results = {}
     for name, quest in modes:
         engine.quest = quest
@@ -384,7 +390,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="2048,4096")
     parser.add_argument("--steps", type=int, default=6, help="timed launches per mode")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed launches per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed launches per mode")
     parser.add_argument("--iters", type=int, default=20, help="replays per breakdown component")
     parser.add_argument(
         "--reserve-gib",

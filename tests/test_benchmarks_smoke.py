@@ -71,3 +71,52 @@ def test_print_table_aligns_columns(capsys):
 def test_bench_graph_refuses_the_cpu():
     with pytest.raises(ValueError, match="CUDA"):
         bench_graph(lambda: None)
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous (0 is not accepted)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(port), *args]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_decode_benchmark_smoke(tmp_path, world_size):
+    """benchmarks/decode.py on a tiny model (gloo on the CPU): every mode timed, floors."""
+    script = ["benchmarks/decode.py", "--tiny", "--contexts", "300", "--batches", "1,2",
+              "--budgets", "64", "--steps", "2", "--warmup", "1", "--iters", "2",
+              "--out-dir", str(tmp_path)]  # fmt: skip
+    command = _torchrun(world_size, *script) if world_size > 1 else [sys.executable, *script]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = tmp_path.glob(f"decode-w{world_size}-*.json")
+    record = json.loads(path.read_text())
+    assert len(record["rows"]) == 2
+    for row in record["rows"]:
+        assert set(row["modes"]) >= {"quest-64", "dense"}
+        for mode in ("quest-64", "dense"):
+            entry = row["modes"][mode]
+            assert entry["ms_per_token"] > 0 and entry["floor"]["floor_ms"] > 0
+            assert entry["breakdown_ms"]["weights_and_mlp"] > 0
+
+
+@pytest.mark.slow
+def test_prefill_strategies_agree_on_cpu(tmp_path):
+    """benchmarks/prefill.py's three context-parallel strategies give the same exact
+    attention as one device (gloo, 2 ranks, tiny sizes)."""
+    script = ["benchmarks/prefill.py", "--cpu", "--pasts", "200", "--rounds", "64",
+              "--repeats", "1", "--out-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(
+        _torchrun(2, *script), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = tmp_path.glob("prefill-w2-*.json")
+    (row,) = json.loads(path.read_text())["strategies"]
+    found = row["strategies"]
+    assert found["allgather_kv"]["max_abs_diff_vs_single_device"] < 1e-5
+    assert found["pass_q"]["max_abs_diff_vs_allgather"] < 1e-5
+    assert found["ring"]["max_abs_diff_vs_allgather"] < 1e-5
