@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from longquest.parallel.worker import build_worker
 
-    rank, world, device = init_distributed(device=args.device, timeout_s=args.timeout)
+    try:
+        rank, world, device = init_distributed(device=args.device, timeout_s=args.timeout)
+    except (ValueError, RuntimeError) as error:
+        print(f"[longquest] error: {error}", file=sys.stderr)
+        return 2
     try:
         quest = quest_from_args(args)
         engine, tokenizer = build_worker(
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(output.text)
             print(summary_line(output, quest) + f" | world size {world}", file=sys.stderr)
+    except ValueError as error:  # bad settings, including ranks that disagree
+        print(f"[longquest] rank {rank}: error: {error}", file=sys.stderr)
+        return 2
     finally:
         dist.destroy_process_group()
     return 0
