@@ -5,10 +5,11 @@ tens of milliseconds at a million tokens). Here the tables live in device buffer
 for as long as the batch keeps the same sequences: a step sends one small
 ``[num_seqs, 7]`` int64 tensor (token, position, append page, append offset, local
 tokens, local pages, pins-newest) and writes only the pages allocated since the
-last step. Every tensor the attention layers read is derived from those buffers on
-the device, so the whole step — model, Quest selection, collectives, logits — can
-be captured once in a CUDA graph and replayed while the batch lasts (one graph per
-combination of the host-side ``sparse`` and greedy flags).
+last step (``[steps, num_seqs, 7]`` when greedy steps are chained). Every tensor
+the attention layers read is derived from those buffers on the device, so the whole
+launch — model, Quest selection, collectives, logits or greedy tokens — can be
+captured once in a CUDA graph and replayed while the batch lasts (one graph per
+combination of the host-side ``sparse`` flag, greedy flag and step count).
 """
 
 from __future__ import annotations
