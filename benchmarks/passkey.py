@@ -5,8 +5,7 @@
 
 Prefill is exact and does not depend on the budget, so every prompt is prefilled once
 and then decoded once per budget: after each decode the sequence is rewound to its
-first generated token (the decode's cache slots are simply written again; a page's
-bounds only ever cover its slots up to the newest token). Greedy, 10 new tokens.
+first generated token and the cache to what the prefill left (``decode_with``). Greedy, 10 new tokens.
 Writes benchmarks/results/passkey-<device>-<date>.json and prints the table.
 """
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import print_table, write_result  # noqa: E402
 from longquest.engine.builder import build_engine  # noqa: E402
+from longquest.engine.cache import pages_for  # noqa: E402
 from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
 
 PAGE = 16
@@ -33,14 +33,31 @@ def parse_budgets(text: str) -> list[int | None]:
 
 
 def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
-    """Greedy-decode ``seq`` under ``quest`` from its first generated token, then rewind."""
+    """Greedy-decode ``seq`` under ``quest`` from its first generated token, then rewind.
+
+    The rewind restores the cache as the prefill left it: pages grown during the decode go
+    back to the sequence's reservation, and the prompt's tail page gets its key bounds back
+    (a decode widens them with the new tokens' keys). Without both, a later budget's decode
+    would score a looser tail page, and once the decode crossed a page boundary it would
+    write into a page the engine no longer counts from its start.
+    """
     first = list(seq.output[:1])
+    keep = pages_for(len(seq.prompt), engine.page_size)
+    tail = seq.local_pages[keep - 1][1]
+    saved = engine.cache.key_min[:, tail].clone(), engine.cache.key_max[:, tail].clone()
     engine.quest = quest
     for _ in range(steps - 1):
         engine._decode_step([seq])
         if seq.finish_reason:
             break
     text = seq.text
+    grown = seq.local_pages[keep:]
+    engine.allocator.free([physical for _, physical in grown])
+    engine.allocator.reserve(len(grown))
+    seq.reserved_pages += len(grown)
+    seq.local_pages = seq.local_pages[:keep]
+    engine.cache.key_min[:, tail], engine.cache.key_max[:, tail] = saved
+    engine._batch = None  # the page table changed under the captured batch
     seq.output, seq.finish_reason, seq.text = first, None, ""
     return text
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(output.text)
             print(summary_line(output, quest) + f" | world size {world}", file=sys.stderr)
-    except ValueError as error:  # bad settings, including ranks that disagree
+    except (ValueError, FileNotFoundError) as error:  # bad settings or paths, ranks that disagree
         print(f"[longquest] rank {rank}: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -78,8 +78,12 @@ def test_errors_become_rows_and_the_job_goes_on(tmp_path):
     ]
     write_input(src, GOOD[:5] + bad + GOOD[5:])
     summary = run_batch(
-        input_path=src, output_path=dst, generate=FakeEngine(), tokenizer=FakeTokenizer(),
-        group_size=4, progress=False,
+        input_path=src,
+        output_path=dst,
+        generate=FakeEngine(),
+        tokenizer=FakeTokenizer(),
+        group_size=4,
+        progress=False,
     )
     out = rows(dst)
     assert len(out) == len(GOOD) + len(bad)
@@ -98,8 +102,12 @@ def test_resume_after_crash_is_complete_and_duplicate_free(tmp_path):
     write_input(src, GOOD)
     with pytest.raises(KeyboardInterrupt):
         run_batch(
-            input_path=src, output_path=dst, generate=FakeEngine(crash_after=6),
-            tokenizer=FakeTokenizer(), group_size=2, progress=False,
+            input_path=src,
+            output_path=dst,
+            generate=FakeEngine(crash_after=6),
+            tokenizer=FakeTokenizer(),
+            group_size=2,
+            progress=False,
         )
     # A torn last line, as a crash in the middle of a write leaves it.
     with open(dst, "a") as handle:
@@ -107,8 +115,12 @@ def test_resume_after_crash_is_complete_and_duplicate_free(tmp_path):
     assert read_done_ids(dst) == {str(i) for i in range(6)}
     engine = FakeEngine()
     summary = run_batch(
-        input_path=src, output_path=dst, generate=engine, tokenizer=FakeTokenizer(),
-        group_size=2, progress=False,
+        input_path=src,
+        output_path=dst,
+        generate=engine,
+        tokenizer=FakeTokenizer(),
+        group_size=2,
+        progress=False,
     )
     assert summary["skipped"] == 6 and len(engine.served) == 4
     ids = [r["id"] for r in rows(dst)]
@@ -116,7 +128,10 @@ def test_resume_after_crash_is_complete_and_duplicate_free(tmp_path):
     # A third run has nothing left to do.
     again = FakeEngine()
     run_batch(
-        input_path=src, output_path=dst, generate=again, tokenizer=FakeTokenizer(),
+        input_path=src,
+        output_path=dst,
+        generate=again,
+        tokenizer=FakeTokenizer(),
         progress=False,
     )
     assert again.served == [] and len(rows(dst)) == 10
@@ -125,6 +140,9 @@ def test_resume_after_crash_is_complete_and_duplicate_free(tmp_path):
 def test_missing_input_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         run_batch(
-            input_path=tmp_path / "nope.jsonl", output_path=tmp_path / "o.jsonl",
-            generate=FakeEngine(), tokenizer=FakeTokenizer(), progress=False,
+            input_path=tmp_path / "nope.jsonl",
+            output_path=tmp_path / "o.jsonl",
+            generate=FakeEngine(),
+            tokenizer=FakeTokenizer(),
+            progress=False,
         )

@@ -98,16 +98,24 @@ def test_batch_resumes_after_an_actor_dies(model_dir, tmp_path):
     _kill_one_actor_soon(llm, 6.0)
     with pytest.raises(RuntimeError, match="worker rank"):
         run_batch(
-            input_path=src, output_path=dst, tokenizer=llm.tokenizer, group_size=2,
-            generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False), progress=False,
+            input_path=src,
+            output_path=dst,
+            tokenizer=llm.tokenizer,
+            group_size=2,
+            generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False),
+            progress=False,
         )
     first = [json.loads(line) for line in dst.read_text().splitlines()]
     assert 1 <= len(first) < 11
     llm = LLM(model_dir, world_size=2, launcher="ray", **COMMON)
     try:
         run_batch(
-            input_path=src, output_path=dst, tokenizer=llm.tokenizer, group_size=2,
-            generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False), progress=False,
+            input_path=src,
+            output_path=dst,
+            tokenizer=llm.tokenizer,
+            group_size=2,
+            generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False),
+            progress=False,
         )
     finally:
         llm.shutdown()
