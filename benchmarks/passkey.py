@@ -5,7 +5,8 @@
 
 Prefill is exact and does not depend on the budget, so every prompt is prefilled once
 and then decoded once per budget: after each decode the sequence is rewound to its
-first generated token and the cache to what the prefill left (``decode_with``). Greedy, 10 new tokens.
+first generated token and the cache to what the prefill left (``decode_with``).
+Greedy, 10 new tokens.
 Writes benchmarks/results/passkey-<device>-<date>.json and prints the table.
 """
 

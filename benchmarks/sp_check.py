@@ -169,8 +169,11 @@ def capacity_and_long_decode(model, config, *, rank, world, group, device, conte
         engine = make_engine(model, config, q, num_pages=pages, device=device,
                              group=group, rank=rank, world=world)  # fmt: skip
         start = time.perf_counter()
-        seq = fill_synthetic(engine, context_tokens=context,
-                             params=SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+        seq = fill_synthetic(
+            engine,
+            context_tokens=context,
+            params=SamplingParams(max_tokens=steps + 8, ignore_eos=True),
+        )
         fill_s = time.perf_counter() - start
         times = decode_steps(engine, [seq], launches=steps)
         warm = times[2:] or times
@@ -188,9 +191,7 @@ def capacity_and_long_decode(model, config, *, rank, world, group, device, conte
         dist.barrier()
     result["decode"] = timings
     q, d = timings["quest-4096"], timings["dense-sp"]
-    result["quest_vs_dense_speedup"] = round(
-        d["ms_per_token_median"] / q["ms_per_token_median"], 2
-    )
+    result["quest_vs_dense_speedup"] = round(d["ms_per_token_median"] / q["ms_per_token_median"], 2)
     return result
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device session's measurements, by phase (run from the repository root on the GPU machine):
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8
+# Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+out=${OUT:-benchmarks/results}
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+case "$1" in
+  tests)  # every GPU-marked test
+    timeout 560 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -x -rs 2>&1 | tail -40 ;;
+  prefill1)  # exact prefill on one GPU, 128K..512K
+    timeout 580 python benchmarks/prefill.py --part 1 --contexts 131072,262144,524288 --out-dir "$out" ;;
+  prefill2)  # exact prefill on two GPUs, 512K and 1M
+    timeout 580 torchrun --standalone --nproc-per-node 2 benchmarks/prefill.py --part 1 \
+      --contexts 524288,1048576 --out-dir "$out" ;;
+  decode8)  # batch 8 at the largest context that fits on two GPUs
+    timeout 580 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
+      --contexts 196608 --batches 8 --budgets 2048 --no-sdpa --out-dir "$out" ;;
+esac
