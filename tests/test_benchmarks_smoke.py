@@ -102,3 +102,32 @@ def test_decode_benchmark_smoke(tmp_path, world_size):
             entry = row["modes"][mode]
             assert entry["ms_per_token"] > 0 and entry["floor"]["floor_ms"] > 0
             assert entry["breakdown_ms"]["weights_and_mlp"] > 0
+
+
+def test_passkey_rewind_restores_the_prefilled_cache(tmp_path):
+    """benchmarks/passkey.py decodes one prefill under several budgets: after each decode
+    the pages, the reservation and the key bounds are what the prefill left, so every
+    budget sees the same cache (a decode that grows a page included)."""
+    from benchmarks.passkey import decode_with
+    from longquest.engine.config import QuestConfig, SamplingParams
+    from tests.engine.test_engine import make_engine
+    from tests.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path, architecture="llama3.1")
+    engine = make_engine(model_dir, quest=QuestConfig(token_budget=None), num_pages=32)
+    prompt = torch.randint(3, 200, (16 * 7 + 12,), generator=torch.Generator().manual_seed(0))
+    seq = engine._new_sequence(0, prompt.tolist(), SamplingParams(max_tokens=12, ignore_eos=True))
+    engine._try_reserve(seq)
+    engine._prefill(seq, None)
+    state = (list(seq.local_pages), seq.reserved_pages, engine.allocator.num_free)
+    mine = [physical for _, physical in seq.local_pages]  # freed pages' bounds are garbage
+    bounds = engine.cache.key_min[:, mine].clone(), engine.cache.key_max[:, mine].clone()
+    texts = []
+    for budget in (32, 64, 32, None):
+        quest = QuestConfig(token_budget=budget, page_size=16, dense_layers=1)
+        texts.append(decode_with(engine, seq, quest, 12))
+        assert (list(seq.local_pages), seq.reserved_pages, engine.allocator.num_free) == state
+        assert torch.equal(engine.cache.key_min[:, mine], bounds[0])
+        assert torch.equal(engine.cache.key_max[:, mine], bounds[1])
+        assert len(seq.output) == 1
+    assert texts[0] == texts[2]  # the same budget on the same cache: the same tokens

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trials", type=int, default=4)
     demo.add_argument("--context", type=int, default=3000, help="tokens per document")
     demo.add_argument("--budget", type=int, default=512)
+    demo.add_argument(
+        "--page-size", type=int, default=4, help="tokens a page (4: this small model needs them)"
+    )
     demo.add_argument("--world-size", type=int, default=2)
     demo.add_argument("--launcher", default="ray", choices=["ray", "local"])
     demo.set_defaults(func=_cmd_demo)
@@ -179,6 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         trials=args.trials,
         context_tokens=args.context,
         token_budget=args.budget,
+        page_size=args.page_size,
         world_size=args.world_size,
         launcher=args.launcher,
     )

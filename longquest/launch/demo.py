@@ -14,6 +14,7 @@ def run_demo(
     trials: int = 4,
     context_tokens: int = 3000,
     token_budget: int = 512,
+    page_size: int = 4,
     world_size: int = 2,
     launcher: str = "ray",
     max_tokens: int = 12,
@@ -42,10 +43,11 @@ def run_demo(
         for i in range(trials)
     ]
     prompts = [passkey_prompt_ids(tokenizer=tokenizer, messages=t.prompt_messages) for t in tasks]
-    quest = QuestConfig(token_budget=token_budget)
+    quest = QuestConfig(token_budget=token_budget, page_size=page_size)
     print(
         f"[demo] {trials} documents of ~{context_tokens} tokens, a 5-digit pass key hidden in "
-        f"each; SmolLM2-135M-Instruct, Quest budget {token_budget} tokens, "
+        f"each; SmolLM2-135M-Instruct, Quest budget {token_budget} tokens in pages of "
+        f"{page_size}, "
         f"{world_size} {launcher} worker(s) on the CPU"
     )
     llm = LLM(

@@ -1,10 +1,12 @@
 """The real model (SmolLM2-135M-Instruct) finds a pass key hidden in ~2K and ~4K tokens of
 real text, densely and with Quest at budgets of 256 and 512 tokens.
 
-Measured, this 135M model is right about 95% of the time densely (it sometimes goes on
-with the filler instead of answering), so Quest is held to dense on the same prompts:
-budget 512 within one miss of dense, budget 256 within two; dense itself >= 9 of 10.
-benchmarks/passkey.py reports the full table."""
+With 4-token pages Quest answers at least 9 of 10 at both budgets and both lengths (dense:
+9-10 of 10; the model itself sometimes goes on with the filler instead of answering).
+With the default 16-token pages this 135M model loses the key more often at 4K (measured
+4/10 and 7/10 at 256 and 512): a page's min/max bound is too loose for its 3 KV heads of
+64 dims, so the needle's page ranks below filler pages. Those runs are held to what was
+measured, as a guard against regressions. benchmarks/passkey.py reports the full table."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
 
 TRIALS = 10
-BUDGETS = [None, 256, 512]
+# (budget, page size); None: dense.
+CONFIGS = [(None, 16), (256, 4), (512, 4), (256, 16), (512, 16)]
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +57,29 @@ def test_passkey_retrieval_dense_and_quest(demo, context_tokens):
     tasks, prompts = tasks_for(demo, context_tokens)
     cache = CacheConfig(max_tokens=TRIALS * (context_tokens + 200))
     report = {}
-    for budget in BUDGETS:
+    for budget, page in CONFIGS:
         llm = LLM(
             model_dir,
             dtype="float32",
             device="cpu",
-            quest=QuestConfig(token_budget=budget),
+            quest=QuestConfig(token_budget=budget, page_size=page),
             cache=cache,
             prefill_chunk_tokens=2048,
         )
         outputs = llm.generate(prompts, SamplingParams(max_tokens=10), use_tqdm=False)
         right = sum(score_passkey(o.text, t.passkey) for o, t in zip(outputs, tasks))
-        report[budget] = right
+        report[(budget, page)] = right
         if budget is not None:
             pages = max(o.pages_total for o in outputs)
-            assert all(o.pages_attended <= budget // 16 for o in outputs)
-            assert pages > budget // 16  # selection really happened
-    print(f"passkey at {context_tokens} tokens, right of {TRIALS} by budget: {report}")
-    assert report[None] >= TRIALS - 1, report
+            assert all(o.pages_attended <= budget // page for o in outputs)
+            assert pages > budget // page  # selection really happened
+    print(f"passkey at {context_tokens} tokens, right of {TRIALS} by (budget, page): {report}")
+    assert report[(None, 16)] >= TRIALS - 1, report
+    assert report[(256, 4)] >= TRIALS - 1, report
+    assert report[(512, 4)] >= TRIALS - 1, report
     if context_tokens <= 2000:
-        assert report[512] >= report[None] - 1, report
-        assert report[256] >= report[None] - 2, report
+        assert report[(512, 16)] >= report[(None, 16)] - 1, report
+        assert report[(256, 16)] >= report[(None, 16)] - 2, report
     else:
-        assert report[512] >= 6, report
-        assert report[256] >= 3, report
+        assert report[(512, 16)] >= 6, report
+        assert report[(256, 16)] >= 3, report
