@@ -59,7 +59,7 @@ from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
 
-PAGE = 16
+PAGE = 16  # the default; --page-size changes it
 
 
 def log(rank: int, *parts) -> None:
@@ -125,21 +125,22 @@ class SdpaAttention:
         return out[:, :, 0]
 
 
-def make_engine(model, config, *, num_pages, device, dtype, group, rank, world):
+def make_engine(model, config, *, num_pages, page_size, device, dtype, group, rank, world):
     shape = CacheShape(
         num_layers=config.num_layers,
         num_pages=num_pages,
-        page_size=PAGE,
+        page_size=page_size,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=dtype,
     )
+    dense = QuestConfig(token_budget=None, page_size=page_size)
     common = dict(model=model, model_config=config, cache=KVCache(shape, device=device),
-                  quest=QuestConfig(token_budget=None), detokenize=lambda ids: "",
-                  eos_token_ids=(), prefill_chunk_tokens=8192)  # fmt: skip
+                  quest=dense, detokenize=lambda ids: "", eos_token_ids=(),
+                  prefill_chunk_tokens=8192)  # fmt: skip
     if world == 1:
         return LLMEngine(**common)
-    ownership = PageOwnership(world_size=world, page_size=PAGE, prefill_chunk_tokens=8192)
+    ownership = PageOwnership(world_size=world, page_size=page_size, prefill_chunk_tokens=8192)
     comm = SequenceParallelComm(group=group, rank=rank, world_size=world)
     return SequenceParallelEngine(group=group, ownership=ownership, world_size=world, rank=rank,
                                   comm=comm, **common)  # fmt: skip
@@ -238,7 +239,9 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
     params = sum(p.numel() for p in model.parameters())
     # The embedding table is read one row per sequence; every other weight in full.
     weight_bytes = (params - embed + rows * config.hidden_size) * element
-    page_kv = 2 * PAGE * config.num_kv_heads * config.head_dim * element  # K and V of a page
+    page_kv = (
+        2 * shape.page_size * config.num_kv_heads * config.head_dim * element
+    )  # K and V of a page
     local_pages = sum(len(s.local_pages) for s in seqs)
     budget = quest.page_budget
     if budget is None:
@@ -316,8 +319,9 @@ def sdpa_ms(engine, *, batch: int, context: int, iters: int) -> float | None:
 
 def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) -> dict | None:
     world = engine.world_size
-    modes = [(f"quest-{b}", QuestConfig(token_budget=b)) for b in budgets]
-    modes.append(("dense", QuestConfig(token_budget=None)))
+    page = engine.page_size
+    modes = [(f"quest-{b}", QuestConfig(token_budget=b, page_size=page)) for b in budgets]
+    modes.append(("dense", QuestConfig(token_budget=None, page_size=page)))
     per_mode = (args.warmup + args.steps) * engine.steps_per_launch
     params = SamplingParams(max_tokens=len(modes) * per_mode + 4, ignore_eos=True)
     seqs = []
@@ -398,6 +402,7 @@ def main() -> int:
         default=8.0,
         help="GPU memory left outside the KV cache (graphs, SDPA, workspace)",
     )
+    parser.add_argument("--page-size", type=int, default=PAGE, help="tokens a KV page")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
@@ -426,16 +431,17 @@ def main() -> int:
         free = torch.cuda.mem_get_info(device)[0] - int(args.reserve_gib * 2**30)
     else:
         copy_gbps, free = 10.0, 256 * 2**20
-    page_bytes = 2 * PAGE * config.num_kv_heads * config.head_dim * dtype.itemsize
+    page = args.page_size
+    page_bytes = 2 * page * config.num_kv_heads * config.head_dim * dtype.itemsize
     page_bytes += 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
     num_pages = free // (page_bytes * config.num_layers)
     if group is not None:  # every rank plans with the smallest pool
         pool = torch.tensor([num_pages], device=device)
         dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
         num_pages = int(pool)
-    engine = make_engine(model, config, num_pages=num_pages, device=device, dtype=dtype,
-                         group=group, rank=rank, world=world)  # fmt: skip
-    log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * PAGE} tokens), "
+    engine = make_engine(model, config, num_pages=num_pages, page_size=page, device=device,
+                         dtype=dtype, group=group, rank=rank, world=world)  # fmt: skip
+    log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * page} tokens), "
               f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
     budgets = [int(b) for b in args.budgets.split(",") if b]
     rows = []
@@ -449,7 +455,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     report = {
         "model": "tiny" if args.tiny else "Llama-3.1-8B shape, random weights",
-        "dtype": str(dtype), "world_size": world, "page_size": PAGE,
+        "dtype": str(dtype), "world_size": world, "page_size": page,
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
@@ -457,7 +463,8 @@ def main() -> int:
     if rank == 0:
         from benchmarks.common import write_result
 
-        path = write_result(f"decode-w{world}", report, out_dir=args.out_dir)
+        name = f"decode-w{world}" + (f"-page{page}" if page != PAGE else "")
+        path = write_result(name, report, out_dir=args.out_dir)
         print("wrote", path, flush=True)
     if group is not None:
         dist.destroy_process_group()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,4 +17,9 @@ case "$1" in
   decode8)  # batch 8 at the largest context that fits on two GPUs
     timeout 580 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
       --contexts 196608 --batches 8 --budgets 2048 --no-sdpa --out-dir "$out" ;;
+  decode1m)  # batch 1 at 1M on two GPUs, 16-token pages and 4-token pages
+    timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
+      --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --out-dir "$out"
+    timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
+      --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --page-size 4 --out-dir "$out" ;;
 esac
