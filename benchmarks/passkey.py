@@ -50,7 +50,7 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
         engine._decode_step([seq])
         if seq.finish_reason:
             break
-    text = seq.text
+    text = seq.text if seq.finish_reason else engine.detokenize(seq.output)
     grown = seq.local_pages[keep:]
     engine.allocator.free([physical for _, physical in grown])
     engine.allocator.reserve(len(grown))

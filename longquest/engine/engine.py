@@ -393,13 +393,15 @@ class LLMEngine:
             self._check_finished(seq, token)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
+        # The text is decoded when the sequence finishes, or every step when stop strings
+        # must be searched: decoding the whole output each step costs O(n^2) in its length.
         params = seq.params
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
             seq.text = self.detokenize(seq.output[:-1])
             return
-        seq.text = self.detokenize(seq.output)
         if params.stop:
+            seq.text = self.detokenize(seq.output)
             for stop in params.stop:
                 cut = seq.text.find(stop)
                 if cut >= 0:
@@ -407,4 +409,5 @@ class LLMEngine:
                     seq.finish_reason = "stop"
                     return
         if len(seq.output) >= params.max_tokens:
+            seq.text = seq.text if params.stop else self.detokenize(seq.output)
             seq.finish_reason = "length"
