@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -20,6 +20,10 @@ case "$1" in
   decode1m)  # batch 1 at 1M on two GPUs, 16-token pages and 4-token pages
     timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
       --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --out-dir "$out"
+    timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
+      --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --page-size 4 --out-dir "$out" ;;
+  page4)  # the global top-k at large page counts: 1M on two GPUs in 4-token pages
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_global_topk.py 2>&1 | tail -3
     timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
       --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --page-size 4 --out-dir "$out" ;;
 esac

@@ -18,6 +18,11 @@ import triton.language as tl
 from longquest.kernels._checks import check_dim, check_tensor, resolve_impl
 
 _INT32_MAX = 2**31 - 1
+# Up to this many candidates a rank, one program ranks and compacts a whole row; above
+# it (e.g. a 4096-token budget in 4-token pages: 1024), one program a row spent ~0.3 ms
+# a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
+_ONE_PROGRAM_TOP_K = 256
+_RANK_BLOCK = 64
 
 
 @triton.jit
@@ -45,17 +50,10 @@ def _order_key(bits):
 
 
 @triton.jit
-def _keep_kernel(
-    gathered_ptr, indices_ptr, out_ptr, top_k, num_rows, rank, world_size,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    mine = tl.arange(0, BLOCK_K)
-    mine_ok = mine < top_k
-    base = (rank * num_rows + row) * top_k
-    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
-    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
-    beaten_by = tl.zeros([BLOCK_K], dtype=tl.int32)
+def _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
+               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """How many of the row's candidates (all ranks) beat each of ``BLOCK_M`` candidates."""
+    beaten_by = tl.zeros([BLOCK_M], dtype=tl.int32)
     total = world_size * top_k
     for start in range(0, total, BLOCK_C):
         cand = start + tl.arange(0, BLOCK_C)
@@ -69,13 +67,63 @@ def _keep_kernel(
         )
         better = better & (page[None, :] >= 0)
         beaten_by += tl.sum(better.to(tl.int32), axis=1)
-    kept = mine_ok & (my_page >= 0) & (beaten_by < top_k)
+    return beaten_by
+
+
+@triton.jit
+def _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K: tl.constexpr):
     # This rank's candidates come in ascending local index order: compact, keeping it.
+    mine = tl.arange(0, BLOCK_K)
+    mine_ok = mine < top_k
     position = tl.cumsum(kept.to(tl.int32), axis=0) - 1
     local = tl.load(indices_ptr + row * top_k + mine, mask=mine_ok, other=-1)
     tl.store(out_ptr + row * top_k + mine, tl.full([BLOCK_K], -1, tl.int32), mask=mine_ok)
     tl.debug_barrier()
     tl.store(out_ptr + row * top_k + position, local, mask=kept)
+
+
+@triton.jit
+def _keep_kernel(
+    gathered_ptr, indices_ptr, out_ptr, top_k, num_rows, rank, world_size,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One program a row: rank this rank's candidates, then compact the winners."""
+    row = tl.program_id(0)
+    mine = tl.arange(0, BLOCK_K)
+    mine_ok = mine < top_k
+    base = (rank * num_rows + row) * top_k
+    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
+    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
+    beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
+                           BLOCK_K, BLOCK_C)  # fmt: skip
+    kept = mine_ok & (my_page >= 0) & (beaten_by < top_k)
+    _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
+
+
+@triton.jit
+def _rank_kernel(
+    gathered_ptr, kept_ptr, top_k, num_rows, rank, world_size,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Large ``top_k``: ``BLOCK_M`` of a row's candidates a program, kept flags out."""
+    row = tl.program_id(0)
+    mine = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mine_ok = mine < top_k
+    base = (rank * num_rows + row) * top_k
+    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
+    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
+    beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
+                           BLOCK_M, BLOCK_C)  # fmt: skip
+    kept = mine_ok & (my_page >= 0) & (beaten_by < top_k)
+    tl.store(kept_ptr + row * top_k + mine, kept.to(tl.int8), mask=mine_ok)
+
+
+@triton.jit
+def _compact_kernel(kept_ptr, indices_ptr, out_ptr, top_k, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    mine = tl.arange(0, BLOCK_K)
+    kept = tl.load(kept_ptr + row * top_k + mine, mask=mine < top_k, other=0) != 0
+    _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
 
 
 def pack_candidates(
@@ -170,11 +218,22 @@ def keep_global_top_k(
         return _keep_torch(gathered, local_indices, rank)
     out = torch.empty_like(local_indices)
     rows = num_seqs * num_kv_heads
-    if rows and top_k:
-        block_k = triton.next_power_of_2(top_k)
+    if not (rows and top_k):
+        return out
+    gathered, indices = gathered.contiguous(), local_indices.contiguous()
+    block_k = triton.next_power_of_2(top_k)
+    if block_k <= _ONE_PROGRAM_TOP_K:
         _keep_kernel[(rows,)](
-            gathered.contiguous(), local_indices.contiguous(), out, top_k, rows, rank,
-            world_size, BLOCK_K=block_k, BLOCK_C=max(16, min(64, 8192 // block_k)),
+            gathered, indices, out, top_k, rows, rank, world_size,
+            BLOCK_K=block_k, BLOCK_C=max(16, min(64, 8192 // block_k)),
             num_warps=4 if block_k <= 128 else 8,
         )  # fmt: skip
+        return out
+    # Ranking costs top_k x world_size x top_k comparisons a row: spread it over
+    # programs of _RANK_BLOCK candidates, then compact each row in one program.
+    kept = torch.empty(rows, top_k, dtype=torch.int8, device=device)
+    _rank_kernel[(rows, triton.cdiv(top_k, _RANK_BLOCK))](
+        gathered, kept, top_k, rows, rank, world_size, BLOCK_M=_RANK_BLOCK, BLOCK_C=64,
+    )  # fmt: skip
+    _compact_kernel[(rows,)](kept, indices, out, top_k, BLOCK_K=block_k, num_warps=8)
     return out

@@ -54,7 +54,7 @@ def _brute_force(ranks, top_k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("top_k", [1, 5, 8])
+@pytest.mark.parametrize("top_k", [1, 5, 8, 300])
 def test_every_rank_keeps_its_share_of_the_global_top_k(device, impl, world_size, top_k):
     gen = torch.Generator().manual_seed(world_size * 100 + top_k)
     num_seqs, num_kv_heads = 3, 2
