@@ -48,6 +48,7 @@ def tasks_for(demo, context_tokens: int):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 5 settings x 10 prefills of 4K tokens: ~8 min on 2 idle cores
 @pytest.mark.parametrize("context_tokens", [2000, 4000])
 def test_passkey_retrieval_dense_and_quest(demo, context_tokens):
     from longquest.launch.api import LLM
