@@ -83,6 +83,19 @@ def _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size,
+          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Which of this rank's candidates ``mine`` of ``row`` are in the global top ``top_k``."""
+    mine_ok = mine < top_k
+    base = (rank * num_rows + row) * top_k
+    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
+    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
+    beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
+                           BLOCK_M, BLOCK_C)  # fmt: skip
+    return mine_ok & (my_page >= 0) & (beaten_by < top_k)
+
+
+@triton.jit
 def _keep_kernel(
     gathered_ptr, indices_ptr, out_ptr, top_k, num_rows, rank, world_size,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -90,13 +103,7 @@ def _keep_kernel(
     """One program a row: rank this rank's candidates, then compact the winners."""
     row = tl.program_id(0)
     mine = tl.arange(0, BLOCK_K)
-    mine_ok = mine < top_k
-    base = (rank * num_rows + row) * top_k
-    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
-    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
-    beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
-                           BLOCK_K, BLOCK_C)  # fmt: skip
-    kept = mine_ok & (my_page >= 0) & (beaten_by < top_k)
+    kept = _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size, BLOCK_K, BLOCK_C)
     _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
 
 
@@ -108,14 +115,8 @@ def _rank_kernel(
     """Large ``top_k``: ``BLOCK_M`` of a row's candidates a program, kept flags out."""
     row = tl.program_id(0)
     mine = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mine_ok = mine < top_k
-    base = (rank * num_rows + row) * top_k
-    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
-    my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
-    beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
-                           BLOCK_M, BLOCK_C)  # fmt: skip
-    kept = mine_ok & (my_page >= 0) & (beaten_by < top_k)
-    tl.store(kept_ptr + row * top_k + mine, kept.to(tl.int8), mask=mine_ok)
+    kept = _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size, BLOCK_M, BLOCK_C)
+    tl.store(kept_ptr + row * top_k + mine, kept.to(tl.int8), mask=mine < top_k)
 
 
 @triton.jit

@@ -94,9 +94,8 @@ def test_batch_resumes_after_an_actor_dies(model_dir, tmp_path):
         for i in range(10)
     ] + ["{broken"]  # fmt: skip
     src.write_text("\n".join(lines) + "\n")
-    llm = LLM(model_dir, world_size=2, launcher="ray", **COMMON)
-    _kill_one_actor_soon(llm, 6.0)
-    with pytest.raises(RuntimeError, match="worker rank"):
+
+    def batch(llm):
         run_batch(
             input_path=src,
             output_path=dst,
@@ -105,18 +104,16 @@ def test_batch_resumes_after_an_actor_dies(model_dir, tmp_path):
             generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False),
             progress=False,
         )
+
+    llm = LLM(model_dir, world_size=2, launcher="ray", **COMMON)
+    _kill_one_actor_soon(llm, 6.0)
+    with pytest.raises(RuntimeError, match="worker rank"):
+        batch(llm)
     first = [json.loads(line) for line in dst.read_text().splitlines()]
     assert 1 <= len(first) < 11
     llm = LLM(model_dir, world_size=2, launcher="ray", **COMMON)
     try:
-        run_batch(
-            input_path=src,
-            output_path=dst,
-            tokenizer=llm.tokenizer,
-            group_size=2,
-            generate=lambda ids, p: llm.generate(ids, p, use_tqdm=False),
-            progress=False,
-        )
+        batch(llm)
     finally:
         llm.shutdown()
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
