@@ -125,7 +125,8 @@ class SdpaAttention:
         return out[:, :, 0]
 
 
-def make_engine(model, config, *, num_pages, page_size, device, dtype, group, rank, world):
+def make_engine(model, config, *, num_pages, page_size, device, dtype, group, rank, world,
+                split_mlp=True):  # fmt: skip
     shape = CacheShape(
         num_layers=config.num_layers,
         num_pages=num_pages,
@@ -143,7 +144,7 @@ def make_engine(model, config, *, num_pages, page_size, device, dtype, group, ra
     ownership = PageOwnership(world_size=world, page_size=page_size, prefill_chunk_tokens=8192)
     comm = SequenceParallelComm(group=group, rank=rank, world_size=world)
     return SequenceParallelEngine(group=group, ownership=ownership, world_size=world, rank=rank,
-                                  comm=comm, **common)  # fmt: skip
+                                  comm=comm, split_mlp=split_mlp, **common)  # fmt: skip
 
 
 def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
@@ -168,7 +169,9 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
         return query
 
     def weights():
-        hidden = engine.model(input_ids=ids, positions=positions, attention=identity)
+        hidden = engine.model(
+            input_ids=ids, positions=positions, attention=identity, mlp_split=engine.mlp_split
+        )
         return engine.model.compute_logits(hidden)
 
     with torch.inference_mode():
@@ -237,8 +240,15 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
     element = shape.dtype.itemsize
     embed = config.vocab_size * config.hidden_size
     params = sum(p.numel() for p in model.parameters())
-    # The embedding table is read one row per sequence; every other weight in full.
-    weight_bytes = (params - embed + rows * config.hidden_size) * element
+    # The embedding table is read one row per sequence; every other weight in full,
+    # but for the MLPs' other ranks' shares when decode splits them.
+    read = params - embed + rows * config.hidden_size
+    mlp_collectives = 0
+    if engine.mlp_split is not None:
+        mlp = config.num_layers * 3 * config.intermediate_size * config.hidden_size
+        read -= mlp - mlp // world
+        mlp_collectives = config.num_layers
+    weight_bytes = read * element
     page_kv = (
         2 * shape.page_size * config.num_kv_heads * config.head_dim * element
     )  # K and V of a page
@@ -257,6 +267,7 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
         selected = sparse * rows * math.ceil(budget / world) * page_kv
         kv_bytes = dense * local_pages * page_kv + selected
         collectives = dense + 2 * sparse
+    collectives += mlp_collectives
     total = weight_bytes + meta_bytes + kv_bytes
     comm_ms = (collectives + 1) * gather_ms if world > 1 else 0.0
     return {
@@ -404,6 +415,10 @@ def main() -> int:
     )
     parser.add_argument("--page-size", type=int, default=PAGE, help="tokens a KV page")
     parser.add_argument("--no-sdpa", action="store_true")
+    parser.add_argument(
+        "--no-split-mlp", action="store_true", help="every rank reads the whole MLP in decode"
+    )
+    parser.add_argument("--label", default="", help="appended to the result file's name")
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -440,7 +455,8 @@ def main() -> int:
         dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
         num_pages = int(pool)
     engine = make_engine(model, config, num_pages=num_pages, page_size=page, device=device,
-                         dtype=dtype, group=group, rank=rank, world=world)  # fmt: skip
+                         dtype=dtype, group=group, rank=rank, world=world,
+                         split_mlp=not args.no_split_mlp)  # fmt: skip
     log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * page} tokens), "
               f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
     budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -458,12 +474,14 @@ def main() -> int:
         "dtype": str(dtype), "world_size": world, "page_size": page,
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
+        "mlp_split_over_ranks": engine.mlp_split is not None,
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip
     if rank == 0:
         from benchmarks.common import write_result
 
         name = f"decode-w{world}" + (f"-page{page}" if page != PAGE else "")
+        name += f"-{args.label}" if args.label else ""
         path = write_result(name, report, out_dir=args.out_dir)
         print("wrote", path, flush=True)
     if group is not None:

@@ -96,6 +96,7 @@ def test_decode_benchmark_smoke(tmp_path, world_size):
     (path,) = tmp_path.glob(f"decode-w{world_size}-*.json")
     record = json.loads(path.read_text())
     assert len(record["rows"]) == 2
+    assert record["mlp_split_over_ranks"] == (world_size > 1)
     for row in record["rows"]:
         assert set(row["modes"]) >= {"quest-64", "dense"}
         for mode in ("quest-64", "dense"):

@@ -26,7 +26,7 @@ from longquest.engine.attention import (
 from longquest.engine.cache import CacheCapacityError, KVCache, PageAllocator, pages_for
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
 from longquest.engine.decode_batch import DecodeBatch
-from longquest.engine.model import Model
+from longquest.engine.model import MlpSplit, Model
 from longquest.engine.sampler import sample, top_logprobs
 from longquest.engine.sequence import RequestOutput, Sequence
 from longquest.kernels import plan_append
@@ -84,6 +84,8 @@ class LLMEngine:
         self.rank = rank
         self.owner = owner or OwnEverything()
         self.comm = comm or LocalComm()
+        # Set by a sequence-parallel engine to split decode MLPs over its ranks.
+        self.mlp_split: MlpSplit | None = None
         self.device = cache.k.device
         # Decode steps replay CUDA graphs by default on CUDA with the Triton kernels.
         if cuda_graphs is None:
@@ -269,7 +271,12 @@ class LLMEngine:
                     comm=self.comm,
                     impl=self.impl,
                 )
-                hidden = self.model(input_ids=ids, positions=positions, attention=attention)
+                hidden = self.model(
+                    input_ids=ids,
+                    positions=positions,
+                    attention=attention,
+                    mlp_split=self.mlp_split,
+                )
                 logits = self.model.compute_logits(hidden)
                 if not greedy:
                     return logits

@@ -40,6 +40,21 @@ class LayerAttention(Protocol):
     def __call__(self, *, layer: int, query: Tensor, key: Tensor, value: Tensor) -> Tensor: ...
 
 
+class MlpSplit(Protocol):
+    """How a decode step splits every MLP over ranks (tensor parallelism of the MLP).
+
+    Rank ``rank`` of ``world_size`` multiplies by its slice of the gate/up rows and
+    of the down-projection columns, and ``all_reduce`` sums the partial outputs
+    (``[num_tokens, hidden_size]``, in place, returned) over the ranks. The ranks
+    must hold the same replicated weights, laid out by ``Model.split_mlp``.
+    """
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensor: Tensor) -> Tensor: ...
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension, as Hugging Face computes it.
 
@@ -76,6 +91,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = weight(hidden)
         self.gate_up_proj = weight(2 * config.intermediate_size, hidden)  # rows: gate | up
         self.down_proj = weight(hidden, config.intermediate_size)
+        # gate_up_proj holds mlp_blocks blocks [gate_b | up_b] (see Model.split_mlp).
+        self.mlp_blocks = 1
 
     def forward(
         self,
@@ -86,11 +103,13 @@ class DecoderLayer(nn.Module):
         cos: Tensor,
         sin: Tensor,
         attention: LayerAttention,
+        mlp_split: MlpSplit | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One layer on ``x + residual`` (``residual`` None: x is the embedding).
 
         Returns ``(mlp_out, residual)``: the stream after this layer is their sum, added
         by the next layer's input norm (one fused kernel instead of an add and a norm).
+        ``mlp_split``: split the MLP over ranks (see ``MlpSplit``); None runs it whole.
         """
         num_tokens = x.shape[0]
         if residual is None:
@@ -112,8 +131,26 @@ class DecoderLayer(nn.Module):
         residual, h = add_rms_norm(
             x=o, residual=residual, weight=self.post_attention_norm, eps=self.eps
         )
-        act = silu_mul(gate_up=F.linear(h, self.gate_up_proj))  # [num_tokens, I]
-        return F.linear(act, self.down_proj), residual
+        return self._mlp(h, mlp_split), residual
+
+    def _mlp(self, h: Tensor, split: MlpSplit | None) -> Tensor:
+        blocks = self.mlp_blocks
+        if split is None or split.world_size == 1:
+            gate_up = F.linear(h, self.gate_up_proj)  # [num_tokens, 2 I]
+            # Each block is [gate_b | up_b]: silu_mul per block, in the gate's order.
+            act = silu_mul(gate_up=gate_up.view(-1, gate_up.shape[1] // blocks))
+            return F.linear(act.view(h.shape[0], -1), self.down_proj)
+        if blocks != split.world_size:
+            raise ValueError(
+                f"the MLP is laid out in {blocks} blocks but split over {split.world_size} "
+                f"ranks; call Model.split_mlp(blocks={split.world_size}) first"
+            )
+        rows, cols = self.gate_up_proj.shape[0] // blocks, self.down_proj.shape[1] // blocks
+        start = split.rank
+        # Slices of the replicated weights: only this rank's share is read.
+        act = silu_mul(gate_up=F.linear(h, self.gate_up_proj[start * rows : (start + 1) * rows]))
+        partial = F.linear(act, self.down_proj[:, start * cols : (start + 1) * cols])
+        return split.all_reduce(partial)  # [num_tokens, hidden]
 
 
 class Model(nn.Module):
@@ -150,13 +187,48 @@ class Model(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(self, *, input_ids: Tensor, positions: Tensor, attention: LayerAttention) -> Tensor:
+    def split_mlp(self, *, blocks: int) -> None:
+        """Lay out every layer's gate/up rows as ``blocks`` blocks ``[gate_b | up_b]``.
+
+        Then rank ``b`` of a ``blocks``-rank ``MlpSplit`` reads one contiguous slice of
+        ``gate_up_proj`` (and of ``down_proj``'s columns). The unsplit forward gives the
+        same result in either layout. Call it after loading the weights; a second call
+        with the same ``blocks`` does nothing.
+        """
+        size = self.config.intermediate_size
+        if blocks < 1 or size % blocks:
+            raise ValueError(
+                f"cannot split the MLP (intermediate_size {size}) into {blocks} blocks: "
+                "blocks must be >= 1 and divide it"
+            )
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.mlp_blocks == blocks:
+                    continue
+                weight = layer.gate_up_proj  # [2 I, hidden]
+                hidden = weight.shape[1]
+                # Back to [gate | up], then into blocks.
+                plain = weight.view(layer.mlp_blocks, 2, -1, hidden).transpose(0, 1)
+                plain = plain.reshape(2, blocks, size // blocks, hidden)
+                weight.copy_(plain.transpose(0, 1).reshape(2 * size, hidden))
+                layer.mlp_blocks = blocks
+
+    def forward(
+        self,
+        *,
+        input_ids: Tensor,
+        positions: Tensor,
+        attention: LayerAttention,
+        mlp_split: MlpSplit | None = None,
+    ) -> Tensor:
         """Hidden states of packed tokens after the final norm.
 
         input_ids: ``[num_tokens]`` int64 (or int32) token ids.
         positions: ``[num_tokens]`` int64 (or int32) position of each token in its
             own sequence (restarting at 0 for every packed sequence).
         attention: called once per layer (see ``LayerAttention``).
+        mlp_split: split every MLP over ranks (decode under sequence parallelism, where
+            every rank runs the same tokens); None runs it whole.
         Returns ``[num_tokens, hidden_size]`` in the model dtype.
         """
         device = self.embed_tokens.device
@@ -172,7 +244,9 @@ class Model(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
         residual = None
         for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, layer=index, cos=cos, sin=sin, attention=attention)
+            x, residual = layer(
+                x, residual, layer=index, cos=cos, sin=sin, attention=attention, mlp_split=mlp_split
+            )
         _, h = add_rms_norm(x=x, residual=residual, weight=self.norm, eps=self.config.rms_norm_eps)
         return h
 

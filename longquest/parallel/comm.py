@@ -13,9 +13,14 @@ joins those local results into the single-device answer:
 - :meth:`SequenceParallelComm.merge` — one all-gather of every rank's partial
   ``(out, lse)`` (packed in one fp32 tensor), then the exact log-sum-exp merge.
 
+- :meth:`SequenceParallelComm.all_reduce` — the sum of every rank's partial MLP
+  output when decode splits the MLP over the ranks (``longquest.engine.model.MlpSplit``:
+  each rank reads only its share of the MLP weights).
+
 Collectives per decode step and layer: exactly **2** in a sparse layer
 (``select_global`` then ``merge``) and exactly **1** in a dense layer (``merge``
-only). Every rank of the group must make the same calls in the same order.
+only), plus **1** (``all_reduce``) when the MLP is split. Every rank of the group
+must make the same calls in the same order.
 
 The class has the two methods of the engine's ``AttentionComm`` protocol
 (``longquest.engine.attention``), so the attention layer takes it in place of
@@ -150,6 +155,14 @@ class SequenceParallelComm:
             outputs=everyone[..., :head_dim], lses=everyone[..., head_dim], impl=self.impl
         )
         return merged.to(out.dtype), merged_lse
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (any shape and dtype) over the group, in place; returns it.
+
+        Identical on every rank. One collective.
+        """
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-gather ``tensor`` over the group into ``[world_size, *tensor.shape]``."""

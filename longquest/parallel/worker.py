@@ -11,10 +11,16 @@ the same order (SPMD). What differs from one device:
 - sampling happens once: rank 0's tokens are broadcast, so every rank appends
   the same token (temperature > 0 included).
 
-Collectives per decode step: 2 per sparse layer, 1 per dense layer, plus one
-broadcast of the sampled tokens. Admission (whether a request's pages fit) is one
-tiny all-reduce per attempt, so every rank admits the same requests. Per prefill
-round: 2 per layer, plus one broadcast of the last prompt token's logits.
+Decode splits every MLP over the ranks by default (``split_mlp``): each rank
+reads a ``1 / world_size`` share of the MLP weights, the largest part of the
+weights a step reads, and one all-reduce sums the parts. The weights stay
+replicated (prefill, where every rank runs other tokens, needs all of them).
+
+Collectives per decode step: 2 per sparse layer, 1 per dense layer, plus one per
+layer with the MLP split, plus one broadcast of the sampled tokens. Admission
+(whether a request's pages fit) is one tiny all-reduce per attempt, so every rank
+admits the same requests. Per prefill round: 2 per layer, plus one broadcast of
+the last prompt token's logits.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class SequenceParallelEngine(LLMEngine):
         group: dist.ProcessGroup,
         ownership: PageOwnership,
         world_size: int,
+        split_mlp: bool = True,
         **engine_kwargs,
     ) -> None:
         super().__init__(owner=ownership, **engine_kwargs)
@@ -59,6 +66,16 @@ class SequenceParallelEngine(LLMEngine):
         pool = torch.tensor([self.cache.shape.num_pages], dtype=torch.int64, device=self.device)
         dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
         self.allocator = PageAllocator(int(pool))
+        # Each rank reads only its share of the MLP weights in decode (see MlpSplit).
+        if split_mlp and world_size > 1:
+            if not hasattr(self.comm, "all_reduce"):
+                raise ValueError(
+                    f"split_mlp needs a comm with all_reduce (SequenceParallelComm), got "
+                    f"{type(self.comm).__name__}; pass split_mlp=False"
+                )
+            if self.config.intermediate_size % world_size == 0:
+                self.model.split_mlp(blocks=world_size)
+                self.mlp_split = self.comm
 
     # ----------------------------------------------------------------- admission
     def _most_pages_needed(self, prompt_len: int, total_tokens: int) -> int:
@@ -224,8 +241,12 @@ def build_worker(
     cache=None,
     prefill_chunk_tokens: int = 8192,
     impl: str | None = None,
+    split_mlp: bool = True,
 ):
-    """Build this rank's SequenceParallelEngine and the tokenizer (see build_engine)."""
+    """Build this rank's SequenceParallelEngine and the tokenizer (see build_engine).
+
+    split_mlp: decode splits every MLP over the ranks (see SequenceParallelEngine).
+    """
     from functools import partial
 
     from longquest.engine.builder import build_engine
@@ -241,6 +262,7 @@ def build_worker(
         quest=quest,
         cache=cache,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        split_mlp=split_mlp,
     )
     # A round splits into 2 * world_size whole-page chunks.
     step = 2 * quest.page_size
@@ -255,6 +277,7 @@ def build_worker(
         world_size=world_size,
         rank=rank,
         comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, impl=impl),
+        split_mlp=split_mlp,
     )
     return build_engine(
         model_dir,

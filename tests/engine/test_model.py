@@ -195,3 +195,35 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(scores[2], scores[0], rtol=0.1, atol=0.5)
     rotated, _ = apply_rope(query=query, key=key, positions=torch.tensor([123]), inv_freq=inv_freq)
     torch.testing.assert_close(rotated.norm(dim=-1), query.norm(dim=-1))
+
+
+class SplitWithoutPeers:
+    """``MlpSplit`` for one rank of a pretend group: ``all_reduce`` leaves the partial."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_split_mlp_keeps_the_whole_forward_and_its_parts_sum_to_it(tmp_path, blocks):
+    directory = make_tiny_model(tmp_path, architecture="llama3.1")
+    model, config = load_model(directory, dtype=torch.float32, device="cpu")
+    tokens = [random_tokens(9, config.vocab_size, seed=1), random_tokens(4, config.vocab_size, 2)]
+    want = run(model, tokens)
+    layer = model.layers[1]
+    h = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = layer._mlp(h, None)
+    model.split_mlp(blocks=blocks)
+    assert layer.mlp_blocks == blocks
+    torch.testing.assert_close(run(model, tokens), want, rtol=1e-5, atol=1e-5)
+    parts = [layer._mlp(h, SplitWithoutPeers(rank, blocks)) for rank in range(blocks)]
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-5)
+    model.split_mlp(blocks=1)  # and back
+    torch.testing.assert_close(run(model, tokens), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split_mlp\\(blocks=3\\)"):
+        layer._mlp(h, SplitWithoutPeers(0, 3))
+    with pytest.raises(ValueError, match="divide"):
+        model.split_mlp(blocks=7)

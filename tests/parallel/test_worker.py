@@ -64,6 +64,9 @@ def _run(model_dir, quest_name, params, steps_per_launch=1, *, rank, world_size,
         steps_per_launch=steps_per_launch,
     )
     engine = cls(**kwargs)
+    # Decode splits the MLP wherever the ranks divide it (intermediate size 200 here).
+    splits = world_size > 1 and engine.config.intermediate_size % world_size == 0
+    assert (engine.mlp_split is not None) == splits
     outs = engine.generate(_prompts(engine.config.vocab_size), [params] * len(PROMPT_LENGTHS))
     return [(o.token_ids, o.logprobs) for o in outs]
 
