@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,4 +26,10 @@ case "$1" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_global_topk.py 2>&1 | tail -3
     timeout 290 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
       --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa --page-size 4 --out-dir "$out" ;;
+  collectives)  # small-collective latency in CUDA graphs: NCCL protocols and symmetric memory
+    for proto in default LL LL128; do
+      if [ "$proto" = default ]; then env=(); else env=(NCCL_PROTO=$proto); fi
+      env "${env[@]}" timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/collectives.py \
+        --label "$proto" --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    done ;;
 esac
