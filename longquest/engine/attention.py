@@ -5,6 +5,12 @@ Per-step state lives in explicit metadata objects (``PrefillMetadata``,
 The cross-rank steps of sparse decode (global top-k, log-sum-exp reduction) go
 through an injected ``comm`` object; ``LocalComm`` is the single-device one and
 ``longquest.parallel.comm.SequenceParallelComm`` the sequence-parallel one.
+
+With fp8 key bounds (``CacheConfig(bounds_dtype="float8_e4m3fn")``) a key element beyond
++-448 cannot be bounded. Prefill checks for that: every layer's peak ``|k|`` stays on the
+device and, after the chunk's last layer, one host sync raises ValueError if any exceeds
+448. Decode does not check (its step is captured in a CUDA graph; a sync would break it),
+so a first out-of-range key during decode is clamped silently.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from longquest.kernels import (
     prefill_attention,
     select_pages,
 )
+from longquest.kernels.float8 import FLOAT8_DTYPE, FLOAT8_MAX, check_keys_fit_float8
 
 
 class AttentionComm(Protocol):
@@ -115,6 +122,7 @@ class PagedAttention:
         self.metadata = metadata
         self.comm = comm or LocalComm()
         self.impl = impl
+        self._key_peaks: list[torch.Tensor] = []  # fp8 bounds: per-layer max |k| of a chunk
 
     def __call__(
         self, *, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -137,7 +145,25 @@ class PagedAttention:
             impl=self.impl,
         )
 
+    def _check_key_range(self, layer: int, key: torch.Tensor, meta: PrefillMetadata) -> None:
+        """fp8 bounds only: collect the layer's peak ``|k|`` without a sync; after the last
+        layer, one sync raises ValueError if a key lies beyond e4m3fn's range."""
+        if self.cache.key_min.dtype != FLOAT8_DTYPE:
+            return
+        if layer == 0:
+            self._key_peaks = []
+        self._key_peaks.append(key.detach().abs().amax().float())
+        if layer != self.cache.shape.num_layers - 1:
+            return
+        peaks = torch.stack(self._key_peaks).cpu()
+        self._key_peaks = []
+        over = [i for i, peak in enumerate(peaks.tolist()) if not peak <= FLOAT8_MAX]
+        if over:
+            where = f"positions {meta.query_start}..{meta.seq_end - 1}, layers {over}"
+            check_keys_fit_float8(keys=peaks, what=f"the prompt's keys ({where})")
+
     def _prefill(self, layer, query, key, value, meta: PrefillMetadata) -> torch.Tensor:
+        self._check_key_range(layer, key, meta)
         self._append(layer, key, value, meta.slot_mapping, meta.append_plan)
         k_cache, v_cache, _, _ = self.cache.layer(layer)
         # Earlier chunks' keys come back from the pages: [tokens, num_kv_heads, head_dim].

@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return resolved
 
 
+def resolve_bounds_dtype(name: str | None) -> torch.dtype | None:
+    """``CacheConfig.bounds_dtype`` as a torch dtype; None keeps the model dtype."""
+    return None if name is None else getattr(torch, name)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` picks the current CUDA device when there is one, else the CPU."""
     if device is None:
@@ -79,6 +84,7 @@ def cache_pages(
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=dtype,
+        bounds_dtype=resolve_bounds_dtype(cache.bounds_dtype),
     )
 
 
@@ -126,6 +132,7 @@ def build_engine(
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=torch_dtype,
+        bounds_dtype=resolve_bounds_dtype(cache.bounds_dtype),
     )
     engine = make_engine(
         model=model,

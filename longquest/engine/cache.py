@@ -2,8 +2,10 @@
 
 Layout per layer (see longquest.kernels.ref): ``k``/``v`` pages
 ``[num_pages, num_kv_heads, page_size, head_dim]`` and Quest's per-page key bounds
-``key_min``/``key_max`` ``[num_pages, num_kv_heads, head_dim]``, all in the model dtype
-(a min or max of bf16 keys is itself a bf16 value, so nothing is lost).
+``key_min``/``key_max`` ``[num_pages, num_kv_heads, head_dim]``. The pages are in the
+model dtype; the bounds too by default (a min or max of bf16 keys is itself a bf16 value,
+so nothing is lost), or in ``float8_e4m3fn`` (``CacheShape.bounds_dtype``), rounded
+outward so they still bound every key (see :mod:`longquest.kernels.float8`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ class PageAllocator:
 
 @dataclass(frozen=True, kw_only=True)
 class CacheShape:
-    """Everything that fixes the cache's size."""
+    """Everything that fixes the cache's size.
+
+    dtype: of the K/V pages (the model dtype).
+    bounds_dtype: of ``key_min``/``key_max``: None (same as ``dtype``) or
+        ``torch.float8_e4m3fn``.
+    """
 
     num_layers: int
     num_pages: int
@@ -75,12 +82,27 @@ class CacheShape:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    bounds_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.bounds_dtype not in (None, self.dtype, torch.float8_e4m3fn):
+            raise ValueError(
+                f"CacheShape.bounds_dtype must be None, the cache dtype ({self.dtype}) or "
+                f"torch.float8_e4m3fn, got {self.bounds_dtype}"
+            )
+
+    @property
+    def key_bounds_dtype(self) -> torch.dtype:
+        """The dtype ``key_min``/``key_max`` are stored in."""
+        return self.dtype if self.bounds_dtype is None else self.bounds_dtype
 
     @property
     def bytes_per_page(self) -> int:
         """Bytes one page costs across all layers: K, V and the two key bounds."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = (2 * self.page_size + 2) * self.num_kv_heads * self.head_dim * element
+        element = self.dtype.itemsize
+        bound_element = self.key_bounds_dtype.itemsize
+        vectors = self.num_kv_heads * self.head_dim
+        per_layer = (2 * self.page_size * element + 2 * bound_element) * vectors
         return per_layer * self.num_layers
 
 
@@ -94,8 +116,8 @@ class KVCache:
         bounds = (s.num_layers, s.num_pages, s.num_kv_heads, s.head_dim)
         self.k = torch.zeros(pages, dtype=s.dtype, device=device)
         self.v = torch.zeros(pages, dtype=s.dtype, device=device)
-        self.key_min = torch.zeros(bounds, dtype=s.dtype, device=device)
-        self.key_max = torch.zeros(bounds, dtype=s.dtype, device=device)
+        self.key_min = torch.zeros(bounds, dtype=s.key_bounds_dtype, device=device)
+        self.key_max = torch.zeros(bounds, dtype=s.key_bounds_dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache, key_min, key_max)`` views of one layer."""
@@ -115,6 +137,7 @@ def pages_that_fit(
     num_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
+    bounds_dtype: torch.dtype | None = None,
 ) -> int:
     """How many pages fit in ``free_bytes`` of device memory."""
     probe = CacheShape(
@@ -124,5 +147,6 @@ def pages_that_fit(
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         dtype=dtype,
+        bounds_dtype=bounds_dtype,
     )
     return max(0, free_bytes // probe.bytes_per_page)

@@ -10,6 +10,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+# CacheConfig.bounds_dtype values; None stores the bounds in the model dtype.
+BOUNDS_DTYPES = (None, "float8_e4m3fn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +56,19 @@ class CacheConfig:
         memory (CUDA) — required on the CPU unless ``max_tokens`` is given.
     max_tokens: alternative to num_pages: the pool holds at least this many tokens.
     memory_fraction: fraction of free GPU memory (after weights) to give the cache.
+    bounds_dtype: storage of Quest's per-page key bounds: None (the model dtype) or
+        ``"float8_e4m3fn"``, which halves the bytes the decode score kernel reads. fp8
+        bounds are rounded outward (min down, max up), so a page's score stays an upper
+        bound of ``q . k``, but key elements beyond +-448 cannot be bounded: prefill
+        raises ValueError on such keys (decode does not check). The Triton kernels need a
+        GPU of compute capability >= 8.9. Its effect on retrieval accuracy is measured
+        separately.
     """
 
     num_pages: int | None = None
     max_tokens: int | None = None
     memory_fraction: float = 0.9
+    bounds_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_pages is not None and self.num_pages < 1:
@@ -68,6 +78,11 @@ class CacheConfig:
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(
                 f"CacheConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}"
+            )
+        if self.bounds_dtype not in BOUNDS_DTYPES:
+            raise ValueError(
+                f"CacheConfig.bounds_dtype must be None (the model dtype) or one of "
+                f"{', '.join(repr(d) for d in BOUNDS_DTYPES if d)}, got {self.bounds_dtype!r}"
             )
 
 

@@ -18,6 +18,7 @@ from longquest.engine.config import ModelConfig, SamplingParams
 from longquest.engine.engine import LLMEngine
 from longquest.engine.model import Model
 from longquest.engine.sequence import Sequence
+from longquest.kernels.float8 import store_bounds
 
 # Tokens generated per random draw while filling (bounds the temporary memory).
 _FILL_BLOCK_PAGES = 4096
@@ -125,8 +126,8 @@ def fill_synthetic(
                 where = mine.index(last)
                 kmin[where] = k[where, :, :filled].amin(dim=1)
                 kmax[where] = k[where, :, :filled].amax(dim=1)
-            cache.key_min[layer, pages] = kmin
-            cache.key_max[layer, pages] = kmax
+            # Rounded outward when the bounds are fp8, exactly as append_kv stores them.
+            store_bounds(cache.key_min[layer], cache.key_max[layer], pages, kmin, kmax)
     # Positions 0 .. context_tokens - 1 are in the cache; the next step feeds
     # first_token at position context_tokens (the engine's "last token is the input").
     seq.output = [first_token]

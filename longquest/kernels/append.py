@@ -8,6 +8,10 @@ recomputes the page's bounds from the page's earlier slots ``[0, page_offset)``,
 from the cache, plus the run's new keys. That covers a decode token, a prefill chunk that
 starts mid-page and a partial last page alike, and no two programs touch one page (the plan
 rejects a page split across runs, which would race).
+
+The bounds are stored in the cache's dtype (exact: a min or max of model-dtype keys is a
+model-dtype value) or in fp8 e4m3fn, rounded outward — min down, max up — so they still
+bound every key (:mod:`longquest.kernels.float8`); keys beyond +-448 are clamped there.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import (
+    BOUNDS_DTYPES,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_dim,
     check_tensor,
     resolve_impl,
+)
+from longquest.kernels.float8 import (
+    FLOAT8_DTYPE,
+    check_float8_supported,
+    directed_float8,
+    store_bounds,
 )
 
 
@@ -53,6 +64,7 @@ def _append_kv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    FLOAT8_BOUNDS: tl.constexpr,
 ):
     run = tl.program_id(0)
     head = tl.program_id(1)
@@ -92,8 +104,14 @@ def _append_kv_kernel(
     high = tl.max(tl.where(filled, keys, float("-inf")), axis=0)
     bound = page * stride_bp + head * stride_bh + dims
     bound_ok = dims < tl.where(keep, HEAD_DIM, 0)
-    tl.store(key_min_ptr + bound, low.to(key_min_ptr.dtype.element_ty), mask=bound_ok)
-    tl.store(key_max_ptr + bound, high.to(key_max_ptr.dtype.element_ty), mask=bound_ok)
+    if FLOAT8_BOUNDS:  # rounded outward, so the stored bounds still bound every key
+        low_out = directed_float8(low, True)
+        high_out = directed_float8(high, False)
+    else:
+        low_out = low.to(key_min_ptr.dtype.element_ty)
+        high_out = high.to(key_max_ptr.dtype.element_ty)
+    tl.store(key_min_ptr + bound, low_out, mask=bound_ok)
+    tl.store(key_max_ptr + bound, high_out, mask=bound_ok)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,8 +239,9 @@ def _append_kv_torch(key, value, k_cache, v_cache, key_min, key_max, plan: Appen
     keys = k_cache[touched]  # [num_runs, num_kv_heads, page_size, head_dim]
     empty = torch.arange(page_size, device=keys.device)[None, :] >= filled[:, None]
     empty = empty[:, None, :, None]
-    key_min[touched] = keys.masked_fill(empty, float("inf")).amin(dim=2)
-    key_max[touched] = keys.masked_fill(empty, float("-inf")).amax(dim=2)
+    low = keys.masked_fill(empty, float("inf")).amin(dim=2)
+    high = keys.masked_fill(empty, float("-inf")).amax(dim=2)
+    store_bounds(key_min, key_max, touched, low, high)
 
 
 def append_kv(
@@ -242,7 +261,10 @@ def append_kv(
     key, value: ``[num_tokens, num_kv_heads, head_dim]``, the cache's dtype (any strides
     with a contiguous last dimension).
     k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``.
-    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's dtype.
+    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's dtype or
+    both ``float8_e4m3fn`` (then stored rounded outward, min down and max up; key elements
+    beyond +-448 are clamped, which no longer bounds them: check the keys beforehand with
+    :func:`longquest.kernels.float8.check_keys_fit_float8`, this launcher does not sync).
     slot_mapping: ``[num_tokens]`` int — ``page_id * page_size + offset`` per token.
     plan: the step's :func:`plan_append` result. Give ``plan`` (the hot path: no sync),
     ``slot_mapping`` (a plan is built here, with one sync), or both (``plan`` must have
@@ -253,10 +275,14 @@ def append_kv(
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     device, dtype = k_cache.device, k_cache.dtype
     num_pages_total, num_kv_heads, page_size, head_dim = k_cache.shape
-    for name, tensor in (("v_cache", v_cache), ("key_min", key_min), ("key_max", key_max)):
-        check_tensor(name, tensor, ndim=4 if name == "v_cache" else 3, device=device)
-        if tensor.dtype != dtype:
-            raise ValueError(f"{name} has dtype {tensor.dtype}; it must match k_cache ({dtype})")
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(dtype,), device=device)
+    check_tensor("key_min", key_min, ndim=3, dtypes=BOUNDS_DTYPES, device=device)
+    if key_min.dtype not in (dtype, FLOAT8_DTYPE):
+        raise ValueError(
+            f"key_min has dtype {key_min.dtype}; it must match k_cache ({dtype}) or be "
+            "float8_e4m3fn"
+        )
+    check_tensor("key_max", key_max, ndim=3, dtypes=(key_min.dtype,), device=device)
     check_dim("v_cache", v_cache, 0, num_pages_total, "num_pages_total")
     for dim, size, meaning in ((1, num_kv_heads, "num_kv_heads"), (2, page_size, "page_size")):
         check_dim("v_cache", v_cache, dim, size, meaning)
@@ -310,6 +336,9 @@ def append_kv(
         raise ValueError("key_min and key_max need a contiguous last (head_dim) dimension")
     if key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max must have the same strides")
+    float8_bounds = key_min.dtype == FLOAT8_DTYPE
+    if float8_bounds:
+        check_float8_supported(device)
     _append_kv_kernel[(plan.num_runs, num_kv_heads)](
         key,
         value,
@@ -335,4 +364,5 @@ def append_kv(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_S=triton.next_power_of_2(page_size),
+        FLOAT8_BOUNDS=float8_bounds,
     )

@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from longquest.kernels._checks import (
+    BOUNDS_DTYPES,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_dim,
@@ -37,6 +38,7 @@ from longquest.kernels._checks import (
     resolve_impl,
 )
 from longquest.kernels.decode import _check_pages, _decode_triton, paged_decode_attention
+from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.scores import _page_scores_triton, page_scores
 from longquest.kernels.topk import _select_pages_triton, select_pages
 
@@ -83,7 +85,7 @@ def _check_common(query, key_min, key_max, page_table, top_k, pin_last, workspac
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
     num_seqs, num_qo_heads, head_dim = query.shape
-    check_tensor("key_min", key_min, ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("key_min", key_min, ndim=3, dtypes=BOUNDS_DTYPES, device=device)
     check_tensor("key_max", key_max, ndim=3, dtypes=(key_min.dtype,), device=device)
     if key_max.shape != key_min.shape:
         raise ValueError(
@@ -139,7 +141,8 @@ def quest_decode_step(
 
     query: ``[num_seqs, num_qo_heads, head_dim]`` fp16/bf16/fp32 (post-RoPE).
     k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``, one dtype.
-    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's bounds.
+    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's bounds:
+    the cache's dtype or float8_e4m3fn.
     page_table: ``[num_seqs, max_pages]`` int32/int64 physical page ids.
     seq_lens: ``[num_seqs]`` int — tokens per sequence; its pages are
     ``ceil(seq_lens / page_size)``.
@@ -153,8 +156,13 @@ def quest_decode_step(
     """
     _check_common(query, key_min, key_max, page_table, top_k, pin_last, workspace)
     device = query.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(key_min.dtype,), device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(key_min.dtype,), device=device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=device)
+    if key_min.dtype not in (k_cache.dtype, FLOAT8_DTYPE):
+        raise ValueError(
+            f"key_min has dtype {key_min.dtype}; it must match k_cache ({k_cache.dtype}) or "
+            "be float8_e4m3fn"
+        )
     if v_cache.shape != k_cache.shape:
         raise ValueError(
             f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
@@ -186,6 +194,8 @@ def quest_decode_step(
         raise ValueError(f"k_cache page_size must be a power of two for Triton, got {page_size}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in head_dim")
+    if key_min.dtype == FLOAT8_DTYPE:
+        check_float8_supported(device)
     query, page_table = _contiguous_rows(query, page_table)
     seq_lens = seq_lens if seq_lens.stride(0) == 1 else seq_lens.contiguous()
     _, selected, physical = _quest_select_triton(

@@ -10,7 +10,9 @@ Shared layout (dimension names as in ARCHITECTURE.md):
   — the page pool of one layer; a page holds ``page_size`` consecutive tokens of
   one sequence, every KV head's slice of a page is contiguous.
 - ``key_min``, ``key_max``: ``[num_pages_total, num_kv_heads, head_dim]``, same
-  dtype as ``k_cache`` — element-wise min / max of the page's filled key slots.
+  dtype as ``k_cache`` — element-wise min / max of the page's filled key slots — or
+  ``float8_e4m3fn``, then rounded outward (min down, max up; see
+  :mod:`longquest.kernels.float8`), so they still bound every key of the page.
 - ``page_table``: ``[num_seqs, max_pages]`` int32 — physical page ids of each
   sequence in position order; entries past ``num_pages[s]`` are ignored.
 - ``seq_lens``: ``[num_seqs]`` int32 — valid tokens of the sequence's page list;
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from longquest.kernels.float8 import store_bounds
 
 
 def append_kv_ref(
@@ -41,7 +45,7 @@ def append_kv_ref(
     slot_mapping: ``[num_tokens]`` int — ``page_id * page_size + offset``.
     A touched page's bounds become the min / max over its slots ``0..offset``
     of the last token written to it (slots past that are not part of the page
-    yet). In place.
+    yet); fp8 bounds store them rounded down / up. In place.
     """
     page_size = k_cache.shape[2]
     slots = slot_mapping.long().tolist()
@@ -53,8 +57,7 @@ def append_kv_ref(
         fill[page] = max(fill.get(page, 0), offset + 1)
     for page, filled in fill.items():
         keys = k_cache[page, :, :filled].float()  # [num_kv_heads, filled, head_dim]
-        key_min[page] = keys.amin(dim=1).to(key_min.dtype)
-        key_max[page] = keys.amax(dim=1).to(key_max.dtype)
+        store_bounds(key_min, key_max, page, keys.amin(dim=1), keys.amax(dim=1))
 
 
 def page_scores_ref(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import BOUNDS_DTYPES, CacheConfig, QuestConfig, SamplingParams
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-tokens", type=int, default=None, help="KV cache size in tokens (default: fit)"
     )
     parser.add_argument(
+        "--bounds-dtype",
+        default=None,
+        choices=[name for name in BOUNDS_DTYPES if name],
+        help="store Quest's key bounds in this dtype (default: the model dtype); fp8 halves "
+        "the bytes each decode step's page scoring reads, keys beyond +-448 are refused",
+    )
+    parser.add_argument(
         "--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill step (8192)"
     )
 
@@ -35,6 +42,13 @@ def quest_from_args(args: argparse.Namespace) -> QuestConfig:
         token_budget=None if args.dense else args.budget,
         dense_layers=args.dense_layers,
     )
+
+
+def cache_from_args(args: argparse.Namespace) -> CacheConfig | None:
+    """The cache options given, or None for the defaults (size: what memory holds)."""
+    if not args.cache_tokens and args.bounds_dtype is None:
+        return None
+    return CacheConfig(max_tokens=args.cache_tokens or None, bounds_dtype=args.bounds_dtype)
 
 
 def summary_line(output, quest: QuestConfig) -> str:
@@ -62,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("the prompt is empty; give --prompt TEXT or --prompt-file F")
     quest = quest_from_args(args)
-    cache = CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None
+    cache = cache_from_args(args)
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -97,7 +111,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         quest=quest_from_args(args),
-        cache=CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None,
+        cache=cache_from_args(args),
         world_size=args.world_size,
         launcher=args.launcher,
         prefill_chunk_tokens=args.prefill_chunk,
@@ -132,6 +146,8 @@ def _batch_with_torchrun(args: argparse.Namespace) -> int:
         command += ["--device", args.device]
     if args.cache_tokens:
         command += ["--cache-tokens", str(args.cache_tokens)]
+    if args.bounds_dtype:
+        command += ["--bounds-dtype", args.bounds_dtype]
     return subprocess.call(command)
 
 

@@ -15,8 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longquest.engine.config import CacheConfig, SamplingParams
-from longquest.launch.cli import add_model_arguments, quest_from_args, summary_line
+from longquest.engine.config import SamplingParams
+from longquest.launch.cli import (
+    add_model_arguments,
+    cache_from_args,
+    quest_from_args,
+    summary_line,
+)
 
 
 def init_distributed(*, device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=device,
             quest=quest,
-            cache=CacheConfig(max_tokens=args.cache_tokens) if args.cache_tokens else None,
+            cache=cache_from_args(args),
             prefill_chunk_tokens=args.prefill_chunk,
         )
         if args.input is not None:

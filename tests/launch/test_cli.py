@@ -67,3 +67,17 @@ def test_api_refuses_too_long_before_work(model_dir):
         llm.generate([""])
     (out,) = llm.generate("Say hi.", SamplingParams(max_tokens=3, logprobs=2))
     assert len(out.token_ids) <= 3 and len(out.logprobs[0]) >= 2
+
+
+def test_bounds_dtype_flag_builds_the_cache_config():
+    from longquest.launch.cli import build_parser, cache_from_args
+
+    base = ["generate", "--model", "m", "--prompt", "hi"]
+    assert cache_from_args(build_parser().parse_args(base)) is None
+    args = build_parser().parse_args([*base, "--bounds-dtype", "float8_e4m3fn"])
+    cache = cache_from_args(args)
+    assert cache.bounds_dtype == "float8_e4m3fn" and cache.max_tokens is None
+    args = build_parser().parse_args([*base, "--cache-tokens", "512"])
+    assert cache_from_args(args).max_tokens == 512 and cache_from_args(args).bounds_dtype is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--bounds-dtype", "int8"])
