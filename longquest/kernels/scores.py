@@ -13,6 +13,14 @@ elementwise fp32 form cost ~31 instructions a page and head per warp and made th
 issue-bound (117 us at 1M tokens, 76% of copy bandwidth on an H100); the tensor-core form
 costs ~9 and ran at 108.7 us (82%). At 1M tokens (65536 pages, 8 KV heads, head_dim 128,
 bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
+
+The bounds may also be fp8 e4m3fn (``CacheConfig(bounds_dtype="float8_e4m3fn")``), which
+halves those bytes: they are loaded as fp8 and converted in registers to the query's dtype
+(exact for fp16, bf16 and fp32), and the rest of the kernel is unchanged. Measured on an
+H200 (8 sequences x 12288 pages, 8 KV heads, head_dim 128, bf16 query): 124.5 us against
+113.9 us with bf16 bounds: the fp8 path is issue-bound (fp16 query: 104 us; 2x larger
+tiles or 2/8 programs per SM did not help), so it needs fewer instructions per element
+before the halved bytes pay.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import (
+    BOUNDS_DTYPES,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_dim,
@@ -33,6 +42,7 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
 
 # Elements of one [BLOCK_P, head_dim] bounds tile: 16 pages at head_dim 128 elementwise,
@@ -69,7 +79,8 @@ def _score_blocks(
     ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
     Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
 
-    ``USE_DOT`` (query and bounds of one dtype): for ``q_d >= 0`` the bound's term is
+    ``USE_DOT`` (fp16/bf16 query; bounds of its dtype, or fp8 bounds, which convert to it
+    exactly in registers): for ``q_d >= 0`` the bound's term is
     ``q_d * max(kmin_d, kmax_d)`` and for ``q_d < 0`` it is ``q_d * min(kmin_d, kmax_d)``
     (rounding is monotone, so this is exact), so a page's bound for every query head of the
     group is ``relu(q) . max(kmin, kmax) + min(q, 0) . min(kmin, kmax)``: two tensor-core
@@ -86,8 +97,14 @@ def _score_blocks(
             query_ptr + rows[:, None] * stride_qh + dims[None, :],
             mask=(rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM), other=0.0,
         )  # fmt: skip
-        q_pos = tl.where(q > 0, q, 0.0).to(key_min_ptr.dtype.element_ty)
-        q_neg = tl.where(q < 0, q, 0.0).to(key_min_ptr.dtype.element_ty)
+        if key_min_ptr.dtype.element_ty == tl.float8e4nv:
+            # fp8 bounds convert to fp16 in one instruction per pair (to bf16 in several),
+            # so the products run in fp16; the query is clamped into fp16's range.
+            q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
+            q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
+        else:
+            q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
+            q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
     # The page table is read without waiting for n (any id below max_pages is in the row);
     # only the bounds loads are masked by n.
     # Masks compare lanes with a per-block limit (0 past the program's last block).
@@ -113,11 +130,12 @@ def _score_blocks(
             head_offset, dims, stride_bp, HEAD_DIM,
         )  # fmt: skip
         if USE_DOT:
-            # Exact in the bounds' dtype (some Triton versions compute the max in fp32).
-            top = tl.maximum(kmin, kmax).to(key_min_ptr.dtype.element_ty)
-            bottom = tl.minimum(kmin, kmax).to(key_min_ptr.dtype.element_ty)
-            bound = tl.dot(q_pos, tl.trans(top), input_precision=DOT_PRECISION)
-            bound = tl.dot(q_neg, tl.trans(bottom), bound, input_precision=DOT_PRECISION)
+            # kmin <= kmax in every valid page (masked lanes load 0 and 0), so the max and
+            # min of the pair are kmax and kmin: no elementwise work on the bounds.
+            bound = tl.dot(q_pos, tl.trans(kmax.to(q_pos.dtype)), input_precision=DOT_PRECISION)
+            bound = tl.dot(
+                q_neg, tl.trans(kmin.to(q_neg.dtype)), bound, input_precision=DOT_PRECISION
+            )
             best = tl.max(tl.where(rows[:, None] < GROUP, bound, float("-inf")), axis=0)
         else:
             lo = kmin.to(tl.float32)
@@ -170,9 +188,12 @@ def _sm_count(device: torch.device) -> int:
 
 def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
-    through the ``ieee`` path). The interpreter keeps the elementwise form."""
-    use_dot = _USE_DOT and query.device.type == "cuda" and query.dtype == key_min.dtype
-    precision = "ieee" if key_min.dtype == torch.float32 else "tf32"
+    through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (upcast exactly to
+    it). The interpreter keeps the elementwise form."""
+    upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
+    same = query.dtype == key_min.dtype
+    use_dot = _USE_DOT and query.device.type == "cuda" and (same or upcast)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
     return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
@@ -215,6 +236,7 @@ def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.
     step = max(1, (1 << 24) // max(1, num_seqs * num_qo_heads * head_dim))
     for start in range(0, max_pages, step):
         chunk = ids[:, start : start + step]  # [num_seqs, P]
+        # .float() is exact for every bounds dtype, fp8 included.
         kmin = key_min[chunk].float().permute(0, 2, 1, 3)[:, :, None]  # [S, Hkv, 1, P, D]
         kmax = key_max[chunk].float().permute(0, 2, 1, 3)[:, :, None]
         bound = torch.maximum(q * kmin, q * kmax).sum(-1)  # [S, Hkv, group, P]
@@ -235,7 +257,8 @@ def page_scores(
     """Quest criticality of every page, reduced over each KV head's query group by max.
 
     query: ``[num_seqs, num_qo_heads, head_dim]`` (post-RoPE), any float dtype.
-    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, one float dtype.
+    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, one float dtype
+    (fp16/bf16/fp32, or float8_e4m3fn: upcast exactly, scored as that fp32 value).
     page_table: ``[num_seqs, max_pages]`` int32/int64 physical page ids; entries at
     ``j >= num_pages[s]`` are ignored.
     num_pages: ``[num_seqs]`` int — valid pages per sequence, ``0 <= num_pages <= max_pages``.
@@ -249,7 +272,7 @@ def page_scores(
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
     num_seqs, num_qo_heads, head_dim = query.shape
-    check_tensor("key_min", key_min, ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("key_min", key_min, ndim=3, dtypes=BOUNDS_DTYPES, device=device)
     check_tensor("key_max", key_max, ndim=3, dtypes=(key_min.dtype,), device=device)
     if key_max.shape != key_min.shape:
         raise ValueError(
@@ -273,6 +296,8 @@ def page_scores(
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
+    if key_min.dtype == FLOAT8_DTYPE:
+        check_float8_supported(device)
     return _page_scores_triton(query, key_min, key_max, page_table, num_pages)
 
 
