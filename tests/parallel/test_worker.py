@@ -175,3 +175,38 @@ def test_context_past_one_device_decodes_like_a_big_one():
     want = _synthetic_decode(_synthetic_engine(200))  # one device with room for it
     results = run_distributed(_synthetic_rank, world_size=2, timeout_s=300)
     assert results[0] == results[1] == want
+
+
+def _run_on_gpus(model_dir, *, rank, world_size, group):
+    """Quest decode on CUDA ranks over NCCL: CUDA graphs, the MLP split, chained steps."""
+    model, config = load_model(model_dir, dtype=torch.float32, device=f"cuda:{rank}")
+    shape = CacheShape(num_layers=config.num_layers, num_pages=128, page_size=PAGE,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                       dtype=torch.float32)  # fmt: skip
+    common = dict(model=model, model_config=config, quest=QUESTS["quest"], eos_token_ids=(),
+                  detokenize=lambda ids: "", steps_per_launch=4)  # fmt: skip
+    params = SamplingParams(max_tokens=STEPS)
+    prompts = _prompts(config.vocab_size)
+    single = LLMEngine(cache=KVCache(shape, device=f"cuda:{rank}"), **common)
+    want = [o.token_ids for o in single.generate(prompts, [params] * len(prompts))]
+    engine = SequenceParallelEngine(
+        cache=KVCache(shape, device=f"cuda:{rank}"),
+        group=group,
+        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
+        world_size=world_size,
+        rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        **common,
+    )
+    assert engine.cuda_graphs and engine.mlp_split is not None
+    got = [o.token_ids for o in engine.generate(prompts, [params] * len(prompts))]
+    return got, want
+
+
+@pytest.mark.multigpu
+def test_nccl_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir):
+    results = run_distributed(
+        _run_on_gpus, world_size=2, args=(model_dir,), timeout_s=300, backend="nccl"
+    )
+    for got, want in results:
+        assert got == want
