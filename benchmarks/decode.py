@@ -336,7 +336,11 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     modes = [(f"quest-{b}", QuestConfig(token_budget=b, page_size=page)) for b in budgets]
     modes.append(("dense", QuestConfig(token_budget=None, page_size=page)))
     per_mode = (args.warmup + args.steps) * engine.steps_per_launch
-    params = SamplingParams(max_tokens=len(modes) * per_mode + 4, ignore_eos=True)
+    # + one more warmup of the first mode
+    params = SamplingParams(
+        max_tokens=len(modes) * per_mode + args.warmup * engine.steps_per_launch + 4,
+        ignore_eos=True,
+    )
     seqs = []
     row: dict = {"context": context, "batch": batch, "world_size": world}
     try:
@@ -356,11 +360,17 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         torch.cuda.synchronize(engine.device)
     if engine_group(engine) is not None:
         dist.barrier(engine_group(engine))
+    # The fill's Python objects (page lists of millions of tokens) would otherwise be
+    # walked by garbage collections that stall one rank, and with it every other rank, in
+    # the timed launches; the first mode also warms up twice as long.
+    gc.collect()
+    gc.freeze()
     results = {}
-    for name, quest in modes:
+    for index, (name, quest) in enumerate(modes):
         engine.quest = quest
         engine._batch = None
-        times = decode_steps(engine, seqs, launches=args.warmup + args.steps)[args.warmup :]
+        warmup = args.warmup * (2 if index == 0 else 1)
+        times = decode_steps(engine, seqs, launches=warmup + args.steps)[warmup:]
         entry = {"ms_per_token": round(1e3 * statistics.median(times), 4),
                  "ms_per_token_min": round(1e3 * min(times), 4)}  # fmt: skip
         entry["graph_replay_ms"], entry["graph_launch_host_ms"] = replay_ms(
@@ -386,6 +396,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         ms = sdpa_ms(engine, batch=batch, context=context, iters=args.iters)
         results["sdpa"] = {"ms_per_token": None if ms is None else round(ms, 4)}
         log(rank, f"  sdpa: {ms}")
+    gc.unfreeze()
     for seq in seqs:
         engine._release(seq)
     row["modes"] = results
