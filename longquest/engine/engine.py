@@ -128,27 +128,37 @@ class LLMEngine:
         waiting = [self._new_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         running: list[Sequence] = []
         done: list[Sequence] = []
+        prefilling: list[Sequence] = []
         waiting.reverse()  # pop() takes the oldest
-        while waiting or running:
-            while waiting and self._try_reserve(waiting[-1]):
-                seq = waiting.pop()
-                self._prefill(seq, on_progress)
-                if seq.finish_reason:
+        try:
+            while waiting or running:
+                while waiting and self._try_reserve(waiting[-1]):
+                    seq = waiting.pop()
+                    prefilling.append(seq)
+                    self._prefill(seq, on_progress)
+                    prefilling.pop()
+                    if seq.finish_reason:
+                        self._release(seq)
+                        done.append(seq)
+                    else:
+                        running.append(seq)
+                if not running:
+                    if waiting:  # nothing running yet the head doesn't fit: cannot happen
+                        raise CacheCapacityError("a request does not fit the empty cache")
+                    continue
+                self._decode_step(running)
+                for seq in [s for s in running if s.finish_reason]:
+                    running.remove(seq)
                     self._release(seq)
                     done.append(seq)
-                else:
-                    running.append(seq)
-            if not running:
-                if waiting:  # nothing running yet the head doesn't fit: cannot happen
-                    raise CacheCapacityError("a request does not fit the empty cache")
-                continue
-            self._decode_step(running)
-            for seq in [s for s in running if s.finish_reason]:
-                running.remove(seq)
+                    if on_progress:
+                        on_progress("requests", len(done), len(prompts))
+        except BaseException:
+            # A failed call (bad input found mid-prefill, Ctrl-C) gives its pages back, so
+            # the engine serves the next call with its whole cache.
+            for seq in prefilling + running:
                 self._release(seq)
-                done.append(seq)
-                if on_progress:
-                    on_progress("requests", len(done), len(prompts))
+            raise
         return [s.result() for s in sorted(done, key=lambda s: s.request_id)]
 
     # --------------------------------------------------------------- bookkeeping

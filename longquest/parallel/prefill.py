@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from longquest.engine.cache import KVCache
 from longquest.kernels import AppendPlan, append_kv, merge_attention_states, prefill_attention
+from longquest.kernels.float8 import FLOAT8_DTYPE, check_keys_fit_float8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,11 +76,27 @@ class ContextParallelAttention:
         self.world_size = world_size
         self.impl = impl
 
+    def _check_float8_keys(self, layer: int, key: torch.Tensor) -> None:
+        """fp8 bounds: every rank raises if any rank's keys of this layer pass +-448 (one
+        tiny all-reduce and a sync per layer, prefill only): a rank raising alone would
+        leave the others waiting in the next collective."""
+        peak = (
+            key.detach().abs().amax().float()
+            if key.numel()
+            else key.new_zeros((), dtype=torch.float32)
+        )
+        peak = peak.reshape(1)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+        where = f"the prompt's keys (layer {layer}, round ending at {self.plan.round_end})"
+        check_keys_fit_float8(keys=peak, what=where)
+
     def __call__(
         self, *, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         plan = self.plan
         k_cache, v_cache, key_min, key_max = self.cache.layer(layer)
+        if key_min.dtype == FLOAT8_DTYPE:
+            self._check_float8_keys(layer, key)
         if plan.slot_mapping is not None:
             append_kv(
                 key=key,

@@ -127,6 +127,8 @@ def test_prefill_refuses_keys_beyond_fp8_range(llama_dir):
     engine = make_engine(llama_dir, quest=quest, key_scale=1e4)
     with pytest.raises(ValueError, match=r"beyond the float8_e4m3fn range .*bounds_dtype=None"):
         engine.generate([prompt], [params])
+    # The failed call gave its pages and reservation back.
+    assert engine.allocator.num_free == engine.allocator.num_pages
     # The model-dtype bounds take the same keys.
     (out,) = make_engine(llama_dir, quest=quest, bounds_dtype=None, key_scale=1e4).generate(
         [prompt], [params]

@@ -210,3 +210,35 @@ def test_nccl_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir):
     )
     for got, want in results:
         assert got == want
+
+
+def _refuse_huge_keys(model_dir, *, rank, world_size, group):
+    model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
+    q_size, kv_size = config.num_qo_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    with torch.no_grad():
+        for layer in model.layers:  # keys far beyond fp8's +-448
+            layer.qkv_proj[q_size : q_size + kv_size] *= 1e4
+    shape = CacheShape(num_layers=config.num_layers, num_pages=128, page_size=PAGE,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                       dtype=torch.float32, bounds_dtype=torch.float8_e4m3fn)  # fmt: skip
+    engine = SequenceParallelEngine(
+        model=model, model_config=config, cache=KVCache(shape, device="cpu"),
+        quest=QUESTS["quest"], detokenize=str, eos_token_ids=(), group=group,
+        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
+        world_size=world_size, rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+    )  # fmt: skip
+    try:
+        engine.generate(_prompts(config.vocab_size)[:1], [SamplingParams(max_tokens=2)])
+    except ValueError as error:
+        return str(error), engine.allocator.num_free == engine.allocator.num_pages
+    return None, None
+
+
+def test_fp8_bounds_refuse_huge_keys_on_every_rank(model_dir):
+    """Every rank raises (none is left waiting in a collective) and frees its pages."""
+    for message, freed in run_distributed(
+        _refuse_huge_keys, world_size=2, args=(model_dir,), timeout_s=120
+    ):
+        assert message is not None and "float8_e4m3fn range" in message
+        assert freed
