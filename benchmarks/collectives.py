@@ -24,23 +24,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import capture_graph, write_result  # noqa: E402
 
 
 def graph_us(fn, *, repeats: int, replays: int, group) -> float:
     """Median microseconds of one ``fn`` call, from a graph of ``repeats`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture_graph(lambda: [fn() for _ in range(repeats)])
     dist.barrier(group)
     times = []
     for _ in range(replays):

@@ -196,6 +196,27 @@ def bench_host(
     return statistics.median(groups)
 
 
+def capture_graph(fn: Callable[[], object], *, warmups: int = 3) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one ``fn()`` call, replayed once and synced.
+
+    ``fn`` first runs ``warmups`` times on a side stream (compiles kernels, lets the
+    allocators and communicators settle), as capture requires.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def bench_graph(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median ms of one replay of a CUDA graph that captured one call of ``fn``.
 
@@ -208,18 +229,7 @@ def bench_graph(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: floa
         raise ValueError("bench_graph needs a CUDA device; use bench() on the CPU")
     import triton.testing
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture_graph(fn)
     ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     del graph
     return float(ms)

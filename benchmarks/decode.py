@@ -88,17 +88,9 @@ def timed_ms(fn, *, device: torch.device, group, iters: int = 20) -> float:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    from benchmarks.common import capture_graph
+
+    graph = capture_graph(fn, warmups=2)
     if group is not None:
         dist.barrier(group)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

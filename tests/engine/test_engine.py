@@ -23,6 +23,8 @@ def make_engine(
     chunk: int = 8192,
     steps_per_launch: int = 1,
     eos: tuple[int, ...] = (),
+    bounds_dtype: torch.dtype | None = None,
+    impl: str | None = None,
 ):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
@@ -32,6 +34,7 @@ def make_engine(
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=torch.float32,
+        bounds_dtype=bounds_dtype,
     )
     return LLMEngine(
         model=model,
@@ -42,6 +45,7 @@ def make_engine(
         eos_token_ids=eos,
         prefill_chunk_tokens=chunk,
         steps_per_launch=steps_per_launch,
+        impl=impl,
     )
 
 

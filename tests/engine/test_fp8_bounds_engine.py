@@ -9,10 +9,9 @@ import torch
 from longquest.engine.builder import resolve_bounds_dtype
 from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
 from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
-from longquest.engine.engine import LLMEngine
-from longquest.engine.loader import load_model
 from longquest.engine.synthetic import fill_synthetic
 from longquest.kernels.float8 import FLOAT8_DTYPE, round_to_float8
+from tests.engine.test_engine import make_engine as make_test_engine
 from tests.tiny_models import make_tiny_model
 
 PAGE = 4
@@ -31,32 +30,16 @@ def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
 def make_engine(model_dir, *, quest, bounds_dtype=FLOAT8_DTYPE, impl=None, key_scale=None):
     """The tiny model on the CPU in fp32, its key bounds in ``bounds_dtype``; with
     ``key_scale`` every layer's key projection is scaled (huge keys)."""
-    model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
+    engine = make_test_engine(model_dir, quest=quest, num_pages=128, chunk=24,
+                              bounds_dtype=bounds_dtype, impl=impl)  # fmt: skip
     if key_scale is not None:
+        config = engine.config
         q_size = config.num_qo_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         with torch.no_grad():
-            for layer in model.layers:
+            for layer in engine.model.layers:
                 layer.qkv_proj[q_size : q_size + kv_size] *= key_scale
-    shape = CacheShape(
-        num_layers=config.num_layers,
-        num_pages=128,
-        page_size=quest.page_size,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        dtype=torch.float32,
-        bounds_dtype=bounds_dtype,
-    )
-    return LLMEngine(
-        model=model,
-        model_config=config,
-        cache=KVCache(shape, device="cpu"),
-        quest=quest,
-        detokenize=lambda ids: " ".join(map(str, ids)),
-        eos_token_ids=(),
-        prefill_chunk_tokens=24,
-        impl=impl,
-    )
+    return engine
 
 
 def test_config_and_shape_validate_bounds_dtype():

@@ -9,13 +9,15 @@ from longquest.kernels.ref import append_kv_ref
 IMPLS = ("triton", "torch")
 
 
-def _pool(device, *, pages=12, heads=2, page_size=4, head_dim=32, dtype=torch.float32, seed=0):
-    """A pool of garbage-filled caches: stale slots must never leak into the bounds."""
+def _pool(device, *, pages=12, heads=2, page_size=4, head_dim=32, dtype=torch.float32, seed=0,
+          bounds_dtype=None):  # fmt: skip
+    """A pool of garbage-filled caches: stale slots must never leak into the bounds.
+    The bounds are in ``bounds_dtype`` (None: ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(pages, heads, page_size, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(pages, heads, page_size, head_dim, generator=gen).to(dtype)
-    key_min = torch.randn(pages, heads, head_dim, generator=gen).to(dtype)
-    key_max = torch.randn(pages, heads, head_dim, generator=gen).to(dtype)
+    key_min = torch.randn(pages, heads, head_dim, generator=gen).to(bounds_dtype or dtype)
+    key_max = torch.randn(pages, heads, head_dim, generator=gen).to(bounds_dtype or dtype)
     return [t.to(device) for t in (k_cache, v_cache, key_min, key_max)]
 
 

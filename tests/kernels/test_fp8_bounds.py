@@ -20,6 +20,7 @@ from longquest.kernels.float8 import (
 from longquest.kernels.quest_step import make_quest_workspace, quest_decode_step
 from longquest.kernels.ref import append_kv_ref, page_scores_ref
 from longquest.kernels.scores import page_scores
+from tests.kernels.test_append import _pool
 
 IMPLS = ("triton", "torch")
 SMALLEST = 2.0**-9  # smallest positive (subnormal) e4m3fn value
@@ -121,14 +122,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == FLOAT8_DTYPE else t
 
 
-def _fp8_pools(device, *, dtype, pages=12, heads=2, page_size=4, head_dim=32, seed=0):
+def _fp8_pools(device, *, dtype, **sizes):
     """K/V pages in ``dtype`` and fp8 bounds, all garbage that must never leak in."""
-    gen = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(pages, heads, page_size, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(pages, heads, page_size, head_dim, generator=gen).to(dtype)
-    key_min = torch.randn(pages, heads, head_dim, generator=gen).to(FLOAT8_DTYPE)
-    key_max = torch.randn(pages, heads, head_dim, generator=gen).to(FLOAT8_DTYPE)
-    return [t.to(device) for t in (k_cache, v_cache, key_min, key_max)]
+    return _pool(device, dtype=dtype, bounds_dtype=FLOAT8_DTYPE, **sizes)
 
 
 def _steps(pages, chunks, *, page_size, heads, head_dim, dtype, device, seed):
