@@ -15,12 +15,12 @@ costs ~9 and ran at 108.7 us (82%). At 1M tokens (65536 pages, 8 KV heads, head_
 bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
 
 The bounds may also be fp8 e4m3fn (``CacheConfig(bounds_dtype="float8_e4m3fn")``), which
-halves those bytes: they are loaded as fp8 and converted in registers to the query's dtype
-(exact for fp16, bf16 and fp32), and the rest of the kernel is unchanged. Measured on an
-H200 (8 sequences x 12288 pages, 8 KV heads, head_dim 128, bf16 query): 124.5 us against
-113.9 us with bf16 bounds: the fp8 path is issue-bound (fp16 query: 104 us; 2x larger
-tiles or 2/8 programs per SM did not help), so it needs fewer instructions per element
-before the halved bytes pay.
+halves those bytes: they are loaded as fp8 and converted in registers to fp16 (exact; the
+GPU converts e4m3 pairs to fp16 directly, not to bf16), and the products run in fp16. That path is
+issue-bound, not bandwidth-bound: in the decode benchmark at 8 sequences x 192K tokens on
+two H200s the 30 sparse layers' scores took 1.83 ms with fp8 bounds against 1.72 ms in
+bf16 (``benchmarks/results/decode-w2-b8-*-2026-11-30.json``), so fp8 needs fewer
+instructions per element before the halved bytes pay.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _score_blocks(
     ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
     Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
 
-    ``USE_DOT`` (fp16/bf16 query; bounds of its dtype, or fp8 bounds, which convert to it
-    exactly in registers): for ``q_d >= 0`` the bound's term is
+    ``USE_DOT`` (fp16/bf16 query; bounds of its dtype, or fp8 bounds, which convert exactly
+    to fp16 in registers, the query too): for ``q_d >= 0`` the bound's term is
     ``q_d * max(kmin_d, kmax_d)`` and for ``q_d < 0`` it is ``q_d * min(kmin_d, kmax_d)``
     (rounding is monotone, so this is exact), so a page's bound for every query head of the
     group is ``relu(q) . max(kmin, kmax) + min(q, 0) . min(kmin, kmax)``: two tensor-core
@@ -188,8 +188,8 @@ def _sm_count(device: torch.device) -> int:
 
 def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
-    through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (upcast exactly to
-    it). The interpreter keeps the elementwise form."""
+    through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (both taken to fp16
+    in registers). The interpreter keeps the elementwise form."""
     upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
     same = query.dtype == key_min.dtype
     use_dot = _USE_DOT and query.device.type == "cuda" and (same or upcast)
