@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from longquest.engine.builder import resolve_bounds_dtype  # noqa: E402
 from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
 from longquest.engine.engine import LLMEngine  # noqa: E402
@@ -457,7 +458,7 @@ def main() -> int:
         copy_gbps, free = 10.0, 256 * 2**20
     page = args.page_size
     page_bytes = 2 * page * config.num_kv_heads * config.head_dim * dtype.itemsize
-    bounds_dtype = None if args.bounds_dtype == "model" else getattr(torch, args.bounds_dtype)
+    bounds_dtype = resolve_bounds_dtype(None if args.bounds_dtype == "model" else args.bounds_dtype)
     page_bytes += 2 * config.num_kv_heads * config.head_dim * (bounds_dtype or dtype).itemsize
     num_pages = free // (page_bytes * config.num_layers)
     if group is not None:  # every rank plans with the smallest pool

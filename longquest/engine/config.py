@@ -11,7 +11,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 # CacheConfig.bounds_dtype values; None stores the bounds in the model dtype.
-BOUNDS_DTYPES = (None, "float8_e4m3fn")
+BOUNDS_DTYPE_NAMES = (None, "float8_e4m3fn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,10 +79,10 @@ class CacheConfig:
             raise ValueError(
                 f"CacheConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}"
             )
-        if self.bounds_dtype not in BOUNDS_DTYPES:
+        if self.bounds_dtype not in BOUNDS_DTYPE_NAMES:
             raise ValueError(
                 f"CacheConfig.bounds_dtype must be None (the model dtype) or one of "
-                f"{', '.join(repr(d) for d in BOUNDS_DTYPES if d)}, got {self.bounds_dtype!r}"
+                f"{', '.join(repr(d) for d in BOUNDS_DTYPE_NAMES if d)}, got {self.bounds_dtype!r}"
             )
 
 

@@ -128,15 +128,15 @@ class LLMEngine:
         waiting = [self._new_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         running: list[Sequence] = []
         done: list[Sequence] = []
-        prefilling: list[Sequence] = []
+        prefilling: Sequence | None = None
         waiting.reverse()  # pop() takes the oldest
         try:
             while waiting or running:
                 while waiting and self._try_reserve(waiting[-1]):
                     seq = waiting.pop()
-                    prefilling.append(seq)
+                    prefilling = seq
                     self._prefill(seq, on_progress)
-                    prefilling.pop()
+                    prefilling = None
                     if seq.finish_reason:
                         self._release(seq)
                         done.append(seq)
@@ -156,7 +156,7 @@ class LLMEngine:
         except BaseException:
             # A failed call (bad input found mid-prefill, Ctrl-C) gives its pages back, so
             # the engine serves the next call with its whole cache.
-            for seq in prefilling + running:
+            for seq in running + ([prefilling] if prefilling else []):
                 self._release(seq)
             raise
         return [s.result() for s in sorted(done, key=lambda s: s.request_id)]

@@ -32,6 +32,7 @@ from longquest.kernels._checks import (
 )
 from longquest.kernels.float8 import (
     FLOAT8_DTYPE,
+    check_bounds_dtype,
     check_float8_supported,
     directed_float8,
     store_bounds,
@@ -277,11 +278,7 @@ def append_kv(
     num_pages_total, num_kv_heads, page_size, head_dim = k_cache.shape
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(dtype,), device=device)
     check_tensor("key_min", key_min, ndim=3, dtypes=BOUNDS_DTYPES, device=device)
-    if key_min.dtype not in (dtype, FLOAT8_DTYPE):
-        raise ValueError(
-            f"key_min has dtype {key_min.dtype}; it must match k_cache ({dtype}) or be "
-            "float8_e4m3fn"
-        )
+    check_bounds_dtype(key_min, cache_dtype=dtype)
     check_tensor("key_max", key_max, ndim=3, dtypes=(key_min.dtype,), device=device)
     check_dim("v_cache", v_cache, 0, num_pages_total, "num_pages_total")
     for dim, size, meaning in ((1, num_kv_heads, "num_kv_heads"), (2, page_size, "page_size")):

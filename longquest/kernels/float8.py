@@ -114,6 +114,15 @@ def check_keys_fit_float8(*, keys: torch.Tensor, what: str = "keys") -> None:
         )
 
 
+def check_bounds_dtype(key_min: torch.Tensor, *, cache_dtype: torch.dtype) -> None:
+    """Raise ValueError unless the bounds are in the K/V cache's dtype or in fp8."""
+    if key_min.dtype not in (cache_dtype, FLOAT8_DTYPE):
+        raise ValueError(
+            f"key_min has dtype {key_min.dtype}; it must match k_cache ({cache_dtype}) or be "
+            "float8_e4m3fn"
+        )
+
+
 def float8_supported(device: torch.device) -> bool:
     """Whether the Triton kernels can use fp8 bounds on ``device`` (the CPU interpreter,
     or a CUDA GPU of compute capability 8.9 or newer)."""

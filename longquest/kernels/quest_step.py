@@ -38,7 +38,7 @@ from longquest.kernels._checks import (
     resolve_impl,
 )
 from longquest.kernels.decode import _check_pages, _decode_triton, paged_decode_attention
-from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
+from longquest.kernels.float8 import FLOAT8_DTYPE, check_bounds_dtype, check_float8_supported
 from longquest.kernels.scores import _page_scores_triton, page_scores
 from longquest.kernels.topk import _select_pages_triton, select_pages
 
@@ -158,11 +158,7 @@ def quest_decode_step(
     device = query.device
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=device)
-    if key_min.dtype not in (k_cache.dtype, FLOAT8_DTYPE):
-        raise ValueError(
-            f"key_min has dtype {key_min.dtype}; it must match k_cache ({k_cache.dtype}) or "
-            "be float8_e4m3fn"
-        )
+    check_bounds_dtype(key_min, cache_dtype=k_cache.dtype)
     if v_cache.shape != k_cache.shape:
         raise ValueError(
             f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from longquest.engine.config import BOUNDS_DTYPES, CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import BOUNDS_DTYPE_NAMES, CacheConfig, QuestConfig, SamplingParams
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bounds-dtype",
         default=None,
-        choices=[name for name in BOUNDS_DTYPES if name],
+        choices=[name for name in BOUNDS_DTYPE_NAMES if name],
         help="store Quest's key bounds in this dtype (default: the model dtype); fp8 halves "
         "the bytes each decode step's page scoring reads, keys beyond +-448 are refused",
     )
