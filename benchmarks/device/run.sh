@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -46,4 +46,8 @@ case "$1" in
       --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
     timeout 250 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel \
       tests/engine tests/launch 2>&1 | tail -3 ;;
+  sweep)  # session 5: one rank's Quest kernels in their candidate forms; prefill 128K on 2 GPUs
+    timeout 300 python benchmarks/score_variants.py --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    timeout 250 torchrun --standalone --nproc-per-node 2 benchmarks/prefill.py --part 1 \
+      --contexts 131072 --out-dir "$out" 2>&1 | tail -15 ;;
 esac

@@ -55,6 +55,13 @@ _NUM_WARPS = 4
 # shared memory); 2 and 8 measured slower at 1M tokens.
 _PROGRAMS_PER_SM = 4
 _USE_DOT = True  # tensor-core bounds (see _score_blocks); False: elementwise fp32
+# Pages as the product's rows (_score_blocks_as_rows): tile rows, warps, pipeline depth and
+# programs per SM of that form. Under trial: see benchmarks/score_variants.py.
+_AS_ROWS = False
+_AS_ROWS_BLOCK_P = 64
+_AS_ROWS_NUM_WARPS = 4
+_AS_ROWS_NUM_STAGES = 3
+_AS_ROWS_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -151,13 +158,58 @@ def _score_blocks(
 
 
 @triton.jit
+def _score_blocks_as_rows(
+    query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
+    n, first, last, head, max_pages,
+    stride_qh, stride_bp, stride_bh, stride_tp,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """:func:`_score_blocks` with the pages as the product's rows: ``bounds @ q^T``.
+
+    The bounds tile is the left operand (``[BLOCK_P, head_dim]``, ``BLOCK_P >= 64``) and
+    the group's query the right one (``[head_dim, 16]``, loaded once), so the tile goes
+    from memory to shared memory (``cp.async``, pipelined ``NUM_STAGES`` deep by Triton)
+    and into the tensor cores without passing through registers in another layout. Same
+    bound, same exactness as the ``USE_DOT`` form of :func:`_score_blocks`.
+    """
+    BLOCK_G: tl.constexpr = 16
+    dims = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_G)
+    q = tl.load(
+        query_ptr + cols[None, :] * stride_qh + dims[:, None],
+        mask=(cols[None, :] < GROUP) & (dims[:, None] < HEAD_DIM), other=0.0,
+    )  # fmt: skip
+    if key_min_ptr.dtype.element_ty == tl.float8e4nv:
+        q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
+        q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
+    else:
+        q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
+        q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
+    head_offset = head * stride_bh
+    for block in tl.range(first, last, num_stages=NUM_STAGES):
+        pages = block * BLOCK_P + lanes
+        valid = pages < n
+        ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
+        offsets = ids.to(tl.int64)[:, None] * stride_bp + head_offset + dims[None, :]
+        mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
+        kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
+        kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
+        bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
+        bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
+        best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
+        tl.store(out_row + pages, tl.where(valid, best, float("-inf")), mask=pages < max_pages)
+
+
+@triton.jit
 def _page_scores_kernel(
     query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, out_ptr,
     num_kv_heads, max_pages, blocks_per_program,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COUNT_PAGE_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, AS_ROWS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 2,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
@@ -170,13 +222,22 @@ def _page_scores_kernel(
     n = tl.minimum(tl.maximum(count, 0), max_pages)
     first = chunk * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
-    _score_blocks(
-        query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
-        page_table_ptr + seq.to(tl.int64) * stride_ts,
-        out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
-        n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
-        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
-    )  # fmt: skip
+    if AS_ROWS:
+        _score_blocks_as_rows(
+            query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
+            page_table_ptr + seq.to(tl.int64) * stride_ts,
+            out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
+            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES,
+        )  # fmt: skip
+    else:
+        _score_blocks(
+            query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
+            page_table_ptr + seq.to(tl.int64) * stride_ts,
+            out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
+            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
+        )  # fmt: skip
 
 
 @functools.cache
@@ -197,6 +258,13 @@ def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
+def _form_options(use_dot: bool) -> dict:
+    if use_dot and _AS_ROWS:
+        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES,
+                "num_warps": _AS_ROWS_NUM_WARPS, "num_stages": _AS_ROWS_NUM_STAGES}  # fmt: skip
+    return {"num_warps": _NUM_WARPS}
+
+
 def score_grid(
     device: torch.device,
     num_seqs: int,
@@ -212,11 +280,14 @@ def score_grid(
     block_d = triton.next_power_of_2(head_dim)
     tile = _TILE_ELEMENTS_DOT if use_dot else _TILE_ELEMENTS
     block_p = max(16, tile // block_d) if device.type == "cuda" else 16
+    per_sm = _PROGRAMS_PER_SM
+    if use_dot and _AS_ROWS:
+        block_p, per_sm = _AS_ROWS_BLOCK_P, _AS_ROWS_PROGRAMS_PER_SM
     blocks = triton.cdiv(max_pages, block_p)
     # Rounded down: a grid just past one wave (batch 16: 5 programs a row = 640 > 528 slots)
     # leaves a second wave of programs each as long as the first (measured 261 us instead
     # of ~190 at 128K tokens).
-    target = _PROGRAMS_PER_SM * _sm_count(device)
+    target = per_sm * _sm_count(device)
     per_row = max(1, target // max(1, num_seqs * num_kv_heads))
     blocks_per_program = triton.cdiv(blocks, min(per_row, blocks))
     return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
@@ -322,7 +393,7 @@ def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0)
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
         GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, COUNT_PAGE_SIZE=page_size,
-        **dot, USE_PDL=pdl_enabled(device), num_warps=_NUM_WARPS,
+        **dot, USE_PDL=pdl_enabled(device), **_form_options(dot["USE_DOT"]),
         **launch_options(device),
     )  # fmt: skip
     return out

@@ -1,0 +1,175 @@
+"""One rank's Quest kernels at the decode benchmark's shapes, in their candidate forms.
+
+    python benchmarks/score_variants.py [--out-dir DIR]
+
+A sequence-parallel rank of ``benchmarks/decode.py`` scores its local pages, selects its
+local top-k and attends to its share of the global top-k. This script times those
+kernels alone, in CUDA graphs (``bench_graph``: L2 flushed before every replay), at a
+rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two GPUs:
+6144 and 32768 local pages a sequence, Llama-3.1-8B heads), for each candidate form:
+
+* scores: the current kernel (group as the product's rows) against the pages-as-rows
+  form (``scores._AS_ROWS``) over tile rows, warps, pipeline depth and programs per SM,
+  with bf16 and fp8 bounds; every form's scores are checked against the current kernel's;
+* selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
+* sparse attention: a merge kernel after the splits against the last split reducing.
+
+Writes JSON under benchmarks/results/ (``score-variants-<device>-<date>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import bench_graph, environment, measure_copy_bandwidth  # noqa: E402
+from benchmarks.common import print_table, write_result  # noqa: E402
+from longquest.kernels import decode, scores, topk  # noqa: E402
+from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
+from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
+
+NUM_KV_HEADS, GROUP, HEAD_DIM, PAGE_SIZE = 8, 4, 128, 16
+SHAPES = {"8x192K-w2": (8, 6144), "1x1M-w2": (1, 32768)}  # (sequences, local pages each)
+
+
+def make_inputs(num_seqs: int, pages: int, device: torch.device) -> dict:
+    total = num_seqs * pages
+    gen = torch.Generator(device=device).manual_seed(0)
+    centre = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, device=device, generator=gen)
+    spread = torch.rand(total, NUM_KV_HEADS, HEAD_DIM, device=device, generator=gen)
+    table = torch.randperm(total, device=device, generator=gen).view(num_seqs, pages).int()
+    query = torch.randn(num_seqs, NUM_KV_HEADS * GROUP, HEAD_DIM, device=device, generator=gen)
+    return {
+        "query": query.bfloat16(),
+        "key_min": (centre - spread).bfloat16(),
+        "key_max": (centre + spread).bfloat16(),
+        "page_table": table,
+        "num_pages": torch.full((num_seqs,), pages, dtype=torch.int32, device=device),
+    }
+
+
+def score_forms() -> list[dict]:
+    forms = [{"as_rows": False}]
+    for block_p, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2)):
+        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages, per_sm=per_sm))
+    return forms
+
+
+def set_form(form: dict) -> None:
+    scores._AS_ROWS = form["as_rows"]
+    if form["as_rows"]:
+        scores._AS_ROWS_BLOCK_P = form["block_p"]
+        scores._AS_ROWS_NUM_WARPS = form["warps"]
+        scores._AS_ROWS_NUM_STAGES = form["stages"]
+        scores._AS_ROWS_PROGRAMS_PER_SM = form["per_sm"]
+
+
+def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
+    kmin, kmax = inputs["key_min"], inputs["key_max"]
+    if bounds == "float8_e4m3fn":
+        kmin, kmax = kmin.to(FLOAT8_DTYPE), kmax.to(FLOAT8_DTYPE)  # exact order kept
+    args = (inputs["query"], kmin, kmax, inputs["page_table"], inputs["num_pages"])
+    set_form({"as_rows": False})
+    want = scores._page_scores_triton(*args)
+    nbytes = 2 * kmin.numel() * kmin.element_size()
+    rows = []
+    for form in score_forms():
+        set_form(form)
+        try:
+            got = scores._page_scores_triton(*args)
+            torch.cuda.synchronize()
+            err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+            ms = bench_graph(lambda: scores._page_scores_triton(*args))
+        except Exception as exc:  # a form that does not compile: recorded, not fatal
+            rows.append({**form, "bounds": bounds, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        rows.append({**form, "bounds": bounds, "us": round(ms * 1e3, 2), "max_rel_err": err,
+                     "pct_copy_bw": round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1)})
+    set_form({"as_rows": False})
+    return rows
+
+
+def run_select(inputs: dict, top_k: int) -> list[dict]:
+    score = scores._page_scores_triton(*inputs.values())
+    n = inputs["num_pages"]
+    want = topk._select_pages_triton(score, n, top_k, True)
+    rows = []
+    for single_max in (4096, 8192, 32768):
+        got = topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max)
+        same = bool(torch.equal(got[1], want[1]))
+        ms = bench_graph(
+            lambda: topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max)
+        )
+        rows.append({"single_pass_max": single_max, "top_k": top_k, "us": round(ms * 1e3, 2),
+                     "same_as_default": same})  # fmt: skip
+    return rows
+
+
+def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
+    num_seqs, pages = inputs["page_table"].shape
+    total = num_seqs * pages
+    k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    score = scores._page_scores_triton(*inputs.values())
+    # A rank holds about half of the global top-k at two ranks.
+    _, selected = topk._select_pages_triton(score, inputs["num_pages"], top_k // 2, True)
+    seq_lens = inputs["num_pages"] * PAGE_SIZE
+    workspace = make_quest_workspace(max_num_seqs=num_seqs, num_kv_heads=NUM_KV_HEADS,
+                                     device=device)  # fmt: skip
+    common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens, selected,
+              HEAD_DIM**-0.5, None)  # fmt: skip
+    want, _ = decode._decode_triton(*common)
+    got, _ = decode._decode_triton(*common, counters=workspace.counters)
+    err = float((got.float() - want.float()).abs().max())
+    rows = []
+    for name, kwargs in (("merge_kernel", {}), ("last_split_reduces",
+                                                {"counters": workspace.counters})):
+        ms = bench_graph(lambda: decode._decode_triton(*common, **kwargs))
+        rows.append({"reduce": name, "selected_pages": top_k // 2, "us": round(ms * 1e3, 2),
+                     "max_abs_diff": err})  # fmt: skip
+    del k_cache, v_cache
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    copy_gbps = measure_copy_bandwidth(device)
+    result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "shapes": {}}
+    for name, (num_seqs, pages) in SHAPES.items():
+        inputs = make_inputs(num_seqs, pages, device)
+        entry = {"num_seqs": num_seqs, "local_pages": pages, "num_kv_heads": NUM_KV_HEADS,
+                 "group": GROUP, "head_dim": HEAD_DIM}  # fmt: skip
+        entry["scores"] = run_scores(inputs, "bfloat16", copy_gbps)
+        entry["scores"] += run_scores(inputs, "float8_e4m3fn", copy_gbps)
+        entry["select"] = run_select(inputs, 128) + run_select(inputs, 256)
+        entry["attention"] = run_attention(inputs, 128, device)
+        result["shapes"][name] = entry
+        best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
+        print(f"== {name}: scores (current form first in its bounds dtype; fastest 8)")
+        current = [r for r in entry["scores"] if not r["as_rows"]]
+        print_table(current + best, ["bounds", "as_rows", "block_p", "warps", "stages",
+                                     "per_sm", "us", "pct_copy_bw", "max_rel_err"])  # fmt: skip
+        print_table(entry["select"], ["single_pass_max", "top_k", "us", "same_as_default"])
+        print_table(entry["attention"], ["reduce", "selected_pages", "us", "max_abs_diff"])
+        errors = [r for r in entry["scores"] if "error" in r]
+        if errors:
+            print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
+        del inputs
+    payload = {"name": "score-variants", "environment": environment(), **result}
+    path = write_result(f"score-variants{'-' + args.label if args.label else ''}", payload,
+                        out_dir=args.out_dir)  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
