@@ -27,8 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import bench_graph, environment, measure_copy_bandwidth  # noqa: E402
-from benchmarks.common import print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    bench_graph,
+    environment,
+    measure_copy_bandwidth,
+    print_table,
+    write_result,
+)
 from longquest.kernels import decode, scores, topk  # noqa: E402
 from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
 from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
@@ -88,8 +93,15 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
         except Exception as exc:  # a form that does not compile: recorded, not fatal
             rows.append({**form, "bounds": bounds, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        rows.append({**form, "bounds": bounds, "us": round(ms * 1e3, 2), "max_rel_err": err,
-                     "pct_copy_bw": round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1)})
+        rows.append(
+            {
+                **form,
+                "bounds": bounds,
+                "us": round(ms * 1e3, 2),
+                "max_rel_err": err,
+                "pct_copy_bw": round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1),
+            }
+        )
     set_form({"as_rows": False})
     return rows
 
@@ -103,7 +115,7 @@ def run_select(inputs: dict, top_k: int) -> list[dict]:
         got = topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max)
         same = bool(torch.equal(got[1], want[1]))
         ms = bench_graph(
-            lambda: topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max)
+            lambda m=single_max: topk._select_pages_triton(score, n, top_k, True, single_pass_max=m)
         )
         rows.append({"single_pass_max": single_max, "top_k": top_k, "us": round(ms * 1e3, 2),
                      "same_as_default": same})  # fmt: skip
@@ -127,9 +139,11 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     got, _ = decode._decode_triton(*common, counters=workspace.counters)
     err = float((got.float() - want.float()).abs().max())
     rows = []
-    for name, kwargs in (("merge_kernel", {}), ("last_split_reduces",
-                                                {"counters": workspace.counters})):
-        ms = bench_graph(lambda: decode._decode_triton(*common, **kwargs))
+    for name, kwargs in (
+        ("merge_kernel", {}),
+        ("last_split_reduces", {"counters": workspace.counters}),
+    ):
+        ms = bench_graph(lambda kwargs=kwargs: decode._decode_triton(*common, **kwargs))
         rows.append({"reduce": name, "selected_pages": top_k // 2, "us": round(ms * 1e3, 2),
                      "max_abs_diff": err})  # fmt: skip
     del k_cache, v_cache
