@@ -453,6 +453,7 @@ def main() -> int:
         from benchmarks.common import measure_copy_bandwidth
 
         copy_gbps = measure_copy_bandwidth(device)
+        torch.cuda.empty_cache()  # the copy's buffers: give them to the KV pool
         free = torch.cuda.mem_get_info(device)[0] - int(args.reserve_gib * 2**30)
     else:
         copy_gbps, free = 10.0, 256 * 2**20

@@ -1,4 +1,4 @@
-"""One rank's Quest kernels at the decode benchmark's shapes, in their candidate forms.
+"""One rank's decode kernels at the decode benchmark's shapes, in their candidate forms.
 
     python benchmarks/score_variants.py [--out-dir DIR]
 
@@ -12,7 +12,9 @@ rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two
   form (``scores._AS_ROWS``) over tile rows, warps, pipeline depth and programs per SM,
   with bf16 and fp8 bounds; every form's scores are checked against the current kernel's;
 * selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
-* sparse attention: a merge kernel after the splits against the last split reducing.
+* sparse attention: a merge kernel after the splits against the last split reducing;
+* the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
+  laid out now (the split MLP's down-projection is a column slice) and contiguous.
 
 Writes JSON under benchmarks/results/ (``score-variants-<device>-<date>.json``).
 """
@@ -60,13 +62,13 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device) -> dict:
 
 def score_forms() -> list[dict]:
     forms = [{"as_rows": False}]
-    for block_p, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2)):
+    for block_p, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (3, 4), (2, 3)):
         forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages, per_sm=per_sm))
     return forms
 
 
 def set_form(form: dict) -> None:
-    scores._AS_ROWS = form["as_rows"]
+    scores._AS_ROWS = form["as_rows"]  # True / False: every launch in / never in that form
     if form["as_rows"]:
         scores._AS_ROWS_BLOCK_P = form["block_p"]
         scores._AS_ROWS_NUM_WARPS = form["warps"]
@@ -150,6 +152,36 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     return rows
 
 
+def run_weights(device: torch.device, copy_gbps: float, rows: int = 8) -> list[dict]:
+    """GB/s of each decode matmul (Llama-3.1-8B, the MLP split over two ranks)."""
+    hidden, inter, vocab = 4096, 14336, 128256
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def weight(*shape):
+        return torch.randn(*shape, device=device, generator=gen).bfloat16()
+
+    down = weight(hidden, inter)
+    cases = {
+        "qkv [6144, 4096]": (weight(6144, hidden), hidden),
+        "o [4096, 4096]": (weight(hidden, hidden), hidden),
+        "gate_up rank slice [14336, 4096]": (weight(2 * inter, hidden)[:inter], hidden),
+        "down rank slice [4096, 7168], column slice": (down[:, : inter // 2], inter // 2),
+        "down rank slice [4096, 7168], contiguous": (
+            down[:, : inter // 2].contiguous(),
+            inter // 2,
+        ),
+        "lm_head [128256, 4096]": (weight(vocab, hidden), hidden),
+    }
+    result = []
+    for name, (w, k) in cases.items():
+        x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
+        ms = bench_graph(lambda w=w, x=x: torch.nn.functional.linear(x, w))
+        gbps = w.numel() * w.element_size() / (ms * 1e-3) / 1e9
+        result.append({"matmul": name, "rows": rows, "us": round(ms * 1e3, 2),
+                       "pct_copy_bw": round(100 * gbps / copy_gbps, 1)})  # fmt: skip
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -178,6 +210,8 @@ def main() -> int:
         if errors:
             print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
         del inputs
+    result["weights"] = run_weights(device, copy_gbps)
+    print_table(result["weights"], ["matmul", "rows", "us", "pct_copy_bw"])
     payload = {"name": "score-variants", "environment": environment(), **result}
     path = write_result(f"score-variants{'-' + args.label if args.label else ''}", payload,
                         out_dir=args.out_dir)  # fmt: skip

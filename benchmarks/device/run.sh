@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep|rows8
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -50,4 +50,15 @@ case "$1" in
     timeout 300 python benchmarks/score_variants.py --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
     timeout 250 torchrun --standalone --nproc-per-node 2 benchmarks/prefill.py --part 1 \
       --contexts 131072 --out-dir "$out" 2>&1 | tail -15 ;;
+  rows8)  # session 5: fp8 bounds scored as rows; batch 8 at 192K and at 216K (4 GiB reserve)
+    timeout 150 python benchmarks/score_variants.py --label weights --out-dir "$out" 2>&1 \
+      | grep -v "^W1\|^\[W\|warn" | tail -40
+    timeout 120 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/kernels/test_fp8_bounds.py \
+      tests/kernels/test_scores.py tests/kernels/test_quest_step.py 2>&1 | tail -3
+    for bounds in float8_e4m3fn model; do
+      ctx=221184; [ "$bounds" = float8_e4m3fn ] && ctx=196608,221184
+      timeout 240 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts $ctx \
+        --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --reserve-gib 4 \
+        --label b8-rows-$bounds --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12
+    done ;;
 esac

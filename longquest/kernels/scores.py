@@ -55,13 +55,16 @@ _NUM_WARPS = 4
 # shared memory); 2 and 8 measured slower at 1M tokens.
 _PROGRAMS_PER_SM = 4
 _USE_DOT = True  # tensor-core bounds (see _score_blocks); False: elementwise fp32
-# Pages as the product's rows (_score_blocks_as_rows): tile rows, warps, pipeline depth and
-# programs per SM of that form. Under trial: see benchmarks/score_variants.py.
-_AS_ROWS = False
-_AS_ROWS_BLOCK_P = 64
-_AS_ROWS_NUM_WARPS = 4
-_AS_ROWS_NUM_STAGES = 3
-_AS_ROWS_PROGRAMS_PER_SM = 2
+# Pages as the product's rows (_score_blocks_as_rows) for fp8 bounds; None: for fp8 bounds
+# only, True/False: for every tensor-core launch / never (benchmarks/score_variants.py).
+# Measured on an H200 (score-variants-nvidia-h200-2026-11-30.json), one rank of 8 x 192K
+# tokens on two GPUs: fp8 bounds 42.2 us in this form against 59.7 us in the group-as-rows
+# form (bf16 bounds: 62.2 us there, 63.4 us as rows, so bf16 stays); 1 x 1M: 32.1 vs 42.7.
+_AS_ROWS: bool | None = None
+_AS_ROWS_BLOCK_P = 128  # pages a tile: 64 measured 51 us at 8 x 192K, fp8
+_AS_ROWS_NUM_WARPS = 8
+_AS_ROWS_NUM_STAGES = 3  # 2: 47.7 us; 4: as 3
+_AS_ROWS_PROGRAMS_PER_SM = 2  # 1: slower at every tile size
 
 
 @triton.jit
@@ -258,8 +261,15 @@ def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
-def _form_options(use_dot: bool) -> dict:
-    if use_dot and _AS_ROWS:
+def _as_rows(use_dot: bool, bounds_dtype: torch.dtype) -> bool:
+    """Whether a launch scores with the pages as the product's rows (see ``_AS_ROWS``)."""
+    if not use_dot:
+        return False
+    return bounds_dtype == FLOAT8_DTYPE if _AS_ROWS is None else _AS_ROWS
+
+
+def _form_options(as_rows: bool) -> dict:
+    if as_rows:
         return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES,
                 "num_warps": _AS_ROWS_NUM_WARPS, "num_stages": _AS_ROWS_NUM_STAGES}  # fmt: skip
     return {"num_warps": _NUM_WARPS}
@@ -272,6 +282,7 @@ def score_grid(
     max_pages: int,
     head_dim: int,
     use_dot: bool,
+    as_rows: bool = False,
 ) -> tuple[int, int, int]:
     """``(BLOCK_P, blocks_per_program, programs_per_row)`` for a score launch.
 
@@ -281,7 +292,7 @@ def score_grid(
     tile = _TILE_ELEMENTS_DOT if use_dot else _TILE_ELEMENTS
     block_p = max(16, tile // block_d) if device.type == "cuda" else 16
     per_sm = _PROGRAMS_PER_SM
-    if use_dot and _AS_ROWS:
+    if as_rows:
         block_p, per_sm = _AS_ROWS_BLOCK_P, _AS_ROWS_PROGRAMS_PER_SM
     blocks = triton.cdiv(max_pages, block_p)
     # Rounded down: a grid just past one wave (batch 16: 5 programs a row = 640 > 528 slots)
@@ -383,8 +394,9 @@ def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0)
     if out.numel() == 0:
         return out
     dot = dot_options(query, key_min)
+    as_rows = _as_rows(dot["USE_DOT"], key_min.dtype)
     block_p, blocks_per_program, per_row = score_grid(
-        device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"]
+        device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"], as_rows
     )
     _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
         query, key_min, key_max, page_table, count, out,
@@ -393,7 +405,7 @@ def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0)
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
         GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, COUNT_PAGE_SIZE=page_size,
-        **dot, USE_PDL=pdl_enabled(device), **_form_options(dot["USE_DOT"]),
+        **dot, USE_PDL=pdl_enabled(device), **_form_options(as_rows),
         **launch_options(device),
     )  # fmt: skip
     return out
