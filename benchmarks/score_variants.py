@@ -13,9 +13,8 @@ rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two
   with bf16 and fp8 bounds; every form's scores are checked against the current kernel's;
 * selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
 * sparse attention: a merge kernel after the splits against the last split reducing;
-* the weights (``--only-weights``: these alone): every matmul of a decode step at 8 rows,
-  cuBLAS (``F.linear``) against the Triton kernel of ``kernels/linear.py`` over its
-  tile forms, the split MLP's down-projection as the column slice it is.
+* the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
+  laid out now (the split MLP's down-projection is a column slice) and contiguous.
 
 Writes JSON under benchmarks/results/ (``score-variants-<device>-<date>.json``).
 """
@@ -37,7 +36,7 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
     print_table,
     write_result,
 )
-from longquest.kernels import decode, linear, scores, topk  # noqa: E402
+from longquest.kernels import decode, scores, topk  # noqa: E402
 from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
 from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
 
@@ -153,16 +152,8 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def linear_forms() -> list[dict]:
-    forms = [{"impl": "cublas"}]
-    for block_n, block_k, stages in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 6)):
-        forms.append(dict(impl="triton", block_n=block_n, block_k=block_k, stages=stages))
-    return forms
-
-
 def run_weights(device: torch.device, copy_gbps: float, rows: int = 8) -> list[dict]:
-    """GB/s of each decode matmul (Llama-3.1-8B, the MLP split over two ranks): cuBLAS
-    (``F.linear``) and the Triton kernel of ``kernels/linear.py`` in each tile form."""
+    """GB/s of each decode matmul (Llama-3.1-8B, the MLP split over two ranks)."""
     hidden, inter, vocab = 4096, 14336, 128256
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -171,36 +162,23 @@ def run_weights(device: torch.device, copy_gbps: float, rows: int = 8) -> list[d
 
     down = weight(hidden, inter)
     cases = {
-        "qkv [6144, 4096]": weight(6144, hidden),
-        "o [4096, 4096]": weight(hidden, hidden),
-        "gate_up rank slice [14336, 4096]": weight(2 * inter, hidden)[:inter],
-        "down rank slice [4096, 7168], column slice": down[:, : inter // 2],
-        "down [4096, 14336], one rank": down,
-        "lm_head [128256, 4096]": weight(vocab, hidden),
+        "qkv [6144, 4096]": (weight(6144, hidden), hidden),
+        "o [4096, 4096]": (weight(hidden, hidden), hidden),
+        "gate_up rank slice [14336, 4096]": (weight(2 * inter, hidden)[:inter], hidden),
+        "down rank slice [4096, 7168], column slice": (down[:, : inter // 2], inter // 2),
+        "down rank slice [4096, 7168], contiguous": (
+            down[:, : inter // 2].contiguous(),
+            inter // 2,
+        ),
+        "lm_head [128256, 4096]": (weight(vocab, hidden), hidden),
     }
-    saved = (linear._BLOCK_N, linear._BLOCK_K, linear._NUM_STAGES)
     result = []
-    for name, w in cases.items():
-        x = torch.randn(rows, w.shape[1], device=device, generator=gen).bfloat16()
-        want = torch.nn.functional.linear(x, w).float()
-        for form in linear_forms():
-            if form["impl"] == "cublas":
-                fn = lambda w=w, x=x: torch.nn.functional.linear(x, w)  # noqa: E731
-            else:
-                linear._BLOCK_N, linear._BLOCK_K = form["block_n"], form["block_k"]
-                linear._NUM_STAGES = form["stages"]
-                fn = lambda w=w, x=x: linear.linear(x=x, weight=w, impl="triton")  # noqa: E731
-            try:
-                err = float((fn().float() - want).abs().max())
-                ms = bench_graph(fn)
-            except Exception as exc:  # a form that does not compile: recorded, not fatal
-                result.append({"matmul": name, **form, "error": f"{exc}"[:200]})
-                continue
-            gbps = w.numel() * w.element_size() / (ms * 1e-3) / 1e9
-            result.append({"matmul": name, "rows": rows, **form, "us": round(ms * 1e3, 2),
-                           "pct_copy_bw": round(100 * gbps / copy_gbps, 1),
-                           "max_abs_diff_vs_cublas": err})  # fmt: skip
-    linear._BLOCK_N, linear._BLOCK_K, linear._NUM_STAGES = saved
+    for name, (w, k) in cases.items():
+        x = torch.randn(rows, k, device=device, generator=gen).bfloat16()
+        ms = bench_graph(lambda w=w, x=x: torch.nn.functional.linear(x, w))
+        gbps = w.numel() * w.element_size() / (ms * 1e-3) / 1e9
+        result.append({"matmul": name, "rows": rows, "us": round(ms * 1e3, 2),
+                       "pct_copy_bw": round(100 * gbps / copy_gbps, 1)})  # fmt: skip
     return result
 
 
@@ -208,12 +186,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--label", default="")
-    parser.add_argument("--only-weights", action="store_true", help="time the matmuls alone")
     args = parser.parse_args()
     device = torch.device("cuda")
     copy_gbps = measure_copy_bandwidth(device)
     result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "shapes": {}}
-    for name, (num_seqs, pages) in ({} if args.only_weights else SHAPES).items():
+    for name, (num_seqs, pages) in SHAPES.items():
         inputs = make_inputs(num_seqs, pages, device)
         entry = {"num_seqs": num_seqs, "local_pages": pages, "num_kv_heads": NUM_KV_HEADS,
                  "group": GROUP, "head_dim": HEAD_DIM}  # fmt: skip
@@ -234,13 +211,7 @@ def main() -> int:
             print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
         del inputs
     result["weights"] = run_weights(device, copy_gbps)
-    for name in dict.fromkeys(r["matmul"] for r in result["weights"]):
-        timed = [r for r in result["weights"] if r["matmul"] == name and "us" in r]
-        best = sorted((r for r in timed if r["impl"] == "triton"), key=lambda r: r["us"])[:4]
-        print(f"== {name}")
-        print_table([r for r in timed if r["impl"] == "cublas"] + best,
-                    ["impl", "block_n", "block_k", "stages", "us", "pct_copy_bw",
-                     "max_abs_diff_vs_cublas"])  # fmt: skip
+    print_table(result["weights"], ["matmul", "rows", "us", "pct_copy_bw"])
     payload = {"name": "score-variants", "environment": environment(), **result}
     path = write_result(f"score-variants{'-' + args.label if args.label else ''}", payload,
                         out_dir=args.out_dir)  # fmt: skip

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep|rows8|linear
+#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep|rows8
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -61,8 +61,4 @@ case "$1" in
         --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --reserve-gib 4 \
         --label b8-rows-$bounds --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12
     done ;;
-  linear)  # session 5: the decode matmuls, cuBLAS against the Triton kernel's tile forms
-    timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_linear.py 2>&1 | tail -3
-    timeout 300 python benchmarks/score_variants.py --only-weights --label linear --out-dir "$out" \
-      2>&1 | grep -v "^W1\|^\[W\|warn" | tail -60 ;;
 esac

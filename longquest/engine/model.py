@@ -10,9 +10,7 @@ decode step can be captured in a CUDA graph.
 
 Weights are created uninitialised; ``longquest.engine.loader.load_model``
 fills them from a checkpoint. q/k/v and gate/up projections are fused into
-one matrix each (one matmul instead of three / two). A decode step's matmuls
-(a few rows) run through :func:`longquest.kernels.linear.linear`, which streams
-the weights faster than cuBLAS does at those shapes; prefill's run in cuBLAS.
+one matrix each (one matmul instead of three / two).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from torch import Tensor, nn
 from longquest.engine.config import ModelConfig
 from longquest.engine.rope import rope_cos_sin, rope_inv_freq
 from longquest.kernels._checks import INDEX_DTYPES, check_tensor
-from longquest.kernels.linear import linear
 from longquest.kernels.norm_rope import add_rms_norm, rotate_query_key, silu_mul
 from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
 
@@ -119,7 +116,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, rms_norm(x, self.input_norm, self.eps)  # [num_tokens, hidden]
         else:
             residual, h = add_rms_norm(x=x, residual=residual, weight=self.input_norm, eps=self.eps)
-        qkv = linear(x=h, weight=self.qkv_proj, bias=self.qkv_bias)  # [num_tokens, (Hq + 2 Hkv) D]
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [num_tokens, (Hq + 2 Hkv) D]
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_qo_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -130,7 +127,7 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q, k = rotate_query_key(query=q, key=k, cos=cos, sin=sin)
         o = attention(layer=layer, query=q, key=k, value=v)  # [num_tokens, Hq, D]
-        o = linear(x=o.reshape(num_tokens, -1), weight=self.o_proj)
+        o = F.linear(o.reshape(num_tokens, -1), self.o_proj)
         residual, h = add_rms_norm(
             x=o, residual=residual, weight=self.post_attention_norm, eps=self.eps
         )
@@ -139,10 +136,10 @@ class DecoderLayer(nn.Module):
     def _mlp(self, h: Tensor, split: MlpSplit | None) -> Tensor:
         blocks = self.mlp_blocks
         if split is None or split.world_size == 1:
-            gate_up = linear(x=h, weight=self.gate_up_proj)  # [num_tokens, 2 I]
+            gate_up = F.linear(h, self.gate_up_proj)  # [num_tokens, 2 I]
             # Each block is [gate_b | up_b]: silu_mul per block, in the gate's order.
             act = silu_mul(gate_up=gate_up.view(-1, gate_up.shape[1] // blocks))
-            return linear(x=act.view(h.shape[0], -1), weight=self.down_proj)
+            return F.linear(act.view(h.shape[0], -1), self.down_proj)
         if blocks != split.world_size:
             raise ValueError(
                 f"the MLP is laid out in {blocks} blocks but split over {split.world_size} "
@@ -151,10 +148,8 @@ class DecoderLayer(nn.Module):
         rows, cols = self.gate_up_proj.shape[0] // blocks, self.down_proj.shape[1] // blocks
         start = split.rank
         # Slices of the replicated weights: only this rank's share is read.
-        act = silu_mul(
-            gate_up=linear(x=h, weight=self.gate_up_proj[start * rows : (start + 1) * rows])
-        )
-        partial = linear(x=act, weight=self.down_proj[:, start * cols : (start + 1) * cols])
+        act = silu_mul(gate_up=F.linear(h, self.gate_up_proj[start * rows : (start + 1) * rows]))
+        partial = F.linear(act, self.down_proj[:, start * cols : (start + 1) * cols])
         return split.all_reduce(partial)  # [num_tokens, hidden]
 
 
@@ -257,5 +252,4 @@ class Model(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits: hidden ``[n, hidden_size]`` -> ``[n, vocab_size]`` fp32."""
-        # cuBLAS streams this one at 94% of copy bandwidth (kernels/linear.py).
         return F.linear(hidden, self.lm_head).float()

@@ -242,17 +242,3 @@ def prefill_attention_ref(
     probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = (probs @ v).transpose(0, 1)
     return out.to(query.dtype), lse.transpose(0, 1).contiguous()
-
-
-def linear_ref(
-    *, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ weight^T + bias`` in fp32, cast to ``x``'s dtype.
-
-    x: ``[num_rows, in_features]``; weight: ``[out_features, in_features]``; bias:
-    ``[out_features]`` or None. Returns ``[num_rows, out_features]``.
-    """
-    out = x.float() @ weight.float().T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
