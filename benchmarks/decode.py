@@ -300,6 +300,72 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
     return round(device_ms, 4), round(statistics.median(launches), 4)
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("collective", ("nccl",)),
+    ("scores", ("_page_scores_kernel",)),
+    ("top_k", ("_select_kernel",)),
+    ("global_top_k", ("pack", "keep", "global")),
+    ("attention", ("_decode_kernel", "_merge_kernel")),
+    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+    ("norm_rope_act", ("rms", "rotate", "silu", "rope")),
+    ("append", ("append",)),
+)
+
+
+def profile_step(engine, *, replays: int = 5) -> dict | None:
+    """Kernels of the step's captured graph, by kind, from the CUDA profiler (rank 0's
+    view; every rank replays alike): device time a step per kind, and the step's span
+    against its kernels' busy time (the rest is gaps between kernels)."""
+    batch = engine._batch
+    if batch is None or not batch._graphs or engine.device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    key = max(batch._graphs)
+    graph, _ = batch._graphs[key]
+    steps = key[2] * replays
+    group = engine_group(engine)
+    torch.cuda.synchronize()
+    if group is not None:
+        dist.barrier(group)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return None
+    kinds: dict[str, float] = {}
+    names: dict[str, list] = {}
+    busy, reach = 0.0, spans[0][0]
+    for start, end, name in spans:
+        lower = name.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(x in lower for x in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + (end - start)
+        entry = names.setdefault(name[:80], [0, 0.0])
+        entry[0] += 1
+        entry[1] += end - start
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span = spans[-1][1] - spans[0][0]
+    top = sorted(names.items(), key=lambda item: -item[1][1])[:12]
+    return {
+        "ms_per_step_by_kind": {k: round(v / steps / 1e3, 4) for k, v in sorted(kinds.items())},
+        "kernels_per_step": round(len(spans) / steps, 1),
+        "span_ms_per_step": round(span / steps / 1e3, 4),
+        "busy_ms_per_step": round(busy / steps / 1e3, 4),
+        "top_kernels": [
+            {"name": n, "per_step": round(c / steps, 1), "ms_per_step": round(t / steps / 1e3, 4)}
+            for n, (c, t) in top
+        ],  # fmt: skip
+    }
+
+
 def sdpa_ms(engine, *, batch: int, context: int, iters: int) -> float | None:
     """Per-token ms of the same model with SDPA over contiguous K/V, or None if it won't fit."""
     config, device = engine.config, engine.device
@@ -369,6 +435,9 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         entry["graph_replay_ms"], entry["graph_launch_host_ms"] = replay_ms(
             engine, iters=args.iters
         )
+        if args.profile:
+            entry["profile"] = profile_step(engine)
+            log(rank, f"  {name} profile: {json.dumps(entry['profile'])}")
         entry["breakdown_ms"] = breakdown(engine, quest=quest, group=engine_group(engine),
                                           iters=args.iters)  # fmt: skip
         entry["floor"] = floor_ms(
@@ -425,6 +494,9 @@ def main() -> int:
         "--no-split-mlp", action="store_true", help="every rank reads the whole MLP in decode"
     )
     parser.add_argument("--label", default="", help="appended to the result file's name")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernels of the captured step, by kind (CUDA)"
+    )
     parser.add_argument(
         "--bounds-dtype", choices=["model", "float8_e4m3fn"], default="model",
         help="dtype of the Quest key bounds",

@@ -61,4 +61,8 @@ case "$1" in
         --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --reserve-gib 4 \
         --label b8-rows-$bounds --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12
     done ;;
+  profile8)  # session 5: the captured step's kernels by kind, batch 8 x 216K, fp8 bounds
+    timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+      --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \
+      --label b8-profile --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12 ;;
 esac
