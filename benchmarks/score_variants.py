@@ -36,7 +36,7 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
     print_table,
     write_result,
 )
-from longquest.kernels import decode, scores, topk  # noqa: E402
+from longquest.kernels import decode, global_topk, scores, topk  # noqa: E402
 from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
 from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
 
@@ -124,30 +124,63 @@ def run_select(inputs: dict, top_k: int) -> list[dict]:
     return rows
 
 
+def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
+    """The cross-rank top-k's keep step at two ranks, per candidate chunk and warps."""
+    score = scores._page_scores_triton(*inputs.values())
+    top, local = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
+    num_seqs, pages = inputs["page_table"].shape
+    offset = torch.arange(num_seqs, device=device, dtype=torch.int32)[:, None] * 2 * pages
+    global_pages = offset + torch.arange(pages, device=device, dtype=torch.int32)[None, :]
+    mine = global_topk.pack_candidates(top_scores=top, local_indices=local,
+                                       global_pages=global_pages)  # fmt: skip
+    other = global_topk.pack_candidates(top_scores=top.flip(-1), local_indices=local,
+                                        global_pages=global_pages + pages)  # fmt: skip
+    gathered = torch.stack((mine, other))
+    want = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
+                                         impl="torch")  # fmt: skip
+    rows = []
+    for block_c, warps in itertools.product((0, 32, 128, 256), (0, 8)):
+        global_topk._KEEP_BLOCK_C, global_topk._KEEP_NUM_WARPS = block_c, warps
+
+        def keep():
+            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0)
+
+        same = bool(torch.equal(keep(), want))
+        rows.append({"block_c": block_c or "auto", "warps": warps or "auto", "top_k": top_k,
+                     "us": round(bench_graph(keep) * 1e3, 2), "same_as_torch": same})  # fmt: skip
+    global_topk._KEEP_BLOCK_C = global_topk._KEEP_NUM_WARPS = 0
+    return rows
+
+
 def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
+    """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k,
+    listed alone and as the engine lists them (at the front of a top_k list, -1 after)."""
     num_seqs, pages = inputs["page_table"].shape
     total = num_seqs * pages
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
     v_cache = torch.randn_like(k_cache)
     score = scores._page_scores_triton(*inputs.values())
-    # A rank holds about half of the global top-k at two ranks.
-    _, selected = topk._select_pages_triton(score, inputs["num_pages"], top_k // 2, True)
+    _, mine = topk._select_pages_triton(score, inputs["num_pages"], top_k // 2, True)
+    padded = torch.cat((mine, torch.full_like(mine, -1)), dim=-1)
     seq_lens = inputs["num_pages"] * PAGE_SIZE
     workspace = make_quest_workspace(max_num_seqs=num_seqs, num_kv_heads=NUM_KV_HEADS,
                                      device=device)  # fmt: skip
-    common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens, selected,
-              HEAD_DIM**-0.5, None)  # fmt: skip
-    want, _ = decode._decode_triton(*common)
-    got, _ = decode._decode_triton(*common, counters=workspace.counters)
-    err = float((got.float() - want.float()).abs().max())
+    common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
+    want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
-    for name, kwargs in (
-        ("merge_kernel", {}),
-        ("last_split_reduces", {"counters": workspace.counters}),
-    ):
-        ms = bench_graph(lambda kwargs=kwargs: decode._decode_triton(*common, **kwargs))
-        rows.append({"reduce": name, "selected_pages": top_k // 2, "us": round(ms * 1e3, 2),
-                     "max_abs_diff": err})  # fmt: skip
+    for listed, selected in (("alone", mine), ("padded", padded)):
+        for name, kwargs in (
+            ("merge_kernel", {}),
+            ("last_split_reduces", {"counters": workspace.counters}),
+        ):
+
+            def attend(selected=selected, kwargs=kwargs):
+                return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, None, **kwargs)
+
+            err = float((attend()[0].float() - want.float()).abs().max())
+            rows.append({"listed": listed, "reduce": name, "selected_pages": top_k // 2,
+                         "list_len": selected.shape[-1], "us": round(bench_graph(attend) * 1e3, 2),
+                         "max_abs_diff": err})  # fmt: skip
     del k_cache, v_cache
     return rows
 
@@ -186,32 +219,43 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--label", default="")
+    parser.add_argument("--parts", default="scores,select,attention,keep,weights",
+                        help="comma-separated parts to time")  # fmt: skip
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     device = torch.device("cuda")
     copy_gbps = measure_copy_bandwidth(device)
-    result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "shapes": {}}
+    result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "parts": sorted(parts), "shapes": {}}
     for name, (num_seqs, pages) in SHAPES.items():
         inputs = make_inputs(num_seqs, pages, device)
         entry = {"num_seqs": num_seqs, "local_pages": pages, "num_kv_heads": NUM_KV_HEADS,
                  "group": GROUP, "head_dim": HEAD_DIM}  # fmt: skip
-        entry["scores"] = run_scores(inputs, "bfloat16", copy_gbps)
-        entry["scores"] += run_scores(inputs, "float8_e4m3fn", copy_gbps)
-        entry["select"] = run_select(inputs, 128) + run_select(inputs, 256)
-        entry["attention"] = run_attention(inputs, 128, device)
+        print(f"== {name}")
+        if "scores" in parts:
+            entry["scores"] = run_scores(inputs, "bfloat16", copy_gbps)
+            entry["scores"] += run_scores(inputs, "float8_e4m3fn", copy_gbps)
+            best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
+            current = [r for r in entry["scores"] if not r["as_rows"]]
+            print_table(current + best, ["bounds", "as_rows", "block_p", "warps", "stages",
+                                         "per_sm", "us", "pct_copy_bw", "max_rel_err"])  # fmt: skip
+            errors = [r for r in entry["scores"] if "error" in r]
+            if errors:
+                print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
+        if "select" in parts:
+            entry["select"] = run_select(inputs, 128) + run_select(inputs, 256)
+            print_table(entry["select"], ["single_pass_max", "top_k", "us", "same_as_default"])
+        if "attention" in parts:
+            entry["attention"] = run_attention(inputs, 128, device)
+            print_table(entry["attention"], ["listed", "reduce", "selected_pages", "list_len",
+                                             "us", "max_abs_diff"])  # fmt: skip
+        if "keep" in parts:
+            entry["keep"] = run_keep(inputs, 128, device)
+            print_table(entry["keep"], ["block_c", "warps", "top_k", "us", "same_as_torch"])
         result["shapes"][name] = entry
-        best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
-        print(f"== {name}: scores (current form first in its bounds dtype; fastest 8)")
-        current = [r for r in entry["scores"] if not r["as_rows"]]
-        print_table(current + best, ["bounds", "as_rows", "block_p", "warps", "stages",
-                                     "per_sm", "us", "pct_copy_bw", "max_rel_err"])  # fmt: skip
-        print_table(entry["select"], ["single_pass_max", "top_k", "us", "same_as_default"])
-        print_table(entry["attention"], ["reduce", "selected_pages", "us", "max_abs_diff"])
-        errors = [r for r in entry["scores"] if "error" in r]
-        if errors:
-            print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
         del inputs
-    result["weights"] = run_weights(device, copy_gbps)
-    print_table(result["weights"], ["matmul", "rows", "us", "pct_copy_bw"])
+    if "weights" in parts:
+        result["weights"] = run_weights(device, copy_gbps)
+        print_table(result["weights"], ["matmul", "rows", "us", "pct_copy_bw"])
     payload = {"name": "score-variants", "environment": environment(), **result}
     path = write_result(f"score-variants{'-' + args.label if args.label else ''}", payload,
                         out_dir=args.out_dir)  # fmt: skip

@@ -65,4 +65,9 @@ case "$1" in
     timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \
       --label b8-profile --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12 ;;
+  attn)  # session 5: the sparse attention's split balance and the keep step, one rank
+    timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode.py \
+      tests/kernels/test_quest_step.py tests/kernels/test_global_topk.py 2>&1 | tail -3
+    timeout 200 python benchmarks/score_variants.py --parts attention,keep --label attn \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -40 ;;
 esac

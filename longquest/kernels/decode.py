@@ -134,7 +134,7 @@ def _decode_kernel(
     stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
-    SELECTION: tl.constexpr, REDUCE: tl.constexpr,
+    SELECTION: tl.constexpr, REDUCE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr, FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -149,10 +149,19 @@ def _decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     # Clamped so that a too-long seq_len can never index past the page table's row.
     num_pages = tl.minimum(tl.cdiv(seq_len, PAGE_SIZE), max_pages)
+    sel_row = selected_ptr + seq * stride_sel_s + kv * stride_sel_h
     if SELECTION == 0:
         total = num_pages
     else:
-        total = list_len
+        # The splits share the list up to its last used entry, not its full length: a
+        # rank's share of a global top-k fills about 1 / world_size of the list, at its
+        # front, and splits over the padding would sit idle while the others work.
+        lanes = tl.arange(0, SCAN_BLOCK)
+        total = 0
+        for b in range(0, list_len, SCAN_BLOCK):
+            entry = tl.load(sel_row + b + lanes, mask=b + lanes < list_len, other=-1)
+            used = (entry >= 0) & (entry < num_pages)
+            total = tl.maximum(total, tl.max(tl.where(used, b + lanes + 1, 0), 0))
     # Splits own whole blocks of pages, so no split wastes a partly used iteration.
     per_split = tl.cdiv(tl.cdiv(total, num_splits), PAGES_PER_BLOCK) * PAGES_PER_BLOCK
     start = split * per_split
@@ -174,7 +183,6 @@ def _decode_kernel(
     slot = t % PAGE_SIZE
     k_base = k_ptr + kv * stride_kh + slot[:, None] * stride_kt + d[None, :]
     v_base = v_ptr + kv * stride_vh + slot[:, None] * stride_vt + d[None, :]
-    sel_row = selected_ptr + seq * stride_sel_s + kv * stride_sel_h
     pages_row = pages_ptr + seq * stride_pages_s + kv * stride_pages_h
     table_row = table_ptr + seq * stride_table
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -288,6 +296,7 @@ def _decode_triton(
     phys = physical if physical is not None else sel
     selection = _DENSE if selected is None else (_LOGICAL if physical is None else _PHYSICAL)
     block_d = max(triton.next_power_of_2(head_dim), 16)
+    scan_block = min(max(triton.next_power_of_2(pages), 16), 1024)  # the selection's scan
     use_pdl = pdl_enabled(device)
     _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
         query, k_cache, v_cache, page_table, seq_lens, sel, phys,
@@ -301,7 +310,7 @@ def _decode_triton(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_D=block_d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
-        SELECTION=selection, REDUCE=reduce,
+        SELECTION=selection, REDUCE=reduce, SCAN_BLOCK=scan_block,
         MERGE_G=triton.next_power_of_2(group),
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         MERGE_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_CHUNK),

@@ -23,6 +23,10 @@ _INT32_MAX = 2**31 - 1
 # a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
 _ONE_PROGRAM_TOP_K = 256
 _RANK_BLOCK = 64
+# The one-program ranking's candidate chunk and warps; 0: from top_k (under trial, see
+# benchmarks/score_variants.py).
+_KEEP_BLOCK_C = 0
+_KEEP_NUM_WARPS = 0
 
 
 @triton.jit
@@ -226,8 +230,8 @@ def keep_global_top_k(
     if block_k <= _ONE_PROGRAM_TOP_K:
         _keep_kernel[(rows,)](
             gathered, indices, out, top_k, rows, rank, world_size,
-            BLOCK_K=block_k, BLOCK_C=max(16, min(64, 8192 // block_k)),
-            num_warps=4 if block_k <= 128 else 8,
+            BLOCK_K=block_k, BLOCK_C=_KEEP_BLOCK_C or max(16, min(64, 8192 // block_k)),
+            num_warps=_KEEP_NUM_WARPS or (4 if block_k <= 128 else 8),
         )  # fmt: skip
         return out
     # Ranking costs top_k x world_size x top_k comparisons a row: spread it over
