@@ -168,19 +168,22 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
     want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
-    for listed, selected in (("alone", mine), ("padded", padded)):
-        for name, kwargs in (
-            ("merge_kernel", {}),
-            ("last_split_reduces", {"counters": workspace.counters}),
-        ):
+    saved = decode._TOKENS_PER_BLOCK, decode._NUM_STAGES
+    forms = [("alone", mine, "merge_kernel", None, 64, 2)]
+    for splits, tokens, stages in itertools.product((None, 8, 16, 32), (32, 64), (2, 3)):
+        forms.append(("padded", padded, "last_split_reduces", splits, tokens, stages))
+    for listed, selected, name, splits, tokens, stages in forms:
+        decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = tokens, stages
+        kwargs = {"counters": workspace.counters} if name == "last_split_reduces" else {}
 
-            def attend(selected=selected, kwargs=kwargs):
-                return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, None, **kwargs)
+        def attend(selected=selected, kwargs=kwargs, splits=splits):
+            return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
 
-            err = float((attend()[0].float() - want.float()).abs().max())
-            rows.append({"listed": listed, "reduce": name, "selected_pages": top_k // 2,
-                         "list_len": selected.shape[-1], "us": round(bench_graph(attend) * 1e3, 2),
-                         "max_abs_diff": err})  # fmt: skip
+        err = float((attend()[0].float() - want.float()).abs().max())
+        rows.append({"listed": listed, "reduce": name, "splits": splits or "auto",
+                     "tokens_per_block": tokens, "stages": stages, "list_len": selected.shape[-1],
+                     "us": round(bench_graph(attend) * 1e3, 2), "max_abs_diff": err})  # fmt: skip
+    decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = saved
     del k_cache, v_cache
     return rows
 
@@ -246,8 +249,9 @@ def main() -> int:
             print_table(entry["select"], ["single_pass_max", "top_k", "us", "same_as_default"])
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
-            print_table(entry["attention"], ["listed", "reduce", "selected_pages", "list_len",
-                                             "us", "max_abs_diff"])  # fmt: skip
+            columns = ["listed", "reduce", "splits", "tokens_per_block", "stages", "list_len",
+                       "us", "max_abs_diff"]  # fmt: skip
+            print_table(entry["attention"], columns)
         if "keep" in parts:
             entry["keep"] = run_keep(inputs, 128, device)
             print_table(entry["keep"], ["block_c", "warps", "top_k", "us", "same_as_torch"])

@@ -23,10 +23,11 @@ _INT32_MAX = 2**31 - 1
 # a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
 _ONE_PROGRAM_TOP_K = 256
 _RANK_BLOCK = 64
-# The one-program ranking's candidate chunk and warps; 0: from top_k (under trial, see
-# benchmarks/score_variants.py).
+# The one-program ranking's candidate chunk and warps (0: from top_k). Measured on an H200
+# at 64 rows, top_k 128, two ranks (score-variants-attn-nvidia-h200-2026-11-30.json):
+# chunks of 32 on 8 warps 10.4 us, of 64 on 4 warps 13.4 us, of 128-256 15-25 us.
 _KEEP_BLOCK_C = 0
-_KEEP_NUM_WARPS = 0
+_KEEP_NUM_WARPS = 8
 
 
 @triton.jit
@@ -230,8 +231,8 @@ def keep_global_top_k(
     if block_k <= _ONE_PROGRAM_TOP_K:
         _keep_kernel[(rows,)](
             gathered, indices, out, top_k, rows, rank, world_size,
-            BLOCK_K=block_k, BLOCK_C=_KEEP_BLOCK_C or max(16, min(64, 8192 // block_k)),
-            num_warps=_KEEP_NUM_WARPS or (4 if block_k <= 128 else 8),
+            BLOCK_K=block_k, BLOCK_C=_KEEP_BLOCK_C or max(16, min(32, 8192 // block_k)),
+            num_warps=_KEEP_NUM_WARPS or 8,
         )  # fmt: skip
         return out
     # Ranking costs top_k x world_size x top_k comparisons a row: spread it over
