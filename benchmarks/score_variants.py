@@ -109,18 +109,26 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
 
 
 def run_select(inputs: dict, top_k: int) -> list[dict]:
+    """The local top-k: one pass or two, the first pass's chunk, and warps."""
     score = scores._page_scores_triton(*inputs.values())
     n = inputs["num_pages"]
     want = topk._select_pages_triton(score, n, top_k, True)
     rows = []
-    for single_max in (4096, 8192, 32768):
-        got = topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max)
-        same = bool(torch.equal(got[1], want[1]))
-        ms = bench_graph(
-            lambda m=single_max: topk._select_pages_triton(score, n, top_k, True, single_pass_max=m)
-        )
-        rows.append({"single_pass_max": single_max, "top_k": top_k, "us": round(ms * 1e3, 2),
+    forms = [(4096, None, 0), (8192, None, 0), (32768, None, 0)]
+    forms += list(itertools.product((4096,), (512, 1024), (0, 4, 8)))
+    for single_max, chunk, warps in forms:
+        topk._NUM_WARPS = warps
+
+        def select(single_max=single_max, chunk=chunk):
+            return topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max,
+                                             chunk=chunk)  # fmt: skip
+
+        same = bool(torch.equal(select()[1], want[1]))
+        us = round(bench_graph(select) * 1e3, 2)
+        rows.append({"single_pass_max": single_max, "chunk": chunk or "auto",
+                     "warps": warps or "auto", "top_k": top_k, "us": us,
                      "same_as_default": same})  # fmt: skip
+    topk._NUM_WARPS = 0
     return rows
 
 
@@ -246,7 +254,8 @@ def main() -> int:
                 print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
         if "select" in parts:
             entry["select"] = run_select(inputs, 128) + run_select(inputs, 256)
-            print_table(entry["select"], ["single_pass_max", "top_k", "us", "same_as_default"])
+            print_table(entry["select"], ["single_pass_max", "chunk", "warps", "top_k", "us",
+                                          "same_as_default"])  # fmt: skip
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
             columns = ["listed", "reduce", "splits", "tokens_per_block", "stages", "list_len",

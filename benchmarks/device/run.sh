@@ -68,6 +68,6 @@ case "$1" in
   attn)  # session 5: the sparse attention's split balance and the keep step, one rank
     timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode.py \
       tests/kernels/test_quest_step.py tests/kernels/test_global_topk.py 2>&1 | tail -3
-    timeout 200 python benchmarks/score_variants.py --parts attention,keep --label attn \
+    timeout 200 python benchmarks/score_variants.py --parts attention,keep,select --label attn2 \
       --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -40 ;;
 esac
