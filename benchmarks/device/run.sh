@@ -70,4 +70,13 @@ case "$1" in
       tests/kernels/test_quest_step.py tests/kernels/test_global_topk.py 2>&1 | tail -3
     timeout 200 python benchmarks/score_variants.py --parts attention,keep,select --label attn2 \
       --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -40 ;;
+  final5)  # session 5: the final code: batch 8 at 216K (fp8 and bf16 bounds), 1M at batch 1
+    for bounds in float8_e4m3fn model; do
+      timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+        --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --reserve-gib 4 \
+        --label b8-final-$bounds --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -4
+    done
+    timeout 180 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 1048576 \
+      --batches 1 --budgets 2048,4096 --no-sdpa --label 1m-final --out-dir "$out" 2>&1 \
+      | grep -v "^W1\|^\[W\|warn" | tail -5 ;;
 esac

@@ -16,11 +16,14 @@ bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
 
 The bounds may also be fp8 e4m3fn (``CacheConfig(bounds_dtype="float8_e4m3fn")``), which
 halves those bytes: they are loaded as fp8 and converted in registers to fp16 (exact; the
-GPU converts e4m3 pairs to fp16 directly, not to bf16), and the products run in fp16. That path is
-issue-bound, not bandwidth-bound: in the decode benchmark at 8 sequences x 192K tokens on
-two H200s the 30 sparse layers' scores took 1.83 ms with fp8 bounds against 1.72 ms in
-bf16 (``benchmarks/results/decode-w2-b8-*-2026-11-30.json``), so fp8 needs fewer
-instructions per element before the halved bytes pay.
+GPU converts e4m3 pairs to fp16 directly, not to bf16), and the products run in fp16. In
+the form above that path was issue-bound (1.83 ms against 1.72 ms in bf16 for the 30
+sparse layers at 8 sequences x 192K tokens on two H200s). fp8 bounds are therefore scored
+with the pages as the product's rows (``_score_blocks_as_rows``): the bounds tile goes to
+shared memory through Triton's own pipeline and is the left operand, the group's query the
+right one. One rank's scores at that shape take 42 us a layer instead of 60 (bf16: 62),
+and the decode step's 30 layers 1.20 ms instead of 1.72 in bf16
+(``benchmarks/results/score-variants-*`` and ``decode-w2-b8-rows-*``, 2026-11-30).
 """
 
 from __future__ import annotations
