@@ -79,4 +79,10 @@ case "$1" in
     timeout 180 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 1048576 \
       --batches 1 --budgets 2048,4096 --no-sdpa --label 1m-final --out-dir "$out" 2>&1 \
       | grep -v "^W1\|^\[W\|warn" | tail -5 ;;
+  fewer)  # session 5: fewer kernels a layer (partial states packed, splits reduced in place)
+    timeout 150 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/kernels/test_decode.py \
+      tests/kernels/test_merge.py tests/parallel tests/engine/test_cuda_graphs.py 2>&1 | tail -3
+    timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+      --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \
+      --label b8-fewer-float8_e4m3fn --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -6 ;;
 esac

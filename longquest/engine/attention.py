@@ -45,7 +45,13 @@ class AttentionComm(Protocol):
         top_k: int,
     ) -> torch.Tensor: ...
 
-    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor: ...
+    def partial_buffers(
+        self, *, num_seqs: int, num_qo_heads: int, head_dim: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+    def merge(
+        self, *, out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor: ...
 
 
 class LocalComm:
@@ -61,8 +67,15 @@ class LocalComm:
     ) -> torch.Tensor:
         return local_indices
 
-    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        return out
+    def partial_buffers(
+        self, *, num_seqs: int, num_qo_heads: int, head_dim: int, device: torch.device
+    ) -> tuple[None, None]:
+        return None, None  # the attention's own output is the answer
+
+    def merge(
+        self, *, out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        return out if dtype is None else out.to(dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +105,8 @@ class DecodeMetadata:
     global_pages: ``[num_seqs, max_pages]`` int32 global page index of each local page.
     pin_last: ``[num_seqs]`` bool — this rank holds the sequence's newest page.
     sparse: False when no sequence has more pages than the budget (skip scoring).
+    split_counters: ``[>= num_seqs * num_kv_heads]`` int32 zeros that let the attention's
+        last split reduce the others (see ``paged_decode_attention``), or None.
     """
 
     append_plan: AppendPlan | None
@@ -103,6 +118,7 @@ class DecodeMetadata:
     global_pages: torch.Tensor
     pin_last: torch.Tensor
     sparse: bool
+    split_counters: torch.Tensor | None = None
 
 
 class PagedAttention:
@@ -211,6 +227,10 @@ class PagedAttention:
                 global_pages=meta.global_pages,
                 top_k=top_k,
             )
+        num_seqs, num_qo_heads, head_dim = query.shape
+        out, lse = self.comm.partial_buffers(
+            num_seqs=num_seqs, num_qo_heads=num_qo_heads, head_dim=head_dim, device=query.device
+        )
         out, lse = paged_decode_attention(
             query=query,
             k_cache=k_cache,
@@ -220,5 +240,8 @@ class PagedAttention:
             selected=selected,
             check_pages=False,
             impl=self.impl,
+            split_counters=meta.split_counters,
+            out=out,
+            lse=lse,
         )
-        return self.comm.merge(out=out, lse=lse)
+        return self.comm.merge(out=out, lse=lse, dtype=query.dtype)

@@ -33,6 +33,7 @@ class DecodeBatch:
     width: page-table columns: the most local pages any of the sequences will hold.
     use_graphs: capture the step in a CUDA graph after its first eager run (CUDA only).
         The batch's graphs share one memory pool, freed with the batch.
+    num_kv_heads: sizes the attention's split counters (one a row and KV head).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class DecodeBatch:
         device: torch.device,
         use_graphs: bool = False,
         max_steps: int = 1,
+        num_kv_heads: int = 1,
     ) -> None:
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -64,6 +66,8 @@ class DecodeBatch:
         pin = device.type == "cuda"
         self._host_info = torch.zeros(max_steps, rows, _COLUMNS, dtype=torch.int64, pin_memory=pin)
         self.known_pages = [0] * rows  # page-table entries written so far, per row
+        # Zeros between launches: decode attention's last split reduces (no merge kernel).
+        self.split_counters = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def update(self, *, rows: list[list[tuple[int, ...]]], local_pages: list[list]) -> None:
@@ -121,6 +125,7 @@ class DecodeBatch:
             global_pages=self.global_pages,
             pin_last=info[:, PIN_LAST] != 0,
             sparse=sparse,
+            split_counters=self.split_counters,
         )
         return info[:, POSITION], meta
 

@@ -345,6 +345,7 @@ class LLMEngine:
                 device=self.device,
                 use_graphs=self.cuda_graphs,
                 max_steps=self.steps_per_launch,
+                num_kv_heads=self.config.num_kv_heads,
             )
         rows = [[] for _ in range(steps)]
         sparse, budget = False, self.quest.page_budget

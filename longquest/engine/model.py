@@ -31,9 +31,10 @@ from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
 class LayerAttention(Protocol):
     """What a decoder layer calls to attend; the engine supplies it per step.
 
-    query: ``[num_tokens, num_qo_heads, head_dim]``; key, value:
-    ``[num_tokens, num_kv_heads, head_dim]``, all contiguous, in the model
-    dtype, after q/k norm and RoPE. Returns ``[num_tokens, num_qo_heads,
+    query: ``[num_tokens, num_qo_heads, head_dim]`` and key: ``[num_tokens,
+    num_kv_heads, head_dim]``, contiguous, after q/k norm and RoPE; value: of key's
+    shape, a view of the fused projection (last dimension contiguous); all in the model
+    dtype. Returns ``[num_tokens, num_qo_heads,
     head_dim]`` in the model dtype.
     """
 
@@ -120,7 +121,7 @@ class DecoderLayer(nn.Module):
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_qo_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # a view: the cache copies it
         if self.q_norm is not None:
             # Qwen3 normalises every head's query and key before RoPE.
             q = rms_norm(q, self.q_norm, self.eps)

@@ -69,7 +69,7 @@ _SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
 @triton.jit
 def _reduce_partials(
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits,
-    stride_os, stride_oh,
+    stride_os, stride_oh, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
@@ -119,7 +119,7 @@ def _reduce_partials(
     heads = kv * GROUP + g
     o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < HEAD_DIM))
-    tl.store(lse_ptr + seq * num_qo_heads + heads, lse, mask=g_ok)
+    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh, lse, mask=g_ok)
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def _decode_kernel(
     stride_kp, stride_kh, stride_kt,
     stride_vp, stride_vh, stride_vt,
     stride_table, stride_sel_s, stride_sel_h, stride_pages_s, stride_pages_h,
-    stride_os, stride_oh,
+    stride_os, stride_oh, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
     SELECTION: tl.constexpr, REDUCE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
@@ -224,7 +224,7 @@ def _decode_kernel(
     if REDUCE == 0:
         o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
-        tl.store(lse_ptr + seq * num_qo_heads + heads, lse, mask=g_mask)
+        tl.store(lse_ptr + seq * stride_ls + heads * stride_lh, lse, mask=g_mask)
     else:
         # Partials: [num_seqs, num_qo_heads, num_splits, HEAD_DIM] fp32 and its lse.
         part = (seq * num_qo_heads + heads) * num_splits + split
@@ -241,8 +241,8 @@ def _decode_kernel(
                 tl.store(counter, 0)
                 _reduce_partials(
                     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads,
-                    num_splits, stride_os, stride_oh, GROUP, HEAD_DIM, BLOCK_D, MERGE_G,
-                    BLOCK_SPLITS, MERGE_CHUNK,
+                    num_splits, stride_os, stride_oh, stride_ls, stride_lh, GROUP, HEAD_DIM,
+                    BLOCK_D, MERGE_G, BLOCK_SPLITS, MERGE_CHUNK,
                 )  # fmt: skip
 
 
@@ -260,20 +260,23 @@ def _choose_num_splits(
 
 def _decode_triton(
     query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits,
-    *, physical=None, counters=None,
+    *, physical=None, counters=None, out=None, lse=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the split kernel, then the merge kernel unless ``counters`` (int32 zeros,
     ``[>= num_seqs * num_kv_heads]``, left zeroed) let the last split of each row reduce.
 
     ``physical``: ``[num_seqs, num_kv_heads, top_k]`` page ids of ``selected`` (-1 beside a
-    -1 index), saving the page-table lookup.
+    -1 index), saving the page-table lookup. ``out`` / ``lse``: buffers to write into
+    (out with a unit inner stride), else new ones in the query's dtype / fp32.
     """
     num_seqs, num_qo_heads, head_dim = query.shape
     _, num_kv_heads, page_size, _ = k_cache.shape
     group = num_qo_heads // num_kv_heads
     device = query.device
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    lse = torch.empty(num_seqs, num_qo_heads, dtype=torch.float32, device=device)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if lse is None:
+        lse = torch.empty(num_seqs, num_qo_heads, dtype=torch.float32, device=device)
     if num_seqs == 0:
         return out, lse
     pages_per_block = max(1, _TOKENS_PER_BLOCK // page_size)
@@ -307,7 +310,7 @@ def _decode_triton(
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         page_table.stride(0), sel.stride(0), sel.stride(1), phys.stride(0), phys.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_D=block_d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
         SELECTION=selection, REDUCE=reduce, SCAN_BLOCK=scan_block,
@@ -411,6 +414,9 @@ def paged_decode_attention(
     impl: str | None = None,
     num_splits: int | None = None,
     check_pages: bool = True,
+    split_counters: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one query token per sequence over its (selected) KV pages.
 
@@ -431,6 +437,13 @@ def paged_decode_attention(
     (the PyTorch path ignores it).
     check_pages: verify that ``seq_lens`` fit the page table and every page read lies in
     the pool — costs a host sync; pass ``False`` on the hot path (CUDA graphs).
+    split_counters: ``[>= num_seqs * num_kv_heads]`` int32 zeros, reused across launches
+    in one stream (the kernel leaves them zeroed; see :mod:`longquest.kernels.quest_step`):
+    with them the last split of each (sequence, KV head) reduces the splits, instead of a
+    merge kernel after. Triton only (the PyTorch path ignores them).
+    out, lse: ``[num_seqs, num_qo_heads, head_dim]`` (any float dtype, contiguous last
+    dimension) and ``[num_seqs, num_qo_heads]`` fp32 (any strides) buffers to write the
+    result into (views of a larger buffer are fine); returned as the result.
 
     Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the query's dtype
     and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head with no tokens gives
@@ -458,12 +471,38 @@ def paged_decode_attention(
         check_dim("selected", selected, 1, num_kv_heads, "num_kv_heads")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if split_counters is not None:
+        check_tensor("split_counters", split_counters, ndim=1, dtypes=(torch.int32,),
+                     device=device)  # fmt: skip
+        if split_counters.shape[0] < num_seqs * num_kv_heads:
+            raise ValueError(
+                f"split_counters holds {split_counters.shape[0]} counters but this launch "
+                f"needs num_seqs * num_kv_heads = {num_seqs * num_kv_heads}"
+            )
+    for name, buffer, shape, dtypes in (
+        ("out", out, query.shape, FLOAT_DTYPES),
+        ("lse", lse, (num_seqs, num_qo_heads), (torch.float32,)),
+    ):
+        if buffer is None:
+            continue
+        check_tensor(name, buffer, ndim=len(shape), dtypes=dtypes, device=device)
+        if tuple(buffer.shape) != tuple(shape) or (name == "out" and buffer.stride(-1) != 1):
+            raise ValueError(
+                f"{name} must have shape {tuple(shape)}"
+                + (" and a contiguous last dimension" if name == "out" else "")
+                + f", got shape {tuple(buffer.shape)}, strides {buffer.stride()}"
+            )
     impl = resolve_impl(impl, device)
     if check_pages:
         _check_pages(page_table, seq_lens, selected, num_pages_total, page_size)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if impl == "torch":
-        return _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale)
+        result = _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale)
+        if out is not None:
+            result = (out.copy_(result[0]), result[1])
+        if lse is not None:
+            result = (result[0], lse.copy_(result[1]))
+        return result
     if page_size & (page_size - 1):
         raise ValueError(f"k_cache page_size must be a power of two for Triton, got {page_size}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -474,5 +513,6 @@ def paged_decode_attention(
     if selected is not None and selected.stride(2) != 1:
         selected = selected.contiguous()
     return _decode_triton(
-        query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits
-    )
+        query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits,
+        counters=split_counters, out=out, lse=lse,
+    )  # fmt: skip

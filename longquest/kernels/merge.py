@@ -74,7 +74,7 @@ def _merge_kernel(
     num_sources, num_heads, head_dim,
     stride_on, stride_os, stride_oh,
     stride_ln, stride_ls, stride_lh,
-    stride_out_s, stride_out_h, stride_out_lse_s,
+    stride_out_s, stride_out_h, stride_out_lse_s, stride_out_lse_h,
     BLOCK_SRC: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # One program per (sequence, query head) row; the sources are walked in chunks so
@@ -122,14 +122,15 @@ def _merge_kernel(
     out_lse = tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf"))
     out_ptrs = out_ptr + seq * stride_out_s + head * stride_out_h + d
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(out_lse_ptr + seq * stride_out_lse_s + head, out_lse)
+    tl.store(out_lse_ptr + seq * stride_out_lse_s + head * stride_out_lse_h, out_lse)
 
 
 def _merge_triton_into(
     outputs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> None:
     """Launch the merge kernel writing into ``out`` ``[num_seqs, num_qo_heads, head_dim]``
-    (any float dtype) and ``lse`` ``[num_seqs, num_qo_heads]`` fp32 (inner dims contiguous).
+    (any float dtype, last dimension contiguous) and ``lse`` ``[num_seqs, num_qo_heads]``
+    fp32 (any strides).
 
     Shared with the split-K decode launcher; performs no checks and no host syncs.
     """
@@ -144,7 +145,7 @@ def _merge_triton_into(
         num_sources, num_heads, head_dim,
         *outputs.stride()[:3],
         *lses.stride(),
-        out.stride(0), out.stride(1), lse.stride(0),
+        out.stride(0), out.stride(1), *lse.stride(),
         BLOCK_SRC=block_src, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         USE_PDL=pdl_enabled(out.device), num_warps=2, **launch_options(out.device),
     )  # fmt: skip
@@ -164,11 +165,15 @@ def _merge_torch(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
     nonempty = total > 0
     out = torch.where(nonempty[..., None], acc / total.clamp_min(1e-30)[..., None], 0.0)
     lse = torch.where(nonempty, m_safe + torch.log(total), -math.inf)
-    return out.to(outputs.dtype), lse
+    return out, lse  # out in fp32: the caller rounds it once, to its dtype
 
 
 def merge_attention_states(
-    *, outputs: torch.Tensor, lses: torch.Tensor, impl: str | None = None
+    *,
+    outputs: torch.Tensor,
+    lses: torch.Tensor,
+    impl: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over the union of disjoint token sets, from partial states.
 
@@ -178,8 +183,10 @@ def merge_attention_states(
     a source with ``lse = -inf`` had no tokens and contributes nothing (its ``outputs``
     entries are not read).
     impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
+    out_dtype: float dtype of ``out`` (default: the outputs'); the sum runs in fp32 and is
+    rounded once, to it.
 
-    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the outputs' dtype
+    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in ``out_dtype``
     and ``[num_seqs, num_qo_heads]`` fp32. All sources empty gives ``out = 0,
     lse = -inf``, never NaN. See :func:`longquest.kernels.ref.merge_attention_states_ref`.
     """
@@ -187,11 +194,15 @@ def merge_attention_states(
     check_tensor("lses", lses, ndim=3, dtypes=FLOAT_DTYPES, device=outputs.device)
     for dim, meaning in enumerate(("num_sources", "num_seqs", "num_qo_heads")):
         check_dim("lses", lses, dim, outputs.shape[dim], meaning)
+    out_dtype = outputs.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be a float dtype, got {out_dtype}")
     impl = resolve_impl(impl, outputs.device)
     if impl == "torch":
-        return _merge_torch(outputs, lses)
+        out, lse = _merge_torch(outputs, lses)
+        return out.to(out_dtype), lse
     _, num_seqs, num_heads, head_dim = outputs.shape
-    out = torch.empty(num_seqs, num_heads, head_dim, dtype=outputs.dtype, device=outputs.device)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=out_dtype, device=outputs.device)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=outputs.device)
     _merge_triton_into(outputs, lses, out, lse)
     return out, lse

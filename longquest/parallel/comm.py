@@ -124,20 +124,36 @@ class SequenceParallelComm:
             gathered=everyone, local_indices=local_indices, rank=self.rank, impl=self.impl
         )
 
-    def merge(self, *, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    def partial_buffers(
+        self, *, num_seqs: int, num_qo_heads: int, head_dim: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where this rank's attention should write its partial ``(out, lse)``.
+
+        Two fp32 views of one new ``[num_seqs, num_qo_heads, head_dim + 1]`` buffer (out
+        in the first ``head_dim`` columns, lse in the last): the layout :meth:`merge`
+        all-gathers, so it sends them as they are, without a cast and a copy.
+        """
+        packed = torch.empty(num_seqs, num_qo_heads, head_dim + 1, device=device)
+        return packed[..., :head_dim], packed[..., head_dim]
+
+    def merge(
+        self, *, out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Exact attention over the union of every rank's tokens.
 
-        out: ``[num_seqs, num_qo_heads, head_dim]`` — this rank's partial output.
+        out: ``[num_seqs, num_qo_heads, head_dim]`` — this rank's partial output (best
+            written into :meth:`partial_buffers`).
         lse: ``[num_seqs, num_qo_heads]`` fp32 natural log; ``-inf`` where this
             rank attended to nothing (its ``out`` is then ignored).
-        Returns ``[num_seqs, num_qo_heads, head_dim]`` in ``out``'s dtype, identical
-        on every rank; zeros where no rank had tokens. One collective.
+        dtype: of the result (default ``out``'s); the merge runs in fp32 and rounds once.
+        Returns ``[num_seqs, num_qo_heads, head_dim]``, identical on every rank; zeros
+        where no rank had tokens. One collective.
         """
-        merged, _ = self.merge_with_lse(out=out, lse=lse)
+        merged, _ = self.merge_with_lse(out=out, lse=lse, dtype=dtype)
         return merged
 
     def merge_with_lse(
-        self, *, out: torch.Tensor, lse: torch.Tensor
+        self, *, out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`merge`, also returning the merged ``lse`` ``[num_seqs, num_qo_heads]`` fp32.
 
@@ -149,12 +165,14 @@ class SequenceParallelComm:
         check_dim("lse", lse, 1, out.shape[1], "num_qo_heads")
         head_dim = out.shape[2]
         # fp32 carries the lse exactly and the partial outputs without rounding them twice.
-        packed = torch.cat((out.float(), lse[..., None]), dim=-1)
+        packed = _as_packed(out, lse)
+        if packed is None:
+            packed = torch.cat((out.float(), lse[..., None]), dim=-1)
         everyone = self._gather(packed)  # [world_size, num_seqs, num_qo_heads, head_dim + 1]
-        merged, merged_lse = merge_attention_states(
-            outputs=everyone[..., :head_dim], lses=everyone[..., head_dim], impl=self.impl
-        )
-        return merged.to(out.dtype), merged_lse
+        return merge_attention_states(
+            outputs=everyone[..., :head_dim], lses=everyone[..., head_dim], impl=self.impl,
+            out_dtype=out.dtype if dtype is None else dtype,
+        )  # fmt: skip
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` (any shape and dtype) over the group, in place; returns it.
@@ -170,3 +188,20 @@ class SequenceParallelComm:
         result = torch.empty(self.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
         self._all_gather(result, flat, group=self.group)
         return result.view(self.world_size, *tensor.shape)
+
+
+def _as_packed(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor | None:
+    """The ``[num_seqs, num_qo_heads, head_dim + 1]`` fp32 buffer that ``out`` and ``lse``
+    are the two parts of (as :meth:`SequenceParallelComm.partial_buffers` makes them), or
+    None when they are not laid out so."""
+    num_seqs, num_heads, head_dim = out.shape
+    width = head_dim + 1
+    laid_out = (
+        out.dtype == torch.float32
+        and out.stride() == (num_heads * width, width, 1)
+        and lse.stride() == (num_heads * width, width)
+        and lse.data_ptr() == out.data_ptr() + head_dim * out.element_size()
+    )
+    if not laid_out:
+        return None
+    return out.as_strided((num_seqs, num_heads, width), (num_heads * width, width, 1))

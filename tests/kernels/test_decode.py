@@ -169,6 +169,41 @@ def test_triton_split_counts_and_page_sizes(page_size, num_splits, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_into_buffers_with_split_counters(impl, device):
+    """out / lse written into views of one packed fp32 buffer (lse strided), the splits
+    reduced by the last of them through counters that are left zeroed."""
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = [70, 33, 0]
+    k_cache, v_cache, table, lens = make_cache(
+        gen, seq_lens=seq_lens, num_kv_heads=2, page_size=16, head_dim=32,
+        dtype=torch.float32, device=device,
+    )  # fmt: skip
+    query = torch.randn(len(seq_lens), 4, 32, generator=gen).to(device)
+    # The selection at the front of a longer list, as a rank's share of a global top-k.
+    selected = torch.full((3, 2, 8), -1, dtype=torch.int32)
+    selected[0, :, :3] = torch.tensor([0, 2, 4], dtype=torch.int32)
+    selected[1, 0, :1] = 1
+    selected = selected.to(device)
+    common = dict(query=query, k_cache=k_cache, v_cache=v_cache, page_table=table,
+                  seq_lens=lens, selected=selected)  # fmt: skip
+    want_out, want_lse = paged_decode_attention(**common, impl=impl)
+    packed = torch.full((3, 4, 33), 7.0, device=device)
+    counters = torch.zeros(3 * 2 + 1, dtype=torch.int32, device=device)
+    for splits in (None, 1, 3):
+        out, lse = paged_decode_attention(
+            **common, impl=impl, num_splits=splits, split_counters=counters,
+            out=packed[..., :32], lse=packed[..., 32],
+        )  # fmt: skip
+        assert out.data_ptr() == packed.data_ptr() and lse.data_ptr() == packed[..., 32].data_ptr()
+        assert_matches(out, lse, want_out, want_lse, atol=1e-5)
+        assert torch.equal(counters.cpu(), torch.zeros(7, dtype=torch.int32))
+    with pytest.raises(ValueError, match="split_counters holds 5"):
+        paged_decode_attention(**common, split_counters=counters[:5])
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        paged_decode_attention(**common, out=torch.empty(3, 4, 64, device=device)[..., ::2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_inputs(impl, device):
     """Views (a query slice, a shared selection expanded over KV heads) need no copies."""
     gen = torch.Generator().manual_seed(14)

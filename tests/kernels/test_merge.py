@@ -124,3 +124,21 @@ def test_gpu_half_precision(dtype, device):
 def test_bad_input_raises_value_error_naming_the_argument(outputs, lses, name):
     with pytest.raises(ValueError, match=name):
         merge_attention_states(outputs=outputs, lses=lses)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_dtype_rounds_once(impl, device):
+    gen = torch.Generator().manual_seed(3)
+    outputs, lses = random_states(gen, 3)
+    want, want_lse = merge_attention_states_ref(outputs=outputs, lses=lses)
+    outputs, lses = outputs.to(device), lses.to(device)
+    out, lse = merge_attention_states(outputs=outputs, lses=lses, impl=impl,
+                                      out_dtype=torch.bfloat16)  # fmt: skip
+    full, _ = merge_attention_states(outputs=outputs, lses=lses, impl=impl)
+    assert out.dtype == torch.bfloat16 and full.dtype == torch.float32
+    if impl == "torch" or device.type == "cuda":  # the interpreter truncates to bf16
+        assert torch.equal(out, full.to(torch.bfloat16))  # the fp32 result, rounded once
+    torch.testing.assert_close(out.cpu().float(), want, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out_dtype"):
+        merge_attention_states(outputs=outputs, lses=lses, out_dtype=torch.int32)

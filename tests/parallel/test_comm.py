@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from longquest.kernels.ref import paged_decode_attention_ref, select_pages_ref
-from longquest.parallel.comm import SequenceParallelComm
+from longquest.parallel.comm import SequenceParallelComm, _as_packed
 from longquest.parallel.ownership import PageOwnership
 from tests.parallel.dist import run_distributed
 
@@ -124,8 +124,19 @@ def _check_rank(seed: int, *, rank: int, world_size: int, group) -> dict:
     )
     assert torch.equal(empty_out, torch.zeros_like(empty_out))
     assert torch.isneginf(empty_lse).all()
-    # Lower precision outputs come back in their own dtype.
+    # Lower precision outputs come back in their own dtype, or in the one asked for.
     assert comm.merge(out=out.half(), lse=lse).dtype == torch.float16
+    assert comm.merge(out=out, lse=lse, dtype=torch.bfloat16).dtype == torch.bfloat16
+    # Written into partial_buffers, the state is sent as it is and merges the same.
+    packed_out, packed_lse = comm.partial_buffers(
+        num_seqs=out.shape[0], num_qo_heads=NUM_QO_HEADS, head_dim=HEAD_DIM, device=out.device
+    )
+    packed_out.copy_(out), packed_lse.copy_(lse)
+    assert _as_packed(packed_out, packed_lse) is not None
+    assert _as_packed(out, lse) is None and _as_packed(packed_out, lse) is None
+    again_out, again_lse = comm.merge_with_lse(out=packed_out, lse=packed_lse)
+    assert torch.equal(again_out, result["out"]["dense"])
+    assert torch.equal(again_lse, result["lse"]["dense"])
     # The Triton merge (interpreted on the CPU) agrees with the PyTorch one.
     triton_comm = SequenceParallelComm(group=group, rank=rank, world_size=world_size, impl="triton")
     # One sequence only: the interpreter runs a Python loop per (sequence, head).
