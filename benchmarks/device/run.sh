@@ -85,4 +85,12 @@ case "$1" in
     timeout 200 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \
       --label b8-fewer-float8_e4m3fn --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -6 ;;
+  last5)  # session 5, final code: batch 8 x 216K in bf16 bounds, 1M at batch 1, every GPU test
+    timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+      --batches 8 --budgets 2048 --no-sdpa --reserve-gib 4 --label b8-fewer-model --out-dir "$out" \
+      2>&1 | grep -v "^W1\|^\[W\|warn" | tail -3
+    timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 1048576 \
+      --batches 1 --budgets 2048,4096 --no-sdpa --label 1m-fewer --out-dir "$out" 2>&1 \
+      | grep -v "^W1\|^\[W\|warn" | tail -4
+    timeout 250 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -rs 2>&1 | tail -4 ;;
 esac
