@@ -170,18 +170,25 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
 
     with torch.inference_mode():
         result["weights_and_mlp"] = timed_ms(weights, device=device, group=group, iters=iters)
+        # As the engine runs it: the splits reduced through the batch's counters.
+        counters = meta.split_counters
         dense_ms = timed_ms(
             lambda: paged_decode_attention(query=query, k_cache=k_cache, v_cache=v_cache,
                                            page_table=meta.page_table, seq_lens=meta.seq_lens,
-                                           check_pages=False),
+                                           check_pages=False, split_counters=counters),
             device=device, group=group, iters=iters,
         )  # fmt: skip
         result["dense_attention"] = dense_ms * dense_layers
         gather_ms = 0.0
         if world > 1:
-            lse = torch.zeros(rows, config.num_qo_heads, device=device)
-            gather_ms = timed_ms(lambda: engine.comm.merge(out=query, lse=lse), device=device,
-                                 group=group, iters=iters)  # fmt: skip
+            # As the engine sends it: the partial state already in the gathered layout.
+            out, lse = engine.comm.partial_buffers(
+                num_seqs=rows, num_qo_heads=config.num_qo_heads, head_dim=config.head_dim,
+                device=device,
+            )  # fmt: skip
+            out.copy_(query), lse.zero_()
+            gather_ms = timed_ms(lambda: engine.comm.merge(out=out, lse=lse, dtype=dtype),
+                                 device=device, group=group, iters=iters)  # fmt: skip
             result["collective_merge"] = gather_ms * config.num_layers
         if sparse_layers:
             scores = page_scores(query=query, key_min=key_min, key_max=key_max,
@@ -217,7 +224,7 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
                 lambda: paged_decode_attention(query=query, k_cache=k_cache, v_cache=v_cache,
                                                page_table=meta.page_table,
                                                seq_lens=meta.seq_lens, selected=selected,
-                                               check_pages=False),
+                                               check_pages=False, split_counters=counters),
                 device=device, group=group, iters=iters,
             )  # fmt: skip
             result["selected_pages_this_rank"] = int((selected >= 0).sum())

@@ -8,9 +8,10 @@ kernels alone, in CUDA graphs (``bench_graph``: L2 flushed before every replay),
 rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two GPUs:
 6144 and 32768 local pages a sequence, Llama-3.1-8B heads), for each candidate form:
 
-* scores: the current kernel (group as the product's rows) against the pages-as-rows
-  form (``scores._AS_ROWS``) over tile rows, warps, pipeline depth and programs per SM,
-  with bf16 and fp8 bounds; every form's scores are checked against the current kernel's;
+* scores: the group-as-rows form (the bf16 bounds' kernel) against the pages-as-rows form
+  (``scores._AS_ROWS``; the fp8 bounds' kernel) over tile rows, warps, pipeline depth and
+  programs per SM, with bf16 and fp8 bounds; every form's scores are checked against the
+  group-as-rows form's;
 * selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
 * sparse attention: a merge kernel after the splits against the last split reducing;
 * the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
@@ -67,9 +68,18 @@ def score_forms() -> list[dict]:
     return forms
 
 
+_DEFAULT_FORM = {
+    "as_rows": scores._AS_ROWS,
+    "block_p": scores._AS_ROWS_BLOCK_P,
+    "warps": scores._AS_ROWS_NUM_WARPS,
+    "stages": scores._AS_ROWS_NUM_STAGES,
+    "per_sm": scores._AS_ROWS_PROGRAMS_PER_SM,
+}
+
+
 def set_form(form: dict) -> None:
     scores._AS_ROWS = form["as_rows"]  # True / False: every launch in / never in that form
-    if form["as_rows"]:
+    if form["as_rows"] is not False:
         scores._AS_ROWS_BLOCK_P = form["block_p"]
         scores._AS_ROWS_NUM_WARPS = form["warps"]
         scores._AS_ROWS_NUM_STAGES = form["stages"]
@@ -104,7 +114,7 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
                 "pct_copy_bw": round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1),
             }
         )
-    set_form({"as_rows": False})
+    set_form(_DEFAULT_FORM)
     return rows
 
 

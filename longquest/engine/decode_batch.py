@@ -43,9 +43,9 @@ class DecodeBatch:
         width: int,
         page_size: int,
         device: torch.device,
+        num_kv_heads: int,
         use_graphs: bool = False,
         max_steps: int = 1,
-        num_kv_heads: int = 1,
     ) -> None:
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")

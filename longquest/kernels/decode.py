@@ -4,11 +4,12 @@ The Triton path is split-K ("flash-decoding"): the (selected) pages of every
 (sequence, KV head) are divided among ``num_splits`` programs so that even batch 1
 with a 256-page budget fills the GPU; each program writes a partial (out, lse), and the
 partials are reduced either by the merge kernel (:mod:`longquest.kernels.merge`) or, when
-the caller provides zeroed arrival counters (:mod:`longquest.kernels.quest_step`), by the
-last program of each (sequence, KV head) to finish: it takes a ticket from an atomic
-counter after publishing its partial, and the one that draws ``num_splits - 1`` reads the
-others back from L2, writes the result and resets the counter (so CUDA-graph replays find
-it zeroed).
+the caller provides zeroed arrival counters (``split_counters``: the engine keeps them per
+decode batch, :mod:`longquest.kernels.quest_step` in its workspace), by the last program
+of each (sequence, KV head) to finish: it takes a ticket from an atomic counter after
+publishing its partial, and the one that draws ``num_splits - 1`` reads the others back
+from L2, writes the result and resets the counter (so CUDA-graph replays find it
+zeroed).
 
 One program serves every query head of its KV group, so each K/V page is read from
 memory once per group. Scores and the weighted sum use ``tl.dot`` with the group
@@ -329,12 +330,13 @@ def _decode_triton(
 
 
 def _decode_torch(
-    query, k_cache, v_cache, page_table, seq_lens, selected, scale, block_elements=1 << 24
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query, k_cache, v_cache, page_table, seq_lens, selected, scale, block_elements=1 << 24,
+    out_dtype=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Online softmax over chunks of the page list, vectorised over sequences and heads.
 
     A chunk gathers at most ``block_elements`` K (and V) values, so memory stays bounded
-    however long the context is.
+    however long the context is. ``out`` comes in ``out_dtype`` (default: the query's).
     """
     num_seqs, num_qo_heads, head_dim = query.shape
     _, num_kv_heads, page_size, _ = k_cache.shape
@@ -378,7 +380,7 @@ def _decode_torch(
     nonempty = l > 0
     out = torch.where(nonempty[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
     lse = torch.where(nonempty, m + torch.log(l), -math.inf)
-    out = out.view(num_seqs, num_qo_heads, head_dim).to(query.dtype)
+    out = out.view(num_seqs, num_qo_heads, head_dim).to(out_dtype or query.dtype)
     return out, lse.view(num_seqs, num_qo_heads)
 
 
@@ -446,8 +448,9 @@ def paged_decode_attention(
     result into (views of a larger buffer are fine); returned as the result.
 
     Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the query's dtype
-    and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head with no tokens gives
-    ``out = 0, lse = -inf``. See :func:`longquest.kernels.ref.paged_decode_attention_ref`.
+    (``out``'s, when given) and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head
+    with no tokens gives ``out = 0, lse = -inf``. See
+    :func:`longquest.kernels.ref.paged_decode_attention_ref`.
     """
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
@@ -474,6 +477,8 @@ def paged_decode_attention(
     if split_counters is not None:
         check_tensor("split_counters", split_counters, ndim=1, dtypes=(torch.int32,),
                      device=device)  # fmt: skip
+        if split_counters.stride(0) != 1:
+            raise ValueError("split_counters must be contiguous")
         if split_counters.shape[0] < num_seqs * num_kv_heads:
             raise ValueError(
                 f"split_counters holds {split_counters.shape[0]} counters but this launch "
@@ -497,7 +502,8 @@ def paged_decode_attention(
         _check_pages(page_table, seq_lens, selected, num_pages_total, page_size)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if impl == "torch":
-        result = _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale)
+        result = _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale,
+                               out_dtype=None if out is None else out.dtype)  # fmt: skip
         if out is not None:
             result = (out.copy_(result[0]), result[1])
         if lse is not None:

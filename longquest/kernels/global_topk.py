@@ -23,7 +23,8 @@ _INT32_MAX = 2**31 - 1
 # a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
 _ONE_PROGRAM_TOP_K = 256
 _RANK_BLOCK = 64
-# The one-program ranking's candidate chunk and warps (0: from top_k). Measured on an H200
+# The one-program ranking's candidate chunk (0: 32, fewer past 256 candidates) and warps.
+# Measured on an H200
 # at 64 rows, top_k 128, two ranks (score-variants-attn-nvidia-h200-2026-11-30.json):
 # chunks of 32 on 8 warps 10.4 us, of 64 on 4 warps 13.4 us, of 128-256 15-25 us.
 _KEEP_BLOCK_C = 0

@@ -4,9 +4,11 @@ The Triton kernel is built for bandwidth: the bounds (``2 * head_dim`` elements 
 KV head) are read exactly once and everything else is small. A program scores a run of
 ``BLOCK_P``-page blocks of one (sequence, KV head): it gathers each block's page ids from
 the page table and loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is
-contiguous, so the loads are 16-byte vectors). The loop is software pipelined by hand:
-while block ``b`` is scored, the bounds of ``b + 1`` and the page ids of ``b + 2`` are in
-flight. The grid is one wave of programs (``_PROGRAMS_PER_SM`` a SM).
+contiguous, so the loads are 16-byte vectors). In the group-as-rows form (bf16 bounds) the
+loop is software pipelined by hand: while block ``b`` is scored, the bounds of ``b + 1`` and
+the page ids of ``b + 2`` are in flight; the pages-as-rows form (fp8 bounds, below) leaves
+the pipeline to Triton. The grid is one wave of programs (``_PROGRAMS_PER_SM`` a SM, or
+``_AS_ROWS_PROGRAMS_PER_SM``).
 
 The bound itself runs on the tensor cores where that is exact (see ``_score_blocks``): the
 elementwise fp32 form cost ~31 instructions a page and head per warp and made the kernel
@@ -58,6 +60,7 @@ _NUM_WARPS = 4
 # shared memory); 2 and 8 measured slower at 1M tokens.
 _PROGRAMS_PER_SM = 4
 _USE_DOT = True  # tensor-core bounds (see _score_blocks); False: elementwise fp32
+_DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head they take
 # Pages as the product's rows (_score_blocks_as_rows) for fp8 bounds; None: for fp8 bounds
 # only, True/False: for every tensor-core launch / never (benchmarks/score_variants.py).
 # Measured on an H200 (score-variants-nvidia-h200-2026-11-30.json), one rank of 8 x 192K
@@ -256,10 +259,13 @@ def _sm_count(device: torch.device) -> int:
 def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
     through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (both taken to fp16
-    in registers). The interpreter keeps the elementwise form."""
+    in registers), for GQA groups of up to 16 query heads. The interpreter keeps the
+    elementwise form."""
     upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
     same = query.dtype == key_min.dtype
-    use_dot = _USE_DOT and query.device.type == "cuda" and (same or upcast)
+    # The product pads the group to 16 query heads; a larger group is scored elementwise.
+    small_group = query.shape[1] <= _DOT_MAX_GROUP * key_min.shape[1]
+    use_dot = _USE_DOT and query.device.type == "cuda" and (same or upcast) and small_group
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 

@@ -22,9 +22,9 @@ Collectives per decode step and layer: exactly **2** in a sparse layer
 only), plus **1** (``all_reduce``) when the MLP is split. Every rank of the group
 must make the same calls in the same order.
 
-The class has the two methods of the engine's ``AttentionComm`` protocol
-(``longquest.engine.attention``), so the attention layer takes it in place of
-the single-device ``LocalComm``.
+The class has the methods of the engine's ``AttentionComm`` protocol
+(``select_global``, ``partial_buffers``, ``merge``; ``longquest.engine.attention``), so
+the attention layer takes it in place of the single-device ``LocalComm``.
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ def _as_packed(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor | None:
         and out.stride() == (num_heads * width, width, 1)
         and lse.stride() == (num_heads * width, width)
         and lse.data_ptr() == out.data_ptr() + head_dim * out.element_size()
+        and lse.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
     )
     if not laid_out:
         return None

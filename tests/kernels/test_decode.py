@@ -189,9 +189,11 @@ def test_into_buffers_with_split_counters(impl, device):
     want_out, want_lse = paged_decode_attention(**common, impl=impl)
     packed = torch.full((3, 4, 33), 7.0, device=device)
     counters = torch.zeros(3 * 2 + 1, dtype=torch.int32, device=device)
-    for splits in (None, 1, 3):
+    for splits, use_counters in ((None, True), (1, True), (3, True), (3, False)):
+        packed.fill_(7.0)
         out, lse = paged_decode_attention(
-            **common, impl=impl, num_splits=splits, split_counters=counters,
+            **common, impl=impl, num_splits=splits,
+            split_counters=counters if use_counters else None,  # False: a merge kernel
             out=packed[..., :32], lse=packed[..., 32],
         )  # fmt: skip
         assert out.data_ptr() == packed.data_ptr() and lse.data_ptr() == packed[..., 32].data_ptr()
@@ -199,6 +201,9 @@ def test_into_buffers_with_split_counters(impl, device):
         assert torch.equal(counters.cpu(), torch.zeros(7, dtype=torch.int32))
     with pytest.raises(ValueError, match="split_counters holds 5"):
         paged_decode_attention(**common, split_counters=counters[:5])
+    with pytest.raises(ValueError, match="split_counters must be contiguous"):
+        strided = torch.zeros(14, dtype=torch.int32, device=device)[::2]
+        paged_decode_attention(**common, split_counters=strided)
     with pytest.raises(ValueError, match="contiguous last dimension"):
         paged_decode_attention(**common, out=torch.empty(3, 4, 64, device=device)[..., ::2])
 

@@ -205,3 +205,19 @@ def test_unused_padding_entries_are_not_checked(device):
     args = _good(device)
     args["page_table"][1, 1:] = 10_000  # past num_pages[1] = 1: ignored
     _check(args, "triton")
+
+
+def test_tensor_core_form_only_for_groups_it_holds():
+    """The tensor-core forms pad a KV head's query group to 16 rows; a larger group must
+    fall back to the elementwise form, which takes any group."""
+    from types import SimpleNamespace
+
+    from longquest.kernels.scores import dot_options
+
+    def fake(shape):
+        return SimpleNamespace(shape=shape, dtype=torch.bfloat16,
+                               device=SimpleNamespace(type="cuda"))  # fmt: skip
+
+    bounds = fake((64, 2, 128))
+    assert dot_options(fake((1, 32, 128)), bounds)["USE_DOT"]  # group 16
+    assert not dot_options(fake((1, 64, 128)), bounds)["USE_DOT"]  # group 32
