@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
 from longquest.engine.config import BOUNDS_DTYPE_NAMES, CacheConfig, QuestConfig, SamplingParams
+from longquest.launch.demo import run_demo
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,22 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--group-size", type=int, default=8, help="requests decoded together")
     batch.set_defaults(func=cmd_batch)
 
-    demo = commands.add_parser("demo", help="passkey retrieval over long documents (no GPU)")
-    demo.add_argument("--trials", type=int, default=4)
-    demo.add_argument("--context", type=int, default=3000, help="tokens per document")
-    demo.add_argument("--budget", type=int, default=512)
-    demo.add_argument(
-        "--page-size", type=int, default=4, help="tokens a page (4: this small model needs them)"
-    )
-    demo.add_argument("--world-size", type=int, default=2)
-    demo.add_argument("--launcher", default="ray", choices=["ray", "local"])
+    # The demo's defaults live in run_demo's signature only.
+    defaults = {
+        name: param.default for name, param in inspect.signature(run_demo).parameters.items()
+    }
+    demo = commands.add_parser(
+        "demo", help="passkey retrieval over long documents (no GPU)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    demo.add_argument("--trials", type=int, default=defaults["trials"],
+                      help="documents, one pass key each")  # fmt: skip
+    demo.add_argument("--context", type=int, default=defaults["context_tokens"],
+                      help="tokens per document")  # fmt: skip
+    demo.add_argument("--budget", type=int, default=defaults["token_budget"],
+                      help="Quest token budget")  # fmt: skip
+    demo.add_argument("--page-size", type=int, default=defaults["page_size"],
+                      help="tokens a page (this small model needs small pages)")  # fmt: skip
+    demo.add_argument("--world-size", type=int, default=defaults["world_size"],
+                      help="sequence-parallel workers")  # fmt: skip
+    demo.add_argument("--launcher", default=defaults["launcher"], choices=["ray", "local"],
+                      help="Ray actors or local processes")  # fmt: skip
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from longquest.launch.demo import run_demo
-
     return run_demo(
         trials=args.trials,
         context_tokens=args.context,

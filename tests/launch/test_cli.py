@@ -81,3 +81,20 @@ def test_bounds_dtype_flag_builds_the_cache_config():
     assert cache_from_args(args).max_tokens == 512 and cache_from_args(args).bounds_dtype is None
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--bounds-dtype", "int8"])
+
+
+def test_demo_defaults_are_run_demos():
+    """The demo command's defaults come from run_demo's signature, written once."""
+    import inspect
+
+    from longquest.launch.cli import build_parser
+    from longquest.launch.demo import run_demo
+
+    args = build_parser().parse_args(["demo"])
+    defaults = {n: p.default for n, p in inspect.signature(run_demo).parameters.items()}
+    assert (args.trials, args.context, args.budget) == (
+        defaults["trials"], defaults["context_tokens"], defaults["token_budget"],
+    )  # fmt: skip
+    assert (args.page_size, args.world_size, args.launcher) == (
+        defaults["page_size"], defaults["world_size"], defaults["launcher"],
+    )  # fmt: skip
