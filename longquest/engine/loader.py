@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from longquest.engine.model import Model
-from longquest.engine.rope import LLAMA3_KEYS, SUPPORTED_ROPE_TYPES, rope_type_of
+from longquest.engine.rope import ROPE_KEYS, SUPPORTED_ROPE_TYPES, rope_type_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,12 +131,16 @@ def _rope(hf_config: object, max_positions: int) -> tuple[float, tuple | None]:
         )
     params.pop("type", None)
     params["rope_type"] = kind
-    params.setdefault("original_max_position_embeddings", max_positions)
-    missing = [key for key in LLAMA3_KEYS if params.get(key) is None]
+    if kind == "llama3":
+        params.setdefault("original_max_position_embeddings", max_positions)
+    required, optional = ROPE_KEYS[kind]
+    missing = [key for key in required if params.get(key) is None]
     if missing:
-        raise ValueError(f"llama3 rope scaling is missing {', '.join(missing)}")
-    items = tuple(sorted((key, params[key]) for key in ("rope_type", *LLAMA3_KEYS)))
-    return float(theta), items
+        raise ValueError(f"{kind} rope scaling is missing {', '.join(missing)}")
+    if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError("rope partial_rotary_factor != 1 is not supported")
+    keys = ("rope_type", *required, *(key for key in optional if params.get(key) is not None))
+    return float(theta), tuple(sorted((key, params[key]) for key in keys))
 
 
 def _reject_sliding_window(hf_config: object, max_positions: int) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longquest.engine.config import ModelConfig
-from longquest.engine.rope import rope_cos_sin, rope_inv_freq
+from longquest.engine.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from longquest.kernels._checks import INDEX_DTYPES, check_tensor
 from longquest.kernels.norm_rope import add_rms_norm, rotate_query_key, silu_mul
 from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
@@ -187,6 +187,7 @@ class Model(nn.Module):
             rope_scaling=config.rope_scaling,
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.rope_attention = rope_attention_factor(config.rope_scaling)  # YaRN's cos/sin scale
 
     def split_mlp(self, *, blocks: int) -> None:
         """Lay out every layer's gate/up rows as ``blocks`` blocks ``[gate_b | up_b]``.
@@ -240,7 +241,9 @@ class Model(nn.Module):
                 f"positions must match input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(positions.shape)}"
             )
-        cos, sin = rope_cos_sin(positions=positions, inv_freq=self.inv_freq)  # [T, 1, D/2]
+        cos, sin = rope_cos_sin(
+            positions=positions, inv_freq=self.inv_freq, attention_factor=self.rope_attention
+        )  # [T, 1, D/2] each
         cos, sin = cos[:, 0], sin[:, 0]  # [T, D/2]
         x = F.embedding(input_ids, self.embed_tokens)  # [num_tokens, hidden]
         residual = None

@@ -13,8 +13,17 @@ from collections.abc import Mapping
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Per scaling kind: (keys it needs, keys it may have), as Hugging Face names them.
+ROPE_KEYS = {
+    "llama3": (LLAMA3_KEYS, ()),
+    "linear": (("factor",), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
 
 RopeScaling = Mapping[str, object] | tuple[tuple[str, object], ...] | None
 
@@ -30,9 +39,10 @@ def rope_type_of(rope_scaling: RopeScaling) -> str:
 def rope_inv_freq(*, head_dim: int, rope_theta: float, rope_scaling: RopeScaling) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, on the CPU.
 
-    rope_scaling: None (plain RoPE) or the items of a "llama3" scaling
-    (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-    ``original_max_position_embeddings``), as a mapping or a tuple of items.
+    rope_scaling: None (plain RoPE) or the items of a scaling (``rope_type`` and the keys
+    ``ROPE_KEYS`` lists for it), as a mapping or a tuple of items: "llama3" (Llama 3.1),
+    "linear" (positions divided by ``factor``) or "yarn" (YaRN; its cos/sin are also
+    scaled, by :func:`rope_attention_factor`).
     Returns ``[head_dim // 2]`` fp32. Computed in fp64 and rounded once.
     """
     if head_dim < 2 or head_dim % 2:
@@ -41,15 +51,80 @@ def rope_inv_freq(*, head_dim: int, rope_theta: float, rope_scaling: RopeScaling
         raise ValueError(f"rope_theta must be positive, got {rope_theta}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = 1.0 / (float(rope_theta) ** exponents)  # [head_dim // 2]
-    kind = rope_type_of(rope_scaling)
+    kind = _checked_kind(rope_scaling)
     if kind == "llama3":
         inv_freq = _llama3_scale(inv_freq, dict(rope_scaling))
-    elif kind != "default":
+    elif kind == "linear":
+        inv_freq = inv_freq / _factor(dict(rope_scaling))
+    elif kind == "yarn":
+        inv_freq = _yarn_scale(inv_freq, dict(rope_scaling), head_dim, float(rope_theta))
+    return inv_freq.float()
+
+
+def rope_attention_factor(rope_scaling: RopeScaling) -> float:
+    """The factor a scaling multiplies cos and sin by (so the logits by its square): YaRN's
+    ``attention_factor``, given or ``0.1 ln(factor) + 1`` (with ``mscale`` /
+    ``mscale_all_dim``: their ratio of such terms, as DeepSeek's configs set); else 1."""
+    if _checked_kind(rope_scaling) != "yarn":
+        return 1.0
+    params = dict(rope_scaling)
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = _factor(params)
+
+    def mscale(weight: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(float(params["mscale"])) / mscale(float(params["mscale_all_dim"]))
+    return mscale(1.0)
+
+
+def _checked_kind(rope_scaling: RopeScaling) -> str:
+    kind = rope_type_of(rope_scaling)
+    if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"rope scaling type {kind!r} is not supported; longquest supports "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    return inv_freq.float()
+    if kind != "default":
+        params = dict(rope_scaling)
+        missing = [key for key in ROPE_KEYS[kind][0] if params.get(key) is None]
+        if missing:
+            raise ValueError(f"{kind} rope scaling needs {', '.join(missing)} in rope_scaling")
+    return kind
+
+
+def _factor(params: dict[str, object]) -> float:
+    factor = float(params["factor"])
+    if factor <= 0:
+        raise ValueError(f"rope scaling factor must be positive, got {factor}")
+    return factor
+
+
+def _yarn_scale(
+    inv_freq: torch.Tensor, params: dict[str, object], head_dim: int, theta: float
+) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than ``beta_slow`` times over the original context
+    are divided by ``factor`` (interpolated), those turning more than ``beta_fast`` times
+    are kept (extrapolated), and a linear ramp over the dimensions between blends them."""
+    factor = _factor(params)
+    original = float(params["original_max_position_embeddings"])
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+
+    def dimension(rotations: float) -> float:  # where a frequency turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(beta_fast), dimension(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a step, not a division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp  # 1: extrapolate (the frequency as it is), 0: interpolate
+    return inv_freq / factor * (1.0 - keep) + inv_freq * keep
 
 
 def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, object]) -> torch.Tensor:
@@ -79,16 +154,20 @@ def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, object]) -> torch.Te
 
 
 def rope_cos_sin(
-    *, positions: torch.Tensor, inv_freq: torch.Tensor
+    *, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines of the rotation angles, shared by every layer of a step.
 
     positions: ``[num_tokens]`` int64. inv_freq: ``[head_dim // 2]`` fp32.
+    attention_factor: scales both (:func:`rope_attention_factor`; 1 but for YaRN).
     Returns ``(cos, sin)``, each ``[num_tokens, 1, head_dim // 2]`` fp32
     (broadcast over heads).
     """
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [num_tokens, head_dim // 2]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def rotate(x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -243,8 +243,9 @@ def test_cuda_device_without_cuda(tiny_dir):
     ("changes", "message"),
     [
         (
-            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "rope scaling type 'yarn' is not supported; longquest supports default, llama3",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+            "rope scaling type 'dynamic' is not supported; longquest supports default, llama3, "
+            "linear, yarn",
         ),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"mlp_bias": True}, "mlp_bias=True is not supported"),

@@ -227,3 +227,51 @@ def test_split_mlp_keeps_the_whole_forward_and_its_parts_sum_to_it(tmp_path, blo
         layer._mlp(h, SplitWithoutPeers(0, 3))
     with pytest.raises(ValueError, match="divide"):
         model.split_mlp(blocks=7)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+         "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.8, "mscale_all_dim": 0.4},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+         "attention_factor": 1.3, "truncate": False},
+    ],
+    ids=["linear", "yarn", "yarn-mscale", "yarn-attention-factor"],
+)  # fmt: skip
+def test_scaled_rope_matches_transformers(scaling, tmp_path):
+    """Linear and YaRN scaling: the frequencies, YaRN's cos/sin factor and the logits."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from longquest.engine.rope import rope_attention_factor
+
+    directory = make_tiny_model(tmp_path, architecture="qwen2",
+                                rope_parameters={**scaling, "rope_theta": 1e4})  # fmt: skip
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    ours, config = load_model(directory, dtype=torch.float32, device="cpu")
+    assert dict(config.rope_scaling)["rope_type"] == scaling["rope_type"]
+    theirs_freq, theirs_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_config, None)
+    torch.testing.assert_close(ours.inv_freq, theirs_freq.float(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(config.rope_scaling) == pytest.approx(theirs_factor, rel=1e-9)
+    plain = rope_inv_freq(head_dim=config.head_dim, rope_theta=1e4, rope_scaling=None)
+    assert not torch.allclose(ours.inv_freq, plain)  # the scaling did something
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    prompt = random_tokens(300, config.vocab_size, seed=9)  # past the original context
+    logits = run(ours, [prompt])
+    with torch.inference_mode():
+        expected = theirs(torch.tensor([prompt])).logits[0].float()
+    error = (logits - expected).norm() / expected.norm()
+    assert error < 1e-4, f"relative error {error:.2e}"
+
+
+def test_scaled_rope_needs_its_keys():
+    with pytest.raises(ValueError, match="yarn rope scaling needs original_max_position"):
+        rope_inv_freq(head_dim=8, rope_theta=1e4, rope_scaling={"rope_type": "yarn", "factor": 2})
+    with pytest.raises(ValueError, match="linear rope scaling needs factor"):
+        rope_inv_freq(head_dim=8, rope_theta=1e4, rope_scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="factor must be positive"):
+        rope_inv_freq(head_dim=8, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 0})
