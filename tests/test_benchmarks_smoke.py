@@ -103,6 +103,9 @@ def test_decode_benchmark_smoke(tmp_path, world_size):
             entry = row["modes"][mode]
             assert entry["ms_per_token"] > 0 and entry["floor"]["floor_ms"] > 0
             assert entry["breakdown_ms"]["weights_and_mlp"] > 0
+            # The floor's collective term: one collective timed in a chain of them.
+            chained = entry["breakdown_ms"]["collective_latency_chained"]
+            assert (chained > 0) == (world_size > 1)
 
 
 def test_passkey_rewind_restores_the_prefilled_cache(tmp_path):
