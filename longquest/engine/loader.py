@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from longquest.engine.model import Model
-from longquest.engine.rope import ROPE_KEYS, SUPPORTED_ROPE_TYPES, rope_type_of
+from longquest.engine.rope import ROPE_KEYS, check_rope_scaling, rope_type_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -124,19 +124,12 @@ def _rope(hf_config: object, max_positions: int) -> tuple[float, tuple | None]:
     kind = rope_type_of(params)
     if kind == "default":
         return float(theta), None
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope scaling type {kind!r} is not supported; longquest supports "
-            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
     params.pop("type", None)
     params["rope_type"] = kind
     if kind == "llama3":
         params.setdefault("original_max_position_embeddings", max_positions)
+    check_rope_scaling(params)
     required, optional = ROPE_KEYS[kind]
-    missing = [key for key in required if params.get(key) is None]
-    if missing:
-        raise ValueError(f"{kind} rope scaling is missing {', '.join(missing)}")
     if float(params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise ValueError("rope partial_rotary_factor != 1 is not supported")
     keys = ("rope_type", *required, *(key for key in optional if params.get(key) is not None))

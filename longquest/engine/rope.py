@@ -51,7 +51,7 @@ def rope_inv_freq(*, head_dim: int, rope_theta: float, rope_scaling: RopeScaling
         raise ValueError(f"rope_theta must be positive, got {rope_theta}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = 1.0 / (float(rope_theta) ** exponents)  # [head_dim // 2]
-    kind = _checked_kind(rope_scaling)
+    kind = check_rope_scaling(rope_scaling)
     if kind == "llama3":
         inv_freq = _llama3_scale(inv_freq, dict(rope_scaling))
     elif kind == "linear":
@@ -65,7 +65,7 @@ def rope_attention_factor(rope_scaling: RopeScaling) -> float:
     """The factor a scaling multiplies cos and sin by (so the logits by its square): YaRN's
     ``attention_factor``, given or ``0.1 ln(factor) + 1`` (with ``mscale`` /
     ``mscale_all_dim``: their ratio of such terms, as DeepSeek's configs set); else 1."""
-    if _checked_kind(rope_scaling) != "yarn":
+    if check_rope_scaling(rope_scaling) != "yarn":
         return 1.0
     params = dict(rope_scaling)
     if params.get("attention_factor") is not None:
@@ -80,7 +80,9 @@ def rope_attention_factor(rope_scaling: RopeScaling) -> float:
     return mscale(1.0)
 
 
-def _checked_kind(rope_scaling: RopeScaling) -> str:
+def check_rope_scaling(rope_scaling: RopeScaling) -> str:
+    """The scaling's kind; ValueError if longquest does not support it or a key it needs
+    (``ROPE_KEYS``) is missing."""
     kind = rope_type_of(rope_scaling)
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
