@@ -83,6 +83,20 @@ def _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims, stride
 
 
 @triton.jit
+def _query_signs(q, key_min_ptr, query_ptr):
+    """``(relu(q), min(q, 0))`` in the tensor-core products' input dtype: the query's own,
+    or fp16 for fp8 bounds (e4m3 pairs convert to fp16 in one instruction, to bf16 in
+    several), the query then clamped into fp16's range."""
+    if key_min_ptr.dtype.element_ty == tl.float8e4nv:
+        q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
+        q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
+    else:
+        q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
+        q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
+    return q_pos, q_neg
+
+
+@triton.jit
 def _score_blocks(
     query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
     n, first, last, head, max_pages,
@@ -113,14 +127,7 @@ def _score_blocks(
             query_ptr + rows[:, None] * stride_qh + dims[None, :],
             mask=(rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM), other=0.0,
         )  # fmt: skip
-        if key_min_ptr.dtype.element_ty == tl.float8e4nv:
-            # fp8 bounds convert to fp16 in one instruction per pair (to bf16 in several),
-            # so the products run in fp16; the query is clamped into fp16's range.
-            q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
-            q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
-        else:
-            q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
-            q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
+        q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
     # The page table is read without waiting for n (any id below max_pages is in the row);
     # only the bounds loads are masked by n.
     # Masks compare lanes with a per-block limit (0 past the program's last block).
@@ -190,12 +197,7 @@ def _score_blocks_as_rows(
         query_ptr + cols[None, :] * stride_qh + dims[:, None],
         mask=(cols[None, :] < GROUP) & (dims[:, None] < HEAD_DIM), other=0.0,
     )  # fmt: skip
-    if key_min_ptr.dtype.element_ty == tl.float8e4nv:
-        q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
-        q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
-    else:
-        q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
-        q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
+    q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
     for block in tl.range(first, last, num_stages=NUM_STAGES):
         pages = block * BLOCK_P + lanes
