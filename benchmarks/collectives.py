@@ -6,7 +6,8 @@ A decode step of the sequence-parallel engine makes about 2 collectives a layer
 (the global top-k all-gather and the partial-attention all-gather) on tens to
 hundreds of KB. This script captures ``--repeats`` back-to-back copies of one
 collective in a CUDA graph and reports the replay time divided by the repeats,
-for NCCL (all-gather, all-reduce) and for torch symmetric memory (a one-shot
+for NCCL (all-gather, all-reduce), for the engine's peer-memory kernel
+(``longquest.parallel.peer``) and for torch symmetric memory (a one-shot
 all-reduce over peer buffers: an all-gather is a sum of zero-padded slots).
 Run it under different NCCL settings (e.g. ``NCCL_PROTO=LL``) to compare them.
 Writes JSON under benchmarks/results/.
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import capture_graph, write_result  # noqa: E402
+from longquest.parallel.peer import PeerCollectives  # noqa: E402
 
 
 def graph_us(fn, *, repeats: int, replays: int, group) -> float:
@@ -80,6 +82,8 @@ def main() -> int:
             print(f"no symmetric memory: {error}", flush=True)
         symm = None
 
+    peer = PeerCollectives.create(group=group, rank=rank, world_size=world, device=device)
+
     def probe(size_kb: int) -> None:
         n = size_kb * 1024 // 4
         local = torch.randn(n, device=device)
@@ -88,6 +92,14 @@ def main() -> int:
                lambda: dist.all_gather_into_tensor(gathered, local, group=group))  # fmt: skip
         half = torch.randn(2 * n, device=device, dtype=torch.bfloat16)
         record("nccl all_reduce bf16", size_kb, lambda: dist.all_reduce(half, group=group))
+        if peer is not None:
+            peer.fits(local.numel() * 4)  # grow outside the capture
+            record("peer all_gather fp32", size_kb, lambda: peer.all_gather(local))
+            record("peer all_reduce bf16", size_kb, lambda: peer.all_reduce(half))
+            dist.all_gather_into_tensor(gathered, local, group=group)
+            same = torch.equal(peer.all_gather(local).view(-1), gathered)
+            if rank == 0:
+                print(f"  peer gather equals NCCL: {same}", flush=True)
         if symm is None:
             return
         # All-gather as a one-shot sum: each rank writes only its own slot of a

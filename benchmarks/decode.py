@@ -61,6 +61,7 @@ from longquest.engine.synthetic import (  # noqa: E402
 from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
+from longquest.parallel.peer import PeerCollectives  # noqa: E402
 from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
 
 PAGE = 16  # the default; --page-size changes it
@@ -125,7 +126,7 @@ class SdpaAttention:
 
 
 def make_engine(model, config, *, num_pages, page_size, device, dtype, group, rank, world,
-                split_mlp=True, bounds_dtype=None):  # fmt: skip
+                split_mlp=True, bounds_dtype=None, peer=None):  # fmt: skip
     shape = CacheShape(
         num_layers=config.num_layers,
         num_pages=num_pages,
@@ -142,7 +143,7 @@ def make_engine(model, config, *, num_pages, page_size, device, dtype, group, ra
     if world == 1:
         return LLMEngine(**common)
     ownership = PageOwnership(world_size=world, page_size=page_size, prefill_chunk_tokens=8192)
-    comm = SequenceParallelComm(group=group, rank=rank, world_size=world)
+    comm = SequenceParallelComm(group=group, rank=rank, world_size=world, peer=peer)
     return SequenceParallelEngine(group=group, ownership=ownership, world_size=world, rank=rank,
                                   comm=comm, split_mlp=split_mlp, **common)  # fmt: skip
 
@@ -323,7 +324,7 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
 
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
-    ("collective", ("nccl",)),
+    ("collective", ("nccl", "_exchange_kernel")),
     ("scores", ("_page_scores_kernel",)),
     ("top_k", ("_select_kernel",)),
     ("global_top_k", ("pack", "keep", "global")),
@@ -414,8 +415,13 @@ def sdpa_ms(engine, *, batch: int, context: int, iters: int) -> float | None:
 def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) -> dict | None:
     world = engine.world_size
     page = engine.page_size
-    modes = [(f"quest-{b}", QuestConfig(token_budget=b, page_size=page)) for b in budgets]
-    modes.append(("dense", QuestConfig(token_budget=None, page_size=page)))
+    kinds = args.collectives_list if world > 1 else ["nccl"]
+    modes = []
+    for kind in kinds:
+        suffix = f"@{kind}" if len(kinds) > 1 else ""
+        modes += [(f"quest-{b}{suffix}", QuestConfig(token_budget=b, page_size=page), kind)
+                  for b in budgets]  # fmt: skip
+        modes.append((f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind))
     per_mode = (args.warmup + args.steps) * engine.steps_per_launch
     # + one more warmup of the first mode
     params = SamplingParams(
@@ -447,9 +453,12 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     gc.collect()
     gc.freeze()
     results = {}
-    for index, (name, quest) in enumerate(modes):
+    peer = getattr(engine.comm, "peer", None) if world > 1 else None
+    for index, (name, quest, kind) in enumerate(modes):
         engine.quest = quest
         engine._batch = None
+        if world > 1:  # the comm is also the MLP split's: both switch together
+            engine.comm.peer = peer if kind == "peer" else None
         warmup = args.warmup * (2 if index == 0 else 1)
         times = decode_steps(engine, seqs, launches=warmup + args.steps)[warmup:]
         entry = {"ms_per_token": round(1e3 * statistics.median(times), 4),
@@ -470,6 +479,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
             gather_ms=entry["breakdown_ms"]["collective_latency_chained"],
         )
         entry["vs_floor"] = round(entry["ms_per_token"] / entry["floor"]["floor_ms"], 2)
+        entry["collectives"] = kind if world > 1 else None
         results[name] = entry
         log(rank, f"  {context=} {batch=} {world=} {name}: {entry['ms_per_token']} ms/token "
                   f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
@@ -483,12 +493,15 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     gc.unfreeze()
     for seq in seqs:
         engine._release(seq)
+    if world > 1:
+        engine.comm.peer = peer
     row["modes"] = results
-    dense = results["dense"]["ms_per_token"]
-    row["quest_speedup_vs_dense"] = {
-        name: round(dense / entry["ms_per_token"], 2)
-        for name, entry in results.items() if name.startswith("quest")
-    }  # fmt: skip
+    row["quest_speedup_vs_dense"] = {}
+    for name, entry in results.items():  # against dense with the same collectives
+        if name.startswith("quest"):
+            _, at, kind = name.partition("@")
+            dense = results[f"dense{at}{kind}"]["ms_per_token"]
+            row["quest_speedup_vs_dense"][name] = round(dense / entry["ms_per_token"], 2)
     return row
 
 
@@ -523,9 +536,17 @@ def main() -> int:
         "--bounds-dtype", choices=["model", "float8_e4m3fn"], default="model",
         help="dtype of the Quest key bounds",
     )  # fmt: skip
+    parser.add_argument(
+        "--collectives", default="peer",
+        help="comma list of how decode's collectives run under sequence parallelism: peer "
+        "(Triton over peer memory, NCCL where it is not possible) and/or nccl; each is timed",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
+    args.collectives_list = [k for k in args.collectives.split(",") if k]
+    if not args.collectives_list or set(args.collectives_list) - {"peer", "nccl"}:
+        parser.error(f"--collectives takes peer and/or nccl, got {args.collectives!r}")
     on_cuda = torch.cuda.is_available() and not args.tiny
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
@@ -560,9 +581,14 @@ def main() -> int:
         pool = torch.tensor([num_pages], device=device)
         dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
         num_pages = int(pool)
+    peer = None
+    if group is not None and "peer" in args.collectives_list:
+        peer = PeerCollectives.create(group=group, rank=rank, world_size=world, device=device)
+        log(rank, f"peer collectives: {'on' if peer is not None else 'not possible here: NCCL'}")
     engine = make_engine(model, config, num_pages=num_pages, page_size=page, device=device,
                          dtype=dtype, group=group, rank=rank, world=world,
-                         split_mlp=not args.no_split_mlp, bounds_dtype=bounds_dtype)  # fmt: skip
+                         split_mlp=not args.no_split_mlp, bounds_dtype=bounds_dtype,
+                         peer=peer)  # fmt: skip
     log(rank, f"world {world}, {num_pages} pages/rank ({num_pages * page} tokens), "
               f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
     budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -581,6 +607,7 @@ def main() -> int:
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
         "mlp_split_over_ranks": engine.mlp_split is not None,
+        "peer_collectives_possible": peer is not None,
         "bounds_dtype": str(engine.cache.shape.key_bounds_dtype),
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip

@@ -61,6 +61,14 @@ case "$1" in
         --batches 8 --budgets 2048 --no-sdpa --bounds-dtype $bounds --reserve-gib 4 \
         --label b8-rows-$bounds --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -12
     done ;;
+  peer6)  # session 6: peer-memory collectives: GPU tests, latency, batch 8 x 216K peer vs NCCL
+    timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/kernels/test_peer.py \
+      tests/parallel/test_peer.py tests/parallel/test_worker.py -x 2>&1 | tail -5 || exit 1
+    timeout 100 torchrun --standalone --nproc-per-node 2 benchmarks/collectives.py --label peer \
+      --sizes-kb 16,64,132,256 --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    timeout 280 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+      --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 \
+      --collectives peer,nccl --label b8-peer --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -8 ;;
   profile8)  # session 5: the captured step's kernels by kind, batch 8 x 216K, fp8 bounds
     timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \

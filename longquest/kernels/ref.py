@@ -242,3 +242,15 @@ def prefill_attention_ref(
     probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = (probs @ v).transpose(0, 1)
     return out.to(query.dtype), lse.transpose(0, 1).contiguous()
+
+
+def peer_exchange_ref(payloads: list[torch.Tensor], *, reduce: bool) -> torch.Tensor:
+    """What :func:`longquest.kernels.peer.peer_exchange` returns on every rank, given each
+    rank's payload (index = rank): their stack ``[world_size, *shape]``, or their sum
+    taken in fp32 in rank order and rounded once to the payloads' dtype."""
+    if not reduce:
+        return torch.stack(payloads)
+    total = torch.zeros(payloads[0].shape, dtype=torch.float32, device=payloads[0].device)
+    for payload in payloads:
+        total += payload.float()
+    return total.to(payloads[0].dtype)

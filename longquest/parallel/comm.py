@@ -20,7 +20,9 @@ joins those local results into the single-device answer:
 Collectives per decode step and layer: exactly **2** in a sparse layer
 (``select_global`` then ``merge``) and exactly **1** in a dense layer (``merge``
 only), plus **1** (``all_reduce``) when the MLP is split. Every rank of the group
-must make the same calls in the same order.
+must make the same calls in the same order. They go through NCCL, or, given a
+:class:`~longquest.parallel.peer.PeerCollectives`, through one Triton kernel each
+that writes straight into the peers' memory (times: ``benchmarks/collectives.py``).
 
 The class has the methods of the engine's ``AttentionComm`` protocol
 (``select_global``, ``partial_buffers``, ``merge``; ``longquest.engine.attention``), so
@@ -35,6 +37,9 @@ import torch.distributed as dist
 from longquest.kernels._checks import check_dim, check_tensor
 from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
 from longquest.kernels.merge import merge_attention_states
+from longquest.parallel.peer import PeerCollectives
+
+_PEER_SUMS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SequenceParallelComm:
@@ -45,6 +50,10 @@ class SequenceParallelComm:
     rank, world_size: this rank's index in ``group`` and the group's size.
     impl: kernel implementation for the merge (``"triton"``, ``"torch"`` or None
         for Triton on CUDA and PyTorch elsewhere).
+    peer: where set, the all-gathers and all-reduces run over peer memory
+        (:class:`~longquest.parallel.peer.PeerCollectives`, built by its ``create`` on
+        every rank) instead of NCCL, except a payload it cannot take during a CUDA
+        graph's capture.
     """
 
     def __init__(
@@ -54,6 +63,7 @@ class SequenceParallelComm:
         rank: int,
         world_size: int,
         impl: str | None = None,
+        peer: PeerCollectives | None = None,
     ) -> None:
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(
@@ -74,6 +84,7 @@ class SequenceParallelComm:
         self.rank = rank
         self.world_size = world_size
         self.impl = impl
+        self.peer = peer
         # all_gather_single replaces the deprecated all_gather_into_tensor in newer torch;
         # older releases only have the latter.
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -179,11 +190,18 @@ class SequenceParallelComm:
 
         Identical on every rank. One collective.
         """
+        peer = self.peer
+        if peer is not None and tensor.dtype in _PEER_SUMS:
+            if peer.fits(tensor.numel() * tensor.element_size()):
+                return peer.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-gather ``tensor`` over the group into ``[world_size, *tensor.shape]``."""
+        peer = self.peer
+        if peer is not None and peer.fits(tensor.numel() * tensor.element_size()):
+            return peer.all_gather(tensor)
         flat = tensor.contiguous().view(-1)
         result = torch.empty(self.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
         self._all_gather(result, flat, group=self.group)

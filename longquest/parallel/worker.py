@@ -242,16 +242,20 @@ def build_worker(
     prefill_chunk_tokens: int = 8192,
     impl: str | None = None,
     split_mlp: bool = True,
+    peer_collectives: bool = True,
 ):
     """Build this rank's SequenceParallelEngine and the tokenizer (see build_engine).
 
     split_mlp: decode splits every MLP over the ranks (see SequenceParallelEngine).
+    peer_collectives: decode's collectives write straight into the other GPUs' memory
+        (:class:`~longquest.parallel.peer.PeerCollectives`) where every rank can; else NCCL.
     """
     from functools import partial
 
-    from longquest.engine.builder import build_engine
+    from longquest.engine.builder import build_engine, resolve_device
     from longquest.engine.config import QuestConfig
     from longquest.parallel.comm import SequenceParallelComm
+    from longquest.parallel.peer import PeerCollectives
 
     quest = quest or QuestConfig()
     check_same_everywhere(
@@ -263,7 +267,12 @@ def build_worker(
         cache=cache,
         prefill_chunk_tokens=prefill_chunk_tokens,
         split_mlp=split_mlp,
+        peer_collectives=peer_collectives,
     )
+    device = resolve_device(device)
+    peer = None
+    if peer_collectives:
+        peer = PeerCollectives.create(group=group, rank=rank, world_size=world_size, device=device)
     # A round splits into 2 * world_size whole-page chunks.
     step = 2 * quest.page_size
     chunk = max(step, prefill_chunk_tokens // step * step)
@@ -276,7 +285,9 @@ def build_worker(
         ownership=ownership,
         world_size=world_size,
         rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, impl=impl),
+        comm=SequenceParallelComm(
+            group=group, rank=rank, world_size=world_size, impl=impl, peer=peer
+        ),
         split_mlp=split_mlp,
     )
     return build_engine(

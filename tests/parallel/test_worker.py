@@ -177,8 +177,11 @@ def test_context_past_one_device_decodes_like_a_big_one():
     assert results[0] == results[1] == want
 
 
-def _run_on_gpus(model_dir, *, rank, world_size, group):
-    """Quest decode on CUDA ranks over NCCL: CUDA graphs, the MLP split, chained steps."""
+def _run_on_gpus(model_dir, peer, *, rank, world_size, group):
+    """Quest decode on CUDA ranks over NCCL (or peer memory): CUDA graphs, the MLP split,
+    chained steps."""
+    from longquest.parallel.peer import PeerCollectives
+
     model, config = load_model(model_dir, dtype=torch.float32, device=f"cuda:{rank}")
     shape = CacheShape(num_layers=config.num_layers, num_pages=128, page_size=PAGE,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
@@ -189,13 +192,17 @@ def _run_on_gpus(model_dir, *, rank, world_size, group):
     prompts = _prompts(config.vocab_size)
     single = LLMEngine(cache=KVCache(shape, device=f"cuda:{rank}"), **common)
     want = [o.token_ids for o in single.generate(prompts, [params] * len(prompts))]
+    if peer:
+        peer = PeerCollectives.create(group=group, rank=rank, world_size=world_size,
+                                      device=f"cuda:{rank}")  # fmt: skip
+        assert peer is not None
     engine = SequenceParallelEngine(
         cache=KVCache(shape, device=f"cuda:{rank}"),
         group=group,
         ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
         world_size=world_size,
         rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, peer=peer or None),
         **common,
     )
     assert engine.cuda_graphs and engine.mlp_split is not None
@@ -204,9 +211,10 @@ def _run_on_gpus(model_dir, *, rank, world_size, group):
 
 
 @pytest.mark.multigpu
-def test_nccl_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir):
+@pytest.mark.parametrize("peer", [False, True], ids=["nccl", "peer"])
+def test_nccl_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir, peer):
     results = run_distributed(
-        _run_on_gpus, world_size=2, args=(model_dir,), timeout_s=300, backend="nccl"
+        _run_on_gpus, world_size=2, args=(model_dir, peer), timeout_s=300, backend="nccl"
     )
     for got, want in results:
         assert got == want

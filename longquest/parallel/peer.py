@@ -1,0 +1,125 @@
+"""Decode's collectives over peer memory (:func:`longquest.kernels.peer.peer_exchange`).
+
+:class:`PeerCollectives` maps one buffer per rank into every rank's address space with
+torch symmetric memory and runs the all-gathers and all-reduces of a decode step as one
+Triton kernel each, in place of NCCL's (see the kernel module for the protocol and
+``benchmarks/collectives.py`` for the times).
+
+It needs CUDA devices that can map each other's memory (NVLink or PCIe peer access) and
+the NCCL backend. :meth:`PeerCollectives.create` tries it on every rank and returns None on
+every rank unless all of them succeeded, so the ranks never disagree about which path a
+collective takes. A payload larger than the buffer grows it (all ranks grow together: they
+make the same calls with the same sizes), except while a CUDA graph is being captured, when
+:meth:`fits` says no and the caller uses NCCL for that call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
+
+_FIRST_SLOT_BYTES = 1 << 20
+
+
+class PeerCollectives:
+    """All-gather and all-reduce over one process group's peer-mapped buffers.
+
+    Build it with :meth:`create`. Every rank must make the same calls, in the same order,
+    with the same sizes (as with NCCL).
+    """
+
+    def __init__(self, *, group: dist.ProcessGroup, rank: int, world_size: int, device) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.slot_bytes = 0
+        # Buffers outgrown are kept: CUDA graphs captured earlier still use them.
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._grow(_FIRST_SLOT_BYTES)
+
+    @classmethod
+    def create(
+        cls, *, group: dist.ProcessGroup, rank: int, world_size: int, device
+    ) -> PeerCollectives | None:
+        """A PeerCollectives on every rank of ``group``, or None on every rank (a single
+        rank, not CUDA, not NCCL, or a rank could not map the others' memory).
+        Collective: every rank of the group must call it."""
+        device = torch.device(device)
+        if world_size < 2 or device.type != "cuda" or dist.get_backend(group) != "nccl":
+            return None
+        made, error = None, None
+        try:
+            made = cls(group=group, rank=rank, world_size=world_size, device=device)
+        except Exception as caught:  # noqa: BLE001 - any failure means: use NCCL everywhere
+            error = caught
+        everyone = torch.tensor([int(made is not None)], device=device)
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=group)
+        if not int(everyone):
+            if error is not None:
+                warnings.warn(
+                    f"rank {rank}: decode collectives use NCCL, peer memory failed: "
+                    f"{type(error).__name__}: {error}",
+                    stacklevel=2,
+                )
+            return None
+        return made
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a payload of ``nbytes`` can go over peer memory now (growing the buffer
+        when no CUDA graph is being captured)."""
+        if nbytes <= self.slot_bytes:
+            return True
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        self._grow(nbytes)
+        return True
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[world_size, *tensor.shape]``: every rank's ``tensor`` (any dtype), by rank."""
+        src = tensor.contiguous()
+        out = src.new_empty(self.world_size, *src.shape)
+        self._run(src, out, reduce=False)
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (fp32, fp16 or bf16) over the ranks in place, in fp32 in rank
+        order (the same bits on every rank); returns it."""
+        if tensor.is_contiguous():
+            return self._run(tensor, tensor, reduce=True)
+        tensor.copy_(self._run(tensor.contiguous(), tensor.contiguous(), reduce=True))
+        return tensor
+
+    def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:
+        if not self.fits(src.numel() * src.element_size()):
+            raise ValueError("payload larger than the peer buffer during capture; check fits()")
+        _, bases, counters = self._kept[-1]
+        return peer_exchange(
+            src=src, out=out, bases=bases, counters=counters, rank=self.rank,
+            slot_bytes=self.slot_bytes, reduce=reduce,
+        )  # fmt: skip
+
+    def _grow(self, nbytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm
+
+        slot_bytes = 1 << max(nbytes - 1, 1).bit_length()
+        size = buffer_bytes(world_size=self.world_size, slot_bytes=slot_bytes)
+        try:  # older torch needs the group registered; newer does it on demand
+            symm.enable_symm_mem_for_group(self.group.group_name)
+        except Exception:  # noqa: BLE001, S110
+            pass
+        buffer = symm.empty(size, dtype=torch.uint8, device=self.device)
+        buffer.zero_()
+        handle = symm.rendezvous(buffer, self.group.group_name)
+        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
+        counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=self.device)
+        # No rank may push into a buffer before its owner has zeroed it.
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        torch.cuda.synchronize(self.device)
+        self._kept.append((buffer, bases, counters))
+        self.slot_bytes = slot_bytes

@@ -1,0 +1,143 @@
+"""peer_exchange against peer_exchange_ref, with every rank's buffer in one process.
+
+The kernel's two halves run as separate launches (every rank pushes, then every rank
+finishes), as they must under the interpreter; the real cross-GPU run of both halves in
+one kernel is tested in tests/parallel/test_peer_gpu.py.
+"""
+
+import pytest
+import torch
+
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
+from longquest.kernels.ref import peer_exchange_ref
+
+
+class Ranks:
+    """``world_size`` simulated ranks: their buffers, bases and counters."""
+
+    def __init__(self, world_size: int, slot_bytes: int, device) -> None:
+        size = buffer_bytes(world_size=world_size, slot_bytes=slot_bytes)
+        self.buffers = [
+            torch.zeros(size, dtype=torch.uint8, device=device) for _ in range(world_size)
+        ]
+        self.bases = torch.tensor([b.data_ptr() for b in self.buffers], device=device)
+        self.counters = [
+            torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device) for _ in range(world_size)
+        ]
+        self.slot_bytes = slot_bytes
+        self.world_size = world_size
+
+    def run(self, rank, phase, src, out, reduce, programs=None):
+        return peer_exchange(
+            src=src, out=out, bases=self.bases, counters=self.counters[rank], rank=rank,
+            slot_bytes=self.slot_bytes, reduce=reduce, programs=programs, phases=phase,
+        )  # fmt: skip
+
+    def call(self, payloads, *, reduce, programs=None):
+        """One collective: every rank pushes, then every rank finishes; returns the outs."""
+        world = self.world_size
+        outs = [torch.empty_like(p) if reduce else p.new_empty(world, *p.shape) for p in payloads]
+        for rank in range(world):
+            self.run(rank, "push", payloads[rank], outs[rank], reduce, programs)
+        for rank in range(world):
+            self.run(rank, "finish", payloads[rank], outs[rank], reduce, programs)
+        return outs
+
+
+def assert_same(got, want):
+    """Bit for bit, except that the interpreter rounds fp32 to bf16 toward zero (the GPU
+    rounds to nearest): one bf16 unit there."""
+    if got.dtype == torch.bfloat16 and not torch.cuda.is_available():
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, want)
+
+
+def payloads(gen, world, shape, dtype, device):
+    if dtype == torch.int32:
+        data = [
+            torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
+            for _ in range(world)
+        ]
+    else:
+        data = [torch.randn(shape, generator=gen).to(dtype) for _ in range(world)]
+    return [d.to(device) for d in data]
+
+
+KINDS = [
+    (False, torch.int32),
+    (False, torch.float32),
+    (True, torch.bfloat16),
+    (True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("reduce,dtype", KINDS)
+def test_matches_ref_over_many_calls(world, reduce, dtype, device):
+    gen = torch.Generator().manual_seed(world)
+    ranks = Ranks(world, slot_bytes=16384, device=device)
+    # Sizes that leave programs with empty chunks, one element, a partial block, and a
+    # full slot; several calls, so both parities and the growing flags are used.
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for numel in (1, 5, 1000, 3000, 16384 // elem, 7):
+        for programs in (None, 3):
+            data = payloads(gen, world, (numel,), dtype, device)
+            outs = ranks.call(data, reduce=reduce, programs=programs)
+            want = peer_exchange_ref([d.cpu() for d in data], reduce=reduce)
+            for out in outs:
+                assert_same(out.cpu(), want)
+
+
+def test_in_place_reduce_and_shapes(device):
+    gen = torch.Generator().manual_seed(0)
+    ranks = Ranks(2, slot_bytes=4096, device=device)
+    data = payloads(gen, 2, (4, 3, 5), torch.bfloat16, device)
+    want = peer_exchange_ref([d.cpu() for d in data], reduce=True)
+    for rank in range(2):
+        ranks.run(rank, "push", data[rank], data[rank], True)
+    for rank in range(2):
+        ranks.run(rank, "finish", data[rank], data[rank], True)
+    for d in data:
+        assert_same(d.cpu(), want)
+
+
+def test_a_rank_may_run_one_call_ahead(device):
+    """Rank 0 pushes call 2 before rank 1 has finished call 1: the parities keep them apart."""
+    gen = torch.Generator().manual_seed(1)
+    ranks = Ranks(2, slot_bytes=4096, device=device)
+    first = payloads(gen, 2, (500,), torch.float32, device)
+    second = payloads(gen, 2, (500,), torch.float32, device)
+    out1 = [f.new_empty(2, 500) for f in first]
+    out2 = [f.new_empty(2, 500) for f in second]
+    ranks.run(0, "push", first[0], out1[0], False)
+    ranks.run(1, "push", first[1], out1[1], False)
+    ranks.run(0, "finish", first[0], out1[0], False)
+    ranks.run(0, "push", second[0], out2[0], False)  # rank 0 runs ahead
+    ranks.run(1, "finish", first[1], out1[1], False)
+    ranks.run(1, "push", second[1], out2[1], False)
+    ranks.run(0, "finish", second[0], out2[0], False)
+    ranks.run(1, "finish", second[1], out2[1], False)
+    for outs, data in ((out1, first), (out2, second)):
+        want = torch.stack([d.cpu() for d in data])
+        assert all(torch.equal(o.cpu(), want) for o in outs)
+    assert [int(c[0]) for c in ranks.counters] == [2, 2]
+
+
+def test_refuses_bad_input(device):
+    ranks = Ranks(2, slot_bytes=64, device=device)
+    src = torch.zeros(8, device=device)
+    out = src.new_empty(2, 8)
+    with pytest.raises(ValueError, match="exceeds the 64-byte slots"):
+        ranks.run(0, "both", torch.zeros(17, device=device), src.new_empty(2, 17), False)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ranks.run(0, "both", src, src.new_empty(8), False)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        peer_exchange(
+            src=src, out=out, bases=ranks.bases, counters=ranks.counters[0], rank=2,
+            slot_bytes=64, reduce=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="sums fp32, fp16 or bf16"):
+        ranks.run(0, "both", src.int(), src.int(), True)
+    with pytest.raises(ValueError, match="phases"):
+        ranks.run(0, "all", src, out, False)
