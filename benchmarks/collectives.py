@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import capture_graph, write_result  # noqa: E402
+from longquest.kernels.peer import peer_exchange  # noqa: E402
 from longquest.parallel.peer import PeerCollectives  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def graph_us(fn, *, repeats: int, replays: int, group) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-kb", default="16,64,132,256")
+    parser.add_argument("--sweep-kb", type=int, default=132, help="size of the programs sweep")
     parser.add_argument("--repeats", type=int, default=64)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--label", default=os.environ.get("NCCL_PROTO", "default"))
@@ -96,6 +98,14 @@ def main() -> int:
             peer.fits(local.numel() * 4)  # grow outside the capture
             record("peer all_gather fp32", size_kb, lambda: peer.all_gather(local))
             record("peer all_reduce bf16", size_kb, lambda: peer.all_reduce(half))
+            if size_kb == args.sweep_kb:  # how many programs split the payload
+                _, bases, counters = peer._kept[-1]
+                out = local.new_empty(world, n)
+                for programs in (1, 2, 4, 8, 16, 32):
+                    record(f"peer all_gather fp32 programs={programs}", size_kb,
+                           lambda p=programs: peer_exchange(
+                               src=local, out=out, bases=bases, counters=counters, rank=rank,
+                               slot_bytes=peer.slot_bytes, reduce=False, programs=p))  # fmt: skip
             dist.all_gather_into_tensor(gathered, local, group=group)
             same = torch.equal(peer.all_gather(local).view(-1), gathered)
             if rank == 0:

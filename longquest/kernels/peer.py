@@ -2,35 +2,32 @@
 
 Decode makes 2-3 collectives a layer on tens to hundreds of KB; NCCL takes 12-14 us each
 inside a CUDA graph on two H200s, most of it fixed cost. Here each rank *pushes* its payload
-straight into every rank's buffer (NVLink stores through mapped peer memory), raises one
-flag per program on every peer, and waits for the peers' flags on its own buffer: one
-kernel, one one-way trip.
+straight into every peer's buffer (NVLink stores through mapped peer memory), and every
+8-byte word it stores carries its own flag: 4 payload bytes beside the call's number. A
+receiver polls the words themselves until each carries the current call, so there is no
+fence, no separate flag and no second trip (the "LL" idea of NCCL's low-latency protocol;
+an 8-byte store is never torn).
 
 The caller owns the memory (``longquest.parallel.peer`` maps it with torch symmetric
-memory) and passes every rank's buffer base address. Each rank's buffer, in bytes::
+memory) and passes every rank's buffer base address. Each rank's buffer holds
+``[2 parities][world_size slots][slot_bytes // 4]`` int64 words: slot ``s`` of a parity
+receives rank ``s``'s payload. ``counters`` ``[MAX_PROGRAMS]`` int32 is this rank's own
+memory: the calls program p has finished. Program ``p`` of a call moves chunk ``p``:
 
-    data:  [2 parities][world_size slots][slot_bytes]   slot s holds rank s's payload
-    flags: [world_size sources][MAX_PROGRAMS] int32     flags[s][p]: last call of program
-                                                         p whose chunk rank s has pushed
-
-plus ``counters`` ``[MAX_PROGRAMS]`` int32, this rank's own memory: the calls program p has
-finished. Program ``p`` of a call moves chunk ``p`` of the payload:
-
-1. ``call = counters[p] + 1``, ``parity = call % 2``. Every rank makes the same calls
-   with the same sizes, so ``call`` is the same number on every rank.
-2. Push its chunk into slot ``rank`` of parity ``parity`` of every rank's buffer.
-3. Fence (system scope), barrier the program's threads, then one release store of
-   ``call`` into ``flags[rank][p]`` of every rank.
-4. Wait (acquire, system scope) until ``flags[s][p] >= call`` for every other rank ``s``.
-5. Gather: copy chunk ``p`` of every slot to ``out[s]``. Reduce: sum chunk ``p`` over the
-   slots in rank order, in fp32 (the same order on every rank, so the same result), and
-   write it to ``out``. Then ``counters[p] = call``.
+1. ``call = counters[p] % 2**30 + 1``, ``parity = call % 2``. Every rank makes the same calls
+   with the same sizes, so ``call`` is the same number on every rank (and after 2**30 calls
+   it wraps from even to odd, so the parities keep alternating).
+2. Push: each 4-byte word of the chunk goes, as ``call << 32 | word``, into slot ``rank`` of
+   parity ``parity`` of every peer's buffer.
+3. Finish: for every source rank, poll its slot's words of the chunk until all carry
+   ``call`` (its own from ``src``). Gather: copy them to ``out[source]``. Reduce: sum them
+   in rank order, in fp32 (the same order on every rank, so the same bits), and write the
+   sum to ``out``. Then ``counters[p] = call``.
 
 Why two parities suffice: rank A pushes call ``c + 2`` of program p into B's parity of call
-``c`` only after A's call ``c + 1`` saw B's flag ``c + 1``, which B raises in a kernel that
-starts after B's kernel of call ``c`` (its step 5 included) has finished. Why ``>=``: A may
-already have raised ``c + 1`` (into the other parity) while B still waits for ``c``. Flags
-only grow, so nothing is reset and no stale flag can pass for a new one.
+``c`` only after A's call ``c + 1`` saw B's words of ``c + 1``, which B pushes in a kernel
+that starts after B's kernel of call ``c`` (its polling included) has finished. Rank A may
+push ``c + 1`` while B still polls ``c``: that goes to the other parity.
 
 A rank that never arrives (a mismatched call) makes the others trap after
 ``_TIMEOUT_NS``: a CUDA error instead of a hang.
@@ -47,31 +44,19 @@ import triton.language as tl
 
 from longquest.kernels._checks import check_tensor
 
-MAX_PROGRAMS = 32  # flags per source rank: the most programs one call may use
-_MIN_CHUNK_BYTES = 8192  # a program moves at least this much (fewer flags to wait for)
-_BLOCK_BYTES = 4096  # bytes a program moves per loop step
+MAX_PROGRAMS = 32  # the most programs one call may use
+_MIN_CHUNK_BYTES = 4096  # a program moves at least this much payload
+_BLOCK_WORDS = 512  # 4-byte payload words a program moves per loop step
 _TIMEOUT_NS = 60_000_000_000  # a wait longer than 60 s traps
 
 
-def flags_bytes(world_size: int) -> int:
-    """Bytes of the flags region after the data (see the module docstring)."""
-    return world_size * MAX_PROGRAMS * 4
+_SUMMED = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def buffer_bytes(*, world_size: int, slot_bytes: int) -> int:
-    """Bytes each rank's buffer needs for payloads of up to ``slot_bytes``."""
-    return 2 * world_size * slot_bytes + flags_bytes(world_size)
-
-
-@triton.jit
-def _system_fence(x, ON_GPU: tl.constexpr):
-    """Order this thread's earlier memory operations before its later ones, system-wide
-    (peers' stores through NVLink included). A no-op under the interpreter."""
-    if ON_GPU:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.sys;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
+    """Bytes each rank's buffer needs for payloads of up to ``slot_bytes`` (every 4 payload
+    bytes travel as an 8-byte word)."""
+    return 2 * world_size * 2 * slot_bytes
 
 
 @triton.jit
@@ -92,62 +77,82 @@ def _trap(x, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _unpack_sum(words, total_lo, total_hi, DTYPE: tl.constexpr):
+    """Add the payload ``words`` (int32) of one rank, read as ``DTYPE``, to fp32 sums: one
+    per word for 4-byte types, the low and high halves apart for 2-byte types."""
+    if DTYPE == tl.float32:
+        total_lo += words.to(tl.float32, bitcast=True)
+    else:
+        low = (words & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True)
+        high = (words >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+        total_lo += low.to(tl.float32)
+        total_hi += high.to(tl.float32)
+    return total_lo, total_hi
+
+
+@triton.jit
+def _pack_sum(total_lo, total_hi, DTYPE: tl.constexpr):
+    """The fp32 sums rounded once to ``DTYPE``, as int32 payload words."""
+    if DTYPE == tl.float32:
+        return total_lo.to(tl.int32, bitcast=True)
+    low = total_lo.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = total_hi.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
+    return low | (high << 16)
+
+
+@triton.jit
 def _exchange_kernel(
     src_ptr, out_ptr, bases_ptr, counters_ptr,
-    numel, chunk, slot_bytes, flags_offset, rank,
-    WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr, REDUCE: tl.constexpr,
+    numel, chunk, slot_words, rank,
+    WORLD: tl.constexpr, BLOCK: tl.constexpr, REDUCE: tl.constexpr, DTYPE: tl.constexpr,
     PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
+    # src_ptr / out_ptr: int32 payload words; numel, chunk: in words.
     program = tl.program_id(0)
-    call = tl.load(counters_ptr + program) + 1
+    call = tl.load(counters_ptr + program) % (1 << 30) + 1
+    tag = call.to(tl.int64) << 32
     parity = (call % 2).to(tl.int64)
-    elem = src_ptr.dtype.element_ty
     lo = program * chunk
     hi = tl.minimum(lo + chunk, numel)
     lanes = tl.arange(0, BLOCK)
-    slot_of_rank = (parity * WORLD + rank) * slot_bytes
     if PUSH:
+        into = (parity * WORLD + rank) * slot_words * 8
         for start in range(lo, hi, BLOCK):
             offsets = start + lanes
             inside = offsets < hi
             payload = tl.load(src_ptr + offsets, mask=inside)
+            words = tag | payload.to(tl.uint32, bitcast=True).to(tl.int64)
             for peer in tl.static_range(WORLD):
-                slot = (tl.load(bases_ptr + peer) + slot_of_rank).to(tl.pointer_type(elem))
-                tl.store(slot + offsets, payload, mask=inside)
-        _system_fence(call, ON_GPU)
-        tl.debug_barrier()
-        for peer in tl.static_range(WORLD):
-            flags = (tl.load(bases_ptr + peer) + flags_offset).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(flags + rank * MAX_PROGS + program, call, sem="release", scope="sys")
+                if peer != rank:
+                    slot = (tl.load(bases_ptr + peer) + into).to(tl.pointer_type(tl.int64))
+                    tl.store(slot + offsets, words, mask=inside)
     if FINISH:
-        own = tl.load(bases_ptr + rank)
-        flags = (own + flags_offset).to(tl.pointer_type(tl.int32))
-        for source in tl.static_range(WORLD):
-            if source != rank:
-                flag = flags + source * MAX_PROGS + program
-                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-                started = _now_ns(call, ON_GPU)
-                while seen < call:
-                    if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
-                        _trap(call, ON_GPU)
-                    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-        _system_fence(call, ON_GPU)
-        tl.debug_barrier()
-        data = own + parity * WORLD * slot_bytes
+        own = tl.load(bases_ptr + rank) + parity * WORLD * slot_words * 8
         for start in range(lo, hi, BLOCK):
             offsets = start + lanes
             inside = offsets < hi
-            if REDUCE:
-                total = tl.zeros([BLOCK], tl.float32)
-                for source in tl.static_range(WORLD):
-                    slot = (data + source * slot_bytes).to(tl.pointer_type(elem))
-                    total += tl.load(slot + offsets, mask=inside).to(tl.float32)
-                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=inside)
-            else:
-                for source in tl.static_range(WORLD):
-                    slot = (data + source * slot_bytes).to(tl.pointer_type(elem))
-                    payload = tl.load(slot + offsets, mask=inside)
+            total_lo = tl.zeros([BLOCK], tl.float32)
+            total_hi = tl.zeros([BLOCK], tl.float32)
+            for source in tl.static_range(WORLD):
+                if source == rank:
+                    payload = tl.load(src_ptr + offsets, mask=inside)
+                else:
+                    slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+                    words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
+                    late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
+                    started = _now_ns(call, ON_GPU)
+                    while late > 0:
+                        if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
+                            _trap(call, ON_GPU)
+                        words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
+                        late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
+                    payload = words.to(tl.int32)
+                if REDUCE:
+                    total_lo, total_hi = _unpack_sum(payload, total_lo, total_hi, DTYPE)
+                else:
                     tl.store(out_ptr + source * numel + offsets, payload, mask=inside)
+            if REDUCE:
+                tl.store(out_ptr + offsets, _pack_sum(total_lo, total_hi, DTYPE), mask=inside)
         tl.store(counters_ptr + program, call)
 
 
@@ -165,7 +170,7 @@ def peer_exchange(
 ) -> torch.Tensor:
     """All-gather (``reduce=False``) or sum (``reduce=True``) ``src`` over the ranks.
 
-    src: contiguous payload, any shape; ``src.numel() * src.element_size() <= slot_bytes``.
+    src: contiguous payload, any shape, of whole 4-byte words and at most ``slot_bytes``.
         A gather moves it bit for bit (any dtype); a reduce takes fp32, fp16 or bf16.
     out: contiguous, ``src``'s dtype; ``[world_size, *src.shape]`` for a gather,
         ``src.shape`` for a reduce (it may be ``src`` itself: an in-place sum).
@@ -199,27 +204,26 @@ def peer_exchange(
     shape = tuple(src.shape) if reduce else (world_size, *src.shape)
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
-    if reduce and src.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if reduce and src.dtype not in _SUMMED:
         raise ValueError(f"a reduce sums fp32, fp16 or bf16, got {src.dtype}")
-    size = src.element_size()
-    if src.numel() * size > slot_bytes:
-        raise ValueError(
-            f"payload of {src.numel() * size} bytes exceeds the {slot_bytes}-byte slots"
-        )
+    nbytes = src.numel() * src.element_size()
+    if nbytes > slot_bytes:
+        raise ValueError(f"payload of {nbytes} bytes exceeds the {slot_bytes}-byte slots")
+    if nbytes % 4:
+        raise ValueError(f"payload of {nbytes} bytes: it must be whole 4-byte words (pad it)")
     if slot_bytes % 16:
         raise ValueError(f"slot_bytes must be a multiple of 16, got {slot_bytes}")
-    numel = src.numel()
+    words = nbytes // 4
     if programs is None:
-        programs = triton.cdiv(numel * size, _MIN_CHUNK_BYTES)
+        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
     programs = max(1, min(MAX_PROGRAMS, programs))
-    block = _BLOCK_BYTES // size
-    chunk = triton.cdiv(triton.cdiv(max(numel, 1), programs), block) * block
-    on_gpu = src.device.type == "cuda"
+    chunk = triton.cdiv(triton.cdiv(max(words, 1), programs), _BLOCK_WORDS) * _BLOCK_WORDS
     _exchange_kernel[(programs,)](
-        src, out, bases, counters,
-        numel, chunk, slot_bytes, 2 * world_size * slot_bytes, rank,
-        WORLD=world_size, MAX_PROGS=MAX_PROGRAMS, BLOCK=block, REDUCE=reduce,
-        PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=on_gpu,
+        src.view(-1).view(torch.int32), out.view(-1).view(torch.int32), bases, counters,
+        words, chunk, slot_bytes // 4, rank,
+        WORLD=world_size, BLOCK=_BLOCK_WORDS, REDUCE=reduce,
+        DTYPE=_SUMMED.get(src.dtype, tl.float32),
+        PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
         TIMEOUT_NS=_TIMEOUT_NS, num_warps=4,
     )  # fmt: skip
     return out

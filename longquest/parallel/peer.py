@@ -82,16 +82,20 @@ class PeerCollectives:
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[world_size, *tensor.shape]``: every rank's ``tensor`` (any dtype), by rank."""
         src = tensor.contiguous()
-        out = src.new_empty(self.world_size, *src.shape)
-        self._run(src, out, reduce=False)
-        return out
+        if _whole_words(src):
+            return self._run(src, src.new_empty(self.world_size, *src.shape), reduce=False)
+        padded = _padded(src)
+        out = self._run(padded, padded.new_empty(self.world_size, padded.numel()), reduce=False)
+        return out[:, : src.numel()].reshape(self.world_size, *src.shape)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` (fp32, fp16 or bf16) over the ranks in place, in fp32 in rank
         order (the same bits on every rank); returns it."""
-        if tensor.is_contiguous():
+        if tensor.is_contiguous() and _whole_words(tensor):
             return self._run(tensor, tensor, reduce=True)
-        tensor.copy_(self._run(tensor.contiguous(), tensor.contiguous(), reduce=True))
+        padded = _padded(tensor.contiguous())
+        self._run(padded, padded, reduce=True)
+        tensor.copy_(padded[: tensor.numel()].view(tensor.shape))
         return tensor
 
     def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:
@@ -108,10 +112,10 @@ class PeerCollectives:
 
         slot_bytes = 1 << max(nbytes - 1, 1).bit_length()
         size = buffer_bytes(world_size=self.world_size, slot_bytes=slot_bytes)
-        try:  # older torch needs the group registered; newer does it on demand
-            symm.enable_symm_mem_for_group(self.group.group_name)
-        except Exception:  # noqa: BLE001, S110
-            pass
+        with warnings.catch_warnings():  # newer torch registers the group on demand
+            warnings.simplefilter("ignore", FutureWarning)
+            if hasattr(symm, "enable_symm_mem_for_group"):
+                symm.enable_symm_mem_for_group(self.group.group_name)
         buffer = symm.empty(size, dtype=torch.uint8, device=self.device)
         buffer.zero_()
         handle = symm.rendezvous(buffer, self.group.group_name)
@@ -123,3 +127,14 @@ class PeerCollectives:
         torch.cuda.synchronize(self.device)
         self._kept.append((buffer, bases, counters))
         self.slot_bytes = slot_bytes
+
+
+def _whole_words(tensor: torch.Tensor) -> bool:
+    return tensor.numel() * tensor.element_size() % 4 == 0
+
+
+def _padded(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` flattened and zero-padded to whole 4-byte words (a copy)."""
+    flat = tensor.reshape(-1)
+    pad = -flat.numel() * flat.element_size() % 4 // flat.element_size()
+    return torch.cat((flat, flat.new_zeros(pad)))

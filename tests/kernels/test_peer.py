@@ -80,7 +80,7 @@ def test_matches_ref_over_many_calls(world, reduce, dtype, device):
     # Sizes that leave programs with empty chunks, one element, a partial block, and a
     # full slot; several calls, so both parities and the growing flags are used.
     elem = torch.tensor([], dtype=dtype).element_size()
-    for numel in (1, 5, 1000, 3000, 16384 // elem, 7):
+    for numel in (2, 6, 1000, 3000, 16384 // elem, 8):
         for programs in (None, 3):
             data = payloads(gen, world, (numel,), dtype, device)
             outs = ranks.call(data, reduce=reduce, programs=programs)
@@ -139,5 +139,21 @@ def test_refuses_bad_input(device):
         )  # fmt: skip
     with pytest.raises(ValueError, match="sums fp32, fp16 or bf16"):
         ranks.run(0, "both", src.int(), src.int(), True)
+    with pytest.raises(ValueError, match="whole 4-byte words"):
+        ranks.run(0, "both", src[:3].bfloat16(), src[:3].bfloat16(), True)
     with pytest.raises(ValueError, match="phases"):
         ranks.run(0, "all", src, out, False)
+
+
+def test_call_numbers_wrap_and_keep_alternating(device):
+    """After 2**30 calls the call number wraps from even to odd: results stay right."""
+    gen = torch.Generator().manual_seed(2)
+    ranks = Ranks(2, slot_bytes=4096, device=device)
+    for counters in ranks.counters:
+        counters.fill_(2**30 - 2)
+    for _ in range(4):
+        data = payloads(gen, 2, (300,), torch.float32, device)
+        want = peer_exchange_ref([d.cpu() for d in data], reduce=False)
+        for out in ranks.call(data, reduce=False, programs=1):
+            assert torch.equal(out.cpu(), want)
+    assert [int(c[0]) for c in ranks.counters] == [2, 2]
