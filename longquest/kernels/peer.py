@@ -18,9 +18,9 @@ memory: the calls program p has finished. Program ``p`` of a call moves chunk ``
    with the same sizes, so ``call`` is the same number on every rank (and after 2**30 calls
    it wraps from even to odd, so the parities keep alternating).
 2. Push: each 4-byte word of the chunk goes, as ``call << 32 | word``, into slot ``rank`` of
-   parity ``parity`` of every peer's buffer.
+   parity ``parity`` of every rank's buffer (its own too).
 3. Finish: for every source rank, poll its slot's words of the chunk until all carry
-   ``call`` (its own from ``src``). Gather: copy them to ``out[source]``. Reduce: sum them
+   ``call``. Gather: copy them to ``out[source]``. Reduce: sum them
    in rank order, in fp32 (the same order on every rank, so the same bits), and write the
    sum to ``out``. Then ``counters[p] = call``.
 
@@ -94,10 +94,12 @@ def _unpack_sum(words, total_lo, total_hi, DTYPE: tl.constexpr):
 def _pack_sum(total_lo, total_hi, DTYPE: tl.constexpr):
     """The fp32 sums rounded once to ``DTYPE``, as int32 payload words."""
     if DTYPE == tl.float32:
-        return total_lo.to(tl.int32, bitcast=True)
-    low = total_lo.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    high = total_hi.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
-    return low | (high << 16)
+        words = total_lo.to(tl.int32, bitcast=True)
+    else:
+        low = total_lo.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        high = total_hi.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
+        words = low | (high << 16)
+    return words
 
 
 @triton.jit
@@ -122,10 +124,9 @@ def _exchange_kernel(
             inside = offsets < hi
             payload = tl.load(src_ptr + offsets, mask=inside)
             words = tag | payload.to(tl.uint32, bitcast=True).to(tl.int64)
-            for peer in tl.static_range(WORLD):
-                if peer != rank:
-                    slot = (tl.load(bases_ptr + peer) + into).to(tl.pointer_type(tl.int64))
-                    tl.store(slot + offsets, words, mask=inside)
+            for peer in tl.static_range(WORLD):  # itself too: one way to read every slot
+                slot = (tl.load(bases_ptr + peer) + into).to(tl.pointer_type(tl.int64))
+                tl.store(slot + offsets, words, mask=inside)
     if FINISH:
         own = tl.load(bases_ptr + rank) + parity * WORLD * slot_words * 8
         for start in range(lo, hi, BLOCK):
@@ -134,19 +135,16 @@ def _exchange_kernel(
             total_lo = tl.zeros([BLOCK], tl.float32)
             total_hi = tl.zeros([BLOCK], tl.float32)
             for source in tl.static_range(WORLD):
-                if source == rank:
-                    payload = tl.load(src_ptr + offsets, mask=inside)
-                else:
-                    slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+                slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+                words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
+                late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
+                started = _now_ns(call, ON_GPU)
+                while late > 0:
+                    if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
+                        _trap(call, ON_GPU)
                     words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
                     late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
-                    started = _now_ns(call, ON_GPU)
-                    while late > 0:
-                        if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
-                            _trap(call, ON_GPU)
-                        words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
-                        late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
-                    payload = words.to(tl.int32)
+                payload = words.to(tl.int32)
                 if REDUCE:
                     total_lo, total_hi = _unpack_sum(payload, total_lo, total_hi, DTYPE)
                 else:
