@@ -70,8 +70,9 @@ case "$1" in
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 \
       --collectives peer,nccl --label b8-peer --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -8 ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
-    timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/kernels/test_peer.py \
-      tests/parallel/test_peer.py tests/parallel/test_worker.py -x 2>&1 | tail -5 || exit 1
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
+    timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \
+      tests/parallel/test_worker.py -x 2>&1 | tail -5 || exit 1
     timeout 100 torchrun --standalone --nproc-per-node 2 benchmarks/collectives.py --label ll \
       --sizes-kb 16,64,132,256 --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn\|return func"
     timeout 250 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
