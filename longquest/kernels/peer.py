@@ -12,22 +12,25 @@ The caller owns the memory (``longquest.parallel.peer`` maps it with torch symme
 memory) and passes every rank's buffer base address. Each rank's buffer holds
 ``[2 parities][world_size slots][slot_bytes // 4]`` int64 words: slot ``s`` of a parity
 receives rank ``s``'s payload. ``counters`` ``[MAX_PROGRAMS]`` int32 is this rank's own
-memory: the calls program p has finished. Program ``p`` of a call moves chunk ``p``:
+memory: the calls made so far, once per program so that no program reads a counter that
+another program of the same call writes. Program ``p`` of a call moves chunk ``p``:
 
-1. ``call = counters[p] % 2**30 + 1``, ``parity = call % 2``. Every rank makes the same calls
-   with the same sizes, so ``call`` is the same number on every rank (and after 2**30 calls
-   it wraps from even to odd, so the parities keep alternating).
+1. ``call = counters[p] % 2**30 + 1``, ``parity = call % 2``. Every rank makes the same calls,
+   so ``call`` is the same number on every rank and in every program of a call: a word's
+   tag names one call, whatever the chunking of earlier calls. (After 2**30 calls it wraps
+   from even to odd, so the parities keep alternating.)
 2. Push: each 4-byte word of the chunk goes, as ``call << 32 | word``, into slot ``rank`` of
    parity ``parity`` of every rank's buffer (its own too).
 3. Finish: for every source rank, poll its slot's words of the chunk until all carry
    ``call``. Gather: copy them to ``out[source]``. Reduce: sum them
    in rank order, in fp32 (the same order on every rank, so the same bits), and write the
-   sum to ``out``. Then ``counters[p] = call``.
+   sum to ``out``. Then ``counters[p] = call``; program 0 also sets the counters of the
+   programs this call does not have.
 
-Why two parities suffice: rank A pushes call ``c + 2`` of program p into B's parity of call
-``c`` only after A's call ``c + 1`` saw B's words of ``c + 1``, which B pushes in a kernel
-that starts after B's kernel of call ``c`` (its polling included) has finished. Rank A may
-push ``c + 1`` while B still polls ``c``: that goes to the other parity.
+Why two parities suffice: rank A pushes call ``c + 2`` into B's parity of call ``c`` only
+after A's kernel of call ``c + 1`` saw all of B's words of ``c + 1``, which B pushes in a
+kernel that starts after B's kernel of call ``c`` (its polling included) has finished.
+Rank A may push ``c + 1`` while B still polls ``c``: that goes to the other parity.
 
 A rank that never arrives (a mismatched call) makes the others trap after
 ``_TIMEOUT_NS``: a CUDA error instead of a hang.
@@ -106,8 +109,9 @@ def _pack_sum(total_lo, total_hi, DTYPE: tl.constexpr):
 def _exchange_kernel(
     src_ptr, out_ptr, bases_ptr, counters_ptr,
     numel, chunk, slot_words, rank,
-    WORLD: tl.constexpr, BLOCK: tl.constexpr, REDUCE: tl.constexpr, DTYPE: tl.constexpr,
-    PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
+    WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr, REDUCE: tl.constexpr,
+    DTYPE: tl.constexpr, PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr,
+    TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
     # src_ptr / out_ptr: int32 payload words; numel, chunk: in words.
     program = tl.program_id(0)
@@ -152,6 +156,11 @@ def _exchange_kernel(
             if REDUCE:
                 tl.store(out_ptr + offsets, _pack_sum(total_lo, total_hi, DTYPE), mask=inside)
         tl.store(counters_ptr + program, call)
+        # The counters of programs this call does not have advance too (program 0 writes
+        # them; no program of this call reads them): every counter holds the same call.
+        rest = tl.arange(0, MAX_PROGS)
+        unused = (rest >= tl.num_programs(0)) & (rest * 0 + program == 0)
+        tl.store(counters_ptr + rest, tl.full([MAX_PROGS], 0, tl.int32) + call, mask=unused)
 
 
 def peer_exchange(
@@ -219,7 +228,7 @@ def peer_exchange(
     _exchange_kernel[(programs,)](
         src.view(-1).view(torch.int32), out.view(-1).view(torch.int32), bases, counters,
         words, chunk, slot_bytes // 4, rank,
-        WORLD=world_size, BLOCK=_BLOCK_WORDS, REDUCE=reduce,
+        WORLD=world_size, MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK_WORDS, REDUCE=reduce,
         DTYPE=_SUMMED.get(src.dtype, tl.float32),
         PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
         TIMEOUT_NS=_TIMEOUT_NS, num_warps=4,

@@ -87,6 +87,10 @@ def test_matches_ref_over_many_calls(world, reduce, dtype, device):
             want = peer_exchange_ref([d.cpu() for d in data], reduce=reduce)
             for out in outs:
                 assert_same(out.cpu(), want)
+            # Every program's counter names the same call, whatever the call's programs:
+            # a word's tag must name one call, not one program's.
+            for counters in ranks.counters:
+                assert counters.unique().numel() == 1
 
 
 def test_in_place_reduce_and_shapes(device):
