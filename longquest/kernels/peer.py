@@ -1,4 +1,5 @@
-"""All-gather and all-reduce of small payloads over peer memory, in one Triton kernel.
+"""All-gather, all-reduce and attention merge of small payloads over peer memory, in one
+Triton kernel.
 
 Decode makes 2-3 collectives a layer on tens to hundreds of KB; NCCL takes 12-14 us each
 inside a CUDA graph on two H200s, most of it fixed cost. Here each rank *pushes* its payload
@@ -48,7 +49,7 @@ import triton.language as tl
 from longquest.kernels._checks import check_tensor
 
 MAX_PROGRAMS = 32  # the most programs one call may use
-_MIN_CHUNK_BYTES = 4096  # a program moves at least this much payload
+_MIN_CHUNK_BYTES = 2048  # a program moves at least this much payload
 _BLOCK_WORDS = 512  # 4-byte payload words a program moves per loop step
 _TIMEOUT_NS = 60_000_000_000  # a wait longer than 60 s traps
 
@@ -106,14 +107,76 @@ def _pack_sum(total_lo, total_hi, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _exchange_kernel(
-    src_ptr, out_ptr, bases_ptr, counters_ptr,
-    numel, chunk, slot_words, rank,
-    WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr, REDUCE: tl.constexpr,
-    DTYPE: tl.constexpr, PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr,
-    TIMEOUT_NS: tl.constexpr,
+def _poll(slot, offsets, inside, tag, call, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """The words at ``slot + offsets`` once every one inside carries ``tag``."""
+    words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
+    late = tl.sum(tl.ravel(((words & ~0xFFFFFFFF) != tag) & inside), axis=0)
+    started = _now_ns(call, ON_GPU)
+    while late > 0:
+        if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
+            _trap(call, ON_GPU)
+        words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
+        late = tl.sum(tl.ravel(((words & ~0xFFFFFFFF) != tag) & inside), axis=0)
+    return words
+
+
+@triton.jit
+def _as_float(words):
+    return words.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _finish_merge(
+    own, slot_words, out_ptr, lse_ptr, program, chunk, numel, tag, call,
+    WORLD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
-    # src_ptr / out_ptr: int32 payload words; numel, chunk: in words.
+    """Merge mode's finish: the program's rows of ``[rows, HEAD_DIM + 1]`` partial states
+    (out | lse, fp32) from every rank, merged as ``merge_attention_states`` does."""
+    width = HEAD_DIM + 1
+    per_program = chunk // width
+    rows = program * per_program + tl.arange(0, BLOCK_ROWS)
+    mine = (rows < program * per_program + per_program) & (rows < numel // width)
+    dims = tl.arange(0, HEAD_DIM)
+    lse_at = rows * width + HEAD_DIM
+    out_at = rows[:, None] * width + dims[None, :]
+    # Pass 1: the largest lse, so that every weight is exp(<= 0).
+    top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    for source in tl.static_range(WORLD):
+        slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+        lse = _as_float(_poll(slot, lse_at, mine, tag, call, ON_GPU, TIMEOUT_NS))
+        top = tl.maximum(top, lse)
+    top = tl.where(top == float("-inf"), 0.0, top)  # every source empty: exp(-inf) = 0
+    # Pass 2: the weighted sum; an empty source's out is never read.
+    acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], tl.float32)
+    total = tl.zeros([BLOCK_ROWS], tl.float32)
+    for source in tl.static_range(WORLD):
+        slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+        lse = _as_float(tl.load(slot + lse_at, mask=mine, other=0, volatile=True))
+        has_tokens = (lse > float("-inf")) & mine
+        weight = tl.where(has_tokens, tl.exp(lse - top), 0.0)
+        words = _poll(slot, out_at, has_tokens[:, None], tag, call, ON_GPU, TIMEOUT_NS)
+        acc += weight[:, None] * tl.where(has_tokens[:, None], _as_float(words), 0.0)
+        total += weight
+    safe = tl.where(total > 0, total, 1.0)
+    out = tl.where(total[:, None] > 0, acc / safe[:, None], 0.0)
+    lse = tl.where(total > 0, top + tl.log(safe), float("-inf"))
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mine[:, None])  # fmt: skip
+    tl.store(lse_ptr + rows, lse, mask=mine)
+
+
+@triton.jit
+def _exchange_kernel(
+    src_ptr, out_ptr, lse_ptr, bases_ptr, counters_ptr,
+    numel, chunk, slot_words, rank,
+    WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr,
+    DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
+):  # fmt: skip
+    # src_ptr: int32 payload words; numel, chunk: in words. MODE 0 gathers into out_ptr
+    # (int32 words), 1 sums into it (int32 words of DTYPE), 2 merges into it (see
+    # _finish_merge) and into lse_ptr.
     program = tl.program_id(0)
     call = tl.load(counters_ptr + program) % (1 << 30) + 1
     tag = call.to(tl.int64) << 32
@@ -133,34 +196,63 @@ def _exchange_kernel(
                 tl.store(slot + offsets, words, mask=inside)
     if FINISH:
         own = tl.load(bases_ptr + rank) + parity * WORLD * slot_words * 8
-        for start in range(lo, hi, BLOCK):
-            offsets = start + lanes
-            inside = offsets < hi
-            total_lo = tl.zeros([BLOCK], tl.float32)
-            total_hi = tl.zeros([BLOCK], tl.float32)
-            for source in tl.static_range(WORLD):
-                slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
-                words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
-                late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
-                started = _now_ns(call, ON_GPU)
-                while late > 0:
-                    if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
-                        _trap(call, ON_GPU)
-                    words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
-                    late = tl.sum(((words & ~0xFFFFFFFF) != tag) & inside, axis=0)
-                payload = words.to(tl.int32)
-                if REDUCE:
-                    total_lo, total_hi = _unpack_sum(payload, total_lo, total_hi, DTYPE)
-                else:
-                    tl.store(out_ptr + source * numel + offsets, payload, mask=inside)
-            if REDUCE:
-                tl.store(out_ptr + offsets, _pack_sum(total_lo, total_hi, DTYPE), mask=inside)
+        if MODE == 2:
+            _finish_merge(
+                own, slot_words, out_ptr, lse_ptr, program, chunk, numel, tag, call,
+                WORLD, HEAD_DIM, BLOCK_ROWS, ON_GPU, TIMEOUT_NS,
+            )  # fmt: skip
+        else:
+            for start in range(lo, hi, BLOCK):
+                offsets = start + lanes
+                inside = offsets < hi
+                total_lo = tl.zeros([BLOCK], tl.float32)
+                total_hi = tl.zeros([BLOCK], tl.float32)
+                for source in tl.static_range(WORLD):
+                    slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+                    payload = _poll(slot, offsets, inside, tag, call, ON_GPU, TIMEOUT_NS)
+                    payload = payload.to(tl.int32)
+                    if MODE == 1:
+                        total_lo, total_hi = _unpack_sum(payload, total_lo, total_hi, DTYPE)
+                    else:
+                        tl.store(out_ptr + source * numel + offsets, payload, mask=inside)
+                if MODE == 1:
+                    packed = _pack_sum(total_lo, total_hi, DTYPE)
+                    tl.store(out_ptr + offsets, packed, mask=inside)
         tl.store(counters_ptr + program, call)
         # The counters of programs this call does not have advance too (program 0 writes
         # them; no program of this call reads them): every counter holds the same call.
         rest = tl.arange(0, MAX_PROGS)
         unused = (rest >= tl.num_programs(0)) & (rest * 0 + program == 0)
         tl.store(counters_ptr + rest, tl.full([MAX_PROGS], 0, tl.int32) + call, mask=unused)
+
+
+def _check_exchange(*, device, bases, counters, rank, phases, slot_bytes, nbytes) -> None:
+    check_tensor("bases", bases, ndim=1, dtypes=(torch.int64,), device=device)
+    check_tensor("counters", counters, ndim=1, dtypes=(torch.int32,), device=device)
+    if counters.numel() != MAX_PROGRAMS:
+        raise ValueError(f"counters must have {MAX_PROGRAMS} entries, got {counters.numel()}")
+    if not 0 <= rank < bases.numel():
+        raise ValueError(f"rank {rank} is outside the {bases.numel()} ranks of bases")
+    if phases not in ("both", "push", "finish"):
+        raise ValueError(f"phases must be 'both', 'push' or 'finish', got {phases!r}")
+    if slot_bytes % 16:
+        raise ValueError(f"slot_bytes must be a multiple of 16, got {slot_bytes}")
+    if nbytes > slot_bytes:
+        raise ValueError(f"payload of {nbytes} bytes exceeds the {slot_bytes}-byte slots")
+    if nbytes % 4:
+        raise ValueError(f"payload of {nbytes} bytes: it must be whole 4-byte words (pad it)")
+
+
+def _launch(src, out, lse, *, bases, counters, rank, slot_bytes, programs, chunk, phases,
+            mode, dtype=tl.float32, head_dim=1, block_rows=1) -> None:  # fmt: skip
+    _exchange_kernel[(programs,)](
+        src.view(-1).view(torch.int32), out, lse, bases, counters,
+        src.numel() * src.element_size() // 4, chunk, slot_bytes // 4, rank,
+        WORLD=bases.numel(), MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK_WORDS, MODE=mode,
+        DTYPE=dtype, HEAD_DIM=head_dim, BLOCK_ROWS=block_rows,
+        PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
+        TIMEOUT_NS=_TIMEOUT_NS, num_warps=4,
+    )  # fmt: skip
 
 
 def peer_exchange(
@@ -193,44 +285,76 @@ def peer_exchange(
     Every rank must make the same calls, in the same order, with the same sizes.
     Returns ``out``.
     """
-    world_size = bases.numel()
-    check_tensor("bases", bases, ndim=1, dtypes=(torch.int64,), device=src.device)
-    check_tensor("counters", counters, ndim=1, dtypes=(torch.int32,), device=src.device)
-    if counters.numel() != MAX_PROGRAMS:
-        raise ValueError(f"counters must have {MAX_PROGRAMS} entries, got {counters.numel()}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside the {world_size} ranks of bases")
-    if phases not in ("both", "push", "finish"):
-        raise ValueError(f"phases must be 'both', 'push' or 'finish', got {phases!r}")
+    nbytes = src.numel() * src.element_size()
+    _check_exchange(device=src.device, bases=bases, counters=counters, rank=rank,
+                    phases=phases, slot_bytes=slot_bytes, nbytes=nbytes)  # fmt: skip
     if not src.is_contiguous() or not out.is_contiguous():
         raise ValueError("src and out must be contiguous")
     if out.dtype != src.dtype or out.device != src.device:
         raise ValueError(
             f"out must be {src.dtype} on {src.device}, got {out.dtype} on {out.device}"
         )
-    shape = tuple(src.shape) if reduce else (world_size, *src.shape)
+    shape = tuple(src.shape) if reduce else (bases.numel(), *src.shape)
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
     if reduce and src.dtype not in _SUMMED:
         raise ValueError(f"a reduce sums fp32, fp16 or bf16, got {src.dtype}")
-    nbytes = src.numel() * src.element_size()
-    if nbytes > slot_bytes:
-        raise ValueError(f"payload of {nbytes} bytes exceeds the {slot_bytes}-byte slots")
-    if nbytes % 4:
-        raise ValueError(f"payload of {nbytes} bytes: it must be whole 4-byte words (pad it)")
-    if slot_bytes % 16:
-        raise ValueError(f"slot_bytes must be a multiple of 16, got {slot_bytes}")
     words = nbytes // 4
     if programs is None:
         programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
     programs = max(1, min(MAX_PROGRAMS, programs))
     chunk = triton.cdiv(triton.cdiv(max(words, 1), programs), _BLOCK_WORDS) * _BLOCK_WORDS
-    _exchange_kernel[(programs,)](
-        src.view(-1).view(torch.int32), out.view(-1).view(torch.int32), bases, counters,
-        words, chunk, slot_bytes // 4, rank,
-        WORLD=world_size, MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK_WORDS, REDUCE=reduce,
-        DTYPE=_SUMMED.get(src.dtype, tl.float32),
-        PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
-        TIMEOUT_NS=_TIMEOUT_NS, num_warps=4,
-    )  # fmt: skip
+    _launch(src, out.view(-1).view(torch.int32), counters, bases=bases, counters=counters,
+            rank=rank, slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases,
+            mode=1 if reduce else 0, dtype=_SUMMED.get(src.dtype, tl.float32))  # fmt: skip
     return out
+
+
+def peer_merge(
+    *,
+    partial: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bases: torch.Tensor,
+    counters: torch.Tensor,
+    rank: int,
+    slot_bytes: int,
+    programs: int | None = None,
+    phases: str = "both",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's partial attention state, exchanged and merged in the same kernel.
+
+    partial: ``[num_seqs, num_qo_heads, head_dim + 1]`` fp32, contiguous — this rank's
+        partial output (first ``head_dim`` columns) and its lse (last column, natural
+        log, ``-inf``: no tokens here); ``head_dim`` a power of two.
+    out: ``[num_seqs, num_qo_heads, head_dim]`` contiguous, any float dtype (rounded once).
+    lse: ``[num_seqs, num_qo_heads]`` fp32 contiguous: the merged lse.
+    The other arguments as for :func:`peer_exchange` (the two share the counters and the
+    buffer). The result is that of ``merge_attention_states`` over the ranks' states.
+    Returns ``(out, lse)``.
+    """
+    check_tensor("partial", partial, ndim=3, dtypes=(torch.float32,))
+    num_seqs, num_heads, width = partial.shape
+    head_dim = width - 1
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    check_tensor("out", out, ndim=3, device=partial.device)
+    check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,), device=partial.device)
+    if tuple(out.shape) != (num_seqs, num_heads, head_dim) or lse.shape != out.shape[:2]:
+        raise ValueError(
+            f"out must be {(num_seqs, num_heads, head_dim)} and lse {(num_seqs, num_heads)}, "
+            f"got {tuple(out.shape)} and {tuple(lse.shape)}"
+        )
+    if not (partial.is_contiguous() and out.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("partial, out and lse must be contiguous")
+    _check_exchange(device=partial.device, bases=bases, counters=counters, rank=rank,
+                    phases=phases, slot_bytes=slot_bytes, nbytes=partial.numel() * 4)  # fmt: skip
+    rows = num_seqs * num_heads
+    if programs is None:
+        programs = triton.cdiv(partial.numel() * 4, _MIN_CHUNK_BYTES)
+    programs = max(1, min(MAX_PROGRAMS, programs, rows))
+    per_program = triton.cdiv(max(rows, 1), programs)
+    _launch(partial, out, lse, bases=bases, counters=counters, rank=rank,
+            slot_bytes=slot_bytes, programs=programs, chunk=per_program * width, phases=phases,
+            mode=2, head_dim=head_dim, block_rows=triton.next_power_of_2(per_program))  # fmt: skip
+    return out, lse

@@ -179,10 +179,14 @@ class SequenceParallelComm:
         packed = _as_packed(out, lse)
         if packed is None:
             packed = torch.cat((out.float(), lse[..., None]), dim=-1)
+        dtype = out.dtype if dtype is None else dtype
+        peer = self.peer
+        if peer is not None and head_dim & (head_dim - 1) == 0 and peer.fits(packed.numel() * 4):
+            return peer.merge(packed, dtype=dtype)  # exchanged and merged in one kernel
         everyone = self._gather(packed)  # [world_size, num_seqs, num_qo_heads, head_dim + 1]
         return merge_attention_states(
             outputs=everyone[..., :head_dim], lses=everyone[..., head_dim], impl=self.impl,
-            out_dtype=out.dtype if dtype is None else dtype,
+            out_dtype=dtype,
         )  # fmt: skip
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

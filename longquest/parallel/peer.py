@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange, peer_merge
 
 _FIRST_SLOT_BYTES = 1 << 20
 
@@ -97,6 +97,23 @@ class PeerCollectives:
         self._run(padded, padded, reduce=True)
         tensor.copy_(padded[: tensor.numel()].view(tensor.shape))
         return tensor
+
+    def merge(
+        self, partial: torch.Tensor, *, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's partial attention ``partial`` ``[num_seqs, num_qo_heads, head_dim + 1]``
+        (fp32, out | lse) merged over the ranks in the same kernel that exchanges them
+        (:func:`~longquest.kernels.peer.peer_merge`): ``(out, lse)``, ``out`` in ``dtype``."""
+        if not self.fits(partial.numel() * 4):
+            raise ValueError("payload larger than the peer buffer during capture; check fits()")
+        num_seqs, num_heads, width = partial.shape
+        out = partial.new_empty(num_seqs, num_heads, width - 1, dtype=dtype)
+        lse = partial.new_empty(num_seqs, num_heads)
+        _, bases, counters = self._kept[-1]
+        return peer_merge(
+            partial=partial.contiguous(), out=out, lse=lse, bases=bases, counters=counters,
+            rank=self.rank, slot_bytes=self.slot_bytes,
+        )  # fmt: skip
 
     def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:
         if not self.fits(src.numel() * src.element_size()):

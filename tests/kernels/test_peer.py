@@ -5,11 +5,13 @@ finishes), as they must under the interpreter; the real cross-GPU run of both ha
 one kernel is tested in tests/parallel/test_peer_gpu.py.
 """
 
+import math
+
 import pytest
 import torch
 
-from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
-from longquest.kernels.ref import peer_exchange_ref
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange, peer_merge
+from longquest.kernels.ref import merge_attention_states_ref, peer_exchange_ref
 
 
 class Ranks:
@@ -161,3 +163,57 @@ def test_call_numbers_wrap_and_keep_alternating(device):
         for out in ranks.call(data, reduce=False, programs=1):
             assert torch.equal(out.cpu(), want)
     assert [int(c[0]) for c in ranks.counters] == [2, 2]
+
+
+def _merge_call(ranks, partials, out_dtype, programs=None):
+    outs = [p.new_empty(*p.shape[:2], p.shape[2] - 1, dtype=out_dtype) for p in partials]
+    lses = [p.new_empty(p.shape[:2]) for p in partials]
+    for phase in ("push", "finish"):
+        for rank, partial in enumerate(partials):
+            peer_merge(
+                partial=partial, out=outs[rank], lse=lses[rank], bases=ranks.bases,
+                counters=ranks.counters[rank], rank=rank, slot_bytes=ranks.slot_bytes,
+                programs=programs, phases=phase,
+            )  # fmt: skip
+    return outs, lses
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_merge_matches_ref_with_empty_sources(world, out_dtype, device):
+    gen = torch.Generator().manual_seed(world)
+    ranks = Ranks(world, slot_bytes=65536, device=device)
+    num_seqs, num_heads, head_dim = 3, 5, 16
+    for programs in (None, 4, 1):
+        partials = []
+        for rank in range(world):
+            partial = torch.randn(num_seqs, num_heads, head_dim + 1, generator=gen)
+            partial[..., head_dim] *= 4
+            partial[1, 2, head_dim] = -math.inf  # this row is empty everywhere
+            partial[1, 2, :head_dim] = float("nan")  # never read
+            if rank == 0:
+                partial[0, :, head_dim] = -math.inf  # empty on rank 0 only
+            partials.append(partial.to(device))
+        # A gather between merges: the two kinds share the counters and the buffer.
+        ranks.call(payloads(gen, world, (100,), torch.float32, device), reduce=False)
+        outs, lses = _merge_call(ranks, partials, out_dtype, programs)
+        stacked = torch.stack([p.cpu() for p in partials])
+        want, want_lse = merge_attention_states_ref(
+            outputs=stacked[..., :head_dim].nan_to_num(0.0), lses=stacked[..., head_dim]
+        )
+        for out, lse in zip(outs, lses):
+            assert not out.isnan().any()
+            torch.testing.assert_close(out.cpu().float(), want, atol=1e-5, rtol=1e-2)
+            torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
+            assert torch.equal(out, outs[0]) and torch.equal(lse, lses[0])  # same bits
+
+
+def test_merge_refuses_bad_input(device):
+    ranks = Ranks(2, slot_bytes=4096, device=device)
+    kw = dict(bases=ranks.bases, counters=ranks.counters[0], rank=0, slot_bytes=4096)
+    partial = torch.zeros(2, 3, 13, device=device)
+    with pytest.raises(ValueError, match="power of two"):
+        peer_merge(partial=partial, out=partial[..., :12], lse=partial[..., 0], **kw)
+    partial = torch.zeros(2, 3, 17, device=device)
+    with pytest.raises(ValueError, match="out must be"):
+        peer_merge(partial=partial, out=partial.new_empty(2, 3, 8), lse=partial[..., 0], **kw)

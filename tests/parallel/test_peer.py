@@ -73,13 +73,23 @@ def _against_nccl(*, rank, world_size, group):
         want = nccl(gathers, sums)
         mismatches += sum(not torch.equal(a, b) for a, b in zip(captured, want))
     torch.cuda.synchronize()
-    # Through the comm: the same merge as over NCCL.
+    # Through the comm: the merge fused into the exchange agrees with NCCL's gather and
+    # the merge kernel (to rounding: the fused sum may contract into FMAs), also in bf16,
+    # with rows empty on one rank and on both.
     comm = SequenceParallelComm(group=group, rank=rank, world_size=world_size)
-    out = torch.randn(4, 8, 64, generator=gen, device=device)
-    lse = torch.randn(4, 8, generator=gen, device=device)
-    want = comm.merge(out=out, lse=lse)
-    comm.peer = peer
-    mismatches += not torch.equal(comm.merge(out=out, lse=lse), want)
+    for dtype in (torch.float32, torch.bfloat16):
+        out, lse = comm.partial_buffers(num_seqs=8, num_qo_heads=32, head_dim=128, device=device)
+        out.copy_(torch.randn(out.shape, generator=gen, device=device))
+        lse.copy_(torch.randn(lse.shape, generator=gen, device=device) * 3)
+        lse[0] = -float("inf")
+        if rank == 0:
+            lse[1] = -float("inf")
+        comm.peer = None
+        want = comm.merge(out=out, lse=lse, dtype=dtype)
+        comm.peer = peer
+        got = comm.merge(out=out, lse=lse, dtype=dtype)
+        close = torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+        mismatches += int(not close) + int(got.isnan().any()) + int(bool(got[0].any()))
     return mismatches, peer.slot_bytes
 
 
