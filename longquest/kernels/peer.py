@@ -28,6 +28,10 @@ another program of the same call writes. Program ``p`` of a call moves chunk ``p
    sum to ``out``. Then ``counters[p] = call``; program 0 also sets the counters of the
    programs this call does not have.
 
+Modes: a gather, a sum, a merge of partial attention states (the finish merges them, so
+the states never make a round trip through memory) and a gather of top-k candidates
+whose push packs them (score bits beside global page ids) as it sends them.
+
 Why two parities suffice: rank A pushes call ``c + 2`` into B's parity of call ``c`` only
 after A's kernel of call ``c + 1`` saw all of B's words of ``c + 1``, which B pushes in a
 kernel that starts after B's kernel of call ``c`` (its polling included) has finished.
@@ -169,14 +173,17 @@ def _finish_merge(
 @triton.jit
 def _exchange_kernel(
     src_ptr, out_ptr, lse_ptr, bases_ptr, counters_ptr,
-    numel, chunk, slot_words, rank,
+    numel, chunk, slot_words, rank, index_ptr, table_ptr, table_stride, row_len,
     WORLD: tl.constexpr, MAX_PROGS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr,
     DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     PUSH: tl.constexpr, FINISH: tl.constexpr, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
     # src_ptr: int32 payload words; numel, chunk: in words. MODE 0 gathers into out_ptr
     # (int32 words), 1 sums into it (int32 words of DTYPE), 2 merges into it (see
-    # _finish_merge) and into lse_ptr.
+    # _finish_merge) and into lse_ptr; 3 gathers top-k candidates packed on the way
+    # (see peer_gather_candidates): src_ptr holds their score bits, index_ptr their local
+    # pages, table_ptr the global page of each local page (rows of table_stride; row_len
+    # candidates a sequence).
     program = tl.program_id(0)
     call = tl.load(counters_ptr + program) % (1 << 30) + 1
     tag = call.to(tl.int64) << 32
@@ -189,7 +196,17 @@ def _exchange_kernel(
         for start in range(lo, hi, BLOCK):
             offsets = start + lanes
             inside = offsets < hi
-            payload = tl.load(src_ptr + offsets, mask=inside)
+            if MODE == 3:  # word 2c: candidate c's score bits; 2c + 1: its global page
+                candidate = offsets // 2
+                is_page = (offsets % 2) == 1
+                bits = tl.load(src_ptr + candidate, mask=inside & ~is_page, other=0)
+                local = tl.load(index_ptr + candidate, mask=inside & is_page, other=-1)
+                seq = (candidate // row_len).to(tl.int64)
+                page = tl.load(table_ptr + seq * table_stride + local,
+                               mask=inside & is_page & (local >= 0), other=-1)  # fmt: skip
+                payload = tl.where(is_page, page, bits)
+            else:
+                payload = tl.load(src_ptr + offsets, mask=inside)
             words = tag | payload.to(tl.uint32, bitcast=True).to(tl.int64)
             for peer in tl.static_range(WORLD):  # itself too: one way to read every slot
                 slot = (tl.load(bases_ptr + peer) + into).to(tl.pointer_type(tl.int64))
@@ -244,10 +261,14 @@ def _check_exchange(*, device, bases, counters, rank, phases, slot_bytes, nbytes
 
 
 def _launch(src, out, lse, *, bases, counters, rank, slot_bytes, programs, chunk, phases,
-            mode, dtype=tl.float32, head_dim=1, block_rows=1) -> None:  # fmt: skip
+            mode, dtype=tl.float32, head_dim=1, block_rows=1, words=None, index=None,
+            table=None, row_len=1) -> None:  # fmt: skip
+    words = src.numel() * src.element_size() // 4 if words is None else words
     _exchange_kernel[(programs,)](
         src.view(-1).view(torch.int32), out, lse, bases, counters,
-        src.numel() * src.element_size() // 4, chunk, slot_bytes // 4, rank,
+        words, chunk, slot_bytes // 4, rank,
+        counters if index is None else index, counters if table is None else table,
+        0 if table is None else table.stride(0), row_len,
         WORLD=bases.numel(), MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK_WORDS, MODE=mode,
         DTYPE=dtype, HEAD_DIM=head_dim, BLOCK_ROWS=block_rows,
         PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
@@ -358,3 +379,54 @@ def peer_merge(
             slot_bytes=slot_bytes, programs=programs, chunk=per_program * width, phases=phases,
             mode=2, head_dim=head_dim, block_rows=triton.next_power_of_2(per_program))  # fmt: skip
     return out, lse
+
+
+def peer_gather_candidates(
+    *,
+    top_scores: torch.Tensor,
+    local_indices: torch.Tensor,
+    global_pages: torch.Tensor,
+    bases: torch.Tensor,
+    counters: torch.Tensor,
+    rank: int,
+    slot_bytes: int,
+    programs: int | None = None,
+    phases: str = "both",
+) -> torch.Tensor:
+    """Every rank's local top-k candidates, packed on the way and gathered in one kernel.
+
+    top_scores: ``[num_seqs, num_kv_heads, top_k]`` fp32; local_indices: the same shape,
+        int32 (``-1`` padding); global_pages: ``[num_seqs, max_local_pages]`` int32 — as for
+        ``longquest.kernels.global_topk.pack_candidates``, whose packing this applies.
+    The other arguments as for :func:`peer_exchange`.
+    Returns ``[world_size, num_seqs, num_kv_heads, top_k, 2]`` int32: every rank's
+    ``pack_candidates`` result, by rank.
+    """
+    check_tensor("top_scores", top_scores, ndim=3, dtypes=(torch.float32,))
+    device = top_scores.device
+    check_tensor("local_indices", local_indices, ndim=3, dtypes=(torch.int32,), device=device)
+    check_tensor("global_pages", global_pages, ndim=2, dtypes=(torch.int32,), device=device)
+    if local_indices.shape != top_scores.shape or global_pages.shape[0] != top_scores.shape[0]:
+        raise ValueError(
+            f"local_indices must be shaped as top_scores {tuple(top_scores.shape)} and "
+            f"global_pages have {top_scores.shape[0]} rows; got {tuple(local_indices.shape)} "
+            f"and {tuple(global_pages.shape)}"
+        )
+    nbytes = top_scores.numel() * 8
+    _check_exchange(device=device, bases=bases, counters=counters, rank=rank, phases=phases,
+                    slot_bytes=slot_bytes, nbytes=nbytes)  # fmt: skip
+    scores, indices = top_scores.contiguous(), local_indices.contiguous()
+    table = global_pages if global_pages.stride(1) == 1 else global_pages.contiguous()
+    if table.shape[1] == 0:  # no local pages: every index is padding
+        table = torch.full((table.shape[0], 1), -1, dtype=torch.int32, device=device)
+    out = torch.empty(bases.numel(), *scores.shape, 2, dtype=torch.int32, device=device)
+    words = nbytes // 4
+    if programs is None:
+        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
+    programs = max(1, min(MAX_PROGRAMS, programs))
+    chunk = triton.cdiv(triton.cdiv(max(words, 1), programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    _launch(scores, out, counters, bases=bases, counters=counters, rank=rank,
+            slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases, mode=3,
+            words=words, index=indices, table=table,
+            row_len=scores.shape[1] * scores.shape[2])  # fmt: skip
+    return out

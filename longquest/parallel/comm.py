@@ -124,13 +124,19 @@ class SequenceParallelComm:
             check_dim("local_indices", local_indices, dim, size, "as top_scores")
         check_dim("global_pages", global_pages, 0, num_seqs, "num_seqs")
 
-        packed = pack_candidates(
-            top_scores=top_scores,
-            local_indices=local_indices,
-            global_pages=global_pages,
-            impl=self.impl,
-        )
-        everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
+        peer = self.peer
+        if peer is not None and peer.fits(top_scores.numel() * 8):  # packed on the way
+            everyone = peer.gather_candidates(
+                top_scores=top_scores, local_indices=local_indices, global_pages=global_pages
+            )
+        else:
+            packed = pack_candidates(
+                top_scores=top_scores,
+                local_indices=local_indices,
+                global_pages=global_pages,
+                impl=self.impl,
+            )
+            everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
         return keep_global_top_k(
             gathered=everyone, local_indices=local_indices, rank=self.rank, impl=self.impl
         )

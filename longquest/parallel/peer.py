@@ -20,7 +20,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange, peer_merge
+from longquest.kernels.peer import (
+    MAX_PROGRAMS,
+    buffer_bytes,
+    peer_exchange,
+    peer_gather_candidates,
+    peer_merge,
+)
 
 _FIRST_SLOT_BYTES = 1 << 20
 
@@ -113,6 +119,20 @@ class PeerCollectives:
         return peer_merge(
             partial=partial.contiguous(), out=out, lse=lse, bases=bases, counters=counters,
             rank=self.rank, slot_bytes=self.slot_bytes,
+        )  # fmt: skip
+
+    def gather_candidates(
+        self, *, top_scores: torch.Tensor, local_indices: torch.Tensor, global_pages: torch.Tensor
+    ) -> torch.Tensor:
+        """Every rank's ``pack_candidates`` result ``[world_size, num_seqs, num_kv_heads,
+        top_k, 2]`` int32, packed and gathered in one kernel
+        (:func:`~longquest.kernels.peer.peer_gather_candidates`)."""
+        if not self.fits(top_scores.numel() * 8):
+            raise ValueError("payload larger than the peer buffer during capture; check fits()")
+        _, bases, counters = self._kept[-1]
+        return peer_gather_candidates(
+            top_scores=top_scores, local_indices=local_indices, global_pages=global_pages,
+            bases=bases, counters=counters, rank=self.rank, slot_bytes=self.slot_bytes,
         )  # fmt: skip
 
     def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:

@@ -10,7 +10,14 @@ import math
 import pytest
 import torch
 
-from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange, peer_merge
+from longquest.kernels.global_topk import pack_candidates
+from longquest.kernels.peer import (
+    MAX_PROGRAMS,
+    buffer_bytes,
+    peer_exchange,
+    peer_gather_candidates,
+    peer_merge,
+)
 from longquest.kernels.ref import merge_attention_states_ref, peer_exchange_ref
 
 
@@ -217,3 +224,39 @@ def test_merge_refuses_bad_input(device):
     partial = torch.zeros(2, 3, 17, device=device)
     with pytest.raises(ValueError, match="out must be"):
         peer_merge(partial=partial, out=partial.new_empty(2, 3, 8), lse=partial[..., 0], **kw)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_candidates_are_packed_as_pack_candidates_does(world, device):
+    gen = torch.Generator().manual_seed(world)
+    ranks = Ranks(world, slot_bytes=65536, device=device)
+    num_seqs, heads, top_k, local_pages = 3, 2, 5, 9
+    for programs in (None, 2):
+        inputs = []
+        for _ in range(world):
+            scores = torch.randn(num_seqs, heads, top_k, generator=gen)
+            indices = torch.randint(0, local_pages, (num_seqs, heads, top_k), generator=gen)
+            indices[0, 1, 3:] = -1  # padding
+            scores[0, 1, 3:] = -math.inf
+            scores[2, 0, 0] = math.inf  # the pinned newest page
+            pages = torch.randint(0, 10_000, (num_seqs, local_pages), generator=gen)
+            pages[1, -2:] = -1  # past this rank's pages
+            inputs.append(tuple(t.to(device) for t in (scores, indices.int(), pages.int())))
+        outs = []
+        for phase in ("push", "finish"):
+            for rank, (scores, indices, pages) in enumerate(inputs):
+                out = peer_gather_candidates(
+                    top_scores=scores, local_indices=indices, global_pages=pages,
+                    bases=ranks.bases, counters=ranks.counters[rank], rank=rank,
+                    slot_bytes=ranks.slot_bytes, programs=programs, phases=phase,
+                )  # fmt: skip
+                if phase == "finish":
+                    outs.append(out)
+        want = torch.stack(
+            [
+                pack_candidates(top_scores=s, local_indices=i, global_pages=p, impl="torch").cpu()
+                for s, i, p in inputs
+            ]  # fmt: skip
+        )
+        for out in outs:
+            assert torch.equal(out.cpu(), want)

@@ -90,6 +90,20 @@ def _against_nccl(*, rank, world_size, group):
         got = comm.merge(out=out, lse=lse, dtype=dtype)
         close = torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-6)
         mismatches += int(not close) + int(got.isnan().any()) + int(bool(got[0].any()))
+    # The global top-k: candidates packed inside the exchange, the same pages kept.
+    scores = torch.randn(8, 8, 64, generator=gen, device=device)
+    local = torch.stack([torch.randperm(500, device=device)[:64] for _ in range(64)])
+    local = local.view(8, 8, 64).int().sort(dim=-1).values
+    local[0, 0, 40:] = -1
+    scores[0, 0, 40:] = -float("inf")
+    pages = torch.randperm(4000, device=device)[:1000].view(2, 500).repeat(4, 1).int()
+    kept = {}
+    for name, which in (("nccl", None), ("peer", peer)):
+        comm.peer = which
+        kept[name] = comm.select_global(
+            top_scores=scores, local_indices=local, global_pages=pages, top_k=64
+        )
+    mismatches += int(not torch.equal(kept["nccl"], kept["peer"]))
     return mismatches, peer.slot_bytes
 
 
