@@ -541,6 +541,10 @@ def main() -> int:
         help="comma list of how decode's collectives run under sequence parallelism: peer "
         "(Triton over peer memory, NCCL where it is not possible) and/or nccl; each is timed",
     )  # fmt: skip
+    parser.add_argument(
+        "--pdl", action="store_true",
+        help="launch the Triton kernels with programmatic dependent launch (Hopper)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -548,6 +552,10 @@ def main() -> int:
     if not args.collectives_list or set(args.collectives_list) - {"peer", "nccl"}:
         parser.error(f"--collectives takes peer and/or nccl, got {args.collectives!r}")
     on_cuda = torch.cuda.is_available() and not args.tiny
+    if args.pdl:  # an experiment switch of the kernels' module (off by default)
+        import longquest.kernels.merge as kernel_launch
+
+        kernel_launch._USE_PDL = True
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=900))  # fmt: skip
@@ -607,7 +615,7 @@ def main() -> int:
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
         "mlp_split_over_ranks": engine.mlp_split is not None,
-        "peer_collectives_possible": peer is not None,
+        "peer_collectives_possible": peer is not None, "pdl": args.pdl,
         "bounds_dtype": str(engine.cache.shape.key_bounds_dtype),
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip

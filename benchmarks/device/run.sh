@@ -78,6 +78,18 @@ case "$1" in
     timeout 250 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 \
       --collectives ${KINDS:-peer} --label b8-ll --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -8 ;;
+  tests6)  # session 6: every GPU test, and the peer kernel's own on the GPU
+    timeout 480 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -x 2>&1 | tail -4
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -2 ;;
+  final6)  # session 6: batch 8 x 216K (PDL off, on); 1M at batch 1
+    for pdl in "" "--pdl"; do
+      timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+        --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 $pdl \
+        --label b8-final6$pdl --out-dir "$out" 2>&1 | grep "context=\|wrote"
+    done
+    timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 1048576 \
+      --batches 1 --budgets 2048,4096 --no-sdpa --label 1m-final6 --out-dir "$out" 2>&1 \
+      | grep "context=\|wrote" ;;
   profile8)  # session 5: the captured step's kernels by kind, batch 8 x 216K, fp8 bounds
     timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 --profile \
