@@ -553,9 +553,9 @@ def main() -> int:
         parser.error(f"--collectives takes peer and/or nccl, got {args.collectives!r}")
     on_cuda = torch.cuda.is_available() and not args.tiny
     if args.pdl:  # an experiment switch of the kernels' module (off by default)
-        import longquest.kernels.merge as kernel_launch
+        import longquest.kernels.merge as merge_module  # where the PDL switch lives
 
-        kernel_launch._USE_PDL = True
+        merge_module._USE_PDL = True
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=900))  # fmt: skip

@@ -81,6 +81,13 @@ case "$1" in
   tests6)  # session 6: every GPU test, and the peer kernel's own on the GPU
     timeout 480 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -x 2>&1 | tail -4
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -2 ;;
+  review6)  # session 6: the peer kernel after review mends: its tests; batch 8 x 216K
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -2
+    timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \
+      tests/parallel/test_worker.py -x 2>&1 | tail -2 || exit 1
+    timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
+      --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 \
+      --label b8-review6 --out-dir "$out" 2>&1 | grep "context=\|wrote" ;;
   final6)  # session 6: batch 8 x 216K (PDL off, on); 1M at batch 1
     for pdl in "" "--pdl"; do
       timeout 150 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \

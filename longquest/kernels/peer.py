@@ -37,6 +37,12 @@ after A's kernel of call ``c + 1`` saw all of B's words of ``c + 1``, which B pu
 kernel that starts after B's kernel of call ``c`` (its polling included) has finished.
 Rank A may push ``c + 1`` while B still polls ``c``: that goes to the other parity.
 
+Every call moves at least one word (the launchers skip empty payloads on every rank
+alike): a call that polled nothing would let a rank run two calls ahead. Call numbers
+repeat after 2**30 calls; a word left unwritten for exactly that many calls (a payload
+larger than any since) could then pass for a fresh one. At 100 collectives a step and
+100 steps a second that is 30 hours of decoding, and it needs that exact coincidence.
+
 A rank that never arrives (a mismatched call) makes the others trap after
 ``_TIMEOUT_NS``: a CUDA error instead of a hang.
 
@@ -55,6 +61,7 @@ from longquest.kernels._checks import check_tensor
 MAX_PROGRAMS = 32  # the most programs one call may use
 _MIN_CHUNK_BYTES = 2048  # a program moves at least this much payload
 _BLOCK_WORDS = 512  # 4-byte payload words a program moves per loop step
+_MERGE_ROWS = 8  # rows a merge program holds at once ([8, head_dim] fp32 a source)
 _TIMEOUT_NS = 60_000_000_000  # a wait longer than 60 s traps
 
 
@@ -139,35 +146,38 @@ def _finish_merge(
     (out | lse, fp32) from every rank, merged as ``merge_attention_states`` does."""
     width = HEAD_DIM + 1
     per_program = chunk // width
-    rows = program * per_program + tl.arange(0, BLOCK_ROWS)
-    mine = (rows < program * per_program + per_program) & (rows < numel // width)
+    first = program * per_program
+    last = tl.minimum(first + per_program, numel // width)
     dims = tl.arange(0, HEAD_DIM)
-    lse_at = rows * width + HEAD_DIM
-    out_at = rows[:, None] * width + dims[None, :]
-    # Pass 1: the largest lse, so that every weight is exp(<= 0).
-    top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
-    for source in tl.static_range(WORLD):
-        slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
-        lse = _as_float(_poll(slot, lse_at, mine, tag, call, ON_GPU, TIMEOUT_NS))
-        top = tl.maximum(top, lse)
-    top = tl.where(top == float("-inf"), 0.0, top)  # every source empty: exp(-inf) = 0
-    # Pass 2: the weighted sum; an empty source's out is never read.
-    acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], tl.float32)
-    total = tl.zeros([BLOCK_ROWS], tl.float32)
-    for source in tl.static_range(WORLD):
-        slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
-        lse = _as_float(tl.load(slot + lse_at, mask=mine, other=0, volatile=True))
-        has_tokens = (lse > float("-inf")) & mine
-        weight = tl.where(has_tokens, tl.exp(lse - top), 0.0)
-        words = _poll(slot, out_at, has_tokens[:, None], tag, call, ON_GPU, TIMEOUT_NS)
-        acc += weight[:, None] * tl.where(has_tokens[:, None], _as_float(words), 0.0)
-        total += weight
-    safe = tl.where(total > 0, total, 1.0)
-    out = tl.where(total[:, None] > 0, acc / safe[:, None], 0.0)
-    lse = tl.where(total > 0, top + tl.log(safe), float("-inf"))
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mine[:, None])  # fmt: skip
-    tl.store(lse_ptr + rows, lse, mask=mine)
+    for tile in range(first, last, BLOCK_ROWS):  # a few rows at a time: bounded registers
+        rows = tile + tl.arange(0, BLOCK_ROWS)
+        mine = rows < last
+        lse_at = rows * width + HEAD_DIM
+        out_at = rows[:, None] * width + dims[None, :]
+        # Pass 1: the largest lse, so that every weight is exp(<= 0).
+        top = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+        for source in tl.static_range(WORLD):
+            slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+            lse = _as_float(_poll(slot, lse_at, mine, tag, call, ON_GPU, TIMEOUT_NS))
+            top = tl.maximum(top, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)  # every source empty: exp(-inf) = 0
+        # Pass 2: the weighted sum; an empty source's out is never read.
+        acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], tl.float32)
+        total = tl.zeros([BLOCK_ROWS], tl.float32)
+        for source in tl.static_range(WORLD):
+            slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
+            lse = _as_float(tl.load(slot + lse_at, mask=mine, other=0, volatile=True))
+            has_tokens = (lse > float("-inf")) & mine
+            weight = tl.where(has_tokens, tl.exp(lse - top), 0.0)
+            words = _poll(slot, out_at, has_tokens[:, None], tag, call, ON_GPU, TIMEOUT_NS)
+            acc += weight[:, None] * tl.where(has_tokens[:, None], _as_float(words), 0.0)
+            total += weight
+        safe = tl.where(total > 0, total, 1.0)
+        out = tl.where(total[:, None] > 0, acc / safe[:, None], 0.0)
+        lse = tl.where(total > 0, top + tl.log(safe), float("-inf"))
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mine[:, None])  # fmt: skip
+        tl.store(lse_ptr + rows, lse, mask=mine)
 
 
 @triton.jit
@@ -185,6 +195,7 @@ def _exchange_kernel(
     # pages, table_ptr the global page of each local page (rows of table_stride; row_len
     # candidates a sequence).
     program = tl.program_id(0)
+    slot_words = slot_words.to(tl.int64)  # slot offsets pass 2**31 bytes at large slots
     call = tl.load(counters_ptr + program) % (1 << 30) + 1
     tag = call.to(tl.int64) << 32
     parity = (call % 2).to(tl.int64)
@@ -243,7 +254,16 @@ def _exchange_kernel(
         tl.store(counters_ptr + rest, tl.full([MAX_PROGS], 0, tl.int32) + call, mask=unused)
 
 
-def _check_exchange(*, device, bases, counters, rank, phases, slot_bytes, nbytes) -> None:
+def _check_exchange(
+    *,
+    device: torch.device,
+    bases: torch.Tensor,
+    counters: torch.Tensor,
+    rank: int,
+    phases: str,
+    slot_bytes: int,
+    nbytes: int,
+) -> None:
     check_tensor("bases", bases, ndim=1, dtypes=(torch.int64,), device=device)
     check_tensor("counters", counters, ndim=1, dtypes=(torch.int32,), device=device)
     if counters.numel() != MAX_PROGRAMS:
@@ -252,6 +272,11 @@ def _check_exchange(*, device, bases, counters, rank, phases, slot_bytes, nbytes
         raise ValueError(f"rank {rank} is outside the {bases.numel()} ranks of bases")
     if phases not in ("both", "push", "finish"):
         raise ValueError(f"phases must be 'both', 'push' or 'finish', got {phases!r}")
+    if phases == "both" and device.type != "cuda" and bases.numel() > 1:
+        raise ValueError(
+            "off the GPU the programs run one after another, so a call of several ranks "
+            "must run its phases apart: phases='push' on every rank, then 'finish'"
+        )
     if slot_bytes % 16:
         raise ValueError(f"slot_bytes must be a multiple of 16, got {slot_bytes}")
     if nbytes > slot_bytes:
@@ -320,11 +345,15 @@ def peer_exchange(
         raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
     if reduce and src.dtype not in _SUMMED:
         raise ValueError(f"a reduce sums fp32, fp16 or bf16, got {src.dtype}")
+    if src.data_ptr() == out.data_ptr() and not reduce and src.numel():
+        raise ValueError("a gather's out must not overlap src")
+    if nbytes == 0:  # nothing to move: every rank skips the call alike, no counter moves
+        return out
     words = nbytes // 4
     if programs is None:
         programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
     programs = max(1, min(MAX_PROGRAMS, programs))
-    chunk = triton.cdiv(triton.cdiv(max(words, 1), programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    chunk = triton.cdiv(triton.cdiv(words, programs), _BLOCK_WORDS) * _BLOCK_WORDS
     _launch(src, out.view(-1).view(torch.int32), counters, bases=bases, counters=counters,
             rank=rank, slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases,
             mode=1 if reduce else 0, dtype=_SUMMED.get(src.dtype, tl.float32))  # fmt: skip
@@ -370,14 +399,19 @@ def peer_merge(
         raise ValueError("partial, out and lse must be contiguous")
     _check_exchange(device=partial.device, bases=bases, counters=counters, rank=rank,
                     phases=phases, slot_bytes=slot_bytes, nbytes=partial.numel() * 4)  # fmt: skip
+    if not out.dtype.is_floating_point:
+        raise ValueError(f"out must be a float dtype, got {out.dtype}")
     rows = num_seqs * num_heads
+    if rows == 0:  # nothing to move: every rank skips the call alike
+        return out, lse
     if programs is None:
         programs = triton.cdiv(partial.numel() * 4, _MIN_CHUNK_BYTES)
     programs = max(1, min(MAX_PROGRAMS, programs, rows))
-    per_program = triton.cdiv(max(rows, 1), programs)
+    per_program = triton.cdiv(rows, programs)
     _launch(partial, out, lse, bases=bases, counters=counters, rank=rank,
             slot_bytes=slot_bytes, programs=programs, chunk=per_program * width, phases=phases,
-            mode=2, head_dim=head_dim, block_rows=triton.next_power_of_2(per_program))  # fmt: skip
+            mode=2, head_dim=head_dim,
+            block_rows=min(_MERGE_ROWS, triton.next_power_of_2(per_program)))  # fmt: skip
     return out, lse
 
 
@@ -420,11 +454,13 @@ def peer_gather_candidates(
     if table.shape[1] == 0:  # no local pages: every index is padding
         table = torch.full((table.shape[0], 1), -1, dtype=torch.int32, device=device)
     out = torch.empty(bases.numel(), *scores.shape, 2, dtype=torch.int32, device=device)
+    if nbytes == 0:  # nothing to move: every rank skips the call alike
+        return out
     words = nbytes // 4
     if programs is None:
         programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
     programs = max(1, min(MAX_PROGRAMS, programs))
-    chunk = triton.cdiv(triton.cdiv(max(words, 1), programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    chunk = triton.cdiv(triton.cdiv(words, programs), _BLOCK_WORDS) * _BLOCK_WORDS
     _launch(scores, out, counters, bases=bases, counters=counters, rank=rank,
             slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases, mode=3,
             words=words, index=indices, table=table,

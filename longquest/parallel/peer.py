@@ -32,13 +32,16 @@ _FIRST_SLOT_BYTES = 1 << 20
 
 
 class PeerCollectives:
-    """All-gather and all-reduce over one process group's peer-mapped buffers.
+    """All-gather, all-reduce, attention merge and top-k candidate gather over one process
+    group's peer-mapped buffers.
 
     Build it with :meth:`create`. Every rank must make the same calls, in the same order,
     with the same sizes (as with NCCL).
     """
 
-    def __init__(self, *, group: dist.ProcessGroup, rank: int, world_size: int, device) -> None:
+    def __init__(
+        self, *, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device | str
+    ) -> None:
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -50,7 +53,7 @@ class PeerCollectives:
 
     @classmethod
     def create(
-        cls, *, group: dist.ProcessGroup, rank: int, world_size: int, device
+        cls, *, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device | str
     ) -> PeerCollectives | None:
         """A PeerCollectives on every rank of ``group``, or None on every rank (a single
         rank, not CUDA, not NCCL, or a rank could not map the others' memory).
@@ -76,13 +79,18 @@ class PeerCollectives:
         return made
 
     def fits(self, nbytes: int) -> bool:
-        """Whether a payload of ``nbytes`` can go over peer memory now (growing the buffer
-        when no CUDA graph is being captured)."""
+        """Whether a payload of ``nbytes`` can go over peer memory now. A larger one grows
+        the buffer when no CUDA graph is being captured: collective then (every rank
+        asks with the same size); if any rank cannot grow it, it is False everywhere."""
         if nbytes <= self.slot_bytes:
             return True
         if torch.cuda.is_current_stream_capturing():
             return False
-        self._grow(nbytes)
+        try:
+            self._grow(nbytes)
+        except RuntimeError as error:
+            warnings.warn(f"this payload goes over NCCL: {error}", stacklevel=2)
+            return False
         return True
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -145,16 +153,29 @@ class PeerCollectives:
         )  # fmt: skip
 
     def _grow(self, nbytes: int) -> None:
+        """A buffer for payloads of ``nbytes``. Collective; raises on every rank alike if any
+        rank cannot allocate it (so that none is left waiting in the rendezvous)."""
         import torch.distributed._symmetric_memory as symm
 
         slot_bytes = 1 << max(nbytes - 1, 1).bit_length()
         size = buffer_bytes(world_size=self.world_size, slot_bytes=slot_bytes)
-        with warnings.catch_warnings():  # newer torch registers the group on demand
-            warnings.simplefilter("ignore", FutureWarning)
-            if hasattr(symm, "enable_symm_mem_for_group"):
-                symm.enable_symm_mem_for_group(self.group.group_name)
-        buffer = symm.empty(size, dtype=torch.uint8, device=self.device)
-        buffer.zero_()
+        buffer, error = None, None
+        try:
+            with warnings.catch_warnings():  # newer torch registers the group on demand
+                warnings.simplefilter("ignore", FutureWarning)
+                if hasattr(symm, "enable_symm_mem_for_group"):
+                    symm.enable_symm_mem_for_group(self.group.group_name)
+            buffer = symm.empty(size, dtype=torch.uint8, device=self.device)
+            buffer.zero_()
+        except Exception as caught:  # noqa: BLE001 - reported on every rank below
+            error = caught
+        everyone = torch.tensor([int(buffer is not None)], device=self.device)
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=self.group)
+        if not int(everyone):
+            raise RuntimeError(
+                f"a rank could not allocate {size} bytes of peer memory"
+                + (f" (this one: {type(error).__name__}: {error})" if error else "")
+            )
         handle = symm.rendezvous(buffer, self.group.group_name)
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
         counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=self.device)
@@ -167,7 +188,8 @@ class PeerCollectives:
 
 
 def _whole_words(tensor: torch.Tensor) -> bool:
-    return tensor.numel() * tensor.element_size() % 4 == 0
+    """Whole 4-byte words at a 4-byte aligned address: the kernel's view of a payload."""
+    return tensor.numel() * tensor.element_size() % 4 == 0 and tensor.data_ptr() % 4 == 0
 
 
 def _padded(tensor: torch.Tensor) -> torch.Tensor:

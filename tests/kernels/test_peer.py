@@ -2,7 +2,7 @@
 
 The kernel's two halves run as separate launches (every rank pushes, then every rank
 finishes), as they must under the interpreter; the real cross-GPU run of both halves in
-one kernel is tested in tests/parallel/test_peer_gpu.py.
+one kernel is tested in tests/parallel/test_peer.py.
 """
 
 import math
@@ -142,18 +142,20 @@ def test_refuses_bad_input(device):
     src = torch.zeros(8, device=device)
     out = src.new_empty(2, 8)
     with pytest.raises(ValueError, match="exceeds the 64-byte slots"):
-        ranks.run(0, "both", torch.zeros(17, device=device), src.new_empty(2, 17), False)
+        ranks.run(0, "push", torch.zeros(17, device=device), src.new_empty(2, 17), False)
     with pytest.raises(ValueError, match="out must have shape"):
-        ranks.run(0, "both", src, src.new_empty(8), False)
+        ranks.run(0, "push", src, src.new_empty(8), False)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         peer_exchange(
             src=src, out=out, bases=ranks.bases, counters=ranks.counters[0], rank=2,
             slot_bytes=64, reduce=False,
         )  # fmt: skip
     with pytest.raises(ValueError, match="sums fp32, fp16 or bf16"):
-        ranks.run(0, "both", src.int(), src.int(), True)
+        ranks.run(0, "push", src.int(), src.int(), True)
     with pytest.raises(ValueError, match="whole 4-byte words"):
-        ranks.run(0, "both", src[:3].bfloat16(), src[:3].bfloat16(), True)
+        ranks.run(0, "push", src[:3].bfloat16(), src[:3].bfloat16(), True)
+    with pytest.raises(ValueError, match="must not overlap"):
+        ranks.run(0, "push", out[0], out, False)
     with pytest.raises(ValueError, match="phases"):
         ranks.run(0, "all", src, out, False)
 
@@ -260,3 +262,21 @@ def test_candidates_are_packed_as_pack_candidates_does(world, device):
         )
         for out in outs:
             assert torch.equal(out.cpu(), want)
+
+
+def test_empty_payloads_launch_nothing(device):
+    """No rank launches for an empty payload, so no counter moves anywhere."""
+    ranks = Ranks(2, slot_bytes=4096, device=device)
+    empty = torch.zeros(0, device=device)
+    for rank in range(2):
+        ranks.run(rank, "push", empty, empty.new_empty(2, 0), False)
+        ranks.run(rank, "push", empty, empty, True)
+    assert all(int(c.abs().sum()) == 0 for c in ranks.counters)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="off the GPU only")
+def test_both_phases_at_once_refused_off_the_gpu():
+    ranks = Ranks(2, slot_bytes=4096, device="cpu")
+    src = torch.zeros(8)
+    with pytest.raises(ValueError, match="phases='push' on every rank"):
+        ranks.run(0, "both", src, src.new_empty(2, 8), False)

@@ -212,7 +212,7 @@ def _run_on_gpus(model_dir, peer, *, rank, world_size, group):
 
 @pytest.mark.multigpu
 @pytest.mark.parametrize("peer", [False, True], ids=["nccl", "peer"])
-def test_nccl_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir, peer):
+def test_gpu_ranks_with_graphs_and_split_mlp_match_one_gpu(model_dir, peer):
     results = run_distributed(
         _run_on_gpus, world_size=2, args=(model_dir, peer), timeout_s=300, backend="nccl"
     )
