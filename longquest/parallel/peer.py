@@ -20,13 +20,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from longquest.kernels.peer import (
-    MAX_PROGRAMS,
-    buffer_bytes,
-    peer_exchange,
-    peer_gather_candidates,
-    peer_merge,
-)
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
+from longquest.kernels.peer_attention import peer_gather_candidates, peer_merge
 
 _FIRST_SLOT_BYTES = 1 << 20
 

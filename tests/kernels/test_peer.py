@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from longquest.kernels.global_topk import pack_candidates
-from longquest.kernels.peer import (
-    MAX_PROGRAMS,
-    buffer_bytes,
-    peer_exchange,
-    peer_gather_candidates,
-    peer_merge,
-)
+from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
+from longquest.kernels.peer_attention import peer_gather_candidates, peer_merge
 from longquest.kernels.ref import merge_attention_states_ref, peer_exchange_ref
 
 
