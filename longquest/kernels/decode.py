@@ -18,13 +18,11 @@ cycles that would sit idle, while an elementwise ``[group, tokens, head_dim]`` p
 would put about one CUDA-core instruction on every byte read. Triton pipelines the page
 gathers through shared memory (cp.async), so a program keeps a block of K and V in flight
 while it computes the previous one.
-The PyTorch path (the engine's CPU decode) runs the same online softmax over chunks of
-the page list, vectorised over sequences and heads.
+The PyTorch path (the engine's CPU decode, :mod:`longquest.kernels.decode_torch`) runs
+the same online softmax over chunks of the page list, vectorised over sequences and heads.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -35,13 +33,14 @@ from longquest.kernels._checks import (
     INDEX_DTYPES,
     check_dim,
     check_group,
-    check_page_ids,
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels.decode_torch import _check_pages, _decode_torch
 from longquest.kernels.merge import (
     _fence_gpu,
     _merge_triton_into,
+    _reduce_partials,
     _wait_for_inputs,
     launch_options,
     pdl_enabled,
@@ -65,62 +64,6 @@ _MERGE_CHUNK = 16
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
 _DENSE, _LOGICAL, _PHYSICAL = 0, 1, 2
 _SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
-
-
-@triton.jit
-def _reduce_partials(
-    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits,
-    stride_os, stride_oh, stride_ls, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-):  # fmt: skip
-    """Merge the ``num_splits`` partial states of one (sequence, KV head) into out / lse.
-
-    Loads bypass L1 (``.cg``): the partials were written by other programs of this launch.
-    """
-    g = tl.arange(0, MERGE_G)
-    d = tl.arange(0, BLOCK_D)
-    g_ok = g < GROUP
-    rows = (seq * num_qo_heads + kv * GROUP + g) * num_splits  # [MERGE_G] first partial
-    sp = tl.arange(0, BLOCK_SPLITS)
-    lse_all = tl.load(
-        part_lse_ptr + rows[:, None] + sp[None, :],
-        mask=g_ok[:, None] & (sp[None, :] < num_splits), other=float("-inf"),
-        cache_modifier=".cg",
-    )  # fmt: skip
-    m = tl.max(lse_all, 1)
-    # All splits empty: shift by 0 so that exp(-inf - 0) = 0 instead of exp(nan).
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
-    total = tl.zeros([MERGE_G], tl.float32)
-    c = tl.arange(0, MERGE_CHUNK)
-    for s0 in tl.static_range(0, BLOCK_SPLITS, MERGE_CHUNK):
-        part = rows[:, None] + s0 + c[None, :]  # [MERGE_G, MERGE_CHUNK]
-        ok = g_ok[:, None] & (s0 + c[None, :] < num_splits)
-        if MERGE_CHUNK == BLOCK_SPLITS:
-            lse = lse_all
-        else:
-            lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        # Not masked by lse, so that these loads issue beside the lse loads (one L2 round
-        # trip when a single chunk covers the splits); empty splits are zeroed below instead,
-        # so whatever their scratch holds cannot become NaN.
-        o = tl.load(
-            part_o_ptr + part.to(tl.int64)[:, :, None] * HEAD_DIM + d[None, None, :],
-            mask=ok[:, :, None] & (d[None, None, :] < HEAD_DIM), other=0.0,
-            cache_modifier=".cg",
-        )  # fmt: skip
-        has_tokens = lse > float("-inf")
-        weight = tl.where(has_tokens, tl.exp(lse - m_safe[:, None]), 0.0)
-        o = tl.where(has_tokens[:, :, None], o, 0.0)
-        acc += tl.sum(weight[:, :, None] * o, 1)
-        total += tl.sum(weight, 1)
-    nonempty = total > 0
-    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, total, 1.0)[:, None], 0.0)
-    lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
-    heads = kv * GROUP + g
-    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < HEAD_DIM))
-    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh, lse, mask=g_ok)
 
 
 @triton.jit
@@ -327,81 +270,6 @@ def _decode_triton(
         # The merge kernel takes [num_splits, num_seqs, num_qo_heads, head_dim] views.
         _merge_triton_into(part_out.permute(2, 0, 1, 3), part_lse.permute(2, 0, 1), out, lse)
     return out, lse
-
-
-def _decode_torch(
-    query, k_cache, v_cache, page_table, seq_lens, selected, scale, block_elements=1 << 24,
-    out_dtype=None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Online softmax over chunks of the page list, vectorised over sequences and heads.
-
-    A chunk gathers at most ``block_elements`` K (and V) values, so memory stays bounded
-    however long the context is. ``out`` comes in ``out_dtype`` (default: the query's).
-    """
-    num_seqs, num_qo_heads, head_dim = query.shape
-    _, num_kv_heads, page_size, _ = k_cache.shape
-    group = num_qo_heads // num_kv_heads
-    device = query.device
-    lens = seq_lens.long()
-    num_pages = (-(-lens // page_size)).clamp(max=page_table.shape[1])  # [num_seqs]
-    if selected is None:
-        width = int(num_pages.max()) if num_seqs else 0
-        logical = torch.arange(width, device=device).expand(num_seqs, num_kv_heads, width)
-    else:
-        logical = selected.long()
-    table = page_table.long()
-    heads = torch.arange(num_kv_heads, device=device)[None, :, None]
-    slots = torch.arange(page_size, device=device)
-    q = query.float().reshape(num_seqs, num_kv_heads, group, head_dim) * scale
-    m = torch.full((num_seqs, num_kv_heads, group), -math.inf, device=device)
-    l = torch.zeros_like(m)
-    acc = torch.zeros(num_seqs, num_kv_heads, group, head_dim, device=device)
-    per_page = max(num_seqs * num_kv_heads * page_size * head_dim, 1)
-    block_pages = max(1, block_elements // per_page)
-    for c0 in range(0, logical.shape[2], block_pages):
-        idx = logical[:, :, c0 : c0 + block_pages]  # [num_seqs, num_kv_heads, C]
-        valid = (idx >= 0) & (idx < num_pages[:, None, None])
-        idx = torch.where(valid, idx, 0)
-        page = table.gather(1, idx.flatten(1)).view_as(idx)
-        page = torch.where(valid, page, 0)
-        k = k_cache[page, heads].float()  # [num_seqs, num_kv_heads, C, page_size, head_dim]
-        v = v_cache[page, heads].float()
-        pos = idx[..., None] * page_size + slots  # [num_seqs, num_kv_heads, C, page_size]
-        token_valid = (valid[..., None] & (pos < lens[:, None, None, None])).flatten(2)
-        logits = torch.einsum("skgd,sktd->skgt", q, k.flatten(2, 3))
-        logits = logits.masked_fill(~token_valid[:, :, None], -math.inf)
-        m_new = torch.maximum(m, logits.amax(-1))
-        m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(logits - m_use[..., None])
-        alpha = torch.exp(m - m_use)
-        l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("skgt,sktd->skgd", p, v.flatten(2, 3))
-        m = m_new
-    nonempty = l > 0
-    out = torch.where(nonempty[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
-    lse = torch.where(nonempty, m + torch.log(l), -math.inf)
-    out = out.view(num_seqs, num_qo_heads, head_dim).to(out_dtype or query.dtype)
-    return out, lse.view(num_seqs, num_qo_heads)
-
-
-def _check_pages(page_table, seq_lens, selected, num_pages_total: int, page_size: int) -> None:
-    """Host-syncing checks that every page the kernel will read lies in the pool."""
-    lens = seq_lens.long()
-    capacity = page_table.shape[1] * page_size
-    if bool(((lens < 0) | (lens > capacity)).any()):
-        raise ValueError(
-            f"seq_lens must lie in [0, {capacity}] (page_table has {page_table.shape[1]} "
-            f"columns of {page_size} tokens), got values in [{int(lens.min())}, {int(lens.max())}]"
-        )
-    num_pages = -(-lens // page_size)
-    if selected is None:
-        used = torch.arange(page_table.shape[1], device=page_table.device) < num_pages[:, None]
-        ids = page_table[used]
-    else:
-        sel = selected.long()
-        used = (sel >= 0) & (sel < num_pages[:, None, None])
-        ids = page_table.long().gather(1, torch.where(used, sel, 0).flatten(1)).view_as(sel)[used]
-    check_page_ids("page_table", ids, num_pages_total)
 
 
 def paged_decode_attention(

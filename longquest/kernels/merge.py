@@ -125,6 +125,62 @@ def _merge_kernel(
     tl.store(out_lse_ptr + seq * stride_out_lse_s + head * stride_out_lse_h, out_lse)
 
 
+@triton.jit
+def _reduce_partials(
+    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits,
+    stride_os, stride_oh, stride_ls, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Merge the ``num_splits`` partial states of one (sequence, KV head) into out / lse.
+
+    Loads bypass L1 (``.cg``): the partials were written by other programs of this launch.
+    """
+    g = tl.arange(0, MERGE_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    rows = (seq * num_qo_heads + kv * GROUP + g) * num_splits  # [MERGE_G] first partial
+    sp = tl.arange(0, BLOCK_SPLITS)
+    lse_all = tl.load(
+        part_lse_ptr + rows[:, None] + sp[None, :],
+        mask=g_ok[:, None] & (sp[None, :] < num_splits), other=float("-inf"),
+        cache_modifier=".cg",
+    )  # fmt: skip
+    m = tl.max(lse_all, 1)
+    # All splits empty: shift by 0 so that exp(-inf - 0) = 0 instead of exp(nan).
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    total = tl.zeros([MERGE_G], tl.float32)
+    c = tl.arange(0, MERGE_CHUNK)
+    for s0 in tl.static_range(0, BLOCK_SPLITS, MERGE_CHUNK):
+        part = rows[:, None] + s0 + c[None, :]  # [MERGE_G, MERGE_CHUNK]
+        ok = g_ok[:, None] & (s0 + c[None, :] < num_splits)
+        if MERGE_CHUNK == BLOCK_SPLITS:
+            lse = lse_all
+        else:
+            lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        # Not masked by lse, so that these loads issue beside the lse loads (one L2 round
+        # trip when a single chunk covers the splits); empty splits are zeroed below instead,
+        # so whatever their scratch holds cannot become NaN.
+        o = tl.load(
+            part_o_ptr + part.to(tl.int64)[:, :, None] * HEAD_DIM + d[None, None, :],
+            mask=ok[:, :, None] & (d[None, None, :] < HEAD_DIM), other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        has_tokens = lse > float("-inf")
+        weight = tl.where(has_tokens, tl.exp(lse - m_safe[:, None]), 0.0)
+        o = tl.where(has_tokens[:, :, None], o, 0.0)
+        acc += tl.sum(weight[:, :, None] * o, 1)
+        total += tl.sum(weight, 1)
+    nonempty = total > 0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, total, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
+    heads = kv * GROUP + g
+    o_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < HEAD_DIM))
+    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh, lse, mask=g_ok)
+
+
 def _merge_triton_into(
     outputs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> None:

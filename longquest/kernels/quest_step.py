@@ -37,7 +37,8 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
-from longquest.kernels.decode import _check_pages, _decode_triton, paged_decode_attention
+from longquest.kernels.decode import _decode_triton, paged_decode_attention
+from longquest.kernels.decode_torch import _check_pages
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_bounds_dtype, check_float8_supported
 from longquest.kernels.scores import _page_scores_triton, page_scores
 from longquest.kernels.topk import _select_pages_triton, select_pages

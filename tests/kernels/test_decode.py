@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from longquest.kernels.decode import _decode_torch, paged_decode_attention
+from longquest.kernels.decode import paged_decode_attention
+from longquest.kernels.decode_torch import _decode_torch
 from longquest.kernels.ref import paged_decode_attention_ref
 
 IMPLS = ["torch", "triton"]
