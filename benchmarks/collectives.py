@@ -99,13 +99,13 @@ def main() -> int:
             record("peer all_gather fp32", size_kb, lambda: peer.all_gather(local))
             record("peer all_reduce bf16", size_kb, lambda: peer.all_reduce(half))
             if size_kb == args.sweep_kb:  # how many programs split the payload
-                _, bases, counters = peer._kept[-1]
+                bases, counters, slot_bytes = peer.buffers()
                 out = local.new_empty(world, n)
                 for programs in (1, 2, 4, 8, 16, 32):
                     record(f"peer all_gather fp32 programs={programs}", size_kb,
                            lambda p=programs: peer_exchange(
                                src=local, out=out, bases=bases, counters=counters, rank=rank,
-                               slot_bytes=peer.slot_bytes, reduce=False, programs=p))  # fmt: skip
+                               slot_bytes=slot_bytes, reduce=False, programs=p))  # fmt: skip
             dist.all_gather_into_tensor(gathered, local, group=group)
             same = torch.equal(peer.all_gather(local).view(-1), gathered)
             if rank == 0:

@@ -51,16 +51,20 @@ class PeerCollectives:
         cls, *, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device | str
     ) -> PeerCollectives | None:
         """A PeerCollectives on every rank of ``group``, or None on every rank (a single
-        rank, not CUDA, not NCCL, or a rank could not map the others' memory).
-        Collective: every rank of the group must call it."""
+        rank, not CUDA, not NCCL, a process that sees fewer GPUs than the group has ranks,
+        or a rank that could not map the others' memory). Collective on CUDA and NCCL:
+        every rank of the group must call it."""
         device = torch.device(device)
         if world_size < 2 or device.type != "cuda" or dist.get_backend(group) != "nccl":
             return None
         made, error = None, None
-        try:
-            made = cls(group=group, rank=rank, world_size=world_size, device=device)
-        except Exception as caught:  # noqa: BLE001 - any failure means: use NCCL everywhere
-            error = caught
+        # Mapping a peer's memory needs its GPU visible here: one-GPU-per-process launches
+        # (Ray actors pin one GPU each) keep NCCL, which finds its own way between them.
+        if torch.cuda.device_count() >= world_size:
+            try:
+                made = cls(group=group, rank=rank, world_size=world_size, device=device)
+            except Exception as caught:  # noqa: BLE001 - any failure means: NCCL everywhere
+                error = caught
         everyone = torch.tensor([int(made is not None)], device=device)
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=group)
         if not int(everyone):
@@ -106,6 +110,12 @@ class PeerCollectives:
         self._run(padded, padded, reduce=True)
         tensor.copy_(padded[: tensor.numel()].view(tensor.shape))
         return tensor
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(bases, counters, slot_bytes)`` of the current buffer, for calling the kernels
+        of :mod:`longquest.kernels.peer` directly (benchmarks)."""
+        _, bases, counters = self._kept[-1]
+        return bases, counters, self.slot_bytes
 
     def merge(
         self, partial: torch.Tensor, *, dtype: torch.dtype
