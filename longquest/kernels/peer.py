@@ -285,6 +285,15 @@ def _check_exchange(
         raise ValueError(f"payload of {nbytes} bytes: it must be whole 4-byte words (pad it)")
 
 
+def _word_chunks(nbytes: int, programs: int | None) -> tuple[int, int]:
+    """How many programs move a payload of ``nbytes`` (> 0), and the 4-byte words each
+    moves (whole loop blocks)."""
+    if programs is None:
+        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
+    programs = max(1, min(MAX_PROGRAMS, programs))
+    return programs, triton.cdiv(triton.cdiv(nbytes // 4, programs), _BLOCK_WORDS) * _BLOCK_WORDS
+
+
 def _launch(src, out, lse, *, bases, counters, rank, slot_bytes, programs, chunk, phases,
             mode, dtype=tl.float32, head_dim=1, block_rows=1, words=None, index=None,
             table=None, row_len=1) -> None:  # fmt: skip
@@ -349,11 +358,7 @@ def peer_exchange(
         raise ValueError("a gather's out must not overlap src")
     if nbytes == 0:  # nothing to move: every rank skips the call alike, no counter moves
         return out
-    words = nbytes // 4
-    if programs is None:
-        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
-    programs = max(1, min(MAX_PROGRAMS, programs))
-    chunk = triton.cdiv(triton.cdiv(words, programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    programs, chunk = _word_chunks(nbytes, programs)
     _launch(src, out.view(-1).view(torch.int32), counters, bases=bases, counters=counters,
             rank=rank, slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases,
             mode=1 if reduce else 0, dtype=_SUMMED.get(src.dtype, tl.float32))  # fmt: skip

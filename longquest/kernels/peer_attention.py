@@ -18,12 +18,12 @@ import triton
 
 from longquest.kernels._checks import check_tensor
 from longquest.kernels.peer import (
-    _BLOCK_WORDS,
     _MERGE_ROWS,
     _MIN_CHUNK_BYTES,
     MAX_PROGRAMS,
     _check_exchange,
     _launch,
+    _word_chunks,
 )
 
 
@@ -123,13 +123,9 @@ def peer_gather_candidates(
     out = torch.empty(bases.numel(), *scores.shape, 2, dtype=torch.int32, device=device)
     if nbytes == 0:  # nothing to move: every rank skips the call alike
         return out
-    words = nbytes // 4
-    if programs is None:
-        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
-    programs = max(1, min(MAX_PROGRAMS, programs))
-    chunk = triton.cdiv(triton.cdiv(words, programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    programs, chunk = _word_chunks(nbytes, programs)
     _launch(scores, out, counters, bases=bases, counters=counters, rank=rank,
             slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases, mode=3,
-            words=words, index=indices, table=table,
+            words=nbytes // 4, index=indices, table=table,
             row_len=scores.shape[1] * scores.shape[2])  # fmt: skip
     return out
