@@ -66,6 +66,7 @@ _TIMEOUT_NS = 60_000_000_000  # a wait longer than 60 s traps
 
 
 _SUMMED = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUM_DTYPES = tuple(_SUMMED)  # what a reduce sums
 
 
 def buffer_bytes(*, world_size: int, slot_bytes: int) -> int:

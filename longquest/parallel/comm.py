@@ -37,9 +37,8 @@ import torch.distributed as dist
 from longquest.kernels._checks import check_dim, check_tensor
 from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
 from longquest.kernels.merge import merge_attention_states
+from longquest.kernels.peer import SUM_DTYPES
 from longquest.parallel.peer import PeerCollectives
-
-_PEER_SUMS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SequenceParallelComm:
@@ -201,7 +200,7 @@ class SequenceParallelComm:
         Identical on every rank. One collective.
         """
         peer = self.peer
-        if peer is not None and tensor.dtype in _PEER_SUMS:
+        if peer is not None and tensor.dtype in SUM_DTYPES:
             if peer.fits(tensor.numel() * tensor.element_size()):
                 return peer.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.group)

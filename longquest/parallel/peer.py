@@ -117,21 +117,26 @@ class PeerCollectives:
         _, bases, counters = self._kept[-1]
         return bases, counters, self.slot_bytes
 
+    def _buffers_for(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """:meth:`buffers` once a payload of ``nbytes`` fits them (the caller checked
+        :meth:`fits`; during a capture nothing can grow)."""
+        if not self.fits(nbytes):
+            raise ValueError("payload larger than the peer buffer during capture; check fits()")
+        return self.buffers()
+
     def merge(
         self, partial: torch.Tensor, *, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's partial attention ``partial`` ``[num_seqs, num_qo_heads, head_dim + 1]``
         (fp32, out | lse) merged over the ranks in the same kernel that exchanges them
         (:func:`~longquest.kernels.peer.peer_merge`): ``(out, lse)``, ``out`` in ``dtype``."""
-        if not self.fits(partial.numel() * 4):
-            raise ValueError("payload larger than the peer buffer during capture; check fits()")
+        bases, counters, slot_bytes = self._buffers_for(partial.numel() * 4)
         num_seqs, num_heads, width = partial.shape
         out = partial.new_empty(num_seqs, num_heads, width - 1, dtype=dtype)
         lse = partial.new_empty(num_seqs, num_heads)
-        _, bases, counters = self._kept[-1]
         return peer_merge(
             partial=partial.contiguous(), out=out, lse=lse, bases=bases, counters=counters,
-            rank=self.rank, slot_bytes=self.slot_bytes,
+            rank=self.rank, slot_bytes=slot_bytes,
         )  # fmt: skip
 
     def gather_candidates(
@@ -140,21 +145,17 @@ class PeerCollectives:
         """Every rank's ``pack_candidates`` result ``[world_size, num_seqs, num_kv_heads,
         top_k, 2]`` int32, packed and gathered in one kernel
         (:func:`~longquest.kernels.peer.peer_gather_candidates`)."""
-        if not self.fits(top_scores.numel() * 8):
-            raise ValueError("payload larger than the peer buffer during capture; check fits()")
-        _, bases, counters = self._kept[-1]
+        bases, counters, slot_bytes = self._buffers_for(top_scores.numel() * 8)
         return peer_gather_candidates(
             top_scores=top_scores, local_indices=local_indices, global_pages=global_pages,
-            bases=bases, counters=counters, rank=self.rank, slot_bytes=self.slot_bytes,
+            bases=bases, counters=counters, rank=self.rank, slot_bytes=slot_bytes,
         )  # fmt: skip
 
     def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:
-        if not self.fits(src.numel() * src.element_size()):
-            raise ValueError("payload larger than the peer buffer during capture; check fits()")
-        _, bases, counters = self._kept[-1]
+        bases, counters, slot_bytes = self._buffers_for(src.numel() * src.element_size())
         return peer_exchange(
             src=src, out=out, bases=bases, counters=counters, rank=self.rank,
-            slot_bytes=self.slot_bytes, reduce=reduce,
+            slot_bytes=slot_bytes, reduce=reduce,
         )  # fmt: skip
 
     def _grow(self, nbytes: int) -> None:
