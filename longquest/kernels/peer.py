@@ -23,10 +23,10 @@ another program of the same call writes. Program ``p`` of a call moves chunk ``p
 2. Push: each 4-byte word of the chunk goes, as ``call << 32 | word``, into slot ``rank`` of
    parity ``parity`` of every rank's buffer (its own too).
 3. Finish: for every source rank, poll its slot's words of the chunk until all carry
-   ``call``. Gather: copy them to ``out[source]``. Reduce: sum them
-   in rank order, in fp32 (the same order on every rank, so the same bits), and write the
-   sum to ``out``. Then ``counters[p] = call``; program 0 also sets the counters of the
-   programs this call does not have.
+   ``call``, then clear them (0: no call's tag). Gather: copy them to ``out[source]``.
+   Reduce: sum them in rank order, in fp32 (the same order on every rank, so the same
+   bits), and write the sum to ``out``. Then ``counters[p] = call``; program 0 also sets
+   the counters of the programs this call does not have.
 
 Modes: a gather, a sum, a merge of partial attention states (the finish merges them, so
 the states never make a round trip through memory) and a gather of top-k candidates
@@ -38,10 +38,13 @@ kernel that starts after B's kernel of call ``c`` (its polling included) has fin
 Rank A may push ``c + 1`` while B still polls ``c``: that goes to the other parity.
 
 Every call moves at least one word (the launchers skip empty payloads on every rank
-alike): a call that polled nothing would let a rank run two calls ahead. Call numbers
-repeat after 2**30 calls; a word left unwritten for exactly that many calls (a payload
-larger than any since) could then pass for a fresh one. At 100 collectives a step and
-100 steps a second that is 30 hours of decoding, and it needs that exact coincidence.
+alike): a call that polled nothing would let a rank run two calls ahead. Every word a
+call writes is polled and cleared by its receiver in that call, so between calls the
+buffers hold zeros only: when call numbers repeat after 2**30 calls, no word left from an
+earlier call can pass for a fresh one. The clearing store is ordered before any later
+write to the word: that write belongs to call ``c + 2`` or later, which the writer makes
+only after it saw the receiver's push of ``c + 1``, from a kernel that starts after the
+clearing kernel has finished.
 
 A rank that never arrives (a mismatched call) makes the others trap after
 ``_TIMEOUT_NS``: a CUDA error instead of a hang.
@@ -144,7 +147,8 @@ def _finish_merge(
     ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
     """Merge mode's finish: the program's rows of ``[rows, HEAD_DIM + 1]`` partial states
-    (out | lse, fp32) from every rank, merged as ``merge_attention_states`` does."""
+    (out | lse, fp32) from every rank, merged as ``merge_attention_states`` does; the
+    words read are cleared."""
     width = HEAD_DIM + 1
     per_program = chunk // width
     first = program * per_program
@@ -170,9 +174,12 @@ def _finish_merge(
             lse = _as_float(tl.load(slot + lse_at, mask=mine, other=0, volatile=True))
             has_tokens = (lse > float("-inf")) & mine
             weight = tl.where(has_tokens, tl.exp(lse - top), 0.0)
-            words = _poll(slot, out_at, has_tokens[:, None], tag, call, ON_GPU, TIMEOUT_NS)
+            # An empty source's out is polled too (it is on its way): it is cleared below.
+            words = _poll(slot, out_at, mine[:, None], tag, call, ON_GPU, TIMEOUT_NS)
             acc += weight[:, None] * tl.where(has_tokens[:, None], _as_float(words), 0.0)
             total += weight
+            tl.store(slot + out_at, tl.zeros([BLOCK_ROWS, HEAD_DIM], tl.int64), mask=mine[:, None])
+            tl.store(slot + lse_at, tl.zeros([BLOCK_ROWS], tl.int64), mask=mine)
         safe = tl.where(total > 0, total, 1.0)
         out = tl.where(total[:, None] > 0, acc / safe[:, None], 0.0)
         lse = tl.where(total > 0, top + tl.log(safe), float("-inf"))
@@ -239,6 +246,7 @@ def _exchange_kernel(
                 for source in tl.static_range(WORLD):
                     slot = (own + source * slot_words * 8).to(tl.pointer_type(tl.int64))
                     payload = _poll(slot, offsets, inside, tag, call, ON_GPU, TIMEOUT_NS)
+                    tl.store(slot + offsets, tl.zeros([BLOCK], tl.int64), mask=inside)
                     payload = payload.to(tl.int32)
                     if MODE == 1:
                         total_lo, total_hi = _unpack_sum(payload, total_lo, total_hi, DTYPE)

@@ -45,7 +45,14 @@ class Ranks:
             self.run(rank, "push", payloads[rank], outs[rank], reduce, programs)
         for rank in range(world):
             self.run(rank, "finish", payloads[rank], outs[rank], reduce, programs)
+        self.assert_clear()
         return outs
+
+    def assert_clear(self):
+        """Between calls every buffer holds zeros only: each receiver cleared what it read,
+        so no word can pass for a later call's when call numbers wrap."""
+        for buffer in self.buffers:
+            assert int(buffer.count_nonzero()) == 0
 
 
 def assert_same(got, want):
@@ -130,6 +137,7 @@ def test_a_rank_may_run_one_call_ahead(device):
         want = torch.stack([d.cpu() for d in data])
         assert all(torch.equal(o.cpu(), want) for o in outs)
     assert [int(c[0]) for c in ranks.counters] == [2, 2]
+    ranks.assert_clear()
 
 
 def test_refuses_bad_input(device):
@@ -179,6 +187,7 @@ def _merge_call(ranks, partials, out_dtype, programs=None):
                 counters=ranks.counters[rank], rank=rank, slot_bytes=ranks.slot_bytes,
                 programs=programs, phases=phase,
             )  # fmt: skip
+    ranks.assert_clear()
     return outs, lses
 
 
@@ -249,6 +258,7 @@ def test_candidates_are_packed_as_pack_candidates_does(world, device):
                 )  # fmt: skip
                 if phase == "finish":
                     outs.append(out)
+        ranks.assert_clear()
         want = torch.stack(
             [
                 pack_candidates(top_scores=s, local_indices=i, global_pages=p, impl="torch").cpu()
