@@ -23,6 +23,9 @@ _INT32_MAX = 2**31 - 1
 # a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
 _ONE_PROGRAM_TOP_K = 256
 _RANK_BLOCK = 64
+# Fewer rows than this spread their ranking too (0: never): one program a row leaves
+# most SMs idle at batch 1.
+_SPREAD_BELOW_ROWS = 0
 # The one-program ranking's candidate chunk (0: 32, fewer past 256 candidates) and warps.
 # Measured on an H200
 # at 64 rows, top_k 128, two ranks (score-variants-attn-nvidia-h200-2026-11-30.json):
@@ -77,15 +80,24 @@ def _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
 
 
 @triton.jit
-def _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K: tl.constexpr):
+def _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
+             row, top_k, BLOCK_K: tl.constexpr, WRITE_PAGES: tl.constexpr):  # fmt: skip
     # This rank's candidates come in ascending local index order: compact, keeping it.
     mine = tl.arange(0, BLOCK_K)
     mine_ok = mine < top_k
     position = tl.cumsum(kept.to(tl.int32), axis=0) - 1
     local = tl.load(indices_ptr + row * top_k + mine, mask=mine_ok, other=-1)
-    tl.store(out_ptr + row * top_k + mine, tl.full([BLOCK_K], -1, tl.int32), mask=mine_ok)
+    if WRITE_PAGES:
+        table_row = table_ptr + (row // num_kv_heads).to(tl.int64) * stride_table
+        page = tl.load(table_row + local, mask=kept, other=-1)
+    none = tl.full([BLOCK_K], -1, tl.int32)
+    tl.store(out_ptr + row * top_k + mine, none, mask=mine_ok)
+    if WRITE_PAGES:
+        tl.store(pages_ptr + row * top_k + mine, none, mask=mine_ok)
     tl.debug_barrier()
     tl.store(out_ptr + row * top_k + position, local, mask=kept)
+    if WRITE_PAGES:
+        tl.store(pages_ptr + row * top_k + position, page.to(tl.int32), mask=kept)
 
 
 @triton.jit
@@ -103,14 +115,16 @@ def _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size,
 
 @triton.jit
 def _keep_kernel(
-    gathered_ptr, indices_ptr, out_ptr, top_k, num_rows, rank, world_size,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    gathered_ptr, indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads,
+    top_k, num_rows, rank, world_size,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_PAGES: tl.constexpr,
 ):  # fmt: skip
     """One program a row: rank this rank's candidates, then compact the winners."""
     row = tl.program_id(0)
     mine = tl.arange(0, BLOCK_K)
     kept = _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size, BLOCK_K, BLOCK_C)
-    _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
+    _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
+             row, top_k, BLOCK_K, WRITE_PAGES)  # fmt: skip
 
 
 @triton.jit
@@ -126,11 +140,15 @@ def _rank_kernel(
 
 
 @triton.jit
-def _compact_kernel(kept_ptr, indices_ptr, out_ptr, top_k, BLOCK_K: tl.constexpr):
+def _compact_kernel(
+    kept_ptr, indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, top_k,
+    BLOCK_K: tl.constexpr, WRITE_PAGES: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     mine = tl.arange(0, BLOCK_K)
     kept = tl.load(kept_ptr + row * top_k + mine, mask=mine < top_k, other=0) != 0
-    _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
+    _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
+             row, top_k, BLOCK_K, WRITE_PAGES)  # fmt: skip
 
 
 def pack_candidates(
@@ -201,16 +219,21 @@ def keep_global_top_k(
     gathered: torch.Tensor,
     local_indices: torch.Tensor,
     rank: int,
+    page_table: torch.Tensor | None = None,
     impl: str | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's pages among the global top ``top_k`` of every (sequence, KV head).
 
     gathered: ``[world_size, num_seqs, num_kv_heads, top_k, 2]`` int32 — every rank's
         :func:`pack_candidates`, in rank order.
     local_indices: ``[num_seqs, num_kv_heads, top_k]`` int32 — this rank's local top-k
         (ascending, ``-1`` padding), as packed.
-    Returns ``[num_seqs, num_kv_heads, top_k]`` int32 local indices of this rank's
-    winners, ascending, ``-1`` padding.
+    page_table: ``[num_seqs, max_local_pages]`` int32 — this rank's physical page of each
+        local page, or None.
+    Returns ``(indices, physical)``: ``[num_seqs, num_kv_heads, top_k]`` int32 local
+    indices of this rank's winners, ascending, ``-1`` padding; and, given a
+    ``page_table``, their physical pages in the same layout (``-1`` beside ``-1``;
+    attention then skips the page-table lookup), else None.
     """
     check_tensor("gathered", gathered, ndim=5, dtypes=(torch.int32,))
     device = gathered.device
@@ -219,28 +242,49 @@ def keep_global_top_k(
     check_dim("gathered", gathered, 4, 2, "(score bits, page)")
     for dim, size in enumerate(gathered.shape[1:4]):
         check_dim("local_indices", local_indices, dim, size, "as gathered")
+    if page_table is not None:
+        check_tensor("page_table", page_table, ndim=2, dtypes=(torch.int32,), device=device)
+        check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     if resolve_impl(impl, device) == "torch":
-        return _keep_torch(gathered, local_indices, rank)
+        kept = _keep_torch(gathered, local_indices, rank)
+        if page_table is None:
+            return kept, None
+        rows = torch.arange(num_seqs, device=device)[:, None, None]
+        pages = page_table[rows, kept.long().clamp(min=0)]
+        return kept, torch.where(kept >= 0, pages, -1)
     out = torch.empty_like(local_indices)
+    pages = None if page_table is None else torch.empty_like(local_indices)
     rows = num_seqs * num_kv_heads
     if not (rows and top_k):
-        return out
+        return out, pages
     gathered, indices = gathered.contiguous(), local_indices.contiguous()
+    if page_table is not None and page_table.stride(1) != 1:
+        page_table = page_table.contiguous()
+    table = dict(
+        pages_ptr=out if pages is None else pages,
+        table_ptr=out if page_table is None else page_table,
+        stride_table=0 if page_table is None else page_table.stride(0),
+        num_kv_heads=num_kv_heads,
+        WRITE_PAGES=page_table is not None,
+    )
     block_k = triton.next_power_of_2(top_k)
-    if block_k <= _ONE_PROGRAM_TOP_K:
+    spread = block_k > _ONE_PROGRAM_TOP_K or (rows < _SPREAD_BELOW_ROWS and top_k > _RANK_BLOCK)
+    if not spread:
         _keep_kernel[(rows,)](
-            gathered, indices, out, top_k, rows, rank, world_size,
-            BLOCK_K=block_k, BLOCK_C=_KEEP_BLOCK_C or max(16, min(32, 8192 // block_k)),
-            num_warps=_KEEP_NUM_WARPS or 8,
+            gathered, indices, out, top_k=top_k, num_rows=rows, rank=rank,
+            world_size=world_size, BLOCK_K=block_k,
+            BLOCK_C=_KEEP_BLOCK_C or max(16, min(32, 8192 // block_k)),
+            num_warps=_KEEP_NUM_WARPS or 8, **table,
         )  # fmt: skip
-        return out
+        return out, pages
     # Ranking costs top_k x world_size x top_k comparisons a row: spread it over
     # programs of _RANK_BLOCK candidates, then compact each row in one program.
     kept = torch.empty(rows, top_k, dtype=torch.int8, device=device)
     _rank_kernel[(rows, triton.cdiv(top_k, _RANK_BLOCK))](
         gathered, kept, top_k, rows, rank, world_size, BLOCK_M=_RANK_BLOCK, BLOCK_C=64,
     )  # fmt: skip
-    _compact_kernel[(rows,)](kept, indices, out, top_k, BLOCK_K=block_k, num_warps=8)
-    return out
+    _compact_kernel[(rows,)](kept, indices, out, top_k=top_k, BLOCK_K=block_k, num_warps=8,
+                             **table)  # fmt: skip
+    return out, pages
