@@ -143,7 +143,8 @@ def run_select(inputs: dict, top_k: int) -> list[dict]:
 
 
 def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
-    """The cross-rank top-k's keep step at two ranks, per candidate chunk and warps."""
+    """The cross-rank top-k's keep step at two ranks: one program a row against rankings
+    spread over programs of ``_RANK_BLOCK`` candidates, with and without physical ids."""
     score = scores._page_scores_triton(*inputs.values())
     top, local = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
     num_seqs, pages = inputs["page_table"].shape
@@ -154,25 +155,33 @@ def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     other = global_topk.pack_candidates(top_scores=top.flip(-1), local_indices=local,
                                         global_pages=global_pages + pages)  # fmt: skip
     gathered = torch.stack((mine, other))
-    want = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
-                                         impl="torch")  # fmt: skip
+    want, _ = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
+                                            impl="torch")  # fmt: skip
+    saved = global_topk._SPREAD_BELOW_ROWS, global_topk._RANK_BLOCK
     rows = []
-    for block_c, warps in itertools.product((0, 32, 128, 256), (0, 8)):
-        global_topk._KEEP_BLOCK_C, global_topk._KEEP_NUM_WARPS = block_c, warps
+    forms = [("one_program", 64)] + [("spread", block) for block in (16, 32, 64)]
+    for (path, block), physical in itertools.product(forms, (False, True)):
+        global_topk._SPREAD_BELOW_ROWS = 1 << 30 if path == "spread" else 0
+        global_topk._RANK_BLOCK = block
+        table = inputs["page_table"] if physical else None
 
-        def keep():
-            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0)
+        def keep(table=table):
+            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local,
+                                                 rank=0, page_table=table)  # fmt: skip
 
-        same = bool(torch.equal(keep(), want))
-        rows.append({"block_c": block_c or "auto", "warps": warps or "auto", "top_k": top_k,
+        same = bool(torch.equal(keep()[0], want))
+        rows.append({"path": path, "rank_block": block if path == "spread" else "-",
+                     "physical": physical, "top_k": top_k,
                      "us": round(bench_graph(keep) * 1e3, 2), "same_as_torch": same})  # fmt: skip
-    global_topk._KEEP_BLOCK_C = global_topk._KEEP_NUM_WARPS = 0
+    global_topk._SPREAD_BELOW_ROWS, global_topk._RANK_BLOCK = saved
     return rows
 
 
 def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
-    """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k,
-    listed alone and as the engine lists them (at the front of a top_k list, -1 after)."""
+    """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k at
+    the front of a top_k list (-1 after), as the engine lists them, the last split
+    reducing; page ids from the page table or given (physical), loaded ahead or not; and
+    dense attention over every page, loaded ahead or not."""
     num_seqs, pages = inputs["page_table"].shape
     total = num_seqs * pages
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
@@ -180,28 +189,33 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     score = scores._page_scores_triton(*inputs.values())
     _, mine = topk._select_pages_triton(score, inputs["num_pages"], top_k // 2, True)
     padded = torch.cat((mine, torch.full_like(mine, -1)), dim=-1)
+    rows_index = torch.arange(num_seqs, device=device)[:, None, None]
+    physical = inputs["page_table"][rows_index, padded.long().clamp(min=0)]
+    physical = torch.where(padded >= 0, physical, -1).int()
     seq_lens = inputs["num_pages"] * PAGE_SIZE
     workspace = make_quest_workspace(max_num_seqs=num_seqs, num_kv_heads=NUM_KV_HEADS,
                                      device=device)  # fmt: skip
     common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
     want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
-    saved = decode._TOKENS_PER_BLOCK, decode._NUM_STAGES
-    forms = [("alone", mine, "merge_kernel", None, 64, 2)]
-    for splits, tokens, stages in itertools.product((None, 8, 16, 32), (32, 64), (2, 3)):
-        forms.append(("padded", padded, "last_split_reduces", splits, tokens, stages))
-    for listed, selected, name, splits, tokens, stages in forms:
-        decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = tokens, stages
-        kwargs = {"counters": workspace.counters} if name == "last_split_reduces" else {}
+    saved = decode._PREFETCH
+    forms = list(itertools.product(("logical", "physical"), (False, True), (None, 8, 16)))
+    forms += [("dense", prefetch, None) for prefetch in (False, True)]
+    for ids, prefetch, splits in forms:
+        decode._PREFETCH = prefetch
+        selected = None if ids == "dense" else padded
+        kwargs = {"counters": workspace.counters}
+        if ids == "physical":
+            kwargs["physical"] = physical
 
         def attend(selected=selected, kwargs=kwargs, splits=splits):
             return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
 
-        err = float((attend()[0].float() - want.float()).abs().max())
-        rows.append({"listed": listed, "reduce": name, "splits": splits or "auto",
-                     "tokens_per_block": tokens, "stages": stages, "list_len": selected.shape[-1],
-                     "us": round(bench_graph(attend) * 1e3, 2), "max_abs_diff": err})  # fmt: skip
-    decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = saved
+        err = 0.0 if selected is None else float((attend()[0].float() - want.float()).abs().max())
+        rows.append({"ids": ids, "prefetch": prefetch, "splits": splits or "auto",
+                     "list_len": padded.shape[-1], "us": round(bench_graph(attend) * 1e3, 2),
+                     "max_abs_diff": err})  # fmt: skip
+    decode._PREFETCH = saved
     del k_cache, v_cache
     return rows
 
@@ -268,12 +282,12 @@ def main() -> int:
                                           "same_as_default"])  # fmt: skip
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
-            columns = ["listed", "reduce", "splits", "tokens_per_block", "stages", "list_len",
-                       "us", "max_abs_diff"]  # fmt: skip
+            columns = ["ids", "prefetch", "splits", "list_len", "us", "max_abs_diff"]
             print_table(entry["attention"], columns)
         if "keep" in parts:
-            entry["keep"] = run_keep(inputs, 128, device)
-            print_table(entry["keep"], ["block_c", "warps", "top_k", "us", "same_as_torch"])
+            entry["keep"] = run_keep(inputs, 128, device) + run_keep(inputs, 256, device)
+            columns = ["path", "rank_block", "physical", "top_k", "us", "same_as_torch"]
+            print_table(entry["keep"], columns)
         result["shapes"][name] = entry
         del inputs
     if "weights" in parts:

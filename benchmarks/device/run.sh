@@ -69,6 +69,16 @@ case "$1" in
     timeout 280 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py --contexts 221184 \
       --batches 8 --budgets 2048 --no-sdpa --bounds-dtype float8_e4m3fn --reserve-gib 4 \
       --collectives peer,nccl --label b8-peer --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" | tail -8 ;;
+  one7)  # session 7, one GPU: kernel tests, a rank's attention and keep forms, Nsight probe
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py \
+      tests/kernels/test_global_topk.py -x 2>&1 | tail -3
+    timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels -x 2>&1 | tail -3
+    timeout 200 python benchmarks/score_variants.py --parts attention,keep --label one7 \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    timeout 150 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats python benchmarks/device/ncu_probe.py > "$out/ncu-one7.txt" 2>&1
+    tail -5 "$out/ncu-one7.txt" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

@@ -55,6 +55,9 @@ _TOKENS_PER_BLOCK = 64
 _PROGRAMS_PER_SM = 2
 _NUM_WARPS = 4
 _NUM_STAGES = 2
+# Load the next block's page ids while the current block's K/V load (an experiment: see
+# benchmarks/score_variants.py).
+_PREFETCH = False
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
 # 4, head_dim 128). 32 measured ~0.5-1 us faster than 16 at batch 1, 8 slower.
@@ -64,6 +67,24 @@ _MERGE_CHUNK = 16
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
 _DENSE, _LOGICAL, _PHYSICAL = 0, 1, 2
 _SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
+
+
+@triton.jit
+def _block_pages(j, end, sel_row, pages_row, table_row, num_pages, SELECTION: tl.constexpr):
+    """Logical page (-1: none) and int64 physical page of list positions ``j``."""
+    in_range = j < end
+    if SELECTION == 0:
+        logical = j
+    else:
+        logical = tl.load(sel_row + j, mask=in_range, other=-1)
+    if SELECTION == 2:
+        # Physical ids come with the selection: loaded beside it, not after it.
+        page = tl.load(pages_row + j, mask=in_range, other=0)
+    valid = in_range & (logical >= 0) & (logical < num_pages)
+    if SELECTION != 2:
+        page = tl.load(table_row + logical, mask=valid, other=0)
+    # Pool offsets overflow int32 at million-token pools.
+    return tl.where(valid, logical, -1), page.to(tl.int64)
 
 
 @triton.jit
@@ -81,6 +102,7 @@ def _decode_kernel(
     SELECTION: tl.constexpr, REDUCE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr, FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     LN2: tl.constexpr = 0.6931471805599453
     split = tl.program_id(0)
@@ -132,21 +154,24 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if PREFETCH:
+        next_logical, next_page = _block_pages(
+            start + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
+        )
     for j0 in range(start, end, PAGES_PER_BLOCK):
-        j = j0 + page_of_token  # [BLOCK_N] position in the page list, per token
-        in_range = j < end
-        if SELECTION == 0:
-            logical = j
+        if PREFETCH:
+            # The next block's page ids load while this block's K/V do: the K/V gathers
+            # wait on ids loaded one iteration earlier, not on a fresh round trip.
+            logical, page = next_logical, next_page
+            next_logical, next_page = _block_pages(
+                j0 + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
+                num_pages, SELECTION,
+            )  # fmt: skip
         else:
-            logical = tl.load(sel_row + j, mask=in_range, other=-1)
-        if SELECTION == 2:
-            # Physical ids come with the selection: loaded beside it, not after it.
-            page = tl.load(pages_row + j, mask=in_range, other=0)
-        valid = in_range & (logical >= 0) & (logical < num_pages)
-        if SELECTION != 2:
-            page = tl.load(table_row + logical, mask=valid, other=0)
-        page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
-        valid = valid & (logical * PAGE_SIZE + slot < seq_len)
+            logical, page = _block_pages(
+                j0 + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
+            )
+        valid = (logical >= 0) & (logical * PAGE_SIZE + slot < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
         v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
@@ -263,6 +288,7 @@ def _decode_triton(
         MERGE_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_CHUNK),
         USE_PDL=use_pdl, FENCE=device.type == "cuda",
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        PREFETCH=_PREFETCH,
         num_warps=_NUM_WARPS if block_d <= 128 else 2 * _NUM_WARPS, num_stages=_NUM_STAGES,
         **launch_options(device),
     )  # fmt: skip
