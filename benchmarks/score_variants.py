@@ -45,12 +45,18 @@ NUM_KV_HEADS, GROUP, HEAD_DIM, PAGE_SIZE = 8, 4, 128, 16
 SHAPES = {"8x192K-w2": (8, 6144), "1x1M-w2": (1, 32768)}  # (sequences, local pages each)
 
 
-def make_inputs(num_seqs: int, pages: int, device: torch.device) -> dict:
+def make_inputs(num_seqs: int, pages: int, device: torch.device, table: str = "random") -> dict:
+    """``table``: ``"random"`` page ids (a fragmented pool) or ``"contiguous"`` (each
+    sequence's pages in a row, as a fresh engine's allocator hands them out)."""
     total = num_seqs * pages
     gen = torch.Generator(device=device).manual_seed(0)
     centre = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, device=device, generator=gen)
     spread = torch.rand(total, NUM_KV_HEADS, HEAD_DIM, device=device, generator=gen)
-    table = torch.randperm(total, device=device, generator=gen).view(num_seqs, pages).int()
+    if table == "contiguous":
+        ids = torch.arange(total, device=device)
+    else:
+        ids = torch.randperm(total, device=device, generator=gen)
+    table = ids.view(num_seqs, pages).int()
     query = torch.randn(num_seqs, NUM_KV_HEADS * GROUP, HEAD_DIM, device=device, generator=gen)
     return {
         "query": query.bfloat16(),
@@ -63,8 +69,10 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device) -> dict:
 
 def score_forms() -> list[dict]:
     forms = [{"as_rows": False}]
-    for block_p, warps, stages, per_sm in itertools.product((64, 128), (4, 8), (3, 4), (2, 3)):
-        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages, per_sm=per_sm))
+    for pipeline, block_p, warps, per_sm in itertools.product((0, 1, 2), (64, 128), (4, 8), (2, 3)):
+        stages = 3 if pipeline < 2 else 1  # the by-hand pipeline holds its tiles in registers
+        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages,
+                          per_sm=per_sm, pipeline=pipeline))  # fmt: skip
     return forms
 
 
@@ -74,6 +82,7 @@ _DEFAULT_FORM = {
     "warps": scores._AS_ROWS_NUM_WARPS,
     "stages": scores._AS_ROWS_NUM_STAGES,
     "per_sm": scores._AS_ROWS_PROGRAMS_PER_SM,
+    "pipeline": scores._AS_ROWS_PIPELINE,
 }
 
 
@@ -84,6 +93,7 @@ def set_form(form: dict) -> None:
         scores._AS_ROWS_NUM_WARPS = form["warps"]
         scores._AS_ROWS_NUM_STAGES = form["stages"]
         scores._AS_ROWS_PROGRAMS_PER_SM = form["per_sm"]
+        scores._AS_ROWS_PIPELINE = form["pipeline"]
 
 
 def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
@@ -199,8 +209,8 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
     saved = decode._PREFETCH
-    forms = list(itertools.product(("logical", "physical"), (False, True), (None, 8, 16)))
-    forms += [("dense", prefetch, None) for prefetch in (False, True)]
+    forms = list(itertools.product(("logical", "physical"), (0, 1, 2), (None, 8, 16)))
+    forms += [("dense", prefetch, None) for prefetch in (0, 2)]
     for ids, prefetch, splits in forms:
         decode._PREFETCH = prefetch
         selected = None if ids == "dense" else padded
@@ -256,23 +266,30 @@ def main() -> int:
     parser.add_argument("--label", default="")
     parser.add_argument("--parts", default="scores,select,attention,keep,weights",
                         help="comma-separated parts to time")  # fmt: skip
+    parser.add_argument("--table", choices=("random", "contiguous"), default="random",
+                        help="page ids: a fragmented pool or each sequence's in a row")  # fmt: skip
+    parser.add_argument("--bounds", default="bfloat16,float8_e4m3fn",
+                        help="bounds dtypes the scores part times")  # fmt: skip
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     device = torch.device("cuda")
     copy_gbps = measure_copy_bandwidth(device)
-    result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "parts": sorted(parts), "shapes": {}}
+    result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "parts": sorted(parts),
+              "table": args.table, "shapes": {}}  # fmt: skip
     for name, (num_seqs, pages) in SHAPES.items():
-        inputs = make_inputs(num_seqs, pages, device)
+        inputs = make_inputs(num_seqs, pages, device, args.table)
         entry = {"num_seqs": num_seqs, "local_pages": pages, "num_kv_heads": NUM_KV_HEADS,
                  "group": GROUP, "head_dim": HEAD_DIM}  # fmt: skip
         print(f"== {name}")
         if "scores" in parts:
-            entry["scores"] = run_scores(inputs, "bfloat16", copy_gbps)
-            entry["scores"] += run_scores(inputs, "float8_e4m3fn", copy_gbps)
+            entry["scores"] = []
+            for bounds in args.bounds.split(","):
+                entry["scores"] += run_scores(inputs, bounds, copy_gbps)
             best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
             current = [r for r in entry["scores"] if not r["as_rows"]]
-            print_table(current + best, ["bounds", "as_rows", "block_p", "warps", "stages",
-                                         "per_sm", "us", "pct_copy_bw", "max_rel_err"])  # fmt: skip
+            print_table(current + best, ["bounds", "as_rows", "pipeline", "block_p", "warps",
+                                         "stages", "per_sm", "us", "pct_copy_bw",
+                                         "max_rel_err"])  # fmt: skip
             errors = [r for r in entry["scores"] if "error" in r]
             if errors:
                 print(f"{len(errors)} forms failed; first: {errors[0]['error']}")

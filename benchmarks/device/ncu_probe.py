@@ -4,8 +4,8 @@ Compute (a device-session probe, not a benchmark):
     ncu --clock-control none --profile-from-start off --section ... \\
         python benchmarks/device/ncu_probe.py
 
-The shapes are score_variants.py's 8 x 192K row on two GPUs: scores with fp8 and bf16
-bounds (each in its engine form) and the sparse attention over a rank's share.
+The shapes are score_variants.py's 8 x 192K row on two GPUs: scores with fp8 bounds (two
+loop forms) and bf16 bounds, and the sparse attention over a rank's share (two loop forms).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
 
 def main() -> int:
     device = torch.device("cuda")
-    inputs = make_inputs(8, 6144, device)
-    # Contiguous page ids per sequence, as the engine's allocator hands them out.
-    inputs["page_table"] = torch.arange(8 * 6144, device=device, dtype=torch.int32).view(8, 6144)
+    inputs = make_inputs(8, 6144, device, "contiguous")  # as a fresh engine's pool
     fp8 = dict(inputs, key_min=inputs["key_min"].to(FLOAT8_DTYPE),
                key_max=inputs["key_max"].to(FLOAT8_DTYPE))  # fmt: skip
     score = scores._page_scores_triton(*inputs.values())
@@ -39,10 +37,14 @@ def main() -> int:
     seq_lens = inputs["num_pages"] * PAGE_SIZE
 
     def launch_all():
-        scores._page_scores_triton(*fp8.values())
+        for pipeline in (0, 2):  # fp8 bounds as rows: Triton's pipeline, then by hand
+            scores._AS_ROWS_PIPELINE = pipeline
+            scores._page_scores_triton(*fp8.values())
         scores._page_scores_triton(*inputs.values())
         common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens, padded)
-        decode._decode_triton(*common, HEAD_DIM**-0.5, None, counters=workspace.counters)
+        for prefetch in (0, 2):  # nothing loaded ahead, then K/V a block ahead
+            decode._PREFETCH = prefetch
+            decode._decode_triton(*common, HEAD_DIM**-0.5, None, counters=workspace.counters)
 
     launch_all()  # compile outside the profiled range
     torch.cuda.synchronize()

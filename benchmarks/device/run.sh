@@ -79,6 +79,15 @@ case "$1" in
       --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
       --section LaunchStats python benchmarks/device/ncu_probe.py > "$out/ncu-one7.txt" 2>&1
     tail -5 "$out/ncu-one7.txt" ;;
+  one7b)  # session 7, one GPU: loop forms of the fp8 score and attention kernels; Nsight
+    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode.py \
+      tests/kernels/test_scores.py tests/kernels/test_fp8_bounds.py -x 2>&1 | tail -3
+    timeout 300 python benchmarks/score_variants.py --parts scores,attention --bounds float8_e4m3fn \
+      --table contiguous --label one7b --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    timeout 120 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats python benchmarks/device/ncu_probe.py > "$out/ncu-one7b.txt" 2>&1
+    grep -E "^  _|Duration|DRAM Throughput|Registers Per|Dynamic Shared|Achieved Occ" "$out/ncu-one7b.txt" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

@@ -55,9 +55,9 @@ _TOKENS_PER_BLOCK = 64
 _PROGRAMS_PER_SM = 2
 _NUM_WARPS = 4
 _NUM_STAGES = 2
-# Load the next block's page ids while the current block's K/V load (an experiment: see
-# benchmarks/score_variants.py).
-_PREFETCH = False
+# What the loop loads ahead (an experiment, benchmarks/score_variants.py): 0 nothing (Triton's
+# pipeline), 1 the next block's page ids, 2 the next block's K/V and the page ids after.
+_PREFETCH = 0
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
 # 4, head_dim 128). 32 measured ~0.5-1 us faster than 16 at batch 1, 8 slower.
@@ -85,6 +85,14 @@ def _block_pages(j, end, sel_row, pages_row, table_row, num_pages, SELECTION: tl
         page = tl.load(table_row + logical, mask=valid, other=0)
     # Pool offsets overflow int32 at million-token pools.
     return tl.where(valid, logical, -1), page.to(tl.int64)
+
+
+@triton.jit
+def _load_kv(k_base, v_base, page, valid, d_mask, stride_kp, stride_vp):
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -154,27 +162,43 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if PREFETCH:
+    if PREFETCH > 0:
         next_logical, next_page = _block_pages(
             start + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
         )
+    if PREFETCH == 2:
+        # K/V one block ahead, page ids two: block 0's K/V, block 1's ids.
+        next_valid = (next_logical >= 0) & (next_logical * PAGE_SIZE + slot < seq_len)
+        next_k, next_v = _load_kv(k_base, v_base, next_page, next_valid, d_mask, stride_kp,
+                                  stride_vp)  # fmt: skip
+        next_logical, next_page = _block_pages(
+            start + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
+            num_pages, SELECTION,
+        )  # fmt: skip
     for j0 in range(start, end, PAGES_PER_BLOCK):
-        if PREFETCH:
-            # The next block's page ids load while this block's K/V do: the K/V gathers
-            # wait on ids loaded one iteration earlier, not on a fresh round trip.
-            logical, page = next_logical, next_page
+        if PREFETCH == 2:
+            k, v, valid = next_k, next_v, next_valid
+            next_valid = (next_logical >= 0) & (next_logical * PAGE_SIZE + slot < seq_len)
+            next_k, next_v = _load_kv(k_base, v_base, next_page, next_valid, d_mask, stride_kp,
+                                      stride_vp)  # fmt: skip
             next_logical, next_page = _block_pages(
-                j0 + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
+                j0 + 2 * PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
                 num_pages, SELECTION,
             )  # fmt: skip
         else:
-            logical, page = _block_pages(
-                j0 + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
-            )
-        valid = (logical >= 0) & (logical * PAGE_SIZE + slot < seq_len)
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
+            if PREFETCH == 1:
+                # The next block's page ids load while this block's K/V do.
+                logical, page = next_logical, next_page
+                next_logical, next_page = _block_pages(
+                    j0 + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
+                    num_pages, SELECTION,
+                )  # fmt: skip
+            else:
+                logical, page = _block_pages(
+                    j0 + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
+                )
+            valid = (logical >= 0) & (logical * PAGE_SIZE + slot < seq_len)
+            k, v = _load_kv(k_base, v_base, page, valid, d_mask, stride_kp, stride_vp)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))

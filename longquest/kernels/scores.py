@@ -71,6 +71,9 @@ _AS_ROWS_BLOCK_P = 128  # pages a tile: 64 measured 51 us at 8 x 192K, fp8
 _AS_ROWS_NUM_WARPS = 8
 _AS_ROWS_NUM_STAGES = 3  # 2: 47.7 us; 4: as 3
 _AS_ROWS_PROGRAMS_PER_SM = 2  # 1: slower at every tile size
+# How the pages-as-rows loop overlaps loads (an experiment, score_variants.py): 0 Triton's
+# pipeline alone, 1 page ids a block ahead, 2 by hand (ids two blocks ahead, bounds one).
+_AS_ROWS_PIPELINE = 0
 
 
 @triton.jit
@@ -179,7 +182,7 @@ def _score_blocks_as_rows(
     n, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, PIPELINE: tl.constexpr,
 ):  # fmt: skip
     """:func:`_score_blocks` with the pages as the product's rows: ``bounds @ q^T``.
 
@@ -199,18 +202,63 @@ def _score_blocks_as_rows(
     )  # fmt: skip
     q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
-    for block in tl.range(first, last, num_stages=NUM_STAGES):
-        pages = block * BLOCK_P + lanes
-        valid = pages < n
-        ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
-        offsets = ids.to(tl.int64)[:, None] * stride_bp + head_offset + dims[None, :]
-        mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
-        kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
-        kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
-        bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
-        bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
-        best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
-        tl.store(out_row + pages, tl.where(valid, best, float("-inf")), mask=pages < max_pages)
+    if PIPELINE == 0:
+        for block in tl.range(first, last, num_stages=NUM_STAGES):
+            pages = block * BLOCK_P + lanes
+            valid = pages < n
+            ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
+            kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
+                                      stride_bp, HEAD_DIM)  # fmt: skip
+            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+                              GROUP, DOT_PRECISION)  # fmt: skip
+    elif PIPELINE == 1:
+        # Page ids one block ahead: a block's bounds loads wait on ids already loaded.
+        pages = first * BLOCK_P + lanes
+        ids_next = tl.load(table_row + pages * stride_tp, mask=pages < n, other=0)
+        for block in tl.range(first, last, num_stages=NUM_STAGES):
+            pages = block * BLOCK_P + lanes
+            valid = pages < n
+            ids = ids_next
+            nxt = pages + BLOCK_P
+            ids_next = tl.load(table_row + nxt * stride_tp,
+                               mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
+            kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
+                                      stride_bp, HEAD_DIM)  # fmt: skip
+            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+                              GROUP, DOT_PRECISION)  # fmt: skip
+    else:
+        # By hand, as _score_blocks: page ids two blocks ahead, bounds one block ahead.
+        pages = first * BLOCK_P + lanes
+        ids = tl.load(table_row + pages * stride_tp, mask=pages < tl.where(first < last, n, 0),
+                      other=0)  # fmt: skip
+        nxt = pages + BLOCK_P
+        ids_next = tl.load(table_row + nxt * stride_tp,
+                           mask=nxt < tl.where(first + 1 < last, n, 0), other=0)  # fmt: skip
+        kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, pages < n, head_offset, dims,
+                                  stride_bp, HEAD_DIM)  # fmt: skip
+        for block in range(first, last):
+            pages = block * BLOCK_P + lanes
+            nxt = pages + BLOCK_P
+            after = nxt + BLOCK_P
+            ids_after = tl.load(table_row + after * stride_tp,
+                                mask=after < tl.where(block + 2 < last, n, 0), other=0)  # fmt: skip
+            kmin_next, kmax_next = _load_bounds(
+                key_min_ptr, key_max_ptr, ids_next, nxt < tl.where(block + 1 < last, n, 0),
+                head_offset, dims, stride_bp, HEAD_DIM,
+            )  # fmt: skip
+            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, pages < n, max_pages,
+                              cols, GROUP, DOT_PRECISION)  # fmt: skip
+            kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
+
+
+@triton.jit
+def _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+                      GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """The pages-as-rows bound of one ``[BLOCK_P, head_dim]`` block, stored at ``pages``."""
+    bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
+    bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
+    best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
+    tl.store(out_row + pages, tl.where(valid, best, float("-inf")), mask=pages < max_pages)
 
 
 @triton.jit
@@ -221,6 +269,7 @@ def _page_scores_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COUNT_PAGE_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr, AS_ROWS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 2,
+    PIPELINE: tl.constexpr = 0,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
@@ -239,7 +288,7 @@ def _page_scores_kernel(
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
             n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
-            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES, PIPELINE,
         )  # fmt: skip
     else:
         _score_blocks(
@@ -281,7 +330,7 @@ def _as_rows(use_dot: bool, bounds_dtype: torch.dtype) -> bool:
 
 def _form_options(as_rows: bool) -> dict:
     if as_rows:
-        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES,
+        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES, "PIPELINE": _AS_ROWS_PIPELINE,
                 "num_warps": _AS_ROWS_NUM_WARPS, "num_stages": _AS_ROWS_NUM_STAGES}  # fmt: skip
     return {"num_warps": _NUM_WARPS}
 
