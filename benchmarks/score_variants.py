@@ -9,15 +9,18 @@ rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two
 6144 and 32768 local pages a sequence, Llama-3.1-8B heads), for each candidate form:
 
 * scores: the group-as-rows form (the bf16 bounds' kernel) against the pages-as-rows form
-  (``scores._AS_ROWS``; the fp8 bounds' kernel) over tile rows, warps, pipeline depth and
-  programs per SM, with bf16 and fp8 bounds; every form's scores are checked against the
-  group-as-rows form's;
+  (``scores._AS_ROWS``; the fp8 bounds' kernel) over its loop form (page ids a block
+  ahead or not), tile rows, warps and programs per SM, with bf16 and fp8 bounds
+  (``--bounds``); every form's scores are checked against the group-as-rows form's;
 * selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
-* sparse attention: a merge kernel after the splits against the last split reducing;
+* the keep step of the cross-rank top-k, per ranking block;
+* sparse attention over a rank's share, per split count, with page ids looked up or given;
 * the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
   laid out now (the split MLP's down-projection is a column slice) and contiguous.
 
-Writes JSON under benchmarks/results/ (``score-variants-<device>-<date>.json``).
+Page tables are random (a fragmented pool) or, with ``--table contiguous``, each
+sequence's pages in a row. Writes JSON under benchmarks/results/
+(``score-variants-<device>-<date>.json``).
 """
 
 from __future__ import annotations
@@ -69,10 +72,9 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device, table: str = "r
 
 def score_forms() -> list[dict]:
     forms = [{"as_rows": False}]
-    for pipeline, block_p, warps, per_sm in itertools.product((0, 1, 2), (64, 128), (4, 8), (2, 3)):
-        stages = 3 if pipeline < 2 else 1  # the by-hand pipeline holds its tiles in registers
-        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages,
-                          per_sm=per_sm, pipeline=pipeline))  # fmt: skip
+    for pipeline, block_p, warps, per_sm in itertools.product((0, 1), (64, 128), (4, 8), (2, 3)):
+        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=3, per_sm=per_sm,
+                          pipeline=pipeline))  # fmt: skip
     return forms
 
 
@@ -153,8 +155,7 @@ def run_select(inputs: dict, top_k: int) -> list[dict]:
 
 
 def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
-    """The cross-rank top-k's keep step at two ranks: one program a row against rankings
-    spread over programs of ``_RANK_BLOCK`` candidates, with and without physical ids."""
+    """The cross-rank top-k's keep step at two ranks, per ranking block."""
     score = scores._page_scores_triton(*inputs.values())
     top, local = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
     num_seqs, pages = inputs["page_table"].shape
@@ -165,33 +166,27 @@ def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     other = global_topk.pack_candidates(top_scores=top.flip(-1), local_indices=local,
                                         global_pages=global_pages + pages)  # fmt: skip
     gathered = torch.stack((mine, other))
-    want, _ = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
-                                            impl="torch")  # fmt: skip
-    saved = global_topk._SPREAD_BELOW_ROWS, global_topk._RANK_BLOCK
+    want = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
+                                         impl="torch")  # fmt: skip
+    saved = global_topk._RANK_BLOCK
     rows = []
-    forms = [("one_program", 64)] + [("spread", block) for block in (16, 32, 64)]
-    for (path, block), physical in itertools.product(forms, (False, True)):
-        global_topk._SPREAD_BELOW_ROWS = 1 << 30 if path == "spread" else 0
+    for block in (16, 32, 64):
         global_topk._RANK_BLOCK = block
-        table = inputs["page_table"] if physical else None
 
-        def keep(table=table):
-            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local,
-                                                 rank=0, page_table=table)  # fmt: skip
+        def keep():
+            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0)
 
-        same = bool(torch.equal(keep()[0], want))
-        rows.append({"path": path, "rank_block": block if path == "spread" else "-",
-                     "physical": physical, "top_k": top_k,
+        same = bool(torch.equal(keep(), want))
+        rows.append({"rank_block": block, "top_k": top_k,
                      "us": round(bench_graph(keep) * 1e3, 2), "same_as_torch": same})  # fmt: skip
-    global_topk._SPREAD_BELOW_ROWS, global_topk._RANK_BLOCK = saved
+    global_topk._RANK_BLOCK = saved
     return rows
 
 
 def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k at
     the front of a top_k list (-1 after), as the engine lists them, the last split
-    reducing; page ids from the page table or given (physical), loaded ahead or not; and
-    dense attention over every page, loaded ahead or not."""
+    reducing; page ids from the page table or given (physical); and dense attention."""
     num_seqs, pages = inputs["page_table"].shape
     total = num_seqs * pages
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
@@ -208,11 +203,9 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
     want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
-    saved = decode._PREFETCH
-    forms = list(itertools.product(("logical", "physical"), (0, 1, 2), (None, 8, 16)))
-    forms += [("dense", prefetch, None) for prefetch in (0, 2)]
-    for ids, prefetch, splits in forms:
-        decode._PREFETCH = prefetch
+    forms = list(itertools.product(("logical", "physical"), (None, 8, 16)))
+    forms += [("dense", None)]
+    for ids, splits in forms:
         selected = None if ids == "dense" else padded
         kwargs = {"counters": workspace.counters}
         if ids == "physical":
@@ -222,10 +215,8 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
             return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
 
         err = 0.0 if selected is None else float((attend()[0].float() - want.float()).abs().max())
-        rows.append({"ids": ids, "prefetch": prefetch, "splits": splits or "auto",
-                     "list_len": padded.shape[-1], "us": round(bench_graph(attend) * 1e3, 2),
-                     "max_abs_diff": err})  # fmt: skip
-    decode._PREFETCH = saved
+        rows.append({"ids": ids, "splits": splits or "auto", "list_len": padded.shape[-1],
+                     "us": round(bench_graph(attend) * 1e3, 2), "max_abs_diff": err})  # fmt: skip
     del k_cache, v_cache
     return rows
 
@@ -299,11 +290,11 @@ def main() -> int:
                                           "same_as_default"])  # fmt: skip
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
-            columns = ["ids", "prefetch", "splits", "list_len", "us", "max_abs_diff"]
+            columns = ["ids", "splits", "list_len", "us", "max_abs_diff"]
             print_table(entry["attention"], columns)
         if "keep" in parts:
             entry["keep"] = run_keep(inputs, 128, device) + run_keep(inputs, 256, device)
-            columns = ["path", "rank_block", "physical", "top_k", "us", "same_as_torch"]
+            columns = ["rank_block", "top_k", "us", "same_as_torch"]
             print_table(entry["keep"], columns)
         result["shapes"][name] = entry
         del inputs

@@ -88,6 +88,15 @@ case "$1" in
       --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
       --section LaunchStats python benchmarks/device/ncu_probe.py > "$out/ncu-one7b.txt" 2>&1
     grep -E "^  _|Duration|DRAM Throughput|Registers Per|Dynamic Shared|Achieved Occ" "$out/ncu-one7b.txt" ;;
+  one7c)  # session 7, one GPU: the new defaults (fp8 score form, splits, keep): tests, sweeps
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py \
+      tests/kernels/test_global_topk.py -x 2>&1 | tail -3
+    timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels -x 2>&1 | tail -3
+    for table in random contiguous; do
+      parts=scores; [ "$table" = random ] && parts=scores,attention,keep
+      timeout 200 python benchmarks/score_variants.py --parts $parts --bounds float8_e4m3fn \
+        --table $table --label one7c-$table --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    done ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

@@ -50,14 +50,12 @@ from longquest.kernels.scores import _sm_count
 _LOG2E = 1.4426950408889634
 # Tokens a program loads per loop iteration (several pages gathered at once).
 _TOKENS_PER_BLOCK = 64
-# Grid target in programs per SM. Four fit at a time, but two (a 256-page budget in splits
-# of 8 pages at batch 1) measured faster: fewer partials to merge (benchmarks/NOTES-kernels.md).
-_PROGRAMS_PER_SM = 2
+# Grid target in programs per SM. Four: at a two-rank share of a 2048-token budget at
+# batch 8, 9 splits took 21.9 us against 23.7 for 5 (score-variants-one7b-*); at batch 1
+# the split cap below binds first.
+_PROGRAMS_PER_SM = 4
 _NUM_WARPS = 4
 _NUM_STAGES = 2
-# What the loop loads ahead (an experiment, benchmarks/score_variants.py): 0 nothing (Triton's
-# pipeline), 1 the next block's page ids, 2 the next block's K/V and the page ids after.
-_PREFETCH = 0
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
 # 4, head_dim 128). 32 measured ~0.5-1 us faster than 16 at batch 1, 8 slower.
@@ -67,32 +65,6 @@ _MERGE_CHUNK = 16
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
 _DENSE, _LOGICAL, _PHYSICAL = 0, 1, 2
 _SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
-
-
-@triton.jit
-def _block_pages(j, end, sel_row, pages_row, table_row, num_pages, SELECTION: tl.constexpr):
-    """Logical page (-1: none) and int64 physical page of list positions ``j``."""
-    in_range = j < end
-    if SELECTION == 0:
-        logical = j
-    else:
-        logical = tl.load(sel_row + j, mask=in_range, other=-1)
-    if SELECTION == 2:
-        # Physical ids come with the selection: loaded beside it, not after it.
-        page = tl.load(pages_row + j, mask=in_range, other=0)
-    valid = in_range & (logical >= 0) & (logical < num_pages)
-    if SELECTION != 2:
-        page = tl.load(table_row + logical, mask=valid, other=0)
-    # Pool offsets overflow int32 at million-token pools.
-    return tl.where(valid, logical, -1), page.to(tl.int64)
-
-
-@triton.jit
-def _load_kv(k_base, v_base, page, valid, d_mask, stride_kp, stride_vp):
-    kv_mask = valid[:, None] & d_mask[None, :]
-    k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
-    return k, v
 
 
 @triton.jit
@@ -110,7 +82,6 @@ def _decode_kernel(
     SELECTION: tl.constexpr, REDUCE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr, FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     LN2: tl.constexpr = 0.6931471805599453
     split = tl.program_id(0)
@@ -140,6 +111,10 @@ def _decode_kernel(
     per_split = tl.cdiv(tl.cdiv(total, num_splits), PAGES_PER_BLOCK) * PAGES_PER_BLOCK
     start = split * per_split
     end = tl.minimum(start + per_split, total)
+    # Splits past the last used block have nothing: where the last split reduces, they
+    # write no partial and it merges only the first `active` (a rank's share of a global
+    # top-k leaves about half the splits idle at two ranks).
+    active = tl.cdiv(total, tl.maximum(per_split, 1))
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -162,43 +137,24 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if PREFETCH > 0:
-        next_logical, next_page = _block_pages(
-            start + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
-        )
-    if PREFETCH == 2:
-        # K/V one block ahead, page ids two: block 0's K/V, block 1's ids.
-        next_valid = (next_logical >= 0) & (next_logical * PAGE_SIZE + slot < seq_len)
-        next_k, next_v = _load_kv(k_base, v_base, next_page, next_valid, d_mask, stride_kp,
-                                  stride_vp)  # fmt: skip
-        next_logical, next_page = _block_pages(
-            start + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
-            num_pages, SELECTION,
-        )  # fmt: skip
     for j0 in range(start, end, PAGES_PER_BLOCK):
-        if PREFETCH == 2:
-            k, v, valid = next_k, next_v, next_valid
-            next_valid = (next_logical >= 0) & (next_logical * PAGE_SIZE + slot < seq_len)
-            next_k, next_v = _load_kv(k_base, v_base, next_page, next_valid, d_mask, stride_kp,
-                                      stride_vp)  # fmt: skip
-            next_logical, next_page = _block_pages(
-                j0 + 2 * PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
-                num_pages, SELECTION,
-            )  # fmt: skip
+        j = j0 + page_of_token  # [BLOCK_N] position in the page list, per token
+        in_range = j < end
+        if SELECTION == 0:
+            logical = j
         else:
-            if PREFETCH == 1:
-                # The next block's page ids load while this block's K/V do.
-                logical, page = next_logical, next_page
-                next_logical, next_page = _block_pages(
-                    j0 + PAGES_PER_BLOCK + page_of_token, end, sel_row, pages_row, table_row,
-                    num_pages, SELECTION,
-                )  # fmt: skip
-            else:
-                logical, page = _block_pages(
-                    j0 + page_of_token, end, sel_row, pages_row, table_row, num_pages, SELECTION
-                )
-            valid = (logical >= 0) & (logical * PAGE_SIZE + slot < seq_len)
-            k, v = _load_kv(k_base, v_base, page, valid, d_mask, stride_kp, stride_vp)
+            logical = tl.load(sel_row + j, mask=in_range, other=-1)
+        if SELECTION == 2:
+            # Physical ids come with the selection: loaded beside it, not after it.
+            page = tl.load(pages_row + j, mask=in_range, other=0)
+        valid = in_range & (logical >= 0) & (logical < num_pages)
+        if SELECTION != 2:
+            page = tl.load(table_row + logical, mask=valid, other=0)
+        page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
+        valid = valid & (logical * PAGE_SIZE + slot < seq_len)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + page[:, None] * stride_kp, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + page[:, None] * stride_vp, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G, N], log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
@@ -222,8 +178,11 @@ def _decode_kernel(
         # Partials: [num_seqs, num_qo_heads, num_splits, HEAD_DIM] fp32 and its lse.
         part = (seq * num_qo_heads + heads) * num_splits + split
         o_ptrs = part_o_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-        tl.store(o_ptrs, out, mask=gd_mask)
-        tl.store(part_lse_ptr + part, lse, mask=g_mask)
+        write = g_mask
+        if REDUCE == 2:  # the merge kernel (REDUCE 1) reads every split
+            write = write & (g * 0 + split < active)
+        tl.store(o_ptrs, out, mask=write[:, None] & d_mask[None, :])
+        tl.store(part_lse_ptr + part, lse, mask=write)
         if REDUCE == 2:
             _fence_gpu(split, FENCE)
             tl.debug_barrier()
@@ -234,7 +193,7 @@ def _decode_kernel(
                 tl.store(counter, 0)
                 _reduce_partials(
                     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads,
-                    num_splits, stride_os, stride_oh, stride_ls, stride_lh, GROUP, HEAD_DIM,
+                    num_splits, active, stride_os, stride_oh, stride_ls, stride_lh, GROUP, HEAD_DIM,
                     BLOCK_D, MERGE_G, BLOCK_SPLITS, MERGE_CHUNK,
                 )  # fmt: skip
 
@@ -312,7 +271,6 @@ def _decode_triton(
         MERGE_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_CHUNK),
         USE_PDL=use_pdl, FENCE=device.type == "cuda",
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        PREFETCH=_PREFETCH,
         num_warps=_NUM_WARPS if block_d <= 128 else 2 * _NUM_WARPS, num_stages=_NUM_STAGES,
         **launch_options(device),
     )  # fmt: skip

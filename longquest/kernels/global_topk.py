@@ -1,12 +1,14 @@
-"""The two local halves of the cross-rank top-k merge, one kernel each.
+"""The two local halves of the cross-rank top-k merge.
 
-Sequence parallelism selects pages in three launches per layer: :func:`pack_candidates`
-turns this rank's local top-k into ``(score bits, global page)`` int32 pairs, one
-all-gather (in longquest.parallel.comm) shares every rank's pairs, and
-:func:`keep_global_top_k` ranks all of them and keeps this rank's pages among the
-global top ``top_k``. Ranking: higher score first, ties to the lower global page; a
-candidate's rank is the number of candidates that beat it, so every rank computes
-the same cut without a sort. The PyTorch path (``impl="torch"``) is the reference.
+Sequence parallelism selects pages in three steps per layer: :func:`pack_candidates`
+turns this rank's local top-k into ``(score bits, global page)`` int32 pairs (one
+kernel; the peer-memory gather packs them on the way instead), one all-gather (in
+longquest.parallel.comm) shares every rank's pairs, and :func:`keep_global_top_k` ranks
+all of them and keeps this rank's pages among the global top ``top_k`` (two kernels: the
+ranking spread over programs, then one program a row compacts the winners). Ranking:
+higher score first, ties to the lower global page; a candidate's rank is the number of
+candidates that beat it, so every rank computes the same cut without a sort. The PyTorch
+path (``impl="torch"``) is the reference.
 """
 
 from __future__ import annotations
@@ -18,20 +20,12 @@ import triton.language as tl
 from longquest.kernels._checks import check_dim, check_tensor, resolve_impl
 
 _INT32_MAX = 2**31 - 1
-# Up to this many candidates a rank, one program ranks and compacts a whole row; above
-# it (e.g. a 4096-token budget in 4-token pages: 1024), one program a row spent ~0.3 ms
-# a layer at 1M tokens, so ranking is spread over programs of _RANK_BLOCK candidates.
-_ONE_PROGRAM_TOP_K = 256
-_RANK_BLOCK = 64
-# Fewer rows than this spread their ranking too (0: never): one program a row leaves
-# most SMs idle at batch 1.
-_SPREAD_BELOW_ROWS = 0
-# The one-program ranking's candidate chunk (0: 32, fewer past 256 candidates) and warps.
-# Measured on an H200
-# at 64 rows, top_k 128, two ranks (score-variants-attn-nvidia-h200-2026-11-30.json):
-# chunks of 32 on 8 warps 10.4 us, of 64 on 4 warps 13.4 us, of 128-256 15-25 us.
-_KEEP_BLOCK_C = 0
-_KEEP_NUM_WARPS = 8
+# Candidates a ranking program takes: each (row, block) program counts, for _RANK_BLOCK of
+# this rank's candidates, the row's candidates that beat them; a second kernel compacts.
+# Measured on an H200 (score-variants-one7-*, two ranks): 16 beat one program a row at
+# every shape, most at few rows (8 rows, top_k 256: 11.3 us against 21.0; 64 rows, top_k
+# 128: 9.8 against 10.1), and beat blocks of 32 and 64.
+_RANK_BLOCK = 16
 
 
 @triton.jit
@@ -80,24 +74,15 @@ def _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
 
 
 @triton.jit
-def _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
-             row, top_k, BLOCK_K: tl.constexpr, WRITE_PAGES: tl.constexpr):  # fmt: skip
+def _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K: tl.constexpr):
     # This rank's candidates come in ascending local index order: compact, keeping it.
     mine = tl.arange(0, BLOCK_K)
     mine_ok = mine < top_k
     position = tl.cumsum(kept.to(tl.int32), axis=0) - 1
     local = tl.load(indices_ptr + row * top_k + mine, mask=mine_ok, other=-1)
-    if WRITE_PAGES:
-        table_row = table_ptr + (row // num_kv_heads).to(tl.int64) * stride_table
-        page = tl.load(table_row + local, mask=kept, other=-1)
-    none = tl.full([BLOCK_K], -1, tl.int32)
-    tl.store(out_ptr + row * top_k + mine, none, mask=mine_ok)
-    if WRITE_PAGES:
-        tl.store(pages_ptr + row * top_k + mine, none, mask=mine_ok)
+    tl.store(out_ptr + row * top_k + mine, tl.full([BLOCK_K], -1, tl.int32), mask=mine_ok)
     tl.debug_barrier()
     tl.store(out_ptr + row * top_k + position, local, mask=kept)
-    if WRITE_PAGES:
-        tl.store(pages_ptr + row * top_k + position, page.to(tl.int32), mask=kept)
 
 
 @triton.jit
@@ -114,25 +99,11 @@ def _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size,
 
 
 @triton.jit
-def _keep_kernel(
-    gathered_ptr, indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads,
-    top_k, num_rows, rank, world_size,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_PAGES: tl.constexpr,
-):  # fmt: skip
-    """One program a row: rank this rank's candidates, then compact the winners."""
-    row = tl.program_id(0)
-    mine = tl.arange(0, BLOCK_K)
-    kept = _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size, BLOCK_K, BLOCK_C)
-    _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
-             row, top_k, BLOCK_K, WRITE_PAGES)  # fmt: skip
-
-
-@triton.jit
 def _rank_kernel(
     gathered_ptr, kept_ptr, top_k, num_rows, rank, world_size,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Large ``top_k``: ``BLOCK_M`` of a row's candidates a program, kept flags out."""
+    """``BLOCK_M`` of a row's candidates a program: their kept flags."""
     row = tl.program_id(0)
     mine = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     kept = _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size, BLOCK_M, BLOCK_C)
@@ -140,15 +111,11 @@ def _rank_kernel(
 
 
 @triton.jit
-def _compact_kernel(
-    kept_ptr, indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, top_k,
-    BLOCK_K: tl.constexpr, WRITE_PAGES: tl.constexpr,
-):  # fmt: skip
+def _compact_kernel(kept_ptr, indices_ptr, out_ptr, top_k, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     mine = tl.arange(0, BLOCK_K)
     kept = tl.load(kept_ptr + row * top_k + mine, mask=mine < top_k, other=0) != 0
-    _compact(indices_ptr, out_ptr, pages_ptr, table_ptr, stride_table, num_kv_heads, kept,
-             row, top_k, BLOCK_K, WRITE_PAGES)  # fmt: skip
+    _compact(indices_ptr, out_ptr, kept, row, top_k, BLOCK_K)
 
 
 def pack_candidates(
@@ -219,21 +186,16 @@ def keep_global_top_k(
     gathered: torch.Tensor,
     local_indices: torch.Tensor,
     rank: int,
-    page_table: torch.Tensor | None = None,
     impl: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """This rank's pages among the global top ``top_k`` of every (sequence, KV head).
 
     gathered: ``[world_size, num_seqs, num_kv_heads, top_k, 2]`` int32 — every rank's
         :func:`pack_candidates`, in rank order.
     local_indices: ``[num_seqs, num_kv_heads, top_k]`` int32 — this rank's local top-k
         (ascending, ``-1`` padding), as packed.
-    page_table: ``[num_seqs, max_local_pages]`` int32 — this rank's physical page of each
-        local page, or None.
-    Returns ``(indices, physical)``: ``[num_seqs, num_kv_heads, top_k]`` int32 local
-    indices of this rank's winners, ascending, ``-1`` padding; and, given a
-    ``page_table``, their physical pages in the same layout (``-1`` beside ``-1``;
-    attention then skips the page-table lookup), else None.
+    Returns ``[num_seqs, num_kv_heads, top_k]`` int32 local indices of this rank's
+    winners, ascending, ``-1`` padding.
     """
     check_tensor("gathered", gathered, ndim=5, dtypes=(torch.int32,))
     device = gathered.device
@@ -242,49 +204,22 @@ def keep_global_top_k(
     check_dim("gathered", gathered, 4, 2, "(score bits, page)")
     for dim, size in enumerate(gathered.shape[1:4]):
         check_dim("local_indices", local_indices, dim, size, "as gathered")
-    if page_table is not None:
-        check_tensor("page_table", page_table, ndim=2, dtypes=(torch.int32,), device=device)
-        check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     if resolve_impl(impl, device) == "torch":
-        kept = _keep_torch(gathered, local_indices, rank)
-        if page_table is None:
-            return kept, None
-        rows = torch.arange(num_seqs, device=device)[:, None, None]
-        pages = page_table[rows, kept.long().clamp(min=0)]
-        return kept, torch.where(kept >= 0, pages, -1)
+        return _keep_torch(gathered, local_indices, rank)
     out = torch.empty_like(local_indices)
-    pages = None if page_table is None else torch.empty_like(local_indices)
     rows = num_seqs * num_kv_heads
     if not (rows and top_k):
-        return out, pages
+        return out
     gathered, indices = gathered.contiguous(), local_indices.contiguous()
-    if page_table is not None and page_table.stride(1) != 1:
-        page_table = page_table.contiguous()
-    table = dict(
-        pages_ptr=out if pages is None else pages,
-        table_ptr=out if page_table is None else page_table,
-        stride_table=0 if page_table is None else page_table.stride(0),
-        num_kv_heads=num_kv_heads,
-        WRITE_PAGES=page_table is not None,
-    )
-    block_k = triton.next_power_of_2(top_k)
-    spread = block_k > _ONE_PROGRAM_TOP_K or (rows < _SPREAD_BELOW_ROWS and top_k > _RANK_BLOCK)
-    if not spread:
-        _keep_kernel[(rows,)](
-            gathered, indices, out, top_k=top_k, num_rows=rows, rank=rank,
-            world_size=world_size, BLOCK_K=block_k,
-            BLOCK_C=_KEEP_BLOCK_C or max(16, min(32, 8192 // block_k)),
-            num_warps=_KEEP_NUM_WARPS or 8, **table,
-        )  # fmt: skip
-        return out, pages
-    # Ranking costs top_k x world_size x top_k comparisons a row: spread it over
-    # programs of _RANK_BLOCK candidates, then compact each row in one program.
+    # Ranking costs top_k x world_size x top_k comparisons a row: spread over programs of
+    # _RANK_BLOCK candidates (one program a row left most SMs idle at batch 1), then each
+    # row compacted in one program.
     kept = torch.empty(rows, top_k, dtype=torch.int8, device=device)
     _rank_kernel[(rows, triton.cdiv(top_k, _RANK_BLOCK))](
         gathered, kept, top_k, rows, rank, world_size, BLOCK_M=_RANK_BLOCK, BLOCK_C=64,
     )  # fmt: skip
-    _compact_kernel[(rows,)](kept, indices, out, top_k=top_k, BLOCK_K=block_k, num_warps=8,
-                             **table)  # fmt: skip
-    return out, pages
+    _compact_kernel[(rows,)](kept, indices, out, top_k, BLOCK_K=triton.next_power_of_2(top_k),
+                             num_warps=8)  # fmt: skip
+    return out

@@ -127,12 +127,13 @@ def _merge_kernel(
 
 @triton.jit
 def _reduce_partials(
-    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits,
+    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits, active,
     stride_os, stride_oh, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Merge the ``num_splits`` partial states of one (sequence, KV head) into out / lse.
+    """Merge the first ``active`` of the ``num_splits`` partial states of one (sequence,
+    KV head) into out / lse (the others hold no tokens and are not read).
 
     Loads bypass L1 (``.cg``): the partials were written by other programs of this launch.
     """
@@ -143,7 +144,7 @@ def _reduce_partials(
     sp = tl.arange(0, BLOCK_SPLITS)
     lse_all = tl.load(
         part_lse_ptr + rows[:, None] + sp[None, :],
-        mask=g_ok[:, None] & (sp[None, :] < num_splits), other=float("-inf"),
+        mask=g_ok[:, None] & (sp[None, :] < active), other=float("-inf"),
         cache_modifier=".cg",
     )  # fmt: skip
     m = tl.max(lse_all, 1)
@@ -154,7 +155,7 @@ def _reduce_partials(
     c = tl.arange(0, MERGE_CHUNK)
     for s0 in tl.static_range(0, BLOCK_SPLITS, MERGE_CHUNK):
         part = rows[:, None] + s0 + c[None, :]  # [MERGE_G, MERGE_CHUNK]
-        ok = g_ok[:, None] & (s0 + c[None, :] < num_splits)
+        ok = g_ok[:, None] & (s0 + c[None, :] < active)
         if MERGE_CHUNK == BLOCK_SPLITS:
             lse = lse_all
         else:

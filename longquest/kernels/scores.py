@@ -6,9 +6,9 @@ KV head) are read exactly once and everything else is small. A program scores a 
 the page table and loads the ``[BLOCK_P, head_dim]`` min and max tiles (each page's row is
 contiguous, so the loads are 16-byte vectors). In the group-as-rows form (bf16 bounds) the
 loop is software pipelined by hand: while block ``b`` is scored, the bounds of ``b + 1`` and
-the page ids of ``b + 2`` are in flight; the pages-as-rows form (fp8 bounds, below) leaves
-the pipeline to Triton. The grid is one wave of programs (``_PROGRAMS_PER_SM`` a SM, or
-``_AS_ROWS_PROGRAMS_PER_SM``).
+the page ids of ``b + 2`` are in flight; the pages-as-rows form (fp8 bounds, below) loads
+the page ids a block ahead and leaves the bounds' pipeline to Triton. The grid is one wave
+of programs (``_PROGRAMS_PER_SM`` a SM, or ``_AS_ROWS_PROGRAMS_PER_SM``).
 
 The bound itself runs on the tensor cores where that is exact (see ``_score_blocks``): the
 elementwise fp32 form cost ~31 instructions a page and head per warp and made the kernel
@@ -67,13 +67,16 @@ _DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head the
 # tokens on two GPUs: fp8 bounds 42.2 us in this form against 59.7 us in the group-as-rows
 # form (bf16 bounds: 62.2 us there, 63.4 us as rows, so bf16 stays); 1 x 1M: 32.1 vs 42.7.
 _AS_ROWS: bool | None = None
-_AS_ROWS_BLOCK_P = 128  # pages a tile: 64 measured 51 us at 8 x 192K, fp8
-_AS_ROWS_NUM_WARPS = 8
-_AS_ROWS_NUM_STAGES = 3  # 2: 47.7 us; 4: as 3
-_AS_ROWS_PROGRAMS_PER_SM = 2  # 1: slower at every tile size
-# How the pages-as-rows loop overlaps loads (an experiment, score_variants.py): 0 Triton's
-# pipeline alone, 1 page ids a block ahead, 2 by hand (ids two blocks ahead, bounds one).
-_AS_ROWS_PIPELINE = 0
+_AS_ROWS_BLOCK_P = 64  # pages a tile
+_AS_ROWS_NUM_WARPS = 4
+_AS_ROWS_NUM_STAGES = 3  # 2: 47.7 us (128-page tiles, pipeline 0); 4: as 3
+_AS_ROWS_PROGRAMS_PER_SM = 3  # 2: 44.3 us at pipeline 1; 1: slower at every tile size
+# 1: the pages-as-rows loop loads page ids a block ahead of the bounds (Triton's pipeline
+# did not overlap the dependent loads: 42 KB of shared memory a program, one stage);
+# 0: Triton's pipeline alone. 1 at 64-page tiles, 4 warps, 3 programs an SM: 38.5 us
+# against 41.3 (8 x 192K, fp8, contiguous pages; score-variants-one7b-*). Loading the
+# bounds a block ahead by hand as well took 168 registers and ran at 36% of DRAM.
+_AS_ROWS_PIPELINE = 1
 
 
 @triton.jit
@@ -211,7 +214,7 @@ def _score_blocks_as_rows(
                                       stride_bp, HEAD_DIM)  # fmt: skip
             _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
                               GROUP, DOT_PRECISION)  # fmt: skip
-    elif PIPELINE == 1:
+    else:
         # Page ids one block ahead: a block's bounds loads wait on ids already loaded.
         pages = first * BLOCK_P + lanes
         ids_next = tl.load(table_row + pages * stride_tp, mask=pages < n, other=0)
@@ -226,29 +229,6 @@ def _score_blocks_as_rows(
                                       stride_bp, HEAD_DIM)  # fmt: skip
             _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
                               GROUP, DOT_PRECISION)  # fmt: skip
-    else:
-        # By hand, as _score_blocks: page ids two blocks ahead, bounds one block ahead.
-        pages = first * BLOCK_P + lanes
-        ids = tl.load(table_row + pages * stride_tp, mask=pages < tl.where(first < last, n, 0),
-                      other=0)  # fmt: skip
-        nxt = pages + BLOCK_P
-        ids_next = tl.load(table_row + nxt * stride_tp,
-                           mask=nxt < tl.where(first + 1 < last, n, 0), other=0)  # fmt: skip
-        kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, pages < n, head_offset, dims,
-                                  stride_bp, HEAD_DIM)  # fmt: skip
-        for block in range(first, last):
-            pages = block * BLOCK_P + lanes
-            nxt = pages + BLOCK_P
-            after = nxt + BLOCK_P
-            ids_after = tl.load(table_row + after * stride_tp,
-                                mask=after < tl.where(block + 2 < last, n, 0), other=0)  # fmt: skip
-            kmin_next, kmax_next = _load_bounds(
-                key_min_ptr, key_max_ptr, ids_next, nxt < tl.where(block + 1 < last, n, 0),
-                head_offset, dims, stride_bp, HEAD_DIM,
-            )  # fmt: skip
-            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, pages < n, max_pages,
-                              cols, GROUP, DOT_PRECISION)  # fmt: skip
-            kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
 
 
 @triton.jit

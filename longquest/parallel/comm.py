@@ -138,7 +138,7 @@ class SequenceParallelComm:
             everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
         return keep_global_top_k(
             gathered=everyone, local_indices=local_indices, rank=self.rank, impl=self.impl
-        )[0]
+        )
 
     def partial_buffers(
         self, *, num_seqs: int, num_qo_heads: int, head_dim: int, device: torch.device

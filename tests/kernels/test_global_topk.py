@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from longquest.kernels import global_topk
 from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
 
 IMPLS = ("triton", "torch")
@@ -53,24 +52,10 @@ def _brute_force(ranks, top_k):
     return winners
 
 
-# top_k 300 spreads its ranking at any row count (past _ONE_PROGRAM_TOP_K); the small ones
-# spread too when forced (spread=True), as batch 1 does.
-CASES = [
-    (impl, spread, top_k)
-    for top_k in (1, 5, 8, 300)
-    for impl, spread in (("triton", False), ("triton", True), ("torch", False))
-    if not (spread and top_k > 8)
-]
-
-
-@pytest.mark.parametrize("impl, spread, top_k", CASES)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_every_rank_keeps_its_share_of_the_global_top_k(
-    device, monkeypatch, impl, spread, world_size, top_k
-):
-    if spread:  # every row ranked by several programs, then compacted by a second kernel
-        monkeypatch.setattr(global_topk, "_SPREAD_BELOW_ROWS", 1 << 30)
-        monkeypatch.setattr(global_topk, "_RANK_BLOCK", 4)
+@pytest.mark.parametrize("top_k", [1, 5, 8, 300])
+def test_every_rank_keeps_its_share_of_the_global_top_k(device, impl, world_size, top_k):
     gen = torch.Generator().manual_seed(world_size * 100 + top_k)
     num_seqs, num_kv_heads = 3, 2
     ranks = _rank_candidates(world_size, num_seqs, num_kv_heads, top_k, gen)
@@ -85,22 +70,10 @@ def test_every_rank_keeps_its_share_of_the_global_top_k(
     ]
     gathered = torch.stack(packed)
     expected = _brute_force(ranks, top_k)
-    for r, (_, indices, table) in enumerate(ranks):
-        width = max(table.shape[1], 1)
-        physical = torch.randperm(10_000, generator=gen)[: num_seqs * width].view(num_seqs, width)
-        physical = physical.int()
-        kept, pages = keep_global_top_k(
-            gathered=gathered, local_indices=indices.to(device), rank=r, impl=impl,
-            page_table=physical.to(device),
-        )  # fmt: skip
-        kept, pages = kept.cpu(), pages.cpu()
-        rows = torch.arange(num_seqs)[:, None, None]
-        want_pages = torch.where(kept >= 0, physical[rows, kept.long().clamp(min=0)], -1)
-        assert torch.equal(pages, want_pages), "physical pages beside the kept indices"
-        alone, no_pages = keep_global_top_k(
+    for r, (_, indices, _) in enumerate(ranks):
+        kept = keep_global_top_k(
             gathered=gathered, local_indices=indices.to(device), rank=r, impl=impl
-        )
-        assert no_pages is None and torch.equal(alone.cpu(), kept)
+        ).cpu()
         for s in range(num_seqs):
             for h in range(num_kv_heads):
                 row = kept[s, h].tolist()
@@ -124,5 +97,3 @@ def test_bad_arguments_raise():
         keep_global_top_k(gathered=gathered, local_indices=indices, rank=2)
     with pytest.raises(ValueError, match="gathered"):
         keep_global_top_k(gathered=gathered[..., :1], local_indices=indices, rank=0)
-    with pytest.raises(ValueError, match="page_table"):
-        keep_global_top_k(gathered=gathered, local_indices=indices, rank=0, page_table=pages[0])
