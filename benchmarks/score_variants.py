@@ -186,7 +186,8 @@ def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
 def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k at
     the front of a top_k list (-1 after), as the engine lists them, the last split
-    reducing; page ids from the page table or given (physical); and dense attention."""
+    reducing; page ids from the page table or given (physical); one GPU's whole list
+    (full); and dense attention."""
     num_seqs, pages = inputs["page_table"].shape
     total = num_seqs * pages
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
@@ -203,10 +204,12 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
     want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
     rows = []
+    # The whole list used: one GPU's selection (top_k pages).
+    _, full = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
     forms = list(itertools.product(("logical", "physical"), (None, 8, 16)))
-    forms += [("dense", None)]
+    forms += [("full", None), ("full", 16), ("full", 32), ("dense", None)]
     for ids, splits in forms:
-        selected = None if ids == "dense" else padded
+        selected = {"dense": None, "full": full}.get(ids, padded)
         kwargs = {"counters": workspace.counters}
         if ids == "physical":
             kwargs["physical"] = physical
@@ -214,7 +217,9 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
         def attend(selected=selected, kwargs=kwargs, splits=splits):
             return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
 
-        err = 0.0 if selected is None else float((attend()[0].float() - want.float()).abs().max())
+        err = 0.0
+        if ids in ("logical", "physical"):
+            err = float((attend()[0].float() - want.float()).abs().max())
         rows.append({"ids": ids, "splits": splits or "auto", "list_len": padded.shape[-1],
                      "us": round(bench_graph(attend) * 1e3, 2), "max_abs_diff": err})  # fmt: skip
     del k_cache, v_cache

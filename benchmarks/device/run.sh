@@ -97,6 +97,11 @@ case "$1" in
       timeout 200 python benchmarks/score_variants.py --parts $parts --bounds float8_e4m3fn \
         --table $table --label one7c-$table --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
     done ;;
+  one7d)  # session 7, one GPU: attention's split choice (share, whole list, dense)
+    timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode.py \
+      tests/kernels/test_quest_step.py -x 2>&1 | tail -2
+    timeout 200 python benchmarks/score_variants.py --parts attention --label one7d \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

@@ -50,16 +50,17 @@ from longquest.kernels.scores import _sm_count
 _LOG2E = 1.4426950408889634
 # Tokens a program loads per loop iteration (several pages gathered at once).
 _TOKENS_PER_BLOCK = 64
-# Grid target in programs per SM. Four: at a two-rank share of a 2048-token budget at
-# batch 8, 9 splits took 21.9 us against 23.7 for 5 (score-variants-one7b-*); at batch 1
-# the split cap below binds first.
+# Grid target in programs per SM (four fit). Four: at a two-rank share of a 2048-token
+# budget at batch 8, 8 splits took 21.9 us against 23.7 for 5 (score-variants-one7b-*);
+# at batch 1 the split cap below binds first.
 _PROGRAMS_PER_SM = 4
 _NUM_WARPS = 4
 _NUM_STAGES = 2
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
-# 4, head_dim 128). 32 measured ~0.5-1 us faster than 16 at batch 1, 8 slower.
-_FUSED_MAX_SPLITS = 32
+# 4, head_dim 128). At batch 1 on one GPU 32 measured ~0.5-1 us faster than 16, 8 slower;
+# on a rank of two, whose share fills about half the list, 16 took 12.2 us against 13.3.
+_FUSED_MAX_SPLITS = 16
 _MERGE_CHUNK = 16
 
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
@@ -205,8 +206,10 @@ def _choose_num_splits(
 
     Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
     """
+    # Rounded down: one more split than fits pushes programs into a second wave (dense at
+    # 8 x 192K on a rank: 9 splits, 576 programs, 1027 us against 771 for 5).
     target = _PROGRAMS_PER_SM * _sm_count(device)
-    wanted = triton.cdiv(target, max(num_seqs * num_kv_heads, 1))
+    wanted = target // max(num_seqs * num_kv_heads, 1)
     return max(1, min(wanted, triton.cdiv(pages, pages_per_block)))
 
 
