@@ -58,9 +58,12 @@ _NUM_WARPS = 4
 _NUM_STAGES = 2
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
-# 4, head_dim 128). At batch 1 on one GPU 32 measured ~0.5-1 us faster than 16, 8 slower;
-# on a rank of two, whose share fills about half the list, 16 took 12.2 us against 13.3.
-_FUSED_MAX_SPLITS = 16
+# 4, head_dim 128). Over every page (dense), 32: 16 left 128 programs at batch 1 and read
+# 1M tokens' pages on a rank of two at 870 us against 552. Over a selection, 16: on a
+# rank of two, whose share fills about half the list, 12.3 us against 13.3 at batch 1;
+# one GPU's whole list, 15.2 against 14.9 (score-variants-one7c-*, -one7d-*).
+_FUSED_MAX_SPLITS = 32
+_FUSED_MAX_SPLITS_SELECTED = 16
 _MERGE_CHUNK = 16
 
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
@@ -239,7 +242,8 @@ def _decode_triton(
     if num_splits is None:
         num_splits = _choose_num_splits(device, num_seqs, num_kv_heads, pages, pages_per_block)
         if counters is not None:
-            num_splits = min(num_splits, _FUSED_MAX_SPLITS)
+            cap = _FUSED_MAX_SPLITS if selected is None else _FUSED_MAX_SPLITS_SELECTED
+            num_splits = min(num_splits, cap)
     reduce = _SINGLE if num_splits == 1 else (_PARTIALS if counters is None else _LAST_REDUCES)
     if reduce == _SINGLE:
         part_out, part_lse = out, lse  # unused
