@@ -102,6 +102,11 @@ case "$1" in
       tests/kernels/test_quest_step.py -x 2>&1 | tail -2
     timeout 200 python benchmarks/score_variants.py --parts attention --label one7d \
       --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
+  final7)  # session 7, one GPU: every GPU test at the final kernels; attention's splits again
+    timeout 420 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -rs 2>&1 | tail -6
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py 2>&1 | tail -1
+    timeout 100 python benchmarks/score_variants.py --parts attention --label final7 \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \
