@@ -70,8 +70,17 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device, table: str = "r
     }
 
 
-def score_forms() -> list[dict]:
+def score_forms(grid: str = "wide") -> list[dict]:
+    """``wide``: both loop forms over tiles, warps and programs an SM; ``fine``: the
+    ids-ahead form around its default (smaller tiles, more programs, deeper pipeline)."""
     forms = [{"as_rows": False}]
+    if grid == "fine":
+        for block_p, warps, stages, per_sm in itertools.product(
+            (32, 64), (2, 4), (3, 4), (3, 4, 6)
+        ):
+            forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages,
+                              per_sm=per_sm, pipeline=1))  # fmt: skip
+        return forms
     for pipeline, block_p, warps, per_sm in itertools.product((0, 1), (64, 128), (4, 8), (2, 3)):
         forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=3, per_sm=per_sm,
                           pipeline=pipeline))  # fmt: skip
@@ -98,7 +107,7 @@ def set_form(form: dict) -> None:
         scores._AS_ROWS_PIPELINE = form["pipeline"]
 
 
-def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
+def run_scores(inputs: dict, bounds: str, copy_gbps: float, grid: str = "wide") -> list[dict]:
     kmin, kmax = inputs["key_min"], inputs["key_max"]
     if bounds == "float8_e4m3fn":
         kmin, kmax = kmin.to(FLOAT8_DTYPE), kmax.to(FLOAT8_DTYPE)  # exact order kept
@@ -107,7 +116,7 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float) -> list[dict]:
     want = scores._page_scores_triton(*args)
     nbytes = 2 * kmin.numel() * kmin.element_size()
     rows = []
-    for form in score_forms():
+    for form in score_forms(grid):
         set_form(form)
         try:
             got = scores._page_scores_triton(*args)
@@ -206,9 +215,14 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     rows = []
     # The whole list used: one GPU's selection (top_k pages).
     _, full = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
-    forms = list(itertools.product(("logical", "physical"), (None, 8, 16)))
-    forms += [("full", None), ("full", 16), ("full", 32), ("dense", None)]
-    for ids, splits in forms:
+    forms = [(ids, splits, 64, 2) for ids in ("logical", "physical") for splits in (None, 8, 16)]
+    forms += [("logical", None, tokens, stages) for tokens in (32, 64, 128) for stages in (2, 3)
+              if (tokens, stages) != (64, 2)]  # fmt: skip
+    forms += [("full", None, 64, 2), ("full", 16, 64, 2), ("full", 32, 64, 2)]
+    forms += [("dense", None, 64, 2)]
+    saved = decode._TOKENS_PER_BLOCK, decode._NUM_STAGES
+    for ids, splits, tokens, stages in forms:
+        decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = tokens, stages
         selected = {"dense": None, "full": full}.get(ids, padded)
         kwargs = {"counters": workspace.counters}
         if ids == "physical":
@@ -218,10 +232,19 @@ def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
             return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
 
         err = 0.0
-        if ids in ("logical", "physical"):
-            err = float((attend()[0].float() - want.float()).abs().max())
-        rows.append({"ids": ids, "splits": splits or "auto", "list_len": padded.shape[-1],
-                     "us": round(bench_graph(attend) * 1e3, 2), "max_abs_diff": err})  # fmt: skip
+        try:
+            if ids in ("logical", "physical"):
+                err = float((attend()[0].float() - want.float()).abs().max())
+            us = round(bench_graph(attend) * 1e3, 2)
+        except Exception as exc:  # a form that does not compile: recorded, not fatal
+            error = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append({"ids": ids, "splits": splits or "auto", "tokens_per_block": tokens,
+                         "stages": stages, "error": error})  # fmt: skip
+            continue
+        rows.append({"ids": ids, "splits": splits or "auto", "tokens_per_block": tokens,
+                     "stages": stages, "list_len": padded.shape[-1],
+                     "us": us, "max_abs_diff": err})  # fmt: skip
+    decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = saved
     del k_cache, v_cache
     return rows
 
@@ -264,6 +287,8 @@ def main() -> int:
                         help="comma-separated parts to time")  # fmt: skip
     parser.add_argument("--table", choices=("random", "contiguous"), default="random",
                         help="page ids: a fragmented pool or each sequence's in a row")  # fmt: skip
+    parser.add_argument("--score-forms", choices=("wide", "fine"), default="wide",
+                        help="which grid of score kernel forms to time")  # fmt: skip
     parser.add_argument("--bounds", default="bfloat16,float8_e4m3fn",
                         help="bounds dtypes the scores part times")  # fmt: skip
     args = parser.parse_args()
@@ -280,7 +305,7 @@ def main() -> int:
         if "scores" in parts:
             entry["scores"] = []
             for bounds in args.bounds.split(","):
-                entry["scores"] += run_scores(inputs, bounds, copy_gbps)
+                entry["scores"] += run_scores(inputs, bounds, copy_gbps, args.score_forms)
             best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
             current = [r for r in entry["scores"] if not r["as_rows"]]
             print_table(current + best, ["bounds", "as_rows", "pipeline", "block_p", "warps",
@@ -295,7 +320,8 @@ def main() -> int:
                                           "same_as_default"])  # fmt: skip
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
-            columns = ["ids", "splits", "list_len", "us", "max_abs_diff"]
+            columns = ["ids", "splits", "tokens_per_block", "stages", "list_len", "us",
+                       "max_abs_diff"]  # fmt: skip
             print_table(entry["attention"], columns)
         if "keep" in parts:
             entry["keep"] = run_keep(inputs, 128, device) + run_keep(inputs, 256, device)

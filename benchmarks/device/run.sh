@@ -107,6 +107,9 @@ case "$1" in
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py 2>&1 | tail -1
     timeout 100 python benchmarks/score_variants.py --parts attention --label final7 \
       --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
+  fine7)  # session 7, one GPU: the fp8 score form's fine grid; attention's tile and depth
+    timeout 250 python benchmarks/score_variants.py --parts scores,attention --bounds float8_e4m3fn \
+      --score-forms fine --label fine7 --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \
