@@ -23,9 +23,10 @@ the form above that path was issue-bound (1.83 ms against 1.72 ms in bf16 for th
 sparse layers at 8 sequences x 192K tokens on two H200s). fp8 bounds are therefore scored
 with the pages as the product's rows (``_score_blocks_as_rows``): the bounds tile goes to
 shared memory through Triton's own pipeline and is the left operand, the group's query the
-right one. One rank's scores at that shape take 42 us a layer instead of 60 (bf16: 62),
+right one. One rank's scores at that shape took 42 us a layer instead of 60 (bf16: 62),
 and the decode step's 30 layers 1.20 ms instead of 1.72 in bf16
-(``benchmarks/results/score-variants-*`` and ``decode-w2-b8-rows-*``, 2026-11-30).
+(``benchmarks/results/score-variants-*`` and ``decode-w2-b8-rows-*``, 2026-11-30); with the
+page ids loaded a block ahead and smaller programs, 38 us (2026-12-01).
 """
 
 from __future__ import annotations
@@ -67,16 +68,18 @@ _DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head the
 # tokens on two GPUs: fp8 bounds 42.2 us in this form against 59.7 us in the group-as-rows
 # form (bf16 bounds: 62.2 us there, 63.4 us as rows, so bf16 stays); 1 x 1M: 32.1 vs 42.7.
 _AS_ROWS: bool | None = None
-_AS_ROWS_BLOCK_P = 64  # pages a tile
-_AS_ROWS_NUM_WARPS = 4
-_AS_ROWS_NUM_STAGES = 3  # 2: 47.7 us (128-page tiles, pipeline 0); 4: as 3
-_AS_ROWS_PROGRAMS_PER_SM = 3  # 2: 44.3 us at pipeline 1; 1: slower at every tile size
 # 1: the pages-as-rows loop loads page ids a block ahead of the bounds (Triton's pipeline
 # did not overlap the dependent loads: 42 KB of shared memory a program, one stage);
-# 0: Triton's pipeline alone. 1 at 64-page tiles, 4 warps, 3 programs an SM: 38.5 us
-# against 41.3 (8 x 192K, fp8, contiguous pages; score-variants-one7b-*). Loading the
+# 0: Triton's pipeline alone. One rank's fp8 scores at 8 x 192K on two GPUs: 41.3 us in
+# the old form (0, 128-page tiles, 8 warps, 2 programs an SM), 39.8 in form 1 at 64-page
+# tiles, 4 warps, 3 programs an SM, 38.1 with 2 warps (1 x 1M: 32.0, 30.3, 28.5;
+# score-variants-one7c-*, -fine7-*; page tables random or contiguous alike). Loading the
 # bounds a block ahead by hand as well took 168 registers and ran at 36% of DRAM.
 _AS_ROWS_PIPELINE = 1
+_AS_ROWS_BLOCK_P = 64  # pages a tile; 32 with 6 programs an SM: as fast at 8 x 192K
+_AS_ROWS_NUM_WARPS = 2
+_AS_ROWS_NUM_STAGES = 3  # 4: 0.5 us slower
+_AS_ROWS_PROGRAMS_PER_SM = 3  # 4: the same; 2: slower
 
 
 @triton.jit
