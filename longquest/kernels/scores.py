@@ -26,7 +26,7 @@ shared memory through Triton's own pipeline and is the left operand, the group's
 right one. One rank's scores at that shape took 42 us a layer instead of 60 (bf16: 62),
 and the decode step's 30 layers 1.20 ms instead of 1.72 in bf16
 (``benchmarks/results/score-variants-*`` and ``decode-w2-b8-rows-*``, 2026-11-30); with the
-page ids loaded a block ahead and smaller programs, 38 us (2026-12-01).
+page ids loaded a block ahead and smaller programs, about 38 us (2026-12-01).
 """
 
 from __future__ import annotations
@@ -70,11 +70,12 @@ _DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head the
 _AS_ROWS: bool | None = None
 # 1: the pages-as-rows loop loads page ids a block ahead of the bounds (Triton's pipeline
 # did not overlap the dependent loads: 42 KB of shared memory a program, one stage);
-# 0: Triton's pipeline alone. One rank's fp8 scores at 8 x 192K on two GPUs: 41.3 us in
-# the old form (0, 128-page tiles, 8 warps, 2 programs an SM), 39.8 in form 1 at 64-page
-# tiles, 4 warps, 3 programs an SM, 38.1 with 2 warps (1 x 1M: 32.0, 30.3, 28.5;
-# score-variants-one7c-*, -fine7-*; page tables random or contiguous alike). Loading the
-# bounds a block ahead by hand as well took 168 registers and ran at 36% of DRAM.
+# 0: Triton's pipeline alone. One rank's fp8 scores at 8 x 192K on two GPUs, in one run:
+# 41.8 us in the old form (0, 128-page tiles, 8 warps, 2 programs an SM) against 39.4 in
+# form 1 at 64-page tiles, 4 warps, 3 programs an SM (1 x 1M: 32.0, 30.3;
+# score-variants-one7c-*, page tables random or contiguous alike); in another, 2 warps
+# 38.1 against 39.8 (1 x 1M: 28.5, 30.3; -fine7-*). Loading the bounds a block ahead by
+# hand as well took 168 registers and ran at 36% of DRAM.
 _AS_ROWS_PIPELINE = 1
 _AS_ROWS_BLOCK_P = 64  # pages a tile; 32 with 6 programs an SM: as fast at 8 x 192K
 _AS_ROWS_NUM_WARPS = 2
