@@ -59,9 +59,9 @@ _NUM_STAGES = 2
 # When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
 # (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
 # 4, head_dim 128). Over every page (dense), 32: 16 left 128 programs at batch 1 and read
-# 1M tokens' pages on a rank of two at 870 us against 552. Over a selection, 16: on a
-# rank of two, whose share fills about half the list, 12.3 us against 13.3 at batch 1;
-# one GPU's whole list, 15.2 against 14.9 (score-variants-one7c-*, -one7d-*).
+# 1M tokens' pages on a rank of two at 870 us against 552 (two runs). Over a selection,
+# 16: on a rank of two, whose share fills about half the list, 12.0 us against 13.2 at
+# batch 1 (score-variants-one7b-*); one GPU's whole list, 15.2 against 14.9 (-one7d-*).
 _FUSED_MAX_SPLITS = 32
 _FUSED_MAX_SPLITS_SELECTED = 16
 _MERGE_CHUNK = 16
