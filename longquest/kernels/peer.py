@@ -178,6 +178,9 @@ def _finish_merge(
             words = _poll(slot, out_at, mine[:, None], tag, call, ON_GPU, TIMEOUT_NS)
             acc += weight[:, None] * tl.where(has_tokens[:, None], _as_float(words), 0.0)
             total += weight
+            # Every thread has read the words (a small tile is replicated over threads, and
+            # its poll's reduction may not cross warps) before one replica clears them.
+            tl.debug_barrier()
             tl.store(slot + out_at, tl.zeros([BLOCK_ROWS, HEAD_DIM], tl.int64), mask=mine[:, None])
             tl.store(slot + lse_at, tl.zeros([BLOCK_ROWS], tl.int64), mask=mine)
         safe = tl.where(total > 0, total, 1.0)

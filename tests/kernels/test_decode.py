@@ -190,7 +190,7 @@ def test_into_buffers_with_split_counters(impl, device):
     want_out, want_lse = paged_decode_attention(**common, impl=impl)
     packed = torch.full((3, 4, 33), 7.0, device=device)
     counters = torch.zeros(3 * 2 + 1, dtype=torch.int32, device=device)
-    # 3 and 32 splits leave all but the first idle (32: two merge chunks).
+    # 3 and 32 splits leave some idle (32: two merge chunks).
     for splits, use_counters in ((None, True), (1, True), (3, True), (32, True), (3, False)):
         packed.fill_(7.0)
         out, lse = paged_decode_attention(
