@@ -9,8 +9,8 @@ rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two
 6144 and 32768 local pages a sequence, Llama-3.1-8B heads), for each candidate form:
 
 * scores: the group-as-rows form (the bf16 bounds' kernel) against the pages-as-rows form
-  (``scores._AS_ROWS``; the fp8 bounds' kernel) over its loop form (page ids a block
-  ahead or not), tile rows, warps and programs per SM, with bf16 and fp8 bounds
+  (``scores._AS_ROWS``; the fp8 bounds' kernel) over tile rows, warps, pipeline depth and
+  programs per SM, with bf16 and fp8 bounds
   (``--bounds``); every form's scores are checked against the group-as-rows form's;
 * selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
 * the keep step of the cross-rank top-k, per ranking block;
@@ -71,19 +71,18 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device, table: str = "r
 
 
 def score_forms(grid: str = "wide") -> list[dict]:
-    """``wide``: both loop forms over tiles, warps and programs an SM; ``fine``: the
-    ids-ahead form around its default (smaller tiles, more programs, deeper pipeline)."""
+    """``wide``: tiles, warps and programs an SM; ``fine``: around the default (smaller
+    tiles, more programs, deeper pipeline)."""
     forms = [{"as_rows": False}]
     if grid == "fine":
         for block_p, warps, stages, per_sm in itertools.product(
             (32, 64), (2, 4), (3, 4), (3, 4, 6)
         ):
             forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages,
-                              per_sm=per_sm, pipeline=1))  # fmt: skip
+                              per_sm=per_sm))  # fmt: skip
         return forms
-    for pipeline, block_p, warps, per_sm in itertools.product((0, 1), (64, 128), (4, 8), (2, 3)):
-        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=3, per_sm=per_sm,
-                          pipeline=pipeline))  # fmt: skip
+    for block_p, warps, per_sm in itertools.product((64, 128), (2, 4, 8), (2, 3)):
+        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=3, per_sm=per_sm))
     return forms
 
 
@@ -93,7 +92,6 @@ _DEFAULT_FORM = {
     "warps": scores._AS_ROWS_NUM_WARPS,
     "stages": scores._AS_ROWS_NUM_STAGES,
     "per_sm": scores._AS_ROWS_PROGRAMS_PER_SM,
-    "pipeline": scores._AS_ROWS_PIPELINE,
 }
 
 
@@ -104,7 +102,6 @@ def set_form(form: dict) -> None:
         scores._AS_ROWS_NUM_WARPS = form["warps"]
         scores._AS_ROWS_NUM_STAGES = form["stages"]
         scores._AS_ROWS_PROGRAMS_PER_SM = form["per_sm"]
-        scores._AS_ROWS_PIPELINE = form["pipeline"]
 
 
 def run_scores(inputs: dict, bounds: str, copy_gbps: float, grid: str = "wide") -> list[dict]:
@@ -308,7 +305,7 @@ def main() -> int:
                 entry["scores"] += run_scores(inputs, bounds, copy_gbps, args.score_forms)
             best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
             current = [r for r in entry["scores"] if not r["as_rows"]]
-            print_table(current + best, ["bounds", "as_rows", "pipeline", "block_p", "warps",
+            print_table(current + best, ["bounds", "as_rows", "block_p", "warps",
                                          "stages", "per_sm", "us", "pct_copy_bw",
                                          "max_rel_err"])  # fmt: skip
             errors = [r for r in entry["scores"] if "error" in r]

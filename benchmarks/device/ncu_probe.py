@@ -4,8 +4,8 @@ Compute (a device-session probe, not a benchmark):
     ncu --clock-control none --profile-from-start off --section ... \\
         python benchmarks/device/ncu_probe.py
 
-The shapes are score_variants.py's 8 x 192K row on two GPUs: scores with fp8 bounds (two
-loop forms) and bf16 bounds, and the sparse attention over a rank's share.
+The shapes are score_variants.py's 8 x 192K row on two GPUs: scores with fp8 and bf16
+bounds, and the sparse attention over a rank's share.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ def main() -> int:
     seq_lens = inputs["num_pages"] * PAGE_SIZE
 
     def launch_all():
-        for pipeline in (0, 1):  # fp8 bounds as rows: Triton's pipeline, ids a block ahead
-            scores._AS_ROWS_PIPELINE = pipeline
-            scores._page_scores_triton(*fp8.values())
+        scores._page_scores_triton(*fp8.values())
         scores._page_scores_triton(*inputs.values())
         common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens, padded)
         decode._decode_triton(*common, HEAD_DIM**-0.5, None, counters=workspace.counters)

@@ -68,15 +68,14 @@ _DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head the
 # tokens on two GPUs: fp8 bounds 42.2 us in this form against 59.7 us in the group-as-rows
 # form (bf16 bounds: 62.2 us there, 63.4 us as rows, so bf16 stays); 1 x 1M: 32.1 vs 42.7.
 _AS_ROWS: bool | None = None
-# 1: the pages-as-rows loop loads page ids a block ahead of the bounds (Triton's pipeline
-# did not overlap the dependent loads: 42 KB of shared memory a program, one stage);
-# 0: Triton's pipeline alone. One rank's fp8 scores at 8 x 192K on two GPUs, in one run:
-# 41.8 us in the old form (0, 128-page tiles, 8 warps, 2 programs an SM) against 39.4 in
-# form 1 at 64-page tiles, 4 warps, 3 programs an SM (1 x 1M: 32.0, 30.3;
-# score-variants-one7c-*, page tables random or contiguous alike); in another, 2 warps
-# 38.1 against 39.8 (1 x 1M: 28.5, 30.3; -fine7-*). Loading the bounds a block ahead by
-# hand as well took 168 registers and ran at 36% of DRAM.
-_AS_ROWS_PIPELINE = 1
+# The pages-as-rows loop loads page ids a block ahead of the bounds: Triton's pipeline
+# alone did not overlap the dependent loads (42 KB of shared memory a program, one stage).
+# One rank's fp8 scores at 8 x 192K on two GPUs, in one run: 41.8 us in the old form
+# (128-page tiles, 8 warps, 2 programs an SM) against 39.4 with ids ahead at 64-page
+# tiles, 4 warps, 3 programs an SM (1 x 1M: 32.0, 30.3; score-variants-one7c-*, page
+# tables random or contiguous alike); in another, 2 warps 38.1 against 39.8 (1 x 1M: 28.5,
+# 30.3; -fine7-*). Loading the bounds a block ahead by hand as well took 168 registers and
+# ran at 36% of DRAM.
 _AS_ROWS_BLOCK_P = 64  # pages a tile; 32 with 6 programs an SM: as fast at 8 x 192K
 _AS_ROWS_NUM_WARPS = 2
 _AS_ROWS_NUM_STAGES = 3  # 4: 0.5 us slower
@@ -189,7 +188,7 @@ def _score_blocks_as_rows(
     n, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, PIPELINE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """:func:`_score_blocks` with the pages as the product's rows: ``bounds @ q^T``.
 
@@ -209,30 +208,21 @@ def _score_blocks_as_rows(
     )  # fmt: skip
     q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
-    if PIPELINE == 0:
-        for block in tl.range(first, last, num_stages=NUM_STAGES):
-            pages = block * BLOCK_P + lanes
-            valid = pages < n
-            ids = tl.load(table_row + pages * stride_tp, mask=valid, other=0)
-            kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
-                                      stride_bp, HEAD_DIM)  # fmt: skip
-            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
-                              GROUP, DOT_PRECISION)  # fmt: skip
-    else:
-        # Page ids one block ahead: a block's bounds loads wait on ids already loaded.
-        pages = first * BLOCK_P + lanes
-        ids_next = tl.load(table_row + pages * stride_tp, mask=pages < n, other=0)
-        for block in tl.range(first, last, num_stages=NUM_STAGES):
-            pages = block * BLOCK_P + lanes
-            valid = pages < n
-            ids = ids_next
-            nxt = pages + BLOCK_P
-            ids_next = tl.load(table_row + nxt * stride_tp,
-                               mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
-            kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
-                                      stride_bp, HEAD_DIM)  # fmt: skip
-            _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
-                              GROUP, DOT_PRECISION)  # fmt: skip
+    # Page ids one block ahead: a block's bounds loads wait on ids already loaded (Triton's
+    # pipeline alone did not overlap the bounds loads with the id loads they depend on).
+    pages = first * BLOCK_P + lanes
+    ids_next = tl.load(table_row + pages * stride_tp, mask=pages < n, other=0)
+    for block in tl.range(first, last, num_stages=NUM_STAGES):
+        pages = block * BLOCK_P + lanes
+        valid = pages < n
+        ids = ids_next
+        nxt = pages + BLOCK_P
+        ids_next = tl.load(table_row + nxt * stride_tp,
+                           mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
+        kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
+                                  stride_bp, HEAD_DIM)  # fmt: skip
+        _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+                          GROUP, DOT_PRECISION)  # fmt: skip
 
 
 @triton.jit
@@ -253,7 +243,6 @@ def _page_scores_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COUNT_PAGE_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr, AS_ROWS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 2,
-    PIPELINE: tl.constexpr = 0,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
@@ -272,7 +261,7 @@ def _page_scores_kernel(
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
             n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
-            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES, PIPELINE,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES,
         )  # fmt: skip
     else:
         _score_blocks(
@@ -314,7 +303,7 @@ def _as_rows(use_dot: bool, bounds_dtype: torch.dtype) -> bool:
 
 def _form_options(as_rows: bool) -> dict:
     if as_rows:
-        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES, "PIPELINE": _AS_ROWS_PIPELINE,
+        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES,
                 "num_warps": _AS_ROWS_NUM_WARPS, "num_stages": _AS_ROWS_NUM_STAGES}  # fmt: skip
     return {"num_warps": _NUM_WARPS}
 
