@@ -58,7 +58,7 @@ from longquest.engine.synthetic import (  # noqa: E402
     llama31_8b_config,
     random_model,
 )
-from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
+from longquest.kernels import page_scores, paged_decode_attention, select_pages, topk  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.peer import PeerCollectives  # noqa: E402
@@ -209,8 +209,11 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
             scores = page_scores(query=query, key_min=key_min, key_max=key_max,
                                  page_table=meta.page_table, num_pages=meta.num_pages,
                                  check_pages=False)  # fmt: skip
+            # As the engine runs it: a spread selection through the batch's workspace.
+            work = meta.select_workspace
             top_scores, local = select_pages(scores=scores, num_pages=meta.num_pages,
-                                             top_k=budget, pin_last=meta.pin_last)  # fmt: skip
+                                             top_k=budget, pin_last=meta.pin_last,
+                                             workspace=work)  # fmt: skip
             result["scores"] = sparse_layers * timed_ms(
                 lambda: page_scores(query=query, key_min=key_min, key_max=key_max,
                                     page_table=meta.page_table, num_pages=meta.num_pages,
@@ -219,7 +222,7 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
             )  # fmt: skip
             result["top_k"] = sparse_layers * timed_ms(
                 lambda: select_pages(scores=scores, num_pages=meta.num_pages, top_k=budget,
-                                     pin_last=meta.pin_last),
+                                     pin_last=meta.pin_last, workspace=work),
                 device=device, group=group, iters=iters,
             )  # fmt: skip
             selected = engine.comm.select_global(
@@ -326,7 +329,7 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
     ("collective", ("nccl", "_exchange_kernel")),
     ("scores", ("_page_scores_kernel",)),
-    ("top_k", ("_select_kernel",)),
+    ("top_k", ("_select_kernel",)),  # the spread selection's name ends alike
     ("global_top_k", ("pack", "keep", "global")),
     ("attention", ("_decode_kernel", "_merge_kernel")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
@@ -416,12 +419,17 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     world = engine.world_size
     page = engine.page_size
     kinds = args.collectives_list if world > 1 else ["nccl"]
+    selections = args.selection_list
     modes = []
     for kind in kinds:
         suffix = f"@{kind}" if len(kinds) > 1 else ""
-        modes += [(f"quest-{b}{suffix}", QuestConfig(token_budget=b, page_size=page), kind)
-                  for b in budgets]  # fmt: skip
-        modes.append((f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind))
+        for selection in selections:
+            label = f"/{selection}" if len(selections) > 1 else ""
+            modes += [(f"quest-{b}{label}{suffix}", QuestConfig(token_budget=b, page_size=page),
+                       kind, selection) for b in budgets]  # fmt: skip
+        modes.append(
+            (f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind, "spread")
+        )
     per_mode = (args.warmup + args.steps) * engine.steps_per_launch
     # + one more warmup of the first mode
     params = SamplingParams(
@@ -454,9 +462,12 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     gc.freeze()
     results = {}
     peer = getattr(engine.comm, "peer", None) if world > 1 else None
-    for index, (name, quest, kind) in enumerate(modes):
+    spread_min_pages = topk._SPREAD_MIN_PAGES
+    for index, (name, quest, kind, selection) in enumerate(modes):
         engine.quest = quest
         engine._batch = None
+        # The local top-k: spread over programs where the module chooses it, or never.
+        topk._SPREAD_MIN_PAGES = spread_min_pages if selection == "spread" else 2**62
         if world > 1:  # the comm is also the MLP split's: both switch together
             engine.comm.peer = peer if kind == "peer" else None
         warmup = args.warmup * (2 if index == 0 else 1)
@@ -480,12 +491,14 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         )
         entry["vs_floor"] = round(entry["ms_per_token"] / entry["floor"]["floor_ms"], 2)
         entry["collectives"] = kind if world > 1 else None
+        entry["selection"] = selection
         results[name] = entry
         log(rank, f"  {context=} {batch=} {world=} {name}: {entry['ms_per_token']} ms/token "
                   f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
                   f"graph {entry['graph_replay_ms']}, launch {entry['graph_launch_host_ms']}) "
                   f"{json.dumps(entry['breakdown_ms'])}")  # fmt: skip
     engine._batch = None
+    topk._SPREAD_MIN_PAGES = spread_min_pages
     if world == 1 and not args.no_sdpa:
         ms = sdpa_ms(engine, batch=batch, context=context, iters=args.iters)
         results["sdpa"] = {"ms_per_token": None if ms is None else round(ms, 4)}
@@ -542,6 +555,11 @@ def main() -> int:
         "(Triton over peer memory, NCCL where it is not possible) and/or nccl; each is timed",
     )  # fmt: skip
     parser.add_argument(
+        "--selection", default="spread",
+        help="comma list of how Quest's local top-k runs: spread (a long row over several "
+        "programs in one launch, where chosen) and/or two-pass (never spread); each is timed",
+    )  # fmt: skip
+    parser.add_argument(
         "--pdl", action="store_true",
         help="launch the Triton kernels with programmatic dependent launch (Hopper)",
     )  # fmt: skip
@@ -551,6 +569,9 @@ def main() -> int:
     args.collectives_list = [k for k in args.collectives.split(",") if k]
     if not args.collectives_list or set(args.collectives_list) - {"peer", "nccl"}:
         parser.error(f"--collectives takes peer and/or nccl, got {args.collectives!r}")
+    args.selection_list = [k for k in args.selection.split(",") if k]
+    if not args.selection_list or set(args.selection_list) - {"spread", "two-pass"}:
+        parser.error(f"--selection takes spread and/or two-pass, got {args.selection!r}")
     on_cuda = torch.cuda.is_available() and not args.tiny
     if args.pdl:  # an experiment switch of the kernels' module (off by default)
         import longquest.kernels.merge as merge_module  # where the PDL switch lives

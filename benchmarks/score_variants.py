@@ -12,7 +12,8 @@ rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two
   (``scores._AS_ROWS``; the fp8 bounds' kernel) over tile rows, warps, pipeline depth and
   programs per SM, with bf16 and fp8 bounds
   (``--bounds``); every form's scores are checked against the group-as-rows form's;
-* selection: one pass against two passes (``topk._SINGLE_PASS_MAX``);
+* selection: one pass against two passes (``topk._SINGLE_PASS_MAX``) against one launch
+  spread over several programs a row (``topk_spread``);
 * the keep step of the cross-rank top-k, per ranking block;
 * sparse attention over a rank's share, per split count, with page ids looked up or given;
 * the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402  # noqa: E402
@@ -40,7 +42,7 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
     print_table,
     write_result,
 )
-from longquest.kernels import decode, global_topk, scores, topk  # noqa: E402
+from longquest.kernels import decode, global_topk, scores, topk, topk_spread  # noqa: E402
 from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
 from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
 
@@ -136,27 +138,54 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float, grid: str = "wide") 
     return rows
 
 
-def run_select(inputs: dict, top_k: int) -> list[dict]:
-    """The local top-k: one pass or two, the first pass's chunk, and warps."""
+def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
+    """The local top-k: one pass or two, the first pass's chunk and warps, against one
+    launch spread over several programs a row (programs, digit width, warps); also over the
+    first 2048 and 8192 pages of each row, to place the spread's threshold."""
     score = scores._page_scores_triton(*inputs.values())
-    n = inputs["num_pages"]
-    want = topk._select_pages_triton(score, n, top_k, True)
+    num_seqs, _, pages = score.shape
     rows = []
-    forms = [(4096, None, 0), (8192, None, 0), (32768, None, 0)]
-    forms += list(itertools.product((4096,), (512, 1024), (0, 4, 8)))
-    for single_max, chunk, warps in forms:
-        topk._NUM_WARPS = warps
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    workspace = topk_spread.make_select_workspace(max_rows=num_seqs * NUM_KV_HEADS,
+                                                  device=device)  # fmt: skip
+    for width in sorted({min(2048, pages), min(8192, pages), pages}):
+        part = score[..., :width]
+        n = torch.full_like(inputs["num_pages"], width)
+        want = topk._select_pages_triton(part, n, top_k, True, spread=0)
+        forms = [dict(spread=0, single_pass_max=m) for m in (4096, 8192)]
+        forms += [dict(spread=0, single_pass_max=4096, chunk=c, warps=w)
+                  for c, w in itertools.product((512, 1024), (0, 4, 8))]  # fmt: skip
+        most = min(sms // (num_seqs * NUM_KV_HEADS), topk_spread.MAX_PROGRAMS)
+        for programs in sorted({p for p in (2, 4, 8, 16, 32, most) if 2 <= p <= most}):
+            if triton.cdiv(width, programs) > topk_spread.MAX_BLOCK:
+                continue
+            for bits, warps in ((8, 0), (8, 4), (8, 8), (8, 16), (4, 0)):
+                forms.append(dict(spread=programs, bits=bits, warps=warps))
+        for form in forms:
+            topk._NUM_WARPS = form.get("warps", 0) if not form["spread"] else 0
+            topk._SPREAD_NUM_WARPS = form.get("warps", 0) if form["spread"] else 0
+            topk_spread.DIGIT_BITS = form.get("bits", 8)
+            sizes = {k: form[k] for k in ("single_pass_max", "chunk") if k in form}
 
-        def select(single_max=single_max, chunk=chunk):
-            return topk._select_pages_triton(score, n, top_k, True, single_pass_max=single_max,
-                                             chunk=chunk)  # fmt: skip
+            def select(form=form, sizes=sizes, part=part, n=n):
+                return topk._select_pages_triton(part, n, top_k, True, spread=form["spread"],
+                                                 workspace=workspace, **sizes)  # fmt: skip
 
-        same = bool(torch.equal(select()[1], want[1]))
-        us = round(bench_graph(select) * 1e3, 2)
-        rows.append({"single_pass_max": single_max, "chunk": chunk or "auto",
-                     "warps": warps or "auto", "top_k": top_k, "us": us,
-                     "same_as_default": same})  # fmt: skip
-    topk._NUM_WARPS = 0
+            row = {"pages": width, "top_k": top_k, "spread": form["spread"],
+                   "bits": form.get("bits", "-"),
+                   "single_pass_max": form.get("single_pass_max", "-"),
+                   "chunk": form.get("chunk", "auto"),
+                   "warps": form.get("warps", 0) or "auto"}  # fmt: skip
+            try:
+                same = bool(torch.equal(select()[1], want[1]))
+                torch.cuda.synchronize()
+                row.update(us=round(bench_graph(select) * 1e3, 2), same_as_two_pass=same,
+                           workspace_clean=not bool(workspace.any()))  # fmt: skip
+            except Exception as error:  # a form that fails is recorded, not raised
+                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            rows.append(row)
+    topk._NUM_WARPS = topk._SPREAD_NUM_WARPS = 0
+    topk_spread.DIGIT_BITS = 8
     return rows
 
 
@@ -312,9 +341,13 @@ def main() -> int:
             if errors:
                 print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
         if "select" in parts:
-            entry["select"] = run_select(inputs, 128) + run_select(inputs, 256)
-            print_table(entry["select"], ["single_pass_max", "chunk", "warps", "top_k", "us",
-                                          "same_as_default"])  # fmt: skip
+            entry["select"] = run_select(inputs, 128, device) + run_select(inputs, 256, device)
+            print_table(entry["select"], ["pages", "top_k", "spread", "bits", "single_pass_max",
+                                          "chunk", "warps", "us", "same_as_two_pass",
+                                          "workspace_clean"])  # fmt: skip
+            errors = [r for r in entry["select"] if "error" in r]
+            if errors:
+                print(f"{len(errors)} selection forms failed; first: {errors[0]['error']}")
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
             columns = ["ids", "splits", "tokens_per_block", "stages", "list_len", "us",

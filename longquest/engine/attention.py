@@ -107,6 +107,8 @@ class DecodeMetadata:
     sparse: False when no sequence has more pages than the budget (skip scoring).
     split_counters: ``[>= num_seqs * num_kv_heads]`` int32 zeros that let the attention's
         last split reduce the others (see ``paged_decode_attention``), or None.
+    select_workspace: ``[>= num_seqs * num_kv_heads, WORKSPACE_STRIDE]`` int32 zeros for a
+        selection spread over several programs a row (see ``select_pages``), or None.
     """
 
     append_plan: AppendPlan | None
@@ -119,6 +121,7 @@ class DecodeMetadata:
     pin_last: torch.Tensor
     sparse: bool
     split_counters: torch.Tensor | None = None
+    select_workspace: torch.Tensor | None = None
 
 
 class PagedAttention:
@@ -219,6 +222,7 @@ class PagedAttention:
                 num_pages=meta.num_pages,
                 top_k=top_k,
                 pin_last=meta.pin_last,
+                workspace=meta.select_workspace,
                 impl=self.impl,
             )
             selected = self.comm.select_global(

@@ -20,6 +20,7 @@ import torch
 
 from longquest.engine.attention import DecodeMetadata
 from longquest.kernels import plan_decode_append
+from longquest.kernels.topk_spread import make_select_workspace
 
 # Columns of the per-step row info.
 TOKEN, POSITION, APPEND_PAGE, APPEND_OFFSET, SEQ_LEN, NUM_PAGES, PIN_LAST = range(7)
@@ -68,6 +69,10 @@ class DecodeBatch:
         self.known_pages = [0] * rows  # page-table entries written so far, per row
         # Zeros between launches: decode attention's last split reduces (no merge kernel).
         self.split_counters = torch.zeros(rows * num_kv_heads, dtype=torch.int32, device=device)
+        # Zeros between launches too: the histograms of a selection spread over programs.
+        self.select_workspace = make_select_workspace(
+            max_rows=max(rows * num_kv_heads, 1), device=device
+        )
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def update(self, *, rows: list[list[tuple[int, ...]]], local_pages: list[list]) -> None:
@@ -126,6 +131,7 @@ class DecodeBatch:
             pin_last=info[:, PIN_LAST] != 0,
             sparse=sparse,
             split_counters=self.split_counters,
+            select_workspace=self.select_workspace,
         )
         return info[:, POSITION], meta
 

@@ -69,6 +69,25 @@ def _fence_gpu(x, FENCE: tl.constexpr):
 
 
 @triton.jit
+def _now_ns(x, ON_GPU: tl.constexpr):
+    """The GPU's global timer in ns (0 under the interpreter); ``x`` only gives it a shape."""
+    if ON_GPU:
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1
+        )
+    return x.to(tl.int64) * 0
+
+
+@triton.jit
+def _trap(x, ON_GPU: tl.constexpr):
+    """Abort the kernel (a CUDA error instead of a hang); nothing under the interpreter."""
+    if ON_GPU:
+        tl.inline_asm_elementwise(
+            "trap;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
 def _merge_kernel(
     o_ptr, lse_ptr, out_ptr, out_lse_ptr,
     num_sources, num_heads, head_dim,

@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import check_tensor
+from longquest.kernels.merge import _now_ns, _trap
 
 MAX_PROGRAMS = 32  # the most programs one call may use
 _MIN_CHUNK_BYTES = 2048  # a program moves at least this much payload
@@ -76,23 +77,6 @@ def buffer_bytes(*, world_size: int, slot_bytes: int) -> int:
     """Bytes each rank's buffer needs for payloads of up to ``slot_bytes`` (every 4 payload
     bytes travel as an 8-byte word)."""
     return 2 * world_size * 2 * slot_bytes
-
-
-@triton.jit
-def _now_ns(x, ON_GPU: tl.constexpr):
-    if ON_GPU:
-        return tl.inline_asm_elementwise(
-            "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1
-        )
-    return x.to(tl.int64) * 0
-
-
-@triton.jit
-def _trap(x, ON_GPU: tl.constexpr):
-    if ON_GPU:
-        tl.inline_asm_elementwise(
-            "trap;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
-        )
 
 
 @triton.jit

@@ -42,14 +42,18 @@ from longquest.kernels.decode_torch import _check_pages
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_bounds_dtype, check_float8_supported
 from longquest.kernels.scores import _page_scores_triton, page_scores
 from longquest.kernels.topk import _select_pages_triton, select_pages
+from longquest.kernels.topk_spread import make_select_workspace
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuestWorkspace:
-    """Arrival counters of the attention's split reduction: int32 ``[max_rows]``, zero
-    between launches; a launch uses ``num_seqs * num_kv_heads`` of them."""
+    """Arrival counters of the attention's split reduction: int32 ``[max_rows]``, and the
+    histograms of a selection spread over programs: int32 ``[max_rows, WORKSPACE_STRIDE]``
+    (:mod:`longquest.kernels.topk_spread`); all zero between launches. A launch uses
+    ``num_seqs * num_kv_heads`` rows."""
 
     counters: torch.Tensor
+    selection: torch.Tensor
 
     @property
     def max_rows(self) -> int:
@@ -65,11 +69,14 @@ def make_quest_workspace(
     if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
         raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
     rows = max_num_seqs * num_kv_heads
-    return QuestWorkspace(counters=torch.zeros(rows, dtype=torch.int32, device=device))
+    return QuestWorkspace(
+        counters=torch.zeros(rows, dtype=torch.int32, device=device),
+        selection=make_select_workspace(max_rows=rows, device=device),
+    )
 
 
 def _quest_select_triton(
-    query, key_min, key_max, page_table, count, top_k, pin_last, *, page_size=0
+    query, key_min, key_max, page_table, count, top_k, pin_last, *, page_size=0, workspace=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(top_scores, indices, physical)``, all ``[num_seqs, num_kv_heads, top_k]``.
 
@@ -78,7 +85,13 @@ def _quest_select_triton(
     """
     scores = _page_scores_triton(query, key_min, key_max, page_table, count, page_size)
     return _select_pages_triton(
-        scores, count, top_k, pin_last, page_size=page_size, page_table=page_table
+        scores,
+        count,
+        top_k,
+        pin_last,
+        page_size=page_size,
+        page_table=page_table,
+        workspace=workspace,
     )
 
 
@@ -196,7 +209,15 @@ def quest_decode_step(
     query, page_table = _contiguous_rows(query, page_table)
     seq_lens = seq_lens if seq_lens.stride(0) == 1 else seq_lens.contiguous()
     _, selected, physical = _quest_select_triton(
-        query, key_min, key_max, page_table, seq_lens, top_k, pin_last, page_size=page_size
+        query,
+        key_min,
+        key_max,
+        page_table,
+        seq_lens,
+        top_k,
+        pin_last,
+        page_size=page_size,
+        workspace=workspace.selection,
     )
     return _decode_triton(
         query, k_cache, v_cache, page_table, seq_lens, selected, scale, None,

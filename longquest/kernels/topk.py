@@ -39,8 +39,19 @@ import torch
 import triton
 import triton.language as tl
 
+from longquest.kernels import topk_spread
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor, resolve_impl
 from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
+from longquest.kernels.radix import _digit_counts, _load_block
+from longquest.kernels.scores import _sm_count
+from longquest.kernels.topk_spread import (
+    MAX_BLOCK,
+    MAX_PROGRAMS,
+    WORKSPACE_STRIDE,
+    _spread_select_kernel,
+    make_select_workspace,
+    spread_programs,
+)
 
 _DIGIT_BITS = 4  # 16-bin histograms; 8 levels of radix select
 _USE_HISTOGRAM = True  # False counts digits with a one-hot sum instead of tl.histogram
@@ -52,54 +63,11 @@ _LOOP_BLOCK = 4096  # block size when a list is looped over
 # pages and k = 128 (batch 8 at 192K on two GPUs) 19.4 us against 20.4 for 2048
 # (score-variants-attn2-*.json).
 _MIN_CHUNK = 1024
-
-
-@triton.jit
-def _order_key(score):
-    """Order-preserving uint32 key of fp32 scores (>= 1; NaN is 1, below -inf)."""
-    score = tl.where(score == 0.0, 0.0, score)
-    bits = score.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-    return tl.where(score != score, tl.full(key.shape, 1, tl.uint32), key)
-
-
-@triton.jit
-def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: tl.constexpr):
-    """Scores, page indices and keys of list positions ``offsets`` (key 0: not in the row)."""
-    inside = offsets < end
-    if FROM_CANDIDATES:
-        index = tl.load(index_ptr + offsets, mask=inside, other=-1)
-        valid = index >= 0
-        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
-    else:
-        index = offsets
-        valid = inside
-        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
-        score = tl.where(offsets == pin_index, float("inf"), score)
-    key = tl.where(valid, _order_key(score), tl.zeros(offsets.shape, tl.uint32))
-    return score, index, key
-
-
-@triton.jit
-def _digit_counts(
-    key,
-    prefix,
-    LEVEL: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
-    NUM_BINS: tl.constexpr,
-    USE_HISTOGRAM: tl.constexpr,
-):
-    """Histogram of this level's digit; keys below the prefix go to bin 0, above to the top."""
-    shift = 32 - (LEVEL + 1) * DIGIT_BITS
-    digit = (key >> shift) & (NUM_BINS - 1)
-    if LEVEL > 0:
-        high, wanted = key >> (shift + DIGIT_BITS), prefix >> (shift + DIGIT_BITS)
-        digit = tl.where(high == wanted, digit, tl.where(high > wanted, NUM_BINS - 1, 0))
-    digit = digit.to(tl.int32)
-    if USE_HISTOGRAM:
-        return tl.histogram(digit, NUM_BINS)
-    one_hot = digit[:, None] == tl.arange(0, NUM_BINS)[None, :]
-    return tl.sum(one_hot.to(tl.int32), axis=0)
+# Rows longer than this spread over several programs in one launch (topk_spread), each
+# program holding at least _SPREAD_MIN_CHUNK pages; shorter rows take one program.
+_SPREAD_MIN_PAGES = 4096
+_SPREAD_MIN_CHUNK = 1024
+_SPREAD_NUM_WARPS = 0  # 0: from the part's length
 
 
 @triton.jit
@@ -273,11 +241,17 @@ def _select_pages_triton(
     chunk: int | None = None,
     page_size: int = 0,
     page_table: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    spread: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch one or two selection passes (see the module docstring); tests shrink the sizes.
+    """Launch one spread selection, or one or two selection passes (see the module
+    docstring); tests shrink the sizes.
 
     With ``page_size > 0``, ``num_pages`` holds tokens per sequence (pages are rounded up).
     With a ``page_table`` (unit inner stride) also return the chosen pages' physical ids.
+    ``workspace``: a spread selection's zeroed workspace (``make_select_workspace``; a
+    fresh one if None). ``spread``: None chooses; 0 never spreads; ``p >= 1`` spreads every
+    row over ``p`` programs (``p > 1`` only on CUDA: the interpreter runs programs in turn).
     """
     # The module's sizes, read per call so that tests can shrink them.
     single_pass_max = _SINGLE_PASS_MAX if single_pass_max is None else single_pass_max
@@ -301,6 +275,16 @@ def _select_pages_triton(
         pin_mode, pins = 2, pin_last
     else:
         pin_mode, pins = int(bool(pin_last)), num_pages  # pins unread unless pin_mode == 2
+    if spread is None:
+        spread = 0
+        if device.type == "cuda" and max_pages > _SPREAD_MIN_PAGES:
+            spread = spread_programs(rows=rows, max_pages=max_pages, sm_count=_sm_count(device),
+                                     min_chunk=_SPREAD_MIN_CHUNK)  # fmt: skip
+            spread = spread if spread > 1 else 0
+    if spread:
+        _launch_spread(scores, num_pages, pins, pin_mode, top_k, spread, done, page_size,
+                       page_table, workspace)  # fmt: skip
+        return done
     common = dict(
         DIGIT_BITS=_DIGIT_BITS,
         NUM_BINS=1 << _DIGIT_BITS,
@@ -373,12 +357,61 @@ def _select_pages_triton(
     return done
 
 
+def _launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page_size,
+                   page_table, workspace) -> None:  # fmt: skip
+    """One launch of :mod:`longquest.kernels.topk_spread`'s kernel, ``programs`` a row."""
+    num_seqs, num_kv_heads, max_pages = scores.shape
+    device = scores.device
+    rows = num_seqs * num_kv_heads
+    if not 1 <= programs <= MAX_PROGRAMS:
+        raise ValueError(f"programs a row must be in 1..{MAX_PROGRAMS}, got {programs}")
+    if programs > 1 and device.type != "cuda":
+        raise ValueError(
+            f"a spread selection over {programs} programs a row needs a GPU: the interpreter "
+            "runs programs one after another, so they would wait for each other forever"
+        )
+    if workspace is None:
+        workspace = make_select_workspace(max_rows=rows, device=device)
+    check_tensor("workspace", workspace, ndim=2, dtypes=(torch.int32,), device=device)
+    if workspace.shape[0] < rows or workspace.shape[1] != WORKSPACE_STRIDE:
+        raise ValueError(
+            f"workspace has shape {tuple(workspace.shape)}; this launch needs [>= {rows}, "
+            f"{WORKSPACE_STRIDE}] (make_select_workspace(max_rows={rows}))"
+        )
+    if not workspace.is_contiguous():
+        raise ValueError("workspace must be contiguous")
+    chunk_len = triton.cdiv(max_pages, programs)
+    if chunk_len > MAX_BLOCK:
+        raise ValueError(
+            f"{max_pages} pages over {programs} programs is {chunk_len} a program; at most "
+            f"{MAX_BLOCK}: use more programs"
+        )
+    num_warps = _SPREAD_NUM_WARPS or max(4, min(16, triton.next_power_of_2(chunk_len) // 256))
+    block = max(triton.next_power_of_2(chunk_len), 32 * num_warps)  # no replicated lane
+    top_scores, indices = done[0], done[1]
+    pages = done[2] if page_table is not None else indices
+    _spread_select_kernel[(rows, programs)](
+        scores, num_pages, pins, top_scores, indices, pages,
+        page_table if page_table is not None else num_pages, workspace,
+        num_kv_heads, max_pages, chunk_len, top_k,
+        scores.stride(0), scores.stride(1),
+        page_table.stride(0) if page_table is not None else 0,
+        PIN=pin_mode, BLOCK=block, OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
+        SLOTS=max(triton.next_power_of_2(programs), 2), DIGIT_BITS=topk_spread.DIGIT_BITS,
+        WRITE_PAGES=page_table is not None, COUNT_PAGE_SIZE=page_size,
+        WORK_STRIDE=WORKSPACE_STRIDE, USE_PDL=pdl_enabled(device),
+        ON_GPU=device.type == "cuda", TIMEOUT_NS=topk_spread._TIMEOUT_NS, num_warps=num_warps,
+        **launch_options(device),
+    )  # fmt: skip
+
+
 def select_pages(
     *,
     scores: torch.Tensor,
     num_pages: torch.Tensor,
     top_k: int,
     pin_last: bool | torch.Tensor = True,
+    workspace: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``top_k`` pages of each (sequence, KV head) by score, in ascending page order.
@@ -389,6 +422,10 @@ def select_pages(
     top_k: pages to keep, ``>= 1``; rows with fewer valid pages keep them all.
     pin_last: always keep the sequence's last valid page, reported with score ``+inf`` — a
     bool for every sequence or a ``[num_seqs]`` bool tensor.
+    workspace: int32 ``[>= num_seqs * num_kv_heads, WORKSPACE_STRIDE]`` zeros from
+    :func:`longquest.kernels.topk_spread.make_select_workspace`, which a long row's
+    selection spread over several programs uses and leaves zeroed (reuse it across layers,
+    steps and graph replays, on one stream); None allocates a fresh one when needed.
     Returns ``(top_scores, indices)``, both ``[num_seqs, num_kv_heads, top_k]`` (fp32,
     int32): logical page indices (positions in the page table) of the ``min(top_k,
     num_pages)`` highest scores, ties to the lower index, in ascending index order, with
@@ -415,4 +452,4 @@ def select_pages(
             else torch.full((num_seqs,), pin_last, dtype=torch.bool, device=device)
         )
         return _select_pages_torch(scores, num_pages, top_k, pins)
-    return _select_pages_triton(scores, num_pages, top_k, pin_last)
+    return _select_pages_triton(scores, num_pages, top_k, pin_last, workspace=workspace)

@@ -1,0 +1,64 @@
+"""Radix-select pieces shared by the selection kernels (:mod:`longquest.kernels.topk`,
+:mod:`longquest.kernels.topk_spread`): order-preserving keys and per-digit histograms.
+
+A score's key is a uint32 whose order is the score's (see :func:`_order_key`); key 0 marks
+a slot outside the row, below every valid key. A radix select walks the key's digits most
+significant first; at each level the histogram of the current digit puts keys below the
+prefix chosen so far in bin 0 (never chosen) and keys above it in the top bin, so the
+histogram's suffix sums are exactly ``count(key >= candidate prefix)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _order_key(score):
+    """Order-preserving uint32 key of fp32 scores (>= 1; NaN is 1, below -inf)."""
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.uint32, bitcast=True)
+    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    return tl.where(score != score, tl.full(key.shape, 1, tl.uint32), key)
+
+
+@triton.jit
+def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: tl.constexpr):
+    """Scores, page indices and keys of list positions ``offsets`` (key 0: not in the row)."""
+    inside = offsets < end
+    if FROM_CANDIDATES:
+        index = tl.load(index_ptr + offsets, mask=inside, other=-1)
+        valid = index >= 0
+        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
+    else:
+        index = offsets
+        valid = inside
+        score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
+        score = tl.where(offsets == pin_index, float("inf"), score)
+    key = tl.where(valid, _order_key(score), tl.zeros(offsets.shape, tl.uint32))
+    return score, index, key
+
+
+@triton.jit
+def _digit_counts(
+    key,
+    prefix,
+    LEVEL: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    USE_HISTOGRAM: tl.constexpr,
+):
+    """Histogram of this level's digit; keys below the prefix go to bin 0, above to the top."""
+    shift = 32 - (LEVEL + 1) * DIGIT_BITS
+    digit = (key >> shift) & (NUM_BINS - 1)
+    if LEVEL > 0:
+        high, wanted = key >> (shift + DIGIT_BITS), prefix >> (shift + DIGIT_BITS)
+        digit = tl.where(high == wanted, digit, tl.where(high > wanted, NUM_BINS - 1, 0))
+    digit = digit.to(tl.int32)
+    if USE_HISTOGRAM:
+        counts = tl.histogram(digit, NUM_BINS)
+    else:  # an else, not an early return: Triton would build the one-hot for any length
+        one_hot = digit[:, None] == tl.arange(0, NUM_BINS)[None, :]
+        counts = tl.sum(one_hot.to(tl.int32), axis=0)
+    return counts

@@ -1,0 +1,196 @@
+"""Top-k page selection with each row spread over several programs, in one launch.
+
+A long row (a rank's 32K pages at 1M tokens) selected by one program, or by a two-pass
+chunked selection, keeps most of the GPU idle: 8 rows fill 8 SMs (the second pass) and
+every radix level is a chain of barriers on one SM. Here ``programs`` programs share a row,
+each holding a contiguous part of it in registers, and they agree on the threshold through
+the row's histograms in global memory:
+
+* **Levels.** Each program histograms its keys' current digit (8-bit digits: at most 4
+  levels, usually 3 for continuous scores) and adds it to the row's histogram of that level
+  with relaxed atomics. Every program then polls the whole histogram until its counts add
+  up to ``programs * BLOCK`` (every lane of every program counts once, in some bin): counts
+  only grow, so a poll that sees that total sees every bin's final count. No arrival
+  counter, no fence: one round trip to L2 a level.
+* **Compaction.** Each program publishes how many of its keys lie above the threshold and
+  how many tie it, in one word a program (``(above + 1) << 16 | ties``: never 0 once
+  written), and polls the row's words. The counts of the programs before it give its
+  output offset and its share of the ties (ties go to the lowest indices), so the output
+  is in ascending index order as in :func:`longquest.kernels.topk.select_pages`.
+* **Reset.** Each program takes a ticket from the row's exit counter after its last poll;
+  the last one zeroes the row's histograms, words and counter, so the workspace is zero
+  again for the next launch (CUDA-graph replays included). Launches that share a workspace
+  must run in order (one stream).
+
+Every program of a row must be resident at once: the launcher uses at most one program an
+SM over the whole grid, so the GPU holds them all (a poll that waits longer than
+``_TIMEOUT_NS`` traps: a CUDA error, not a hang). The CPU interpreter runs programs one
+after another, so there a row has one program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longquest.kernels.merge import _fence_gpu, _now_ns, _trap, _wait_for_inputs
+from longquest.kernels.radix import _digit_counts, _load_block
+
+DIGIT_BITS = 8  # 256-bin histograms: 4 levels at most
+MAX_PROGRAMS = 32  # programs a row may use (the words of its compaction)
+MAX_BLOCK = 16384  # the most keys one program holds (counts fit 16 bits in a word)
+WORKSPACE_STRIDE = 1088  # int32 a row: 4 levels x 256 bins, 32 words; the exit counter last
+_TIMEOUT_NS = 10_000_000_000  # a poll longer than 10 s traps
+
+
+@triton.jit
+def _poll_histogram(level_ptr, bins, total, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """The level's histogram once its counts add up to ``total`` (every program added)."""
+    hist = tl.load(level_ptr + bins, volatile=True)
+    started = _now_ns(total, ON_GPU)
+    while tl.sum(hist, axis=0) != total:
+        if _now_ns(total, ON_GPU) - started > TIMEOUT_NS:
+            _trap(total, ON_GPU)
+        hist = tl.load(level_ptr + bins, volatile=True)
+    return hist
+
+
+@triton.jit
+def _poll_words(words_ptr, slots, programs, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """The row's compaction words once every program wrote its own (0: not yet)."""
+    inside = slots < programs
+    words = tl.load(words_ptr + slots, mask=inside, other=1, volatile=True)
+    started = _now_ns(programs, ON_GPU)
+    while tl.sum((words == 0).to(tl.int32), axis=0) > 0:
+        if _now_ns(programs, ON_GPU) - started > TIMEOUT_NS:
+            _trap(programs, ON_GPU)
+        words = tl.load(words_ptr + slots, mask=inside, other=1, volatile=True)
+    return words
+
+
+@triton.jit
+def _spread_select_kernel(
+    score_ptr, num_pages_ptr, pin_ptr, out_score_ptr, out_index_ptr, out_page_ptr,
+    table_ptr, work_ptr,
+    num_kv_heads, max_pages, chunk_len, k_out,
+    stride_ss, stride_sh, stride_table,
+    PIN: tl.constexpr, BLOCK: tl.constexpr, OUT_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, WRITE_PAGES: tl.constexpr, COUNT_PAGE_SIZE: tl.constexpr,
+    WORK_STRIDE: tl.constexpr, USE_PDL: tl.constexpr, ON_GPU: tl.constexpr,
+    TIMEOUT_NS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # seq * num_kv_heads + head
+    part = tl.program_id(1)  # this program's part of the row
+    programs = tl.num_programs(1)
+    seq = row // num_kv_heads
+    NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
+    LEVELS: tl.constexpr = 32 // DIGIT_BITS
+    _wait_for_inputs(USE_PDL)
+    n = tl.load(num_pages_ptr + seq).to(tl.int32)
+    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens
+        n = tl.cdiv(n, COUNT_PAGE_SIZE)
+    n = tl.minimum(tl.maximum(n, 0), max_pages)
+    pin_index = -1
+    if PIN == 1:
+        pin_index = n - 1
+    if PIN == 2:
+        pin_index = tl.where(tl.load(pin_ptr + seq) != 0, n - 1, -1)
+    score_ptr += seq.to(tl.int64) * stride_ss + (row % num_kv_heads) * stride_sh
+    start = part * chunk_len
+    end = tl.minimum(start + chunk_len, n)
+    score, index, key = _load_block(
+        score_ptr, score_ptr, start + tl.arange(0, BLOCK), end, pin_index, False
+    )
+    work = work_ptr + row.to(tl.int64) * WORK_STRIDE
+    words_ptr = work + LEVELS * NUM_BINS
+    exit_ptr = work + WORK_STRIDE - 1
+
+    # Radix select over the whole row (as topk._select_row, with the row's histograms).
+    k = tl.minimum(k_out, n)
+    total = programs * BLOCK
+    bins = tl.arange(0, NUM_BINS)
+    prefix = tl.zeros([], tl.uint32)
+    count_lo = n
+    count_hi = n * 0
+    for level in tl.static_range(LEVELS):
+        if count_lo != k:  # the same in every program of the row: same histograms
+            mine = _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, True)
+            level_ptr = work + level * NUM_BINS
+            tl.atomic_add(level_ptr + bins, mine, mask=mine > 0, sem="relaxed", scope="gpu")
+            hist = _poll_histogram(level_ptr, bins, total, ON_GPU, TIMEOUT_NS)
+            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+            digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
+            at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
+            above = tl.sum(tl.where(bins == digit + 1, suffix, 0), axis=0)
+            count_lo = tl.where(digit > 0, at_digit, count_lo)
+            count_hi = tl.where(digit + 1 < NUM_BINS, above, count_hi)
+            prefix = prefix | (digit.to(tl.uint32) << (32 - (level + 1) * DIGIT_BITS))
+
+    # Keys >= floor, plus the first `ties` keys equal to `tie` in index order (row-wide).
+    exact = count_lo == k
+    floor = tl.where(exact, tl.maximum(prefix, 1), prefix + 1)
+    tie = tl.where(exact, 0, prefix)
+    ties = tl.where(exact, 0, k - count_hi)
+    is_above = key >= floor
+    is_tie = key == tie
+    mine_above = tl.sum(is_above.to(tl.int32), axis=0)
+    mine_ties = tl.sum(is_tie.to(tl.int32), axis=0)
+    tl.store(words_ptr + part, ((mine_above + 1) << 16) | mine_ties)
+    slots = tl.arange(0, SLOTS)
+    words = _poll_words(words_ptr, slots, programs, ON_GPU, TIMEOUT_NS)
+    before = (slots < part) & (slots < programs)
+    above_before = tl.sum(tl.where(before, (words >> 16) - 1, 0), axis=0)
+    ties_before = tl.sum(tl.where(before, words & 0xFFFF, 0), axis=0)
+    packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)
+    exclusive = tl.cumsum(packed, axis=0) - packed
+    above_seen = above_before + (exclusive & 0xFFFF)
+    ties_seen = ties_before + (exclusive >> 16)
+    chosen = is_above | (is_tie & (ties_seen < ties))
+    position = above_seen + tl.minimum(ties_seen, ties)
+    out = row.to(tl.int64) * k_out
+    tl.store(out_score_ptr + out + position, score, mask=chosen)
+    tl.store(out_index_ptr + out + position, index.to(tl.int32), mask=chosen)
+    if WRITE_PAGES:
+        table_row = table_ptr + seq.to(tl.int64) * stride_table
+        page = tl.load(table_row + index, mask=chosen, other=0)
+        tl.store(out_page_ptr + out + position, page.to(tl.int32), mask=chosen)
+    if part == 0:
+        for block in range(0, k_out, OUT_BLOCK):
+            pads = block + tl.arange(0, OUT_BLOCK)
+            pad = (pads >= k) & (pads < k_out)
+            fill = tl.full([OUT_BLOCK], float("-inf"), tl.float32)
+            tl.store(out_score_ptr + out + pads, fill, mask=pad)
+            tl.store(out_index_ptr + out + pads, tl.full([OUT_BLOCK], -1, tl.int32), mask=pad)
+            if WRITE_PAGES:
+                tl.store(out_page_ptr + out + pads, tl.full([OUT_BLOCK], -1, tl.int32), pad)
+
+    # The last program out zeroes the row's workspace (every program is past its polls).
+    _fence_gpu(part, ON_GPU)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == programs - 1:
+        for level in tl.static_range(LEVELS):
+            tl.store(work + level * NUM_BINS + bins, tl.zeros([NUM_BINS], tl.int32))
+        tl.store(words_ptr + slots, tl.zeros([SLOTS], tl.int32))
+        tl.store(exit_ptr, 0)
+
+
+def make_select_workspace(*, max_rows: int, device: torch.device | str) -> torch.Tensor:
+    """Zeroed int32 ``[max_rows, WORKSPACE_STRIDE]`` for spread selections of up to
+    ``max_rows`` rows (``num_seqs * num_kv_heads``); every launch leaves it zeroed."""
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
+    return torch.zeros(max_rows, WORKSPACE_STRIDE, dtype=torch.int32, device=device)
+
+
+def spread_programs(*, rows: int, max_pages: int, sm_count: int, min_chunk: int) -> int:
+    """Programs a row for a spread selection: at most one an SM over the grid, parts of
+    at least ``min_chunk`` pages, at most ``MAX_PROGRAMS``; 1 means "do not spread"."""
+    if rows < 1 or max_pages < 1:
+        return 1
+    programs = min(sm_count // rows, MAX_PROGRAMS, triton.cdiv(max_pages, min_chunk))
+    programs = max(programs, 1)
+    if triton.cdiv(max_pages, programs) > MAX_BLOCK:
+        return 1
+    return programs
