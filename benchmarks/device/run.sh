@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session's measurements, by phase (run from the repository root on the GPU machine):
-#   bash benchmarks/device/run.sh tests|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep|rows8
+#   bash benchmarks/device/run.sh tests|spread8|prefill1|prefill2|decode8|decode1m|page4|collectives|split8|split1m|sweep|rows8
 # Results go to $OUT (and benchmarks/results/); LONGQUEST_GIT_COMMIT names the commit measured.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -110,6 +110,20 @@ case "$1" in
   fine7)  # session 7, one GPU: the fp8 score form's fine grid; attention's tile and depth
     timeout 250 python benchmarks/score_variants.py --parts scores,attention --bounds float8_e4m3fn \
       --score-forms fine --label fine7 --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn" ;;
+  spread8)  # session 8, one GPU: the spread selection's tests, its forms, whole steps A/B
+    timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_topk_spread.py \
+      tests/kernels/test_topk.py tests/kernels/test_quest_step.py -x 2>&1 | tail -3 || exit 1
+    timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py 2>&1 | tail -1
+    timeout 240 python benchmarks/score_variants.py --parts select --label spread8 \
+      --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    # One GPU: a rank's local top-k shapes of the two 2-GPU headline rows (32768 pages at
+    # batch 1; 8 x 6144 pages at batch 8), the whole step with each selection.
+    timeout 200 python benchmarks/decode.py --contexts 524288 --batches 1 --budgets 2048,4096 \
+      --no-sdpa --selection spread,two-pass --label spread8-512k --out-dir "$out" 2>&1 \
+      | grep "context=\|wrote"
+    timeout 200 python benchmarks/decode.py --contexts 98304 --batches 8 --budgets 2048 \
+      --no-sdpa --bounds-dtype float8_e4m3fn --selection spread,two-pass --label spread8-b8 \
+      --out-dir "$out" 2>&1 | grep "context=\|wrote" ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \
