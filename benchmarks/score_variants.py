@@ -141,25 +141,24 @@ def run_scores(inputs: dict, bounds: str, copy_gbps: float, grid: str = "wide") 
 def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     """The local top-k: one pass or two, the first pass's chunk and warps, against one
     launch spread over several programs a row (programs, digit width, warps); also over the
-    first 2048 and 8192 pages of each row, to place the spread's threshold."""
+    first 8192 pages of each row, to place the spread's threshold."""
     score = scores._page_scores_triton(*inputs.values())
     num_seqs, _, pages = score.shape
     rows = []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     workspace = topk_spread.make_select_workspace(max_rows=num_seqs * NUM_KV_HEADS,
                                                   device=device)  # fmt: skip
-    for width in sorted({min(2048, pages), min(8192, pages), pages}):
+    for width in sorted({min(8192, pages), pages}):
         part = score[..., :width]
         n = torch.full_like(inputs["num_pages"], width)
         want = topk._select_pages_triton(part, n, top_k, True, spread=0)
-        forms = [dict(spread=0, single_pass_max=m) for m in (4096, 8192)]
-        forms += [dict(spread=0, single_pass_max=4096, chunk=c, warps=w)
-                  for c, w in itertools.product((512, 1024), (0, 4, 8))]  # fmt: skip
+        forms = [dict(spread=0, single_pass_max=4096), dict(spread=0, single_pass_max=8192)]
+        forms += [dict(spread=0, single_pass_max=4096, chunk=1024, warps=8)]
         most = min(sms // (num_seqs * NUM_KV_HEADS), topk_spread.MAX_PROGRAMS)
         for programs in sorted({p for p in (2, 4, 8, 16, 32, most) if 2 <= p <= most}):
             if triton.cdiv(width, programs) > topk_spread.MAX_BLOCK:
                 continue
-            for bits, warps in ((8, 0), (8, 4), (8, 8), (8, 16), (4, 0)):
+            for bits, warps in ((8, 0), (8, 4), (4, 0), (4, 4)):
                 forms.append(dict(spread=programs, bits=bits, warps=warps))
         for form in forms:
             topk._NUM_WARPS = form.get("warps", 0) if not form["spread"] else 0
@@ -311,6 +310,8 @@ def main() -> int:
     parser.add_argument("--label", default="")
     parser.add_argument("--parts", default="scores,select,attention,keep,weights",
                         help="comma-separated parts to time")  # fmt: skip
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated shapes to time, of {', '.join(SHAPES)}")  # fmt: skip
     parser.add_argument("--table", choices=("random", "contiguous"), default="random",
                         help="page ids: a fragmented pool or each sequence's in a row")  # fmt: skip
     parser.add_argument("--score-forms", choices=("wide", "fine"), default="wide",
@@ -323,7 +324,8 @@ def main() -> int:
     copy_gbps = measure_copy_bandwidth(device)
     result = {"copy_bandwidth_gbps": round(copy_gbps, 1), "parts": sorted(parts),
               "table": args.table, "shapes": {}}  # fmt: skip
-    for name, (num_seqs, pages) in SHAPES.items():
+    for name in args.shapes.split(","):
+        num_seqs, pages = SHAPES[name]
         inputs = make_inputs(num_seqs, pages, device, args.table)
         entry = {"num_seqs": num_seqs, "local_pages": pages, "num_kv_heads": NUM_KV_HEADS,
                  "group": GROUP, "head_dim": HEAD_DIM}  # fmt: skip

@@ -124,6 +124,17 @@ case "$1" in
     timeout 200 python benchmarks/decode.py --contexts 98304 --batches 8 --budgets 2048 \
       --no-sdpa --bounds-dtype float8_e4m3fn --selection spread,two-pass --label spread8-b8 \
       --out-dir "$out" 2>&1 | grep "context=\|wrote" ;;
+  spread8b)  # session 8, one GPU: the spread selection after its first run: tests, forms at
+    # a rank's 1M shape, whole steps A/B at 512K (32768 pages a row) and 128K (8192)
+    timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_topk_spread.py \
+      tests/kernels/test_topk.py -x 2>&1 | tail -3 || exit 1
+    timeout 200 python benchmarks/score_variants.py --parts select --shapes 1x1M-w2 \
+      --label spread8b --out-dir "$out" 2>&1 | grep -v "^W1\|^\[W\|warn"
+    for ctx in 524288 131072; do
+      timeout 150 python benchmarks/decode.py --contexts $ctx --batches 1 --budgets 2048,4096 \
+        --no-sdpa --selection spread,two-pass --label spread8b-$ctx --out-dir "$out" 2>&1 \
+        | grep "context=\|wrote"
+    done ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

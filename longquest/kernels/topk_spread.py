@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longquest.kernels.merge import _fence_gpu, _now_ns, _trap, _wait_for_inputs
+from longquest.kernels.merge import _now_ns, _trap, _wait_for_inputs
 from longquest.kernels.radix import _digit_counts, _load_block
 
 DIGIT_BITS = 8  # 256-bin histograms: 4 levels at most
@@ -148,6 +148,10 @@ def _spread_select_kernel(
     ties_seen = ties_before + (exclusive >> 16)
     chosen = is_above | (is_tie & (ties_seen < ties))
     position = above_seen + tl.minimum(ties_seen, ties)
+    # Past its last poll: take the exit ticket now, so that its round trip overlaps the
+    # output stores; the last program out zeroes the row's workspace after them.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="gpu")
     out = row.to(tl.int64) * k_out
     tl.store(out_score_ptr + out + position, score, mask=chosen)
     tl.store(out_index_ptr + out + position, index.to(tl.int32), mask=chosen)
@@ -165,11 +169,7 @@ def _spread_select_kernel(
             if WRITE_PAGES:
                 tl.store(out_page_ptr + out + pads, tl.full([OUT_BLOCK], -1, tl.int32), pad)
 
-    # The last program out zeroes the row's workspace (every program is past its polls).
-    _fence_gpu(part, ON_GPU)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == programs - 1:
+    if ticket == programs - 1:  # every program of the row is past its polls
         for level in tl.static_range(LEVELS):
             tl.store(work + level * NUM_BINS + bins, tl.zeros([NUM_BINS], tl.int32))
         tl.store(words_ptr + slots, tl.zeros([SLOTS], tl.int32))
