@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
             except Exception as error:  # a form that fails is recorded, not raised
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
+            print(json.dumps(row), flush=True)  # progress: a sweep can outlast its timeout
     topk._NUM_WARPS = topk._SPREAD_NUM_WARPS = 0
     topk_spread.DIGIT_BITS = 8
     return rows
