@@ -147,6 +147,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     num_seqs, _, pages = score.shape
     rows = []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    digit_bits = topk_spread.DIGIT_BITS
     workspace = topk_spread.make_select_workspace(max_rows=num_seqs * NUM_KV_HEADS,
                                                   device=device)  # fmt: skip
     for width in sorted({min(8192, pages), pages}):
@@ -164,7 +165,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
         for form in forms:
             topk._NUM_WARPS = form.get("warps", 0) if not form["spread"] else 0
             topk._SPREAD_NUM_WARPS = form.get("warps", 0) if form["spread"] else 0
-            topk_spread.DIGIT_BITS = form.get("bits", 8)
+            topk_spread.DIGIT_BITS = form.get("bits", digit_bits)
             sizes = {k: form[k] for k in ("single_pass_max", "chunk") if k in form}
 
             def select(form=form, sizes=sizes, part=part, n=n):
@@ -186,7 +187,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)  # progress: a sweep can outlast its timeout
     topk._NUM_WARPS = topk._SPREAD_NUM_WARPS = 0
-    topk_spread.DIGIT_BITS = 8
+    topk_spread.DIGIT_BITS = digit_bits
     return rows
 
 

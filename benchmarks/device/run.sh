@@ -135,6 +135,15 @@ case "$1" in
         --no-sdpa --selection spread,two-pass --label spread8b-$ctx --out-dir "$out" 2>&1 \
         | grep "context=\|wrote"
     done ;;
+  spread8d)  # session 8, one GPU: the final defaults (4-bit digits, parts of >= 512 pages):
+    # GPU tests of selection, Quest step and engine; whole steps A/B at 512K and 128K
+    timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_topk_spread.py \
+      tests/kernels/test_topk.py tests/kernels/test_quest_step.py tests/engine -x 2>&1 | tail -3
+    for ctx in 524288 131072; do
+      timeout 110 python benchmarks/decode.py --contexts $ctx --batches 1 --budgets 2048,4096 \
+        --no-sdpa --selection spread,two-pass --label spread8d-$ctx --out-dir "$out" 2>&1 \
+        | grep "context=\|wrote"
+    done ;;
   ll6)  # session 6: the peer kernel with flags in the words (LL): tests, latency, batch 8 x 216K
     timeout 60 python -m pytest -q -p no:cacheprovider tests/kernels/test_peer.py -x 2>&1 | tail -3 || exit 1
     timeout 200 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests/parallel/test_peer.py \

@@ -6,12 +6,14 @@ every radix level is a chain of barriers on one SM. Here ``programs`` programs s
 each holding a contiguous part of it in registers, and they agree on the threshold through
 the row's histograms in global memory:
 
-* **Levels.** Each program histograms its keys' current digit (8-bit digits: at most 4
-  levels, usually 3 for continuous scores) and adds it to the row's histogram of that level
-  with relaxed atomics. Every program then polls the whole histogram until its counts add
-  up to ``programs * BLOCK`` (every lane of every program counts once, in some bin): counts
-  only grow, so a poll that sees that total sees every bin's final count. No arrival
-  counter, no fence: one round trip to L2 a level.
+* **Levels.** Each program histograms its keys' current digit (4-bit digits: at most 8
+  levels, and the search ends once the threshold is exact) and adds it to the row's
+  histogram of that level with relaxed atomics. Every program then polls the whole
+  histogram until its counts add up to ``programs * BLOCK`` (every lane of every program
+  counts once, in some bin): counts only grow, so a poll that sees that total sees every
+  bin's final count. No arrival counter, no fence: one round trip to L2 a level.
+  Measured: 16 programs a row at 8 rows x 32768 pages and k = 256 (one rank of 1M tokens
+  on two GPUs) select in 18.9 us against 26.0 for the two passes.
 * **Compaction.** Each program publishes how many of its keys lie above the threshold and
   how many tie it, in one word a program (``(above + 1) << 16 | ties``: never 0 once
   written), and polls the row's words. The counts of the programs before it give its
@@ -37,10 +39,14 @@ import triton.language as tl
 from longquest.kernels.merge import _now_ns, _trap, _wait_for_inputs
 from longquest.kernels.radix import _digit_counts, _load_block
 
-DIGIT_BITS = 8  # 256-bin histograms: 4 levels at most
+# 16-bin histograms, up to 8 levels: at 8 rows x 32768 pages over 16 programs a row,
+# k = 256, 18.9 us against 20.4 for 256 bins and 4 levels (score-variants-spread8c-*).
+DIGIT_BITS = 4
 MAX_PROGRAMS = 32  # programs a row may use (the words of its compaction)
 MAX_BLOCK = 16384  # the most keys one program holds (counts fit 16 bits in a word)
-WORKSPACE_STRIDE = 1088  # int32 a row: 4 levels x 256 bins, 32 words; the exit counter last
+# int32 a row: the histograms (at most 1024 bins in all: 8-bit digits, 4 levels x 256),
+# 32 words, and the exit counter last.
+WORKSPACE_STRIDE = 1088
 _TIMEOUT_NS = 10_000_000_000  # a poll longer than 10 s traps
 
 

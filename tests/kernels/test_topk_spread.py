@@ -59,7 +59,9 @@ def _pins(device, seqs):
 @pytest.mark.parametrize("top_k", [1, 3, 8, 50])
 @pytest.mark.parametrize("pin", range(3), ids=["pin", "nopin", "pin-tensor"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_one_program_a_row_matches_ref(device, top_k, pin, ties):
+@pytest.mark.parametrize("digit_bits", [4, 8])
+def test_one_program_a_row_matches_ref(device, monkeypatch, top_k, pin, ties, digit_bits):
+    monkeypatch.setattr(topk_spread, "DIGIT_BITS", digit_bits)
     scores, num_pages = _scores(device, num_pages=[1, 0, 37, 20], ties=ties, seed=top_k)
     workspace = make_select_workspace(max_rows=8, device=device)
     _check(scores, num_pages, top_k, _pins(device, 4)[pin], spread=1, workspace=workspace)
@@ -112,7 +114,9 @@ def test_programs_a_row():
 @pytest.mark.parametrize("programs", [2, 3, 5, 16, 32])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("top_k", [1, 128, 256, 3000])
-def test_spread_rows_on_gpu(device, programs, ties, top_k):
+@pytest.mark.parametrize("digit_bits", [4, 8])
+def test_spread_rows_on_gpu(device, monkeypatch, programs, ties, top_k, digit_bits):
+    monkeypatch.setattr(topk_spread, "DIGIT_BITS", digit_bits)
     # Ragged rows (one shorter than a program's part, one empty) over `programs` parts.
     lengths = [6000, 5, 0, 4099]
     scores, num_pages = _scores(device, num_pages=lengths, heads=4, width=6000, ties=ties)
@@ -128,7 +132,9 @@ def test_spread_rows_on_gpu(device, programs, ties, top_k):
 def test_engine_shapes_spread_by_default_on_gpu(device, seqs, width, top_k):
     scores, num_pages = _scores(device, num_pages=[width - s for s in range(seqs)], heads=8)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = spread_programs(rows=seqs * 8, max_pages=width, sm_count=sms, min_chunk=1024)
+    programs = spread_programs(
+        rows=seqs * 8, max_pages=width, sm_count=sms, min_chunk=topk._SPREAD_MIN_CHUNK
+    )
     assert programs >= topk._SPREAD_MIN_PROGRAMS
     workspace = make_select_workspace(max_rows=seqs * 8, device=device)
     _check(scores, num_pages, top_k, True, spread=None, workspace=workspace)
