@@ -3,7 +3,9 @@
     python benchmarks/plot_decode.py benchmarks/results/decode-w*-nvidia-h200-2026-11-22.json
 
 Writes an SVG (no plotting library needed): batch 1, one colour per world size, solid
-lines for Quest (budget 4096), dashed for dense attention, dotted for Quest 2048.
+lines for Quest (budget 4096), dashed for dense attention, dotted for Quest 2048. A point
+given by several files is taken from the last; a run that timed several selections
+(``--selection``) gives its ``spread`` modes, the engine's default.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ def main() -> int:
     parser.add_argument("results", nargs="+")
     parser.add_argument("--out", default="benchmarks/results/decode-plot.svg")
     args = parser.parse_args()
-    series: dict[tuple[int, str], list[tuple[int, float]]] = {}
+    points_by: dict[tuple[int, str], dict[int, float]] = {}
     for path in args.results:
         record = json.loads(Path(path).read_text())
         for row in record["rows"]:
             if "skipped" in row or row["batch"] != 1:
                 continue
             for mode, entry in row["modes"].items():
+                mode = mode.removesuffix("/spread")
                 if mode in STYLES:
                     key = (row["world_size"], mode)
-                    series.setdefault(key, []).append((row["context"], entry["ms_per_token"]))
+                    points_by.setdefault(key, {})[row["context"]] = entry["ms_per_token"]
+    series = {key: sorted(points.items()) for key, points in points_by.items()}
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points]
     x0, x1 = math.log2(min(xs)) - 0.2, math.log2(max(xs)) + 0.2

@@ -21,6 +21,11 @@ Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here)
   tie rule, so nothing is lost) on a (row, chunk) grid; pass 2 selects from the
   ``chunks * k`` candidates, which sit in index order. A list too long for registers is
   looped over in blocks (every level re-reads it), the correct but slow path for huge k.
+* **Spread.** On a GPU, a row longer than ``_SPREAD_MIN_PAGES`` that can have at least
+  ``_SPREAD_MIN_PROGRAMS`` programs (one program an SM over the grid) is instead selected
+  in one launch by several programs that share its histograms through a workspace
+  (:mod:`longquest.kernels.topk_spread`): a rank's 8 x 32768 pages at k = 256 in 18.9 us
+  against 26.0 for the two passes.
 
 * **Physical ids.** On request (:mod:`longquest.kernels.quest_step`) the final pass also
   writes each chosen page's id from the page table, so attention skips that lookup.
