@@ -6,6 +6,11 @@ a slot outside the row, below every valid key. A radix select walks the key's di
 significant first; at each level the histogram of the current digit puts keys below the
 prefix chosen so far in bin 0 (never chosen) and keys above it in the top bin, so the
 histogram's suffix sums are exactly ``count(key >= candidate prefix)``.
+
+``_next_digit``, ``_threshold`` and ``_positions`` are the spread selection's steps. The
+two-pass kernel (:func:`longquest.kernels.topk._select_row`) keeps the same steps written
+inline: through these helpers its sm_90 code came out different (about 30 instructions),
+and the kernel as measured was kept.
 """
 
 from __future__ import annotations
@@ -62,3 +67,46 @@ def _digit_counts(
         one_hot = digit[:, None] == tl.arange(0, NUM_BINS)[None, :]
         counts = tl.sum(one_hot.to(tl.int32), axis=0)
     return counts
+
+
+@triton.jit
+def _next_digit(hist, k, count_lo, count_hi, prefix, LEVEL: tl.constexpr,
+                DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr):  # fmt: skip
+    """One level's step from the histogram of its digit: ``(count_lo, count_hi, prefix)``.
+
+    Invariant: ``count(key >= prefix) = count_lo >= k > count_hi = count(key >= prefix +
+    one step of the current digit)``; the digit appended is the highest whose suffix count
+    still reaches ``k`` (bin 0, the keys below the prefix, is never chosen).
+    """
+    bins = tl.arange(0, NUM_BINS)
+    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
+    at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
+    above = tl.sum(tl.where(bins == digit + 1, suffix, 0), axis=0)
+    count_lo = tl.where(digit > 0, at_digit, count_lo)
+    count_hi = tl.where(digit + 1 < NUM_BINS, above, count_hi)
+    prefix = prefix | (digit.to(tl.uint32) << (32 - (LEVEL + 1) * DIGIT_BITS))
+    return count_lo, count_hi, prefix
+
+
+@triton.jit
+def _threshold(count_lo, count_hi, prefix, k):
+    """``(floor, tie, ties)``: the top ``k`` are the keys >= ``floor`` plus the first
+    ``ties`` keys equal to ``tie`` in index order."""
+    exact = count_lo == k
+    floor = tl.where(exact, tl.maximum(prefix, 1), prefix + 1)
+    tie = tl.where(exact, 0, prefix)
+    ties = tl.where(exact, 0, k - count_hi)
+    return floor, tie, ties
+
+
+@triton.jit
+def _positions(is_above, is_tie, above_before, ties_before, ties):
+    """``(chosen, position)`` of a block's keys, in index order, given how many keys above
+    the threshold and how many tying it come before the block."""
+    packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)
+    exclusive = tl.cumsum(packed, axis=0) - packed
+    above_seen = above_before + (exclusive & 0xFFFF)
+    ties_seen = ties_before + (exclusive >> 16)
+    chosen = is_above | (is_tie & (ties_seen < ties))
+    return chosen, above_seen + tl.minimum(ties_seen, ties)

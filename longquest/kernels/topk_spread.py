@@ -37,7 +37,13 @@ import triton
 import triton.language as tl
 
 from longquest.kernels.merge import _now_ns, _trap, _wait_for_inputs
-from longquest.kernels.radix import _digit_counts, _load_block
+from longquest.kernels.radix import (
+    _digit_counts,
+    _load_block,
+    _next_digit,
+    _positions,
+    _threshold,
+)
 
 # 16-bin histograms, up to 8 levels: at 8 rows x 32768 pages over 16 programs a row,
 # k = 256, 18.9 us against 20.4 for 256 bins and 4 levels (score-variants-spread8c-*).
@@ -125,19 +131,12 @@ def _spread_select_kernel(
             level_ptr = work + level * NUM_BINS
             tl.atomic_add(level_ptr + bins, mine, mask=mine > 0, sem="relaxed", scope="gpu")
             hist = _poll_histogram(level_ptr, bins, total, ON_GPU, TIMEOUT_NS)
-            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-            digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
-            at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
-            above = tl.sum(tl.where(bins == digit + 1, suffix, 0), axis=0)
-            count_lo = tl.where(digit > 0, at_digit, count_lo)
-            count_hi = tl.where(digit + 1 < NUM_BINS, above, count_hi)
-            prefix = prefix | (digit.to(tl.uint32) << (32 - (level + 1) * DIGIT_BITS))
+            count_lo, count_hi, prefix = _next_digit(
+                hist, k, count_lo, count_hi, prefix, level, DIGIT_BITS, NUM_BINS
+            )
 
-    # Keys >= floor, plus the first `ties` keys equal to `tie` in index order (row-wide).
-    exact = count_lo == k
-    floor = tl.where(exact, tl.maximum(prefix, 1), prefix + 1)
-    tie = tl.where(exact, 0, prefix)
-    ties = tl.where(exact, 0, k - count_hi)
+    # Ties counted row-wide: the programs before this one take the first of them.
+    floor, tie, ties = _threshold(count_lo, count_hi, prefix, k)
     is_above = key >= floor
     is_tie = key == tie
     mine_above = tl.sum(is_above.to(tl.int32), axis=0)
@@ -148,12 +147,7 @@ def _spread_select_kernel(
     before = (slots < part) & (slots < programs)
     above_before = tl.sum(tl.where(before, (words >> 16) - 1, 0), axis=0)
     ties_before = tl.sum(tl.where(before, words & 0xFFFF, 0), axis=0)
-    packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)
-    exclusive = tl.cumsum(packed, axis=0) - packed
-    above_seen = above_before + (exclusive & 0xFFFF)
-    ties_seen = ties_before + (exclusive >> 16)
-    chosen = is_above | (is_tie & (ties_seen < ties))
-    position = above_seen + tl.minimum(ties_seen, ties)
+    chosen, position = _positions(is_above, is_tie, above_before, ties_before, ties)
     # Past its last poll: take the exit ticket now, so that its round trip overlaps the
     # output stores; the last program out zeroes the row's workspace after them.
     tl.debug_barrier()

@@ -13,19 +13,7 @@ from longquest.kernels import topk, topk_spread
 from longquest.kernels.ref import select_pages_ref
 from longquest.kernels.topk import _select_pages_triton
 from longquest.kernels.topk_spread import make_select_workspace, spread_programs
-
-
-def _scores(device, *, num_pages, heads=2, width=None, ties=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(num_pages) if width is None else width
-    shape = (len(num_pages), heads, width)
-    if ties:  # a handful of distinct values: ties at the threshold, across programs
-        scores = torch.randint(-2, 3, shape, generator=gen).float()
-    else:
-        scores = torch.randn(shape, generator=gen)
-    for s, n in enumerate(num_pages):
-        scores[s, :, n:] = -math.inf
-    return scores.to(device), torch.tensor(num_pages, dtype=torch.int32, device=device)
+from tests.kernels.test_topk import _scores
 
 
 def _check(scores, num_pages, top_k, pin_last, *, spread, workspace=None, page_table=None):
