@@ -164,7 +164,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
                 forms.append(dict(spread=programs, bits=bits, warps=warps))
         for form in forms:
             topk._NUM_WARPS = form.get("warps", 0) if not form["spread"] else 0
-            topk._SPREAD_NUM_WARPS = form.get("warps", 0) if form["spread"] else 0
+            topk_spread.NUM_WARPS = form.get("warps", 0) if form["spread"] else 0
             topk_spread.DIGIT_BITS = form.get("bits", digit_bits)
             sizes = {k: form[k] for k in ("single_pass_max", "chunk") if k in form}
 
@@ -186,7 +186,7 @@ def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)  # progress: a sweep can outlast its timeout
-    topk._NUM_WARPS = topk._SPREAD_NUM_WARPS = 0
+    topk._NUM_WARPS = topk_spread.NUM_WARPS = 0
     topk_spread.DIGIT_BITS = digit_bits
     return rows
 

@@ -34,7 +34,8 @@ class DecodeBatch:
     width: page-table columns: the most local pages any of the sequences will hold.
     use_graphs: capture the step in a CUDA graph after its first eager run (CUDA only).
         The batch's graphs share one memory pool, freed with the batch.
-    num_kv_heads: sizes the attention's split counters (one a row and KV head).
+    num_kv_heads: sizes the attention's split counters and the selection's workspace (one
+        a row and KV head).
     """
 
     def __init__(

@@ -42,7 +42,7 @@ from longquest.kernels.decode_torch import _check_pages
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_bounds_dtype, check_float8_supported
 from longquest.kernels.scores import _page_scores_triton, page_scores
 from longquest.kernels.topk import _select_pages_triton, select_pages
-from longquest.kernels.topk_spread import make_select_workspace
+from longquest.kernels.topk_spread import check_select_workspace, make_select_workspace
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,6 +128,7 @@ def _check_common(query, key_min, key_max, page_table, top_k, pin_last, workspac
     check_tensor("workspace.counters", workspace.counters, ndim=1, dtypes=(torch.int32,))
     if workspace.counters.device != device:
         raise ValueError(f"workspace is on {workspace.counters.device}, expected {device}")
+    check_select_workspace(workspace.selection, rows=workspace.max_rows, device=device)
     if workspace.max_rows < num_seqs * num_kv_heads:
         raise ValueError(
             f"workspace holds {workspace.max_rows} rows but this launch needs "

@@ -44,17 +44,14 @@ import torch
 import triton
 import triton.language as tl
 
-from longquest.kernels import topk_spread
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor, resolve_impl
 from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
 from longquest.kernels.radix import _digit_counts, _load_block
 from longquest.kernels.scores import _sm_count
 from longquest.kernels.topk_spread import (
-    MAX_BLOCK,
-    MAX_PROGRAMS,
-    WORKSPACE_STRIDE,
-    _spread_select_kernel,
-    make_select_workspace,
+    _on_gpu,
+    check_select_workspace,
+    launch_spread,
     spread_programs,
 )
 
@@ -72,7 +69,6 @@ _MIN_CHUNK = 1024
 # program holding at least _SPREAD_MIN_CHUNK pages; shorter rows take one program.
 _SPREAD_MIN_PAGES = 4096
 _SPREAD_MIN_CHUNK = 512  # 8 rows x 8192 pages: 16 programs 14.1 us, 8 programs 15.1
-_SPREAD_NUM_WARPS = 0  # 0: from the part's length
 # Fewer programs a row than this: the two passes. 2 programs at 64 rows x 6144 pages were
 # slower than the two passes, 25.7 us against 19.8 (score-variants-spread8-*).
 _SPREAD_MIN_PROGRAMS = 4
@@ -285,13 +281,13 @@ def _select_pages_triton(
         pin_mode, pins = int(bool(pin_last)), num_pages  # pins unread unless pin_mode == 2
     if spread is None:
         spread = 0
-        if device.type == "cuda" and max_pages > _SPREAD_MIN_PAGES:
+        if _on_gpu(device) and max_pages > _SPREAD_MIN_PAGES:
             spread = spread_programs(rows=rows, max_pages=max_pages, sm_count=_sm_count(device),
                                      min_chunk=_SPREAD_MIN_CHUNK)  # fmt: skip
             spread = spread if spread >= _SPREAD_MIN_PROGRAMS else 0
     if spread:
-        _launch_spread(scores, num_pages, pins, pin_mode, top_k, spread, done, page_size,
-                       page_table, workspace)  # fmt: skip
+        launch_spread(scores, num_pages, pins, pin_mode, top_k, spread, done, page_size,
+                      page_table, workspace)  # fmt: skip
         return done
     common = dict(
         DIGIT_BITS=_DIGIT_BITS,
@@ -365,54 +361,6 @@ def _select_pages_triton(
     return done
 
 
-def _launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page_size,
-                   page_table, workspace) -> None:  # fmt: skip
-    """One launch of :mod:`longquest.kernels.topk_spread`'s kernel, ``programs`` a row."""
-    num_seqs, num_kv_heads, max_pages = scores.shape
-    device = scores.device
-    rows = num_seqs * num_kv_heads
-    if not 1 <= programs <= MAX_PROGRAMS:
-        raise ValueError(f"programs a row must be in 1..{MAX_PROGRAMS}, got {programs}")
-    if programs > 1 and device.type != "cuda":
-        raise ValueError(
-            f"a spread selection over {programs} programs a row needs a GPU: the interpreter "
-            "runs programs one after another, so they would wait for each other forever"
-        )
-    if workspace is None:
-        workspace = make_select_workspace(max_rows=rows, device=device)
-    check_tensor("workspace", workspace, ndim=2, dtypes=(torch.int32,), device=device)
-    if workspace.shape[0] < rows or workspace.shape[1] != WORKSPACE_STRIDE:
-        raise ValueError(
-            f"workspace has shape {tuple(workspace.shape)}; this launch needs [>= {rows}, "
-            f"{WORKSPACE_STRIDE}] (make_select_workspace(max_rows={rows}))"
-        )
-    if not workspace.is_contiguous():
-        raise ValueError("workspace must be contiguous")
-    chunk_len = triton.cdiv(max_pages, programs)
-    if chunk_len > MAX_BLOCK:
-        raise ValueError(
-            f"{max_pages} pages over {programs} programs is {chunk_len} a program; at most "
-            f"{MAX_BLOCK}: use more programs"
-        )
-    num_warps = _SPREAD_NUM_WARPS or max(4, min(16, triton.next_power_of_2(chunk_len) // 256))
-    block = max(triton.next_power_of_2(chunk_len), 32 * num_warps)  # no replicated lane
-    top_scores, indices = done[0], done[1]
-    pages = done[2] if page_table is not None else indices
-    _spread_select_kernel[(rows, programs)](
-        scores, num_pages, pins, top_scores, indices, pages,
-        page_table if page_table is not None else num_pages, workspace,
-        num_kv_heads, max_pages, chunk_len, top_k,
-        scores.stride(0), scores.stride(1),
-        page_table.stride(0) if page_table is not None else 0,
-        PIN=pin_mode, BLOCK=block, OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
-        SLOTS=max(triton.next_power_of_2(programs), 2), DIGIT_BITS=topk_spread.DIGIT_BITS,
-        WRITE_PAGES=page_table is not None, COUNT_PAGE_SIZE=page_size,
-        WORK_STRIDE=WORKSPACE_STRIDE, USE_PDL=pdl_enabled(device),
-        ON_GPU=device.type == "cuda", TIMEOUT_NS=topk_spread._TIMEOUT_NS, num_warps=num_warps,
-        **launch_options(device),
-    )  # fmt: skip
-
-
 def select_pages(
     *,
     scores: torch.Tensor,
@@ -453,6 +401,8 @@ def select_pages(
     elif not isinstance(pin_last, bool):
         raise ValueError(f"pin_last must be a bool or a bool tensor, got {type(pin_last).__name__}")
 
+    if workspace is not None:
+        check_select_workspace(workspace, rows=num_seqs * scores.shape[1], device=device)
     if resolve_impl(impl, device) == "torch":
         pins = (
             pin_last

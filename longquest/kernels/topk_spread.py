@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from longquest.kernels.merge import _now_ns, _trap, _wait_for_inputs
+from longquest.kernels._checks import check_tensor
+from longquest.kernels.merge import (
+    _now_ns,
+    _trap,
+    _wait_for_inputs,
+    launch_options,
+    pdl_enabled,
+)
 from longquest.kernels.radix import (
     _digit_counts,
     _load_block,
@@ -44,6 +51,7 @@ from longquest.kernels.radix import (
     _positions,
     _threshold,
 )
+from longquest.kernels.scores import _sm_count
 
 # 16-bin histograms, up to 8 levels: at 8 rows x 32768 pages over 16 programs a row,
 # k = 256, 18.9 us against 20.4 for 256 bins and 4 levels (score-variants-spread8c-*).
@@ -54,6 +62,7 @@ MAX_BLOCK = 16384  # the most keys one program holds (counts fit 16 bits in a wo
 # 32 words, and the exit counter last.
 WORKSPACE_STRIDE = 1088
 _TIMEOUT_NS = 10_000_000_000  # a poll longer than 10 s traps
+NUM_WARPS = 0  # 0: from the part's length (8 warps at 2048 pages)
 
 
 @triton.jit
@@ -98,6 +107,9 @@ def _spread_select_kernel(
     seq = row // num_kv_heads
     NUM_BINS: tl.constexpr = 1 << DIGIT_BITS
     LEVELS: tl.constexpr = 32 // DIGIT_BITS
+    tl.static_assert(32 % DIGIT_BITS == 0)
+    tl.static_assert(LEVELS * NUM_BINS + SLOTS < WORK_STRIDE)  # the exit counter is last
+    tl.static_assert(BLOCK <= 16384)  # (above + 1) << 16 | ties stays a positive int32
     _wait_for_inputs(USE_PDL)
     n = tl.load(num_pages_ptr + seq).to(tl.int32)
     if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens
@@ -184,6 +196,24 @@ def make_select_workspace(*, max_rows: int, device: torch.device | str) -> torch
     return torch.zeros(max_rows, WORKSPACE_STRIDE, dtype=torch.int32, device=device)
 
 
+def check_select_workspace(workspace: torch.Tensor, *, rows: int, device: torch.device) -> None:
+    """Raise ValueError unless ``workspace`` can serve a spread selection of ``rows`` rows.
+
+    It must also hold zeros (every launch leaves it so); that is not checked, since it
+    would cost a sync: a workspace from ``torch.empty``, or one shared by two streams, makes
+    the programs wait for counts that never add up (a trap after ``_TIMEOUT_NS``) or
+    miscount their output offsets.
+    """
+    check_tensor("workspace", workspace, ndim=2, dtypes=(torch.int32,), device=device)
+    if workspace.shape[0] < rows or workspace.shape[1] != WORKSPACE_STRIDE:
+        raise ValueError(
+            f"workspace has shape {tuple(workspace.shape)}; this launch needs [>= {rows}, "
+            f"{WORKSPACE_STRIDE}] (make_select_workspace(max_rows={rows}))"
+        )
+    if not workspace.is_contiguous():
+        raise ValueError("workspace must be contiguous (make_select_workspace)")
+
+
 def spread_programs(*, rows: int, max_pages: int, sm_count: int, min_chunk: int) -> int:
     """Programs a row for a spread selection: at most one an SM over the grid, parts of
     at least ``min_chunk`` pages, at most ``MAX_PROGRAMS``; 1 means "do not spread"."""
@@ -194,3 +224,60 @@ def spread_programs(*, rows: int, max_pages: int, sm_count: int, min_chunk: int)
     if triton.cdiv(max_pages, programs) > MAX_BLOCK:
         return 1
     return programs
+
+
+def _on_gpu(device: torch.device) -> bool:
+    """Kernels run on the GPU itself: CUDA tensors, and not Triton's interpreter."""
+    return device.type == "cuda" and not triton.knobs.runtime.interpret
+
+
+def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page_size,
+                  page_table, workspace) -> None:  # fmt: skip
+    """Select into ``done`` (``(top_scores, indices[, physical])``, as
+    :func:`longquest.kernels.topk._select_pages_triton` returns them) in one launch,
+    ``programs`` a row; ``pins``/``pin_mode`` as there (1: pin every row's last page, 2: per
+    sequence from ``pins``)."""
+    num_seqs, num_kv_heads, max_pages = scores.shape
+    device = scores.device
+    rows = num_seqs * num_kv_heads
+    if not 1 <= programs <= MAX_PROGRAMS:
+        raise ValueError(f"programs a row must be in 1..{MAX_PROGRAMS}, got {programs}")
+    on_gpu = _on_gpu(device)
+    if programs > 1 and not on_gpu:
+        raise ValueError(
+            f"a spread selection over {programs} programs a row needs a GPU: the interpreter "
+            "runs programs one after another, so they would wait for each other forever"
+        )
+    if programs > 1 and rows * programs > _sm_count(device):
+        raise ValueError(
+            f"{rows} rows x {programs} programs is more than the GPU's {_sm_count(device)} "
+            "SMs: every program of a row must be resident at once (spread_programs)"
+        )
+    if workspace is None:
+        workspace = make_select_workspace(max_rows=rows, device=device)
+    check_select_workspace(workspace, rows=rows, device=device)
+    if not on_gpu and bool(workspace[:rows].any()):  # a poll would spin forever (no timer)
+        raise ValueError("workspace is not zero: make it with make_select_workspace")
+    chunk_len = triton.cdiv(max_pages, programs)
+    if chunk_len > MAX_BLOCK:
+        raise ValueError(
+            f"{max_pages} pages over {programs} programs is {chunk_len} a program; at most "
+            f"{MAX_BLOCK}: use more programs"
+        )
+    num_warps = NUM_WARPS or max(4, min(16, triton.next_power_of_2(chunk_len) // 256))
+    block = max(triton.next_power_of_2(chunk_len), 32 * num_warps)  # no replicated lane
+    top_scores, indices = done[0], done[1]
+    pages = done[2] if page_table is not None else indices
+    _spread_select_kernel[(rows, programs)](
+        scores, num_pages, pins, top_scores, indices, pages,
+        page_table if page_table is not None else num_pages, workspace,
+        num_kv_heads, max_pages, chunk_len, top_k,
+        scores.stride(0), scores.stride(1),
+        page_table.stride(0) if page_table is not None else 0,
+        PIN=pin_mode, BLOCK=block, OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
+        SLOTS=max(triton.next_power_of_2(programs), 2), DIGIT_BITS=DIGIT_BITS,
+        WRITE_PAGES=page_table is not None, COUNT_PAGE_SIZE=page_size,
+        WORK_STRIDE=WORKSPACE_STRIDE, USE_PDL=pdl_enabled(device),
+        ON_GPU=on_gpu, TIMEOUT_NS=_TIMEOUT_NS, num_warps=num_warps,
+        **launch_options(device),
+    )  # fmt: skip

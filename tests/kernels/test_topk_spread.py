@@ -11,7 +11,7 @@ import torch
 
 from longquest.kernels import topk, topk_spread
 from longquest.kernels.ref import select_pages_ref
-from longquest.kernels.topk import _select_pages_triton
+from longquest.kernels.topk import _select_pages_triton, select_pages
 from longquest.kernels.topk_spread import make_select_workspace, spread_programs
 from tests.kernels.test_topk import _scores
 
@@ -72,10 +72,25 @@ def test_no_pages_and_a_fresh_workspace(device):
     _check(scores, num_pages, 3, True, spread=1)  # workspace made by the launcher
 
 
+def test_dirty_workspace_is_refused_on_the_interpreter(device):
+    if device.type != "cpu":
+        pytest.skip("checked on the host under the interpreter only (a GPU check would sync)")
+    scores, num_pages = _scores(device, num_pages=[20, 9])
+    workspace = make_select_workspace(max_rows=4, device=device)
+    workspace[1, 3] = 1
+    with pytest.raises(ValueError, match="workspace is not zero"):
+        _select_pages_triton(scores, num_pages, 4, True, spread=1, workspace=workspace)
+
+
 def test_bad_spread_arguments(device):
     scores, num_pages = _scores(device, num_pages=[20, 9])
     with pytest.raises(ValueError, match="programs a row must be in"):
         _select_pages_triton(scores, num_pages, 4, True, spread=topk_spread.MAX_PROGRAMS + 1)
+    with pytest.raises(ValueError, match=r"workspace has shape"):
+        select_pages(
+            scores=scores, num_pages=num_pages, top_k=4,
+            workspace=torch.zeros(3, 16, dtype=torch.int32, device=device),
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"workspace has shape"):
         _select_pages_triton(
             scores, num_pages, 4, True, spread=1,
@@ -84,6 +99,10 @@ def test_bad_spread_arguments(device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             _select_pages_triton(scores, num_pages, 4, True, spread=2)
+    else:  # 16 rows x 32 programs: more than one program an SM
+        wide, pages = _scores(device, num_pages=[20, 9], heads=8)
+        with pytest.raises(ValueError, match="must be resident at once"):
+            _select_pages_triton(wide, pages, 4, True, spread=32)
 
 
 def test_programs_a_row():
@@ -105,9 +124,11 @@ def test_programs_a_row():
 @pytest.mark.parametrize("digit_bits", [4, 8])
 def test_spread_rows_on_gpu(device, monkeypatch, programs, ties, top_k, digit_bits):
     monkeypatch.setattr(topk_spread, "DIGIT_BITS", digit_bits)
-    # Ragged rows (one shorter than a program's part, one empty) over `programs` parts.
+    # Ragged rows (one shorter than a program's part, one empty) over `programs` parts; at
+    # most one program an SM over the grid (16 or 4 rows).
     lengths = [6000, 5, 0, 4099]
-    scores, num_pages = _scores(device, num_pages=lengths, heads=4, width=6000, ties=ties)
+    heads = 4 if programs <= 8 else 1
+    scores, num_pages = _scores(device, num_pages=lengths, heads=heads, width=6000, ties=ties)
     workspace = make_select_workspace(max_rows=16, device=device)
     table = torch.randperm(4 * 6000, device=device).view(4, 6000).int()
     for pin in _pins(device, 4):
