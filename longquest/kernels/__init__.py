@@ -11,10 +11,12 @@ from longquest.kernels.merge import merge_attention_states
 from longquest.kernels.prefill import prefill_attention
 from longquest.kernels.scores import page_scores
 from longquest.kernels.topk import select_pages
+from longquest.kernels.topk_spread import make_select_workspace
 
 __all__ = [
     "AppendPlan",
     "append_kv",
+    "make_select_workspace",
     "merge_attention_states",
     "page_scores",
     "paged_decode_attention",
