@@ -223,6 +223,7 @@ class PagedAttention:
                 top_k=top_k,
                 pin_last=meta.pin_last,
                 workspace=meta.select_workspace,
+                spread=self.quest.spread_selection,
                 impl=self.impl,
             )
             selected = self.comm.select_global(

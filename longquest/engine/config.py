@@ -22,11 +22,16 @@ class QuestConfig:
     token_budget: tokens attended per decode step and KV head; the page budget
         is ``token_budget // page_size``.
     dense_layers: the first layers, which always attend densely.
+    spread_selection: on a GPU, select a long row's pages in one launch spread over
+        several programs (``longquest.kernels.topk_spread``), which must all be resident
+        at once. Turn it off where other work holds the GPU's SMs for long (MPS with an
+        active-thread limit, green contexts): a program left waiting traps after 10 s.
     """
 
     page_size: int = 16
     token_budget: int | None = 4096
     dense_layers: int = 2
+    spread_selection: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -41,6 +46,10 @@ class QuestConfig:
             )
         if self.dense_layers < 0:
             raise ValueError(f"QuestConfig.dense_layers must be >= 0, got {self.dense_layers}")
+        if not isinstance(self.spread_selection, bool):
+            raise ValueError(
+                f"QuestConfig.spread_selection must be a bool, got {self.spread_selection!r}"
+            )
 
     @property
     def page_budget(self) -> int | None:

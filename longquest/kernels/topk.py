@@ -368,6 +368,7 @@ def select_pages(
     top_k: int,
     pin_last: bool | torch.Tensor = True,
     workspace: torch.Tensor | None = None,
+    spread: bool = True,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``top_k`` pages of each (sequence, KV head) by score, in ascending page order.
@@ -382,6 +383,9 @@ def select_pages(
     :func:`longquest.kernels.topk_spread.make_select_workspace`, which a long row's
     selection spread over several programs uses and leaves zeroed (reuse it across layers,
     steps and graph replays, on one stream); None allocates a fresh one when needed.
+    spread: allow that spread selection (its programs must all be resident at once: pass
+    False where other work holds the GPU's SMs); False always takes the one- or two-pass
+    selection.
     Returns ``(top_scores, indices)``, both ``[num_seqs, num_kv_heads, top_k]`` (fp32,
     int32): logical page indices (positions in the page table) of the ``min(top_k,
     num_pages)`` highest scores, ties to the lower index, in ascending index order, with
@@ -401,6 +405,8 @@ def select_pages(
     elif not isinstance(pin_last, bool):
         raise ValueError(f"pin_last must be a bool or a bool tensor, got {type(pin_last).__name__}")
 
+    if not isinstance(spread, bool):
+        raise ValueError(f"spread must be a bool, got {type(spread).__name__}")
     if workspace is not None:
         check_select_workspace(workspace, rows=num_seqs * scores.shape[1], device=device)
     if resolve_impl(impl, device) == "torch":
@@ -410,4 +416,6 @@ def select_pages(
             else torch.full((num_seqs,), pin_last, dtype=torch.bool, device=device)
         )
         return _select_pages_torch(scores, num_pages, top_k, pins)
-    return _select_pages_triton(scores, num_pages, top_k, pin_last, workspace=workspace)
+    return _select_pages_triton(
+        scores, num_pages, top_k, pin_last, workspace=workspace, spread=None if spread else 0
+    )

@@ -36,6 +36,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill step (8192)"
     )
+    parser.add_argument(
+        "--no-spread-selection", action="store_true",
+        help="select a long row's pages without spreading it over programs that must all be "
+        "resident at once (for GPUs whose SMs other work holds: MPS limits, green contexts)",
+    )  # fmt: skip
 
 
 def quest_from_args(args: argparse.Namespace) -> QuestConfig:
@@ -43,6 +48,7 @@ def quest_from_args(args: argparse.Namespace) -> QuestConfig:
         page_size=args.page_size,
         token_budget=None if args.dense else args.budget,
         dense_layers=args.dense_layers,
+        spread_selection=not args.no_spread_selection,
     )
 
 

@@ -160,3 +160,26 @@ def test_engine_shapes_spread_by_default_on_gpu(device, seqs, width, top_k):
         torch.cuda.synchronize()
         assert torch.equal(out[1].cpu(), want[1])
         assert not workspace.any()
+
+
+def test_spread_switch():
+    from longquest.engine.config import QuestConfig
+
+    scores, num_pages = _scores(torch.device("cpu"), num_pages=[20, 9])
+    with pytest.raises(ValueError, match="spread must be a bool"):
+        select_pages(scores=scores, num_pages=num_pages, top_k=4, spread="no")
+    with pytest.raises(ValueError, match="spread_selection must be a bool"):
+        QuestConfig(spread_selection=1)
+
+
+@pytest.mark.gpu
+def test_spread_off_takes_the_passes_on_gpu(device):
+    # A long row that would spread: with spread=False the workspace is never touched.
+    scores, num_pages = _scores(device, num_pages=[32768], heads=8)
+    workspace = make_select_workspace(max_rows=8, device=device).fill_(7)
+    got = select_pages(scores=scores, num_pages=num_pages, top_k=256, workspace=workspace,
+                       spread=False)  # fmt: skip
+    want = select_pages_ref(scores=scores.cpu(), num_pages=num_pages.cpu(), top_k=256,
+                            pin_last=True)  # fmt: skip
+    assert torch.equal(got[1].cpu(), want[1])
+    assert bool((workspace == 7).all())

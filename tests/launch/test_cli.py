@@ -83,6 +83,15 @@ def test_bounds_dtype_flag_builds_the_cache_config():
         build_parser().parse_args([*base, "--bounds-dtype", "int8"])
 
 
+def test_no_spread_selection_flag_builds_the_quest_config():
+    from longquest.launch.cli import build_parser, quest_from_args
+
+    base = ["generate", "--model", "m", "--prompt", "p"]
+    assert quest_from_args(build_parser().parse_args(base)).spread_selection is True
+    args = build_parser().parse_args([*base, "--no-spread-selection"])
+    assert quest_from_args(args).spread_selection is False
+
+
 def test_demo_defaults_are_run_demos():
     """The demo command's defaults come from run_demo's signature, written once."""
     import inspect
