@@ -227,8 +227,11 @@ def spread_programs(*, rows: int, max_pages: int, sm_count: int, min_chunk: int)
 
 
 def _on_gpu(device: torch.device) -> bool:
-    """Kernels run on the GPU itself: CUDA tensors, and not Triton's interpreter."""
-    return device.type == "cuda" and not triton.knobs.runtime.interpret
+    """Kernels run on the GPU itself: CUDA tensors, and not Triton's interpreter (known
+    through ``triton.knobs``, from Triton 3.4; older ones: CUDA tensors only)."""
+    knobs = getattr(triton, "knobs", None)
+    interpreting = knobs is not None and bool(knobs.runtime.interpret)
+    return device.type == "cuda" and not interpreting
 
 
 def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page_size,
