@@ -1,6 +1,10 @@
 """Plot time per output token against context length from benchmarks/decode.py results.
 
-    python benchmarks/plot_decode.py benchmarks/results/decode-w*-nvidia-h200-2026-11-22.json
+    cd benchmarks/results && python ../plot_decode.py --out decode-plot.svg decode-w1-gc-*.json \
+        decode-w1-spread8d-*.json decode-w2-split-*.json decode-w2-1m-final6-*.json \
+        decode-w4-split-gc-*.json
+
+(the inputs of ``benchmarks/results/decode-plot.svg``, listed in benchmarks/RESULTS.md).
 
 Writes an SVG (no plotting library needed): batch 1, one colour per world size, solid
 lines for Quest (budget 4096), dashed for dense attention, dotted for Quest 2048. A point
