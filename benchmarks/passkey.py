@@ -7,7 +7,8 @@
 Prefill is exact and does not depend on the budget, so every prompt is prefilled once
 and then decoded once per budget: after each decode the sequence is rewound to its
 first generated token and the cache to what the prefill left (``decode_with``).
-Greedy, 10 new tokens.
+Greedy, 10 new tokens. Reads the demo's model and texts from the cache; run
+``longquest demo`` once to prepare them (this script runs no pip).
 Writes benchmarks/results/passkey-<device>-<date>.json and prints the table.
 """
 
