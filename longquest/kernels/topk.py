@@ -19,8 +19,7 @@ Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here)
   program, held in registers. A longer row is split into chunks of ``~sqrt(pages * k)``:
   pass 1 takes each chunk's local top-k (a page of the global top-k is in its chunk's
   top-k under the same tie rule, so nothing is lost) on a (row, chunk) grid; pass 2 selects
-  from the
-  ``chunks * k`` candidates, which sit in index order. A list too long for registers is
+  from the ``chunks * k`` candidates, which sit in index order. A list too long for registers is
   looped over in blocks (every level re-reads it), the correct but slow path for huge k.
 * **Spread.** On a GPU, a row longer than ``spread_min_pages`` that can have at least
   ``spread_min_programs`` programs (one program an SM over the grid) is instead selected

@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from longquest.kernels.quest_step import make_quest_workspace, quest_decode_step
 
 from longquest.kernels.append import append_kv, plan_append
 from longquest.kernels.float8 import (
@@ -17,7 +18,6 @@ from longquest.kernels.float8 import (
     directed_float8,
     round_to_float8,
 )
-from longquest.kernels.quest_step import make_quest_workspace, quest_decode_step
 from longquest.kernels.ref import append_kv_ref, page_scores_ref
 from longquest.kernels.scores import page_scores
 from tests.kernels.test_append import _pool
