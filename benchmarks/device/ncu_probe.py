@@ -17,9 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.score_variants import HEAD_DIM, NUM_KV_HEADS, PAGE_SIZE, make_inputs  # noqa: E402
-from longquest.kernels import decode, scores, topk  # noqa: E402
-from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
-from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
+from longquest.kernels import (  # noqa: E402
+    FLOAT8_DTYPE,
+    page_scores,
+    paged_decode_attention,
+    select_pages,
+)
 
 
 def main() -> int:
@@ -27,20 +30,22 @@ def main() -> int:
     inputs = make_inputs(8, 6144, device, "contiguous")  # as a fresh engine's pool
     fp8 = dict(inputs, key_min=inputs["key_min"].to(FLOAT8_DTYPE),
                key_max=inputs["key_max"].to(FLOAT8_DTYPE))  # fmt: skip
-    score = scores._page_scores_triton(*inputs.values())
-    _, mine = topk._select_pages_triton(score, inputs["num_pages"], 64, True)
+    score = page_scores(**inputs, check_pages=False)
+    _, mine = select_pages(scores=score, num_pages=inputs["num_pages"], top_k=64)
     padded = torch.cat((mine, torch.full_like(mine, -1)), dim=-1)
     total = 8 * 6144
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
     v_cache = torch.randn_like(k_cache)
-    workspace = make_quest_workspace(max_num_seqs=8, num_kv_heads=NUM_KV_HEADS, device=device)
+    counters = torch.zeros(8 * NUM_KV_HEADS, dtype=torch.int32, device=device)
     seq_lens = inputs["num_pages"] * PAGE_SIZE
 
     def launch_all():
-        scores._page_scores_triton(*fp8.values())
-        scores._page_scores_triton(*inputs.values())
-        common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens, padded)
-        decode._decode_triton(*common, HEAD_DIM**-0.5, None, counters=workspace.counters)
+        page_scores(**fp8, check_pages=False)
+        page_scores(**inputs, check_pages=False)
+        paged_decode_attention(query=inputs["query"], k_cache=k_cache, v_cache=v_cache,
+                               page_table=inputs["page_table"], seq_lens=seq_lens,
+                               selected=padded, check_pages=False,
+                               split_counters=counters)  # fmt: skip
 
     launch_all()  # compile outside the profiled range
     torch.cuda.synchronize()
