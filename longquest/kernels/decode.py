@@ -259,6 +259,56 @@ def _decode_triton(
     return out, lse
 
 
+def _check_decode_inputs(query, k_cache, v_cache, page_table, seq_lens, selected, num_splits,
+                         split_counters, out, lse) -> None:  # fmt: skip
+    """Validate :func:`paged_decode_attention`'s arguments (no host sync)."""
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    device = query.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=device)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    num_seqs, num_qo_heads, head_dim = query.shape
+    num_pages_total, num_kv_heads, page_size, _ = k_cache.shape
+    check_dim("k_cache", k_cache, 3, head_dim, "head_dim, as in query")
+    check_group(num_qo_heads, num_kv_heads)
+    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_dim("seq_lens", seq_lens, 0, num_seqs, "num_seqs")
+    if selected is not None:
+        check_tensor("selected", selected, ndim=3, dtypes=INDEX_DTYPES, device=device)
+        check_dim("selected", selected, 0, num_seqs, "num_seqs")
+        check_dim("selected", selected, 1, num_kv_heads, "num_kv_heads")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if split_counters is not None:
+        check_tensor("split_counters", split_counters, ndim=1, dtypes=(torch.int32,),
+                     device=device)  # fmt: skip
+        if split_counters.stride(0) != 1:
+            raise ValueError("split_counters must be contiguous")
+        if split_counters.shape[0] < num_seqs * num_kv_heads:
+            raise ValueError(
+                f"split_counters holds {split_counters.shape[0]} counters but this launch "
+                f"needs num_seqs * num_kv_heads = {num_seqs * num_kv_heads}"
+            )
+    for name, buffer, shape, dtypes in (
+        ("out", out, query.shape, FLOAT_DTYPES),
+        ("lse", lse, (num_seqs, num_qo_heads), (torch.float32,)),
+    ):
+        if buffer is None:
+            continue
+        check_tensor(name, buffer, ndim=len(shape), dtypes=dtypes, device=device)
+        if tuple(buffer.shape) != tuple(shape) or (name == "out" and buffer.stride(-1) != 1):
+            raise ValueError(
+                f"{name} must have shape {tuple(shape)}"
+                + (" and a contiguous last dimension" if name == "out" else "")
+                + f", got shape {tuple(buffer.shape)}, strides {buffer.stride()}"
+            )
+
+
 def paged_decode_attention(
     *,
     query: torch.Tensor,
@@ -309,51 +359,11 @@ def paged_decode_attention(
     with no tokens gives ``out = 0, lse = -inf``. See
     :func:`longquest.kernels.ref.paged_decode_attention_ref`.
     """
-    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    _check_decode_inputs(query, k_cache, v_cache, page_table, seq_lens, selected, num_splits,
+                         split_counters, out, lse)  # fmt: skip
     device = query.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=device)
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-        )
-    num_seqs, num_qo_heads, head_dim = query.shape
-    num_pages_total, num_kv_heads, page_size, _ = k_cache.shape
-    check_dim("k_cache", k_cache, 3, head_dim, "head_dim, as in query")
-    check_group(num_qo_heads, num_kv_heads)
-    check_tensor("page_table", page_table, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    check_dim("seq_lens", seq_lens, 0, num_seqs, "num_seqs")
-    if selected is not None:
-        check_tensor("selected", selected, ndim=3, dtypes=INDEX_DTYPES, device=device)
-        check_dim("selected", selected, 0, num_seqs, "num_seqs")
-        check_dim("selected", selected, 1, num_kv_heads, "num_kv_heads")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    if split_counters is not None:
-        check_tensor("split_counters", split_counters, ndim=1, dtypes=(torch.int32,),
-                     device=device)  # fmt: skip
-        if split_counters.stride(0) != 1:
-            raise ValueError("split_counters must be contiguous")
-        if split_counters.shape[0] < num_seqs * num_kv_heads:
-            raise ValueError(
-                f"split_counters holds {split_counters.shape[0]} counters but this launch "
-                f"needs num_seqs * num_kv_heads = {num_seqs * num_kv_heads}"
-            )
-    for name, buffer, shape, dtypes in (
-        ("out", out, query.shape, FLOAT_DTYPES),
-        ("lse", lse, (num_seqs, num_qo_heads), (torch.float32,)),
-    ):
-        if buffer is None:
-            continue
-        check_tensor(name, buffer, ndim=len(shape), dtypes=dtypes, device=device)
-        if tuple(buffer.shape) != tuple(shape) or (name == "out" and buffer.stride(-1) != 1):
-            raise ValueError(
-                f"{name} must have shape {tuple(shape)}"
-                + (" and a contiguous last dimension" if name == "out" else "")
-                + f", got shape {tuple(buffer.shape)}, strides {buffer.stride()}"
-            )
+    head_dim = query.shape[2]
+    num_pages_total, _, page_size, _ = k_cache.shape
     impl = resolve_impl(impl, device)
     if check_pages:
         check_decode_pages(page_table, seq_lens, selected, num_pages_total, page_size)

@@ -88,6 +88,7 @@ def _spread_select_kernel(
     DIGIT_BITS: tl.constexpr, WORK_STRIDE: tl.constexpr, ON_GPU: tl.constexpr,
     TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
+    # One body: the keys stay in registers from the first level to the stores.
     row = tl.program_id(0)  # seq * num_kv_heads + head
     part = tl.program_id(1)  # this program's part of the row
     programs = tl.num_programs(1)
