@@ -58,7 +58,7 @@ from longquest.engine.synthetic import (  # noqa: E402
     llama31_8b_config,
     random_model,
 )
-from longquest.kernels import page_scores, paged_decode_attention, select_pages, topk  # noqa: E402
+from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.peer import PeerCollectives  # noqa: E402
@@ -209,11 +209,11 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
             scores = page_scores(query=query, key_min=key_min, key_max=key_max,
                                  page_table=meta.page_table, num_pages=meta.num_pages,
                                  check_pages=False)  # fmt: skip
-            # As the engine runs it: a spread selection through the batch's workspace.
-            work = meta.select_workspace
+            # As the engine runs it: through the batch's workspace, spread where allowed.
+            work, spread = meta.select_workspace, quest.spread_selection
             top_scores, local = select_pages(scores=scores, num_pages=meta.num_pages,
                                              top_k=budget, pin_last=meta.pin_last,
-                                             workspace=work)  # fmt: skip
+                                             workspace=work, spread=spread)  # fmt: skip
             result["scores"] = sparse_layers * timed_ms(
                 lambda: page_scores(query=query, key_min=key_min, key_max=key_max,
                                     page_table=meta.page_table, num_pages=meta.num_pages,
@@ -222,7 +222,7 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
             )  # fmt: skip
             result["top_k"] = sparse_layers * timed_ms(
                 lambda: select_pages(scores=scores, num_pages=meta.num_pages, top_k=budget,
-                                     pin_last=meta.pin_last, workspace=work),
+                                     pin_last=meta.pin_last, workspace=work, spread=spread),
                 device=device, group=group, iters=iters,
             )  # fmt: skip
             selected = engine.comm.select_global(
@@ -425,7 +425,10 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
         suffix = f"@{kind}" if len(kinds) > 1 else ""
         for selection in selections:
             label = f"/{selection}" if len(selections) > 1 else ""
-            modes += [(f"quest-{b}{label}{suffix}", QuestConfig(token_budget=b, page_size=page),
+            # The local top-k spread over programs where select_pages chooses it, or never.
+            spread = selection == "spread"
+            modes += [(f"quest-{b}{label}{suffix}",
+                       QuestConfig(token_budget=b, page_size=page, spread_selection=spread),
                        kind, selection) for b in budgets]  # fmt: skip
         modes.append(
             (f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind, "spread")
@@ -462,12 +465,9 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     gc.freeze()
     results = {}
     peer = getattr(engine.comm, "peer", None) if world > 1 else None
-    spread_min_pages = topk._SPREAD_MIN_PAGES
     for index, (name, quest, kind, selection) in enumerate(modes):
         engine.quest = quest
         engine._batch = None
-        # The local top-k: spread over programs where the module chooses it, or never.
-        topk._SPREAD_MIN_PAGES = spread_min_pages if selection == "spread" else 2**62
         if world > 1:  # the comm is also the MLP split's: both switch together
             engine.comm.peer = peer if kind == "peer" else None
         warmup = args.warmup * (2 if index == 0 else 1)
@@ -498,7 +498,6 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
                   f"graph {entry['graph_replay_ms']}, launch {entry['graph_launch_host_ms']}) "
                   f"{json.dumps(entry['breakdown_ms'])}")  # fmt: skip
     engine._batch = None
-    topk._SPREAD_MIN_PAGES = spread_min_pages
     if world == 1 and not args.no_sdpa:
         ms = sdpa_ms(engine, batch=batch, context=context, iters=args.iters)
         results["sdpa"] = {"ms_per_token": None if ms is None else round(ms, 4)}
@@ -559,10 +558,6 @@ def main() -> int:
         help="comma list of how Quest's local top-k runs: spread (a long row over several "
         "programs in one launch, where chosen) and/or two-pass (never spread); each is timed",
     )  # fmt: skip
-    parser.add_argument(
-        "--pdl", action="store_true",
-        help="launch the Triton kernels with programmatic dependent launch (Hopper)",
-    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -573,10 +568,6 @@ def main() -> int:
     if not args.selection_list or set(args.selection_list) - {"spread", "two-pass"}:
         parser.error(f"--selection takes spread and/or two-pass, got {args.selection!r}")
     on_cuda = torch.cuda.is_available() and not args.tiny
-    if args.pdl:  # an experiment switch of the kernels' module (off by default)
-        import longquest.kernels.merge as merge_module  # where the PDL switch lives
-
-        merge_module._USE_PDL = True
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=900))  # fmt: skip
@@ -636,7 +627,7 @@ def main() -> int:
         "pool_pages_per_rank": num_pages, "copy_bandwidth_gbps": round(copy_gbps, 1),
         "cuda_graphs": engine.cuda_graphs, "steps": args.steps, "warmup": args.warmup,
         "mlp_split_over_ranks": engine.mlp_split is not None,
-        "peer_collectives_possible": peer is not None, "pdl": args.pdl,
+        "peer_collectives_possible": peer is not None,
         "bounds_dtype": str(engine.cache.shape.key_bounds_dtype),
         "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip

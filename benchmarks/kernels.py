@@ -3,10 +3,9 @@
 For every (batch, context) it times, eager and CUDA-graph-captured: the append of
 one decode token per sequence, page scoring, page selection, attention over the
 selected pages, the merge of two partial states (as sequence parallelism does),
-the Quest step (scores + select + attention, *without* the merge) through the fused
-launcher ``quest_decode_step`` (``quest_step``, the speedup's numerator) and through
-the three public launchers in a row (``composed``), and the Quest total (step +
-merge), beside dense decode by torch SDPA on contiguous K/V and by the engine's own
+the Quest step (scores + select + attention, *without* the merge) through the three
+public launchers in a row (``quest_step``, the speedup's numerator), and the Quest total
+(step + merge), beside dense decode by torch SDPA on contiguous K/V and by the engine's own
 paged kernel (``selected=None``). Pages are a random permutation
 of the pool, as an allocator leaves them. A correctness check against SDPA runs
 first; a wrong kernel stops the run before any timing.
@@ -51,7 +50,6 @@ from longquest.kernels import (  # noqa: E402
     plan_append,
     select_pages,
 )
-from longquest.kernels.quest_step import make_quest_workspace, quest_decode_step  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,7 +75,6 @@ OPS = (
     "select",
     "attend",
     "merge",
-    "composed",
     "quest_step",
     "dense_paged",
     "sdpa",
@@ -186,19 +183,6 @@ def check_correctness(*, shape: LayerShape, device: torch.device, impl: str | No
         lses=torch.stack([p[1] for p in parts]),
         impl=impl,
     )
-    workspace = make_quest_workspace(
-        max_num_seqs=batch, num_kv_heads=shape.num_kv_heads, device=device
-    )
-    fused = {k: v for k, v in attend.items() if k != "impl"} | common
-    fused_out, fused_lse = quest_decode_step(
-        **fused, top_k=max(1, num_pages // 4), workspace=workspace, impl=impl
-    )
-    composed_out, composed_lse = paged_decode_attention(
-        selected=select_pages(
-            scores=scores, num_pages=pages, top_k=max(1, num_pages // 4), impl=impl
-        )[1],
-        **attend,
-    )
     scores_torch = page_scores(query=query, num_pages=pages, impl="torch", **common)
     sparse_k = max(1, num_pages // 4)
     sparse = select_pages(scores=scores, num_pages=pages, top_k=sparse_k, impl=impl)[1]
@@ -222,8 +206,6 @@ def check_correctness(*, shape: LayerShape, device: torch.device, impl: str | No
         "sdpa_out_max_err": err(sdpa_out, ref_out),
         "scores_rel_err_vs_torch": err(scores, scores_torch) / scores_torch.abs().max().item(),
         "sparse_selection_matches_torch": torch.equal(sparse, sparse_torch),
-        "fused_step_out_max_err_vs_composed": err(fused_out, composed_out),
-        "fused_step_lse_max_err_vs_composed": err(fused_lse, composed_lse),
         "newest_page_pinned": bool((sparse == num_pages - 1).any(-1).all()),
     }
     limits = {
@@ -233,8 +215,6 @@ def check_correctness(*, shape: LayerShape, device: torch.device, impl: str | No
         "step_lse_max_err": TOLERANCE,
         "merged_lse_max_err": TOLERANCE,
         "scores_rel_err_vs_torch": 1e-3,
-        "fused_step_out_max_err_vs_composed": TOLERANCE * scale,
-        "fused_step_lse_max_err_vs_composed": TOLERANCE,
     }
     failures = [name for name, limit in limits.items() if not report[name] <= limit]
     flags = ("sparse_selection_matches_torch", "newest_page_pinned")
@@ -389,28 +369,8 @@ def run_quest(
             (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
         )
 
-    def composed(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return attend(i, select(scores(i)))
-
-    workspace = make_quest_workspace(
-        max_num_seqs=batch, num_kv_heads=shape.num_kv_heads, device=device
-    )
-
     def step(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return quest_decode_step(
-            query=queries[i],
-            k_cache=pool["k_cache"],
-            v_cache=pool["v_cache"],
-            key_min=pool["key_min"],
-            key_max=pool["key_max"],
-            page_table=order[i],
-            seq_lens=seq_lens,
-            top_k=top_k,
-            pin_last=True,
-            workspace=workspace,
-            check_pages=False,
-            impl=impl,
-        )
+        return attend(i, select(scores(i)))
 
     per_op: dict[str, list[Callable[[], object]]] = {
         "append": [lambda i=i: append(i) for i in range(sets)],
@@ -421,7 +381,6 @@ def run_quest(
             lambda o=o, m=m: merge_attention_states(outputs=o, lses=m, impl=impl)
             for o, m in merge_inputs
         ],
-        "composed": [lambda i=i: composed(i) for i in range(sets)],
         "quest_step": [lambda i=i: step(i) for i in range(sets)],
         "dense_paged": [lambda i=i: attend(i, None) for i in range(sets)],
     }
@@ -622,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{mode} (ms, median):")
         print_table(table_rows(rows, mode), columns)
     print(
-        "\nquest_step = scores + select + attend (no merge) by the fused launcher, composed = the"
-        " same by the\nthree public launchers; quest_total = quest_step + merge of 2 sources;"
+        "\nquest_step = scores + select + attend (no merge) by the three public launchers;"
+        "\nquest_total = quest_step + merge of 2 sources;"
         "\nspeedup = sdpa / quest_step; score_GB/s counts key_min + key_max + query"
         " bytes; sets = input\nsets rotated so nothing is timed from L2 (do_bench also flushes L2)."
     )
@@ -654,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 for fn in (append_kv, page_scores, paged_decode_attention)
             },
             "page_layout": "random permutation of the pool",
-            "quest_step": "quest_decode_step (fused launcher: scores + select + attend); merge "
-            "excluded (quest_total adds it); composed: the three public launchers",
+            "quest_step": "page_scores + select_pages + paged_decode_attention; merge "
+            "excluded (quest_total adds it)",
         },
         "copy_gbps": copy_gbps,
         "correctness": check,

@@ -1,21 +1,23 @@
-"""One rank's decode kernels at the decode benchmark's shapes, in their candidate forms.
+"""One rank's decode kernels at the decode benchmark's shapes, over tuning alternatives.
 
     python benchmarks/score_variants.py [--out-dir DIR]
 
 A sequence-parallel rank of ``benchmarks/decode.py`` scores its local pages, selects its
 local top-k and attends to its share of the global top-k. This script times those
-kernels alone, in CUDA graphs (``bench_graph``: L2 flushed before every replay), at a
-rank's shapes of the two headline rows (8 x 192K tokens and 1 x 1M tokens on two GPUs:
-6144 and 32768 local pages a sequence, Llama-3.1-8B heads), for each candidate form:
+kernels alone through the public launchers, in CUDA graphs (``bench_graph``: L2 flushed
+before every replay), at a rank's shapes of the two headline rows (8 x 192K tokens and
+1 x 1M tokens on two GPUs: 6144 and 32768 local pages a sequence, Llama-3.1-8B heads),
+each with ``longquest.kernels.DEFAULT_TUNING`` and with alternatives to it (a
+``KernelTuning`` passed in):
 
-* scores: the group-as-rows form (the bf16 bounds' kernel) against the pages-as-rows form
-  (``scores._AS_ROWS``; the fp8 bounds' kernel) over tile rows, warps, pipeline depth and
-  programs per SM, with bf16 and fp8 bounds
-  (``--bounds``); every form's scores are checked against the group-as-rows form's;
-* selection: one pass against two passes (``topk._SINGLE_PASS_MAX``) against one launch
-  spread over several programs a row (``topk_spread``);
-* the keep step of the cross-rank top-k, per ranking block;
-* sparse attention over a rank's share, per split count, with page ids looked up or given;
+* scores: bf16 bounds over programs per SM, fp8 bounds (``--bounds``) over the
+  pages-as-rows tiles, warps, pipeline depth and programs per SM (``score_fp8_*``); every
+  result is checked against the default tuning's;
+* selection: the two passes (``spread=False``) over the single-pass limit and chunk, and
+  the spread selection over its part size (``spread_min_chunk``, which sets the programs a
+  row);
+* the keep step of the cross-rank top-k, per ranking block (``rank_block``);
+* sparse attention over a rank's share, per split count, tokens a block and stages;
 * the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
   laid out now (the split MLP's down-projection is a column slice) and contiguous.
 
@@ -27,25 +29,33 @@ sequence's pages in a row. Writes JSON under benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     bench_graph,
     environment,
     measure_copy_bandwidth,
     print_table,
     write_result,
 )
-from longquest.kernels import decode, global_topk, scores, topk, topk_spread  # noqa: E402
-from longquest.kernels.float8 import FLOAT8_DTYPE  # noqa: E402
-from longquest.kernels.quest_step import make_quest_workspace  # noqa: E402
+from longquest.kernels import (  # noqa: E402
+    DEFAULT_TUNING,
+    FLOAT8_DTYPE,
+    keep_global_top_k,
+    make_select_workspace,
+    pack_candidates,
+    page_scores,
+    paged_decode_attention,
+    select_pages,
+)
+from longquest.kernels.topk_spread import spread_programs  # noqa: E402
 
 NUM_KV_HEADS, GROUP, HEAD_DIM, PAGE_SIZE = 8, 4, 128, 16
 SHAPES = {"8x192K-w2": (8, 6144), "1x1M-w2": (1, 32768)}  # (sequences, local pages each)
@@ -73,206 +83,163 @@ def make_inputs(num_seqs: int, pages: int, device: torch.device, table: str = "r
     }
 
 
-def score_forms(grid: str = "wide") -> list[dict]:
-    """``wide``: tiles, warps and programs an SM; ``fine``: around the default (smaller
-    tiles, more programs, deeper pipeline)."""
-    forms = [{"as_rows": False}]
+def _tuned(**changes) -> object:
+    return dataclasses.replace(DEFAULT_TUNING, **changes)
+
+
+def _scores(inputs: dict, tuning=DEFAULT_TUNING, **bounds) -> torch.Tensor:
+    args = {**inputs, **bounds}
+    return page_scores(**args, check_pages=False, impl="triton", tuning=tuning)
+
+
+def score_tunings(bounds: str, grid: str = "wide") -> list[dict]:
+    """The score kernel's tuning alternatives for ``bounds``: programs an SM (bf16); for fp8
+    (pages as the product's rows) tiles, warps, stages and programs an SM, ``wide`` or
+    ``fine`` (around the default)."""
+    if bounds != "float8_e4m3fn":
+        return [dict(score_programs_per_sm=n) for n in (2, 3, 4, 6, 8)]
     if grid == "fine":
-        for block_p, warps, stages, per_sm in itertools.product(
-            (32, 64), (2, 4), (3, 4), (3, 4, 6)
-        ):
-            forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=stages,
-                              per_sm=per_sm))  # fmt: skip
-        return forms
-    for block_p, warps, per_sm in itertools.product((64, 128), (2, 4, 8), (2, 3)):
-        forms.append(dict(as_rows=True, block_p=block_p, warps=warps, stages=3, per_sm=per_sm))
-    return forms
-
-
-_DEFAULT_FORM = {
-    "as_rows": scores._AS_ROWS,
-    "block_p": scores._AS_ROWS_BLOCK_P,
-    "warps": scores._AS_ROWS_NUM_WARPS,
-    "stages": scores._AS_ROWS_NUM_STAGES,
-    "per_sm": scores._AS_ROWS_PROGRAMS_PER_SM,
-}
-
-
-def set_form(form: dict) -> None:
-    scores._AS_ROWS = form["as_rows"]  # True / False: every launch in / never in that form
-    if form["as_rows"] is not False:
-        scores._AS_ROWS_BLOCK_P = form["block_p"]
-        scores._AS_ROWS_NUM_WARPS = form["warps"]
-        scores._AS_ROWS_NUM_STAGES = form["stages"]
-        scores._AS_ROWS_PROGRAMS_PER_SM = form["per_sm"]
+        values = itertools.product((32, 64), (2, 4), (3, 4), (3, 4, 6))
+    else:
+        values = itertools.product((64, 128), (2, 4, 8), (3,), (2, 3))
+    names = ("score_fp8_block_pages", "score_fp8_num_warps", "score_fp8_num_stages",
+             "score_fp8_programs_per_sm")  # fmt: skip
+    return [dict(zip(names, v, strict=True)) for v in values]
 
 
 def run_scores(inputs: dict, bounds: str, copy_gbps: float, grid: str = "wide") -> list[dict]:
     kmin, kmax = inputs["key_min"], inputs["key_max"]
     if bounds == "float8_e4m3fn":
         kmin, kmax = kmin.to(FLOAT8_DTYPE), kmax.to(FLOAT8_DTYPE)  # exact order kept
-    args = (inputs["query"], kmin, kmax, inputs["page_table"], inputs["num_pages"])
-    set_form({"as_rows": False})
-    want = scores._page_scores_triton(*args)
+    want = _scores(inputs, key_min=kmin, key_max=kmax)
     nbytes = 2 * kmin.numel() * kmin.element_size()
     rows = []
-    for form in score_forms(grid):
-        set_form(form)
+    for changes in [{}, *score_tunings(bounds, grid)]:
+        tuning = _tuned(**changes)
+        row = {"bounds": bounds, "tuning": changes or "default"}
         try:
-            got = scores._page_scores_triton(*args)
+            got = _scores(inputs, tuning, key_min=kmin, key_max=kmax)
             torch.cuda.synchronize()
             err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
-            ms = bench_graph(lambda: scores._page_scores_triton(*args))
-        except Exception as exc:  # a form that does not compile: recorded, not fatal
-            rows.append({**form, "bounds": bounds, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            ms = bench_graph(lambda t=tuning: _scores(inputs, t, key_min=kmin, key_max=kmax))
+        except Exception as exc:  # a tuning that does not compile: recorded, not fatal
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        rows.append(
-            {
-                **form,
-                "bounds": bounds,
-                "us": round(ms * 1e3, 2),
-                "max_rel_err": err,
-                "pct_copy_bw": round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1),
-            }
-        )
-    set_form(_DEFAULT_FORM)
+        pct = round(100 * nbytes / (ms * 1e-3) / (copy_gbps * 1e9), 1)
+        rows.append({**row, "us": round(ms * 1e3, 2), "max_rel_err": err, "pct_copy_bw": pct})
     return rows
 
 
 def run_select(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
-    """The local top-k: one pass or two, the first pass's chunk and warps, against one
-    launch spread over several programs a row (programs, digit width, warps); also over the
-    first 8192 pages of each row, to place the spread's threshold."""
-    score = scores._page_scores_triton(*inputs.values())
+    """The local top-k: the two passes over their single-pass limit and chunk, against the
+    spread selection over its part size; also over the first 8192 pages of each row."""
+    score = _scores(inputs)
     num_seqs, _, pages = score.shape
     rows = []
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    digit_bits = topk_spread.DIGIT_BITS
-    workspace = topk_spread.make_select_workspace(max_rows=num_seqs * NUM_KV_HEADS,
-                                                  device=device)  # fmt: skip
+    workspace = make_select_workspace(max_rows=num_seqs * NUM_KV_HEADS, device=device)
     for width in sorted({min(8192, pages), pages}):
         part = score[..., :width]
         n = torch.full_like(inputs["num_pages"], width)
-        want = topk._select_pages_triton(part, n, top_k, True, spread=0)
-        forms = [dict(spread=0, single_pass_max=4096), dict(spread=0, single_pass_max=8192)]
-        forms += [dict(spread=0, single_pass_max=4096, chunk=1024, warps=8)]
-        most = min(sms // (num_seqs * NUM_KV_HEADS), topk_spread.MAX_PROGRAMS)
-        for programs in sorted({p for p in (2, 4, 8, 16, 32, most) if 2 <= p <= most}):
-            if triton.cdiv(width, programs) > topk_spread.MAX_BLOCK:
-                continue
-            for bits, warps in ((8, 0), (8, 4), (4, 0), (4, 4)):
-                forms.append(dict(spread=programs, bits=bits, warps=warps))
+        want = select_pages(scores=part, num_pages=n, top_k=top_k, spread=False)
+        forms = [dict(spread=False), dict(spread=False, select_single_pass_max=8192),
+                 dict(spread=False, select_min_chunk=2048)]  # fmt: skip
+        forms += [dict(spread=True, spread_min_chunk=c, spread_min_programs=2)
+                  for c in (256, 512, 1024, 2048)]  # fmt: skip
         for form in forms:
-            topk._NUM_WARPS = form.get("warps", 0) if not form["spread"] else 0
-            topk_spread.NUM_WARPS = form.get("warps", 0) if form["spread"] else 0
-            topk_spread.DIGIT_BITS = form.get("bits", digit_bits)
-            sizes = {k: form[k] for k in ("single_pass_max", "chunk") if k in form}
+            spread = form.pop("spread")
+            tuning = _tuned(**form)
+            programs = spread_programs(rows=num_seqs * NUM_KV_HEADS, max_pages=width,
+                                       sm_count=sms, min_chunk=tuning.spread_min_chunk)  # fmt: skip
 
-            def select(form=form, sizes=sizes, part=part, n=n):
-                return topk._select_pages_triton(part, n, top_k, True, spread=form["spread"],
-                                                 workspace=workspace, **sizes)  # fmt: skip
+            def select(spread=spread, tuning=tuning, part=part, n=n):
+                return select_pages(scores=part, num_pages=n, top_k=top_k, workspace=workspace,
+                                    spread=spread, tuning=tuning)  # fmt: skip
 
-            row = {"pages": width, "top_k": top_k, "spread": form["spread"],
-                   "bits": form.get("bits", "-"),
-                   "single_pass_max": form.get("single_pass_max", "-"),
-                   "chunk": form.get("chunk", "auto"),
-                   "warps": form.get("warps", 0) or "auto"}  # fmt: skip
+            row = {"pages": width, "top_k": top_k, "spread": spread,
+                   "programs": programs if spread else "-",
+                   "tuning": form or "default"}  # fmt: skip
             try:
                 same = bool(torch.equal(select()[1], want[1]))
                 torch.cuda.synchronize()
                 row.update(us=round(bench_graph(select) * 1e3, 2), same_as_two_pass=same,
                            workspace_clean=not bool(workspace.any()))  # fmt: skip
-            except Exception as error:  # a form that fails is recorded, not raised
+            except Exception as error:  # a tuning that fails is recorded, not raised
                 row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)  # progress: a sweep can outlast its timeout
-    topk._NUM_WARPS = topk_spread.NUM_WARPS = 0
-    topk_spread.DIGIT_BITS = digit_bits
     return rows
 
 
 def run_keep(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     """The cross-rank top-k's keep step at two ranks, per ranking block."""
-    score = scores._page_scores_triton(*inputs.values())
-    top, local = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
+    top, local = select_pages(scores=_scores(inputs), num_pages=inputs["num_pages"], top_k=top_k)
     num_seqs, pages = inputs["page_table"].shape
     offset = torch.arange(num_seqs, device=device, dtype=torch.int32)[:, None] * 2 * pages
     global_pages = offset + torch.arange(pages, device=device, dtype=torch.int32)[None, :]
-    mine = global_topk.pack_candidates(top_scores=top, local_indices=local,
-                                       global_pages=global_pages)  # fmt: skip
-    other = global_topk.pack_candidates(top_scores=top.flip(-1), local_indices=local,
-                                        global_pages=global_pages + pages)  # fmt: skip
+    mine = pack_candidates(top_scores=top, local_indices=local, global_pages=global_pages)
+    other = pack_candidates(top_scores=top.flip(-1), local_indices=local,
+                            global_pages=global_pages + pages)  # fmt: skip
     gathered = torch.stack((mine, other))
-    want = global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
-                                         impl="torch")  # fmt: skip
-    saved = global_topk._RANK_BLOCK
+    want = keep_global_top_k(gathered=gathered, local_indices=local, rank=0, impl="torch")
     rows = []
     for block in (16, 32, 64):
-        global_topk._RANK_BLOCK = block
+        tuning = _tuned(rank_block=block)
 
-        def keep():
-            return global_topk.keep_global_top_k(gathered=gathered, local_indices=local, rank=0)
+        def keep(tuning=tuning):
+            return keep_global_top_k(gathered=gathered, local_indices=local, rank=0,
+                                     tuning=tuning)  # fmt: skip
 
         same = bool(torch.equal(keep(), want))
         rows.append({"rank_block": block, "top_k": top_k,
                      "us": round(bench_graph(keep) * 1e3, 2), "same_as_torch": same})  # fmt: skip
-    global_topk._RANK_BLOCK = saved
     return rows
 
 
 def run_attention(inputs: dict, top_k: int, device: torch.device) -> list[dict]:
     """A rank's sparse attention at two ranks: its ~top_k / 2 pages of the global top-k at
     the front of a top_k list (-1 after), as the engine lists them, the last split
-    reducing; page ids from the page table or given (physical); one GPU's whole list
-    (full); and dense attention."""
+    reducing (split counters, as the engine passes them); one GPU's whole list (full); and
+    dense attention."""
     num_seqs, pages = inputs["page_table"].shape
     total = num_seqs * pages
     k_cache = torch.randn(total, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, device=device).bfloat16()
     v_cache = torch.randn_like(k_cache)
-    score = scores._page_scores_triton(*inputs.values())
-    _, mine = topk._select_pages_triton(score, inputs["num_pages"], top_k // 2, True)
+    score = _scores(inputs)
+    _, mine = select_pages(scores=score, num_pages=inputs["num_pages"], top_k=top_k // 2)
     padded = torch.cat((mine, torch.full_like(mine, -1)), dim=-1)
-    rows_index = torch.arange(num_seqs, device=device)[:, None, None]
-    physical = inputs["page_table"][rows_index, padded.long().clamp(min=0)]
-    physical = torch.where(padded >= 0, physical, -1).int()
-    seq_lens = inputs["num_pages"] * PAGE_SIZE
-    workspace = make_quest_workspace(max_num_seqs=num_seqs, num_kv_heads=NUM_KV_HEADS,
-                                     device=device)  # fmt: skip
-    common = (inputs["query"], k_cache, v_cache, inputs["page_table"], seq_lens)
-    want, _ = decode._decode_triton(*common, mine, HEAD_DIM**-0.5, None)
-    rows = []
+    counters = torch.zeros(num_seqs * NUM_KV_HEADS, dtype=torch.int32, device=device)
+    common = dict(query=inputs["query"], k_cache=k_cache, v_cache=v_cache,
+                  page_table=inputs["page_table"], seq_lens=inputs["num_pages"] * PAGE_SIZE,
+                  check_pages=False, impl="triton", split_counters=counters)  # fmt: skip
+    want, _ = paged_decode_attention(selected=mine, **common)
     # The whole list used: one GPU's selection (top_k pages).
-    _, full = topk._select_pages_triton(score, inputs["num_pages"], top_k, True)
-    forms = [(ids, splits, 64, 2) for ids in ("logical", "physical") for splits in (None, 8, 16)]
-    forms += [("logical", None, tokens, stages) for tokens in (32, 64, 128) for stages in (2, 3)
+    _, full = select_pages(scores=score, num_pages=inputs["num_pages"], top_k=top_k)
+    forms = [("share", splits, 64, 2) for splits in (None, 8, 16)]
+    forms += [("share", None, tokens, stages) for tokens in (32, 64, 128) for stages in (2, 3)
               if (tokens, stages) != (64, 2)]  # fmt: skip
     forms += [("full", None, 64, 2), ("full", 16, 64, 2), ("full", 32, 64, 2)]
     forms += [("dense", None, 64, 2)]
-    saved = decode._TOKENS_PER_BLOCK, decode._NUM_STAGES
+    rows = []
     for ids, splits, tokens, stages in forms:
-        decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = tokens, stages
         selected = {"dense": None, "full": full}.get(ids, padded)
-        kwargs = {"counters": workspace.counters}
-        if ids == "physical":
-            kwargs["physical"] = physical
+        tuning = _tuned(decode_tokens_per_block=tokens, decode_num_stages=stages)
 
-        def attend(selected=selected, kwargs=kwargs, splits=splits):
-            return decode._decode_triton(*common, selected, HEAD_DIM**-0.5, splits, **kwargs)
+        def attend(selected=selected, splits=splits, tuning=tuning):
+            return paged_decode_attention(selected=selected, num_splits=splits, tuning=tuning,
+                                          **common)  # fmt: skip
 
+        row = {"ids": ids, "splits": splits or "auto", "tokens_per_block": tokens,
+               "stages": stages}  # fmt: skip
         err = 0.0
         try:
-            if ids in ("logical", "physical"):
+            if ids == "share":
                 err = float((attend()[0].float() - want.float()).abs().max())
             us = round(bench_graph(attend) * 1e3, 2)
-        except Exception as exc:  # a form that does not compile: recorded, not fatal
-            error = f"{type(exc).__name__}: {exc}"[:200]
-            rows.append({"ids": ids, "splits": splits or "auto", "tokens_per_block": tokens,
-                         "stages": stages, "error": error})  # fmt: skip
+        except Exception as exc:  # a tuning that does not compile: recorded, not fatal
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        rows.append({"ids": ids, "splits": splits or "auto", "tokens_per_block": tokens,
-                     "stages": stages, "list_len": padded.shape[-1],
-                     "us": us, "max_abs_diff": err})  # fmt: skip
-    decode._TOKENS_PER_BLOCK, decode._NUM_STAGES = saved
+        rows.append({**row, "list_len": padded.shape[-1], "us": us, "max_abs_diff": err})
     del k_cache, v_cache
     return rows
 
@@ -338,21 +305,20 @@ def main() -> int:
             for bounds in args.bounds.split(","):
                 entry["scores"] += run_scores(inputs, bounds, copy_gbps, args.score_forms)
             best = sorted((r for r in entry["scores"] if "us" in r), key=lambda r: r["us"])[:8]
-            current = [r for r in entry["scores"] if not r["as_rows"]]
-            print_table(current + best, ["bounds", "as_rows", "block_p", "warps",
-                                         "stages", "per_sm", "us", "pct_copy_bw",
+            default = [r for r in entry["scores"] if r["tuning"] == "default"]
+            print_table(default + best, ["bounds", "tuning", "us", "pct_copy_bw",
                                          "max_rel_err"])  # fmt: skip
             errors = [r for r in entry["scores"] if "error" in r]
             if errors:
-                print(f"{len(errors)} forms failed; first: {errors[0]['error']}")
+                print(f"{len(errors)} tunings failed; first: {errors[0]['error']}")
         if "select" in parts:
             entry["select"] = run_select(inputs, 128, device) + run_select(inputs, 256, device)
-            print_table(entry["select"], ["pages", "top_k", "spread", "bits", "single_pass_max",
-                                          "chunk", "warps", "us", "same_as_two_pass",
+            print_table(entry["select"], ["pages", "top_k", "spread", "programs", "tuning",
+                                          "us", "same_as_two_pass",
                                           "workspace_clean"])  # fmt: skip
             errors = [r for r in entry["select"] if "error" in r]
             if errors:
-                print(f"{len(errors)} selection forms failed; first: {errors[0]['error']}")
+                print(f"{len(errors)} selection tunings failed; first: {errors[0]['error']}")
         if "attention" in parts:
             entry["attention"] = run_attention(inputs, 128, device)
             columns = ["ids", "splits", "tokens_per_block", "stages", "list_len", "us",

@@ -23,14 +23,18 @@ import torch
 from longquest.engine.cache import KVCache
 from longquest.engine.config import QuestConfig
 from longquest.kernels import (
+    DEFAULT_TUNING,
+    FLOAT8_DTYPE,
+    FLOAT8_MAX,
     AppendPlan,
+    KernelTuning,
     append_kv,
+    check_keys_fit_float8,
     page_scores,
     paged_decode_attention,
     prefill_attention,
     select_pages,
 )
-from longquest.kernels.float8 import FLOAT8_DTYPE, FLOAT8_MAX, check_keys_fit_float8
 
 
 class AttentionComm(Protocol):
@@ -135,12 +139,14 @@ class PagedAttention:
         metadata: PrefillMetadata | DecodeMetadata,
         comm: AttentionComm | None = None,
         impl: str | None = None,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> None:
         self.cache = cache
         self.quest = quest
         self.metadata = metadata
         self.comm = comm or LocalComm()
         self.impl = impl
+        self.tuning = tuning
         self._key_peaks: list[torch.Tensor] = []  # fp8 bounds: per-layer max |k| of a chunk
 
     def __call__(
@@ -216,6 +222,7 @@ class PagedAttention:
                 num_pages=meta.num_pages,
                 check_pages=False,  # the engine built the tables; checking costs a sync
                 impl=self.impl,
+                tuning=self.tuning,
             )
             top_scores, local = select_pages(
                 scores=scores,
@@ -225,6 +232,7 @@ class PagedAttention:
                 workspace=meta.select_workspace,
                 spread=self.quest.spread_selection,
                 impl=self.impl,
+                tuning=self.tuning,
             )
             selected = self.comm.select_global(
                 top_scores=top_scores,
@@ -248,5 +256,6 @@ class PagedAttention:
             split_counters=meta.split_counters,
             out=out,
             lse=lse,
+            tuning=self.tuning,
         )
         return self.comm.merge(out=out, lse=lse, dtype=query.dtype)

@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 
 from longquest.engine.attention import DecodeMetadata
-from longquest.kernels import plan_decode_append
-from longquest.kernels.topk_spread import make_select_workspace
+from longquest.kernels import make_select_workspace, plan_decode_append
 
 # Columns of the per-step row info.
 TOKEN, POSITION, APPEND_PAGE, APPEND_OFFSET, SEQ_LEN, NUM_PAGES, PIN_LAST = range(7)

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from longquest.engine.config import ModelConfig
 from longquest.engine.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
-from longquest.kernels._checks import INDEX_DTYPES, check_tensor
-from longquest.kernels.norm_rope import add_rms_norm, rotate_query_key, silu_mul
-from longquest.kernels.norm_rope import rms_norm as fused_rms_norm
+from longquest.kernels import INDEX_DTYPES, add_rms_norm, check_tensor, rotate_query_key, silu_mul
+from longquest.kernels import rms_norm as fused_rms_norm
 
 
 class LayerAttention(Protocol):

@@ -18,7 +18,7 @@ from longquest.engine.config import ModelConfig, SamplingParams
 from longquest.engine.engine import LLMEngine
 from longquest.engine.model import Model
 from longquest.engine.sequence import Sequence
-from longquest.kernels.float8 import store_bounds
+from longquest.kernels import store_bounds
 
 # Tokens generated per random draw while filling (bounds the temporary memory).
 _FILL_BLOCK_PAGES = 4096

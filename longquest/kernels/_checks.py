@@ -76,3 +76,26 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl not in ("triton", "torch"):
         raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
     return impl
+
+
+def check_page_table(page_table, num_pages, num_pages_total: int) -> None:
+    """Range-check num_pages and the used page ids with a single device-to-host copy."""
+    max_pages = page_table.shape[1]
+    valid = torch.arange(max_pages, device=page_table.device)[None, :] < num_pages[:, None]
+    used = page_table.long()
+    facts = torch.stack(
+        [
+            num_pages.min().long(),
+            num_pages.max().long(),
+            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).max)).min(),
+            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).min)).max(),
+        ]
+    ).cpu()
+    low, high = int(facts[0]), int(facts[1])
+    if low < 0 or high > max_pages:
+        raise ValueError(
+            f"num_pages must lie in [0, {max_pages}] (page_table's width), got values in "
+            f"[{low}, {high}]"
+        )
+    if high > 0:  # some entry is used
+        check_page_ids("page_table", facts[2:], num_pages_total)

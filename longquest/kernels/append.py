@@ -245,34 +245,9 @@ def _append_kv_torch(key, value, k_cache, v_cache, key_min, key_max, plan: Appen
     store_bounds(key_min, key_max, touched, low, high)
 
 
-def append_kv(
-    *,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    key_min: torch.Tensor,
-    key_max: torch.Tensor,
-    slot_mapping: torch.Tensor | None = None,
-    plan: AppendPlan | None = None,
-    impl: str | None = None,
-) -> None:
-    """Write new tokens' K/V into their slots and refresh the touched pages' bounds, in place.
-
-    key, value: ``[num_tokens, num_kv_heads, head_dim]``, the cache's dtype (any strides
-    with a contiguous last dimension).
-    k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``.
-    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's dtype or
-    both ``float8_e4m3fn`` (then stored rounded outward, min down and max up; key elements
-    beyond +-448 are clamped, which no longer bounds them: check the keys beforehand with
-    :func:`longquest.kernels.float8.check_keys_fit_float8`, this launcher does not sync).
-    slot_mapping: ``[num_tokens]`` int — ``page_id * page_size + offset`` per token.
-    plan: the step's :func:`plan_append` result. Give ``plan`` (the hot path: no sync),
-    ``slot_mapping`` (a plan is built here, with one sync), or both (``plan`` must have
-    been built from that ``slot_mapping``; only their lengths are compared).
-    A touched page's bounds become the min / max over its slots ``0 ..`` (last offset
-    written), exactly as :func:`longquest.kernels.ref.append_kv_ref`.
-    """
+def _checked_plan(key, value, k_cache, v_cache, key_min, key_max, slot_mapping, plan) -> AppendPlan:
+    """Validate :func:`append_kv`'s arguments; its plan (built from ``slot_mapping`` if
+    None)."""
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     device, dtype = k_cache.device, k_cache.dtype
     num_pages_total, num_kv_heads, page_size, head_dim = k_cache.shape
@@ -319,6 +294,41 @@ def append_kv(
             f"slot_mapping points outside the page pool: page {plan.max_page_id} but the pool "
             f"has {num_pages_total} pages"
         )
+    return plan
+
+
+def append_kv(
+    *,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+    plan: AppendPlan | None = None,
+    impl: str | None = None,
+) -> None:
+    """Write new tokens' K/V into their slots and refresh the touched pages' bounds, in place.
+
+    key, value: ``[num_tokens, num_kv_heads, head_dim]``, the cache's dtype (any strides
+    with a contiguous last dimension).
+    k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``.
+    key_min, key_max: ``[num_pages_total, num_kv_heads, head_dim]``, the cache's dtype or
+    both ``float8_e4m3fn`` (then stored rounded outward, min down and max up; key elements
+    beyond +-448 are clamped, which no longer bounds them: check the keys beforehand with
+    :func:`longquest.kernels.float8.check_keys_fit_float8`, this launcher does not sync).
+    slot_mapping: ``[num_tokens]`` int — ``page_id * page_size + offset`` per token.
+    plan: the step's :func:`plan_append` result. Give ``plan`` (the hot path: no sync),
+    ``slot_mapping`` (a plan is built here, with one sync), or both (``plan`` must have
+    been built from that ``slot_mapping``; only their lengths are compared).
+    A touched page's bounds become the min / max over its slots ``0 ..`` (last offset
+    written), exactly as :func:`longquest.kernels.ref.append_kv_ref`.
+    """
+    plan = _checked_plan(key, value, k_cache, v_cache, key_min, key_max, slot_mapping, plan)
+    device = k_cache.device
+    _, num_kv_heads, page_size, head_dim = k_cache.shape
+    num_tokens = key.shape[0]
     if num_tokens == 0:
         return
 

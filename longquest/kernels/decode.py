@@ -5,7 +5,7 @@ The Triton path is split-K ("flash-decoding"): the (selected) pages of every
 with a 256-page budget fills the GPU; each program writes a partial (out, lse), and the
 partials are reduced either by the merge kernel (:mod:`longquest.kernels.merge`) or, when
 the caller provides zeroed arrival counters (``split_counters``: the engine keeps them per
-decode batch, :mod:`longquest.kernels.quest_step` in its workspace), by the last program
+decode batch), by the last program
 of each (sequence, KV head) to finish: it takes a ticket from an atomic counter after
 publishing its partial, and the one that draws ``num_splits - 1`` reads the others back
 from L2, writes the result and resets the counter (so CUDA-graph replays find it
@@ -36,64 +36,40 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
-from longquest.kernels.decode_torch import _check_pages, _decode_torch
-from longquest.kernels.merge import (
-    _fence_gpu,
-    _merge_triton_into,
-    _reduce_partials,
-    _wait_for_inputs,
-    launch_options,
-    pdl_enabled,
-)
-from longquest.kernels.scores import _sm_count
+from longquest.kernels._device import fence_gpu, sm_count
+from longquest.kernels.decode_torch import check_decode_pages, decode_torch
+from longquest.kernels.merge import merge_states_into, reduce_partials
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 _LOG2E = 1.4426950408889634
-# Tokens a program loads per loop iteration (several pages gathered at once).
-_TOKENS_PER_BLOCK = 64
-# Grid target in programs per SM (four fit). Four: at a two-rank share of a 2048-token
-# budget at batch 8, 8 splits took 21.9 us against 23.7 for 5 (score-variants-one7b-*);
-# at batch 1 the split cap below binds first.
-_PROGRAMS_PER_SM = 4
-_NUM_WARPS = 4
-_NUM_STAGES = 2
-# When the last split reduces: at most this many splits, merged in chunks of _MERGE_CHUNK
-# (one L2 round trip each; [group, chunk, head_dim] fp32 is 64 registers a thread at group
-# 4, head_dim 128). Over every page (dense), 32: 16 left 128 programs at batch 1 and read
-# 1M tokens' pages on a rank of two at 870 us against 552 (two runs). Over a selection,
-# 16: on a rank of two, whose share fills about half the list, 12.0 us against 13.2 at
-# batch 1 (score-variants-one7b-*); one GPU's whole list, 15.2 against 14.9 (-one7d-*).
-_FUSED_MAX_SPLITS = 32
-_FUSED_MAX_SPLITS_SELECTED = 16
-_MERGE_CHUNK = 16
-
 # What the kernel reads for the page list (SELECTION) and how splits are reduced (REDUCE).
-_DENSE, _LOGICAL, _PHYSICAL = 0, 1, 2
+_DENSE, _SELECTED = 0, 1
 _SINGLE, _PARTIALS, _LAST_REDUCES = 0, 1, 2
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, selected_ptr, pages_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, selected_ptr,
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, counter_ptr,
     num_kv_heads, num_splits, list_len, max_pages, qk_scale,
     stride_qs, stride_qh,
     stride_kp, stride_kh, stride_kt,
     stride_vp, stride_vh, stride_vt,
-    stride_table, stride_sel_s, stride_sel_h, stride_pages_s, stride_pages_h,
+    stride_table, stride_sel_s, stride_sel_h,
     stride_os, stride_oh, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
     SELECTION: tl.constexpr, REDUCE: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     MERGE_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    USE_PDL: tl.constexpr, FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FENCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # One body: its loop and the reductions share registers, and splitting it costs them.
     LN2: tl.constexpr = 0.6931471805599453
     split = tl.program_id(0)
     kv = tl.program_id(1)
     seq = tl.program_id(2)
     num_qo_heads = num_kv_heads * GROUP
     BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
-    _wait_for_inputs(USE_PDL)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # Clamped so that a too-long seq_len can never index past the page table's row.
@@ -136,7 +112,6 @@ def _decode_kernel(
     slot = t % PAGE_SIZE
     k_base = k_ptr + kv * stride_kh + slot[:, None] * stride_kt + d[None, :]
     v_base = v_ptr + kv * stride_vh + slot[:, None] * stride_vt + d[None, :]
-    pages_row = pages_ptr + seq * stride_pages_s + kv * stride_pages_h
     table_row = table_ptr + seq * stride_table
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -148,12 +123,8 @@ def _decode_kernel(
             logical = j
         else:
             logical = tl.load(sel_row + j, mask=in_range, other=-1)
-        if SELECTION == 2:
-            # Physical ids come with the selection: loaded beside it, not after it.
-            page = tl.load(pages_row + j, mask=in_range, other=0)
         valid = in_range & (logical >= 0) & (logical < num_pages)
-        if SELECTION != 2:
-            page = tl.load(table_row + logical, mask=valid, other=0)
+        page = tl.load(table_row + logical, mask=valid, other=0)
         page = page.to(tl.int64)  # pool offsets overflow int32 at million-token pools
         valid = valid & (logical * PAGE_SIZE + slot < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
@@ -188,14 +159,14 @@ def _decode_kernel(
         tl.store(o_ptrs, out, mask=write[:, None] & d_mask[None, :])
         tl.store(part_lse_ptr + part, lse, mask=write)
         if REDUCE == 2:
-            _fence_gpu(split, FENCE)
+            fence_gpu(split, FENCE)
             tl.debug_barrier()
             counter = counter_ptr + seq * num_kv_heads + kv
             ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
-                _fence_gpu(split, FENCE)
+                fence_gpu(split, FENCE)
                 tl.store(counter, 0)
-                _reduce_partials(
+                reduce_partials(
                     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads,
                     num_splits, active, stride_os, stride_oh, stride_ls, stride_lh, GROUP, HEAD_DIM,
                     BLOCK_D, MERGE_G, BLOCK_SPLITS, MERGE_CHUNK,
@@ -203,28 +174,28 @@ def _decode_kernel(
 
 
 def _choose_num_splits(
-    device: torch.device, num_seqs: int, num_kv_heads: int, pages: int, pages_per_block: int
-) -> int:
+    device: torch.device, num_seqs: int, num_kv_heads: int, pages: int, pages_per_block: int,
+    programs_per_sm: int,
+) -> int:  # fmt: skip
     """Enough splits to give the GPU a few waves of programs, but at least one block each.
 
     Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
     """
     # Rounded down: one more split than fits pushes programs into a second wave (dense at
     # 8 x 192K on a rank: 9 splits, 576 programs, 1027 us against 771 for 5).
-    target = _PROGRAMS_PER_SM * _sm_count(device)
+    target = programs_per_sm * sm_count(device)
     wanted = target // max(num_seqs * num_kv_heads, 1)
     return max(1, min(wanted, triton.cdiv(pages, pages_per_block)))
 
 
 def _decode_triton(
     query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits,
-    *, physical=None, counters=None, out=None, lse=None,
+    *, tuning: KernelTuning, counters=None, out=None, lse=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the split kernel, then the merge kernel unless ``counters`` (int32 zeros,
     ``[>= num_seqs * num_kv_heads]``, left zeroed) let the last split of each row reduce.
 
-    ``physical``: ``[num_seqs, num_kv_heads, top_k]`` page ids of ``selected`` (-1 beside a
-    -1 index), saving the page-table lookup. ``out`` / ``lse``: buffers to write into
+    ``out`` / ``lse``: buffers to write into
     (out with a unit inner stride), else new ones in the query's dtype / fp32.
     """
     num_seqs, num_qo_heads, head_dim = query.shape
@@ -237,12 +208,15 @@ def _decode_triton(
         lse = torch.empty(num_seqs, num_qo_heads, dtype=torch.float32, device=device)
     if num_seqs == 0:
         return out, lse
-    pages_per_block = max(1, _TOKENS_PER_BLOCK // page_size)
+    pages_per_block = max(1, tuning.decode_tokens_per_block // page_size)
     pages = selected.shape[2] if selected is not None else page_table.shape[1]
     if num_splits is None:
-        num_splits = _choose_num_splits(device, num_seqs, num_kv_heads, pages, pages_per_block)
+        num_splits = _choose_num_splits(device, num_seqs, num_kv_heads, pages, pages_per_block,
+                                        tuning.decode_programs_per_sm)  # fmt: skip
         if counters is not None:
-            cap = _FUSED_MAX_SPLITS if selected is None else _FUSED_MAX_SPLITS_SELECTED
+            cap = tuning.decode_max_splits_dense
+            if selected is not None:
+                cap = tuning.decode_max_splits_selected
             num_splits = min(num_splits, cap)
     reduce = _SINGLE if num_splits == 1 else (_PARTIALS if counters is None else _LAST_REDUCES)
     if reduce == _SINGLE:
@@ -255,86 +229,39 @@ def _decode_triton(
             num_seqs, num_qo_heads, num_splits, dtype=torch.float32, device=device
         )
     sel = selected if selected is not None else page_table  # any valid pointer when unused
-    phys = physical if physical is not None else sel
-    selection = _DENSE if selected is None else (_LOGICAL if physical is None else _PHYSICAL)
+    selection = _DENSE if selected is None else _SELECTED
     block_d = max(triton.next_power_of_2(head_dim), 16)
     scan_block = min(max(triton.next_power_of_2(pages), 16), 1024)  # the selection's scan
-    use_pdl = pdl_enabled(device)
     _decode_kernel[(num_splits, num_kv_heads, num_seqs)](
-        query, k_cache, v_cache, page_table, seq_lens, sel, phys,
+        query, k_cache, v_cache, page_table, seq_lens, sel,
         part_out, part_lse, out, lse, counters if counters is not None else seq_lens,
         num_kv_heads, num_splits, pages if selected is not None else 0, page_table.shape[1],
         scale * _LOG2E,
         query.stride(0), query.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
-        page_table.stride(0), sel.stride(0), sel.stride(1), phys.stride(0), phys.stride(1),
+        page_table.stride(0), sel.stride(0), sel.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(triton.next_power_of_2(group), 16),
         BLOCK_D=block_d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=pages_per_block,
         SELECTION=selection, REDUCE=reduce, SCAN_BLOCK=scan_block,
         MERGE_G=triton.next_power_of_2(group),
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        MERGE_CHUNK=min(triton.next_power_of_2(num_splits), _MERGE_CHUNK),
-        USE_PDL=use_pdl, FENCE=device.type == "cuda",
+        MERGE_CHUNK=min(triton.next_power_of_2(num_splits), tuning.decode_merge_chunk),
+        FENCE=device.type == "cuda",
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=_NUM_WARPS if block_d <= 128 else 2 * _NUM_WARPS, num_stages=_NUM_STAGES,
-        **launch_options(device),
+        num_warps=tuning.decode_num_warps * (1 if block_d <= 128 else 2),
+        num_stages=tuning.decode_num_stages,
     )  # fmt: skip
     if reduce == _PARTIALS:
         # The merge kernel takes [num_splits, num_seqs, num_qo_heads, head_dim] views.
-        _merge_triton_into(part_out.permute(2, 0, 1, 3), part_lse.permute(2, 0, 1), out, lse)
+        merge_states_into(part_out.permute(2, 0, 1, 3), part_lse.permute(2, 0, 1), out, lse)
     return out, lse
 
 
-def paged_decode_attention(
-    *,
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    selected: torch.Tensor | None = None,
-    scale: float | None = None,
-    impl: str | None = None,
-    num_splits: int | None = None,
-    check_pages: bool = True,
-    split_counters: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of one query token per sequence over its (selected) KV pages.
-
-    query: ``[num_seqs, num_qo_heads, head_dim]`` fp16/bf16/fp32.
-    k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``, one float
-    dtype (the Triton path rounds the query to it for the tensor-core product).
-    page_table: ``[num_seqs, max_pages]`` int32/int64 — physical page ids in position
-    order, any ids of the pool; entries past the sequence's last page are not read.
-    seq_lens: ``[num_seqs]`` int32/int64 — tokens per sequence; slots past it on the
-    last page are masked; 0 gives an empty sequence.
-    selected: ``[num_seqs, num_kv_heads, top_k]`` int32/int64 logical page indices
-    (positions in ``page_table``), ``-1`` (or any index past the last page) for none;
-    ``None`` attends to every page. Query head ``h`` reads the pages of KV head
-    ``h // (num_qo_heads // num_kv_heads)``.
-    scale: logit scale, default ``head_dim ** -0.5``.
-    impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
-    num_splits: Triton split-K factor; ``None`` picks one from the shapes to fill the GPU
-    (the PyTorch path ignores it).
-    check_pages: verify that ``seq_lens`` fit the page table and every page read lies in
-    the pool — costs a host sync; pass ``False`` on the hot path (CUDA graphs).
-    split_counters: ``[>= num_seqs * num_kv_heads]`` int32 zeros, reused across launches
-    in one stream (the kernel leaves them zeroed; see :mod:`longquest.kernels.quest_step`):
-    with them the last split of each (sequence, KV head) reduces the splits, instead of a
-    merge kernel after. Triton only (the PyTorch path ignores them).
-    out, lse: ``[num_seqs, num_qo_heads, head_dim]`` (any float dtype, contiguous last
-    dimension) and ``[num_seqs, num_qo_heads]`` fp32 (any strides) buffers to write the
-    result into (views of a larger buffer are fine); returned as the result.
-
-    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the query's dtype
-    (``out``'s, when given) and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head
-    with no tokens gives ``out = 0, lse = -inf``. See
-    :func:`longquest.kernels.ref.paged_decode_attention_ref`.
-    """
+def _check_decode_inputs(query, k_cache, v_cache, page_table, seq_lens, selected, num_splits,
+                         split_counters, out, lse) -> None:  # fmt: skip
+    """Validate :func:`paged_decode_attention`'s arguments (no host sync)."""
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
@@ -380,12 +307,69 @@ def paged_decode_attention(
                 + (" and a contiguous last dimension" if name == "out" else "")
                 + f", got shape {tuple(buffer.shape)}, strides {buffer.stride()}"
             )
+
+
+def paged_decode_attention(
+    *,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    selected: torch.Tensor | None = None,
+    scale: float | None = None,
+    impl: str | None = None,
+    num_splits: int | None = None,
+    check_pages: bool = True,
+    split_counters: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one query token per sequence over its (selected) KV pages.
+
+    query: ``[num_seqs, num_qo_heads, head_dim]`` fp16/bf16/fp32.
+    k_cache, v_cache: ``[num_pages_total, num_kv_heads, page_size, head_dim]``, one float
+    dtype (the Triton path rounds the query to it for the tensor-core product).
+    page_table: ``[num_seqs, max_pages]`` int32/int64 — physical page ids in position
+    order, any ids of the pool; entries past the sequence's last page are not read.
+    seq_lens: ``[num_seqs]`` int32/int64 — tokens per sequence; slots past it on the
+    last page are masked; 0 gives an empty sequence.
+    selected: ``[num_seqs, num_kv_heads, top_k]`` int32/int64 logical page indices
+    (positions in ``page_table``), ``-1`` (or any index past the last page) for none;
+    ``None`` attends to every page. Query head ``h`` reads the pages of KV head
+    ``h // (num_qo_heads // num_kv_heads)``.
+    scale: logit scale, default ``head_dim ** -0.5``.
+    impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
+    num_splits: Triton split-K factor; ``None`` picks one from the shapes to fill the GPU
+    (the PyTorch path ignores it).
+    check_pages: verify that ``seq_lens`` fit the page table and every page read lies in
+    the pool — costs a host sync; pass ``False`` on the hot path (CUDA graphs).
+    split_counters: ``[>= num_seqs * num_kv_heads]`` int32 zeros, reused across launches
+    in one stream (the kernel leaves them zeroed): with them the last split of each
+    (sequence, KV head) reduces the splits, instead of a merge kernel after. Triton only
+    (the PyTorch path ignores them).
+    out, lse: ``[num_seqs, num_qo_heads, head_dim]`` (any float dtype, contiguous last
+    dimension) and ``[num_seqs, num_qo_heads]`` fp32 (any strides) buffers to write the
+    result into (views of a larger buffer are fine); returned as the result.
+    tuning: the kernel's blocks, grid and split caps (``decode_*`` fields).
+
+    Returns ``(out, lse)``: ``[num_seqs, num_qo_heads, head_dim]`` in the query's dtype
+    (``out``'s, when given) and ``[num_seqs, num_qo_heads]`` fp32, natural log; a head
+    with no tokens gives ``out = 0, lse = -inf``. See
+    :func:`longquest.kernels.ref.paged_decode_attention_ref`.
+    """
+    _check_decode_inputs(query, k_cache, v_cache, page_table, seq_lens, selected, num_splits,
+                         split_counters, out, lse)  # fmt: skip
+    device = query.device
+    head_dim = query.shape[2]
+    num_pages_total, _, page_size, _ = k_cache.shape
     impl = resolve_impl(impl, device)
     if check_pages:
-        _check_pages(page_table, seq_lens, selected, num_pages_total, page_size)
+        check_decode_pages(page_table, seq_lens, selected, num_pages_total, page_size)
     scale = head_dim**-0.5 if scale is None else float(scale)
     if impl == "torch":
-        result = _decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale,
+        result = decode_torch(query, k_cache, v_cache, page_table, seq_lens, selected, scale,
                                out_dtype=None if out is None else out.dtype)  # fmt: skip
         if out is not None:
             result = (out.copy_(result[0]), result[1])
@@ -403,5 +387,5 @@ def paged_decode_attention(
         selected = selected.contiguous()
     return _decode_triton(
         query, k_cache, v_cache, page_table, seq_lens, selected, scale, num_splits,
-        counters=split_counters, out=out, lse=lse,
+        tuning=tuning, counters=split_counters, out=out, lse=lse,
     )  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from longquest.kernels._checks import check_page_ids
 
 
-def _decode_torch(
+def decode_torch(
     query, k_cache, v_cache, page_table, seq_lens, selected, scale, block_elements=1 << 24,
     out_dtype=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -70,7 +70,9 @@ def _decode_torch(
     return out, lse.view(num_seqs, num_qo_heads)
 
 
-def _check_pages(page_table, seq_lens, selected, num_pages_total: int, page_size: int) -> None:
+def check_decode_pages(
+    page_table, seq_lens, selected, num_pages_total: int, page_size: int
+) -> None:
     """Host-syncing checks that every page the kernel will read lies in the pool."""
     lens = seq_lens.long()
     capacity = page_table.shape[1] * page_size

@@ -18,14 +18,10 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import check_dim, check_tensor, resolve_impl
+from longquest.kernels.radix import int32_order_key
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 _INT32_MAX = 2**31 - 1
-# Candidates a ranking program takes: each (row, block) program counts, for _RANK_BLOCK of
-# this rank's candidates, the row's candidates that beat them; a second kernel compacts.
-# Measured on an H200 (score-variants-one7-*, two ranks): 16 beat one program a row at
-# every shape, most at few rows (8 rows, top_k 256: 11.3 us against 21.0; 64 rows, top_k
-# 128: 9.8 against 10.1), and beat blocks of 32 and 64.
-_RANK_BLOCK = 16
 
 
 @triton.jit
@@ -47,12 +43,6 @@ def _pack_kernel(
 
 
 @triton.jit
-def _order_key(bits):
-    # Signed-int order equal to the float order of the bits (negative floats flipped).
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     """How many of the row's candidates (all ranks) beat each of ``BLOCK_M`` candidates."""
@@ -63,7 +53,7 @@ def _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
         src_rank = cand // top_k
         slot = (src_rank * num_rows + row) * top_k + cand % top_k
         ok = cand < total
-        key = _order_key(tl.load(gathered_ptr + slot * 2, mask=ok, other=0))
+        key = int32_order_key(tl.load(gathered_ptr + slot * 2, mask=ok, other=0))
         page = tl.load(gathered_ptr + slot * 2 + 1, mask=ok, other=-1)
         better = (key[None, :] > my_key[:, None]) | (
             (key[None, :] == my_key[:, None]) & (page[None, :] < my_page[:, None])
@@ -91,7 +81,7 @@ def _kept(gathered_ptr, mine, row, top_k, num_rows, rank, world_size,
     """Which of this rank's candidates ``mine`` of ``row`` are in the global top ``top_k``."""
     mine_ok = mine < top_k
     base = (rank * num_rows + row) * top_k
-    my_key = _order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
+    my_key = int32_order_key(tl.load(gathered_ptr + (base + mine) * 2, mask=mine_ok, other=0))
     my_page = tl.load(gathered_ptr + (base + mine) * 2 + 1, mask=mine_ok, other=-1)
     beaten_by = _beaten_by(gathered_ptr, my_key, my_page, row, top_k, num_rows, world_size,
                            BLOCK_M, BLOCK_C)  # fmt: skip
@@ -187,6 +177,7 @@ def keep_global_top_k(
     local_indices: torch.Tensor,
     rank: int,
     impl: str | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """This rank's pages among the global top ``top_k`` of every (sequence, KV head).
 
@@ -194,6 +185,7 @@ def keep_global_top_k(
         :func:`pack_candidates`, in rank order.
     local_indices: ``[num_seqs, num_kv_heads, top_k]`` int32 — this rank's local top-k
         (ascending, ``-1`` padding), as packed.
+    tuning: ``rank_block``, the candidates a ranking program takes.
     Returns ``[num_seqs, num_kv_heads, top_k]`` int32 local indices of this rank's
     winners, ascending, ``-1`` padding.
     """
@@ -214,11 +206,11 @@ def keep_global_top_k(
         return out
     gathered, indices = gathered.contiguous(), local_indices.contiguous()
     # Ranking costs top_k x world_size x top_k comparisons a row: spread over programs of
-    # _RANK_BLOCK candidates (one program a row left most SMs idle at batch 1), then each
+    # tuning.rank_block candidates (one program a row left most SMs idle at batch 1), then each
     # row compacted in one program.
     kept = torch.empty(rows, top_k, dtype=torch.int8, device=device)
-    _rank_kernel[(rows, triton.cdiv(top_k, _RANK_BLOCK))](
-        gathered, kept, top_k, rows, rank, world_size, BLOCK_M=_RANK_BLOCK, BLOCK_C=64,
+    _rank_kernel[(rows, triton.cdiv(top_k, tuning.rank_block))](
+        gathered, kept, top_k, rows, rank, world_size, BLOCK_M=tuning.rank_block, BLOCK_C=64,
     )  # fmt: skip
     _compact_kernel[(rows,)](kept, indices, out, top_k, BLOCK_K=triton.next_power_of_2(top_k),
                              num_warps=8)  # fmt: skip

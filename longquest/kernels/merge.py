@@ -6,7 +6,6 @@ this; the split-K decode kernel reduces its splits with the same kernel.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -14,77 +13,6 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import FLOAT_DTYPES, check_dim, check_tensor, resolve_impl
-
-try:  # programmatic dependent launch (Hopper): the next kernel starts while this one drains
-    from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-except ImportError:  # an older Triton: kernels launch in plain stream order
-    _HAS_PDL = False
-# Off: on an H100 it was no consistent gain (Quest step at batch 1: -1.2 us at 32K tokens but
-# +3 us at 128K; see benchmarks/NOTES-kernels.md). The kernels keep the waits: a switch.
-_USE_PDL = False
-
-
-# Grid-ordering helpers shared by this package's kernels. ---------------------------------
-
-
-@functools.cache
-def _hopper_or_newer(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Launch with programmatic dependent launch: CUDA, compute capability 9.0 or newer."""
-    return _HAS_PDL and _USE_PDL and device.type == "cuda" and _hopper_or_newer(device)
-
-
-def launch_options(device: torch.device) -> dict:
-    """Extra launch keywords for a kernel that calls :func:`_wait_for_inputs` first."""
-    return {"launch_pdl": True} if pdl_enabled(device) else {}
-
-
-@triton.jit
-def _wait_for_inputs(USE_PDL: tl.constexpr):
-    """With PDL a kernel may start before the one it reads from has finished: wait here
-    (before the first load of anything an earlier kernel wrote), and let the next kernel
-    start launching now (it waits likewise, so nothing is read early)."""
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
-def _fence_gpu(x, FENCE: tl.constexpr):
-    """Order this thread's earlier global stores before its later memory operations,
-    GPU-wide. Every thread runs it before a program publishes its stores with an atomic
-    ticket (the ticket itself is taken by one thread). A no-op under the interpreter,
-    whose programs run one after another."""
-    if FENCE:
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
-def _now_ns(x, ON_GPU: tl.constexpr):
-    """The GPU's global timer in ns (0 under the interpreter); ``x`` only gives it a shape."""
-    if ON_GPU:
-        return tl.inline_asm_elementwise(
-            "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1
-        )
-    return x.to(tl.int64) * 0
-
-
-@triton.jit
-def _trap(x, ON_GPU: tl.constexpr):
-    """Abort the kernel (a CUDA error instead of a hang); nothing under the interpreter."""
-    if ON_GPU:
-        tl.inline_asm_elementwise(
-            "trap;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1
-        )
 
 
 @triton.jit
@@ -94,11 +22,10 @@ def _merge_kernel(
     stride_on, stride_os, stride_oh,
     stride_ln, stride_ls, stride_lh,
     stride_out_s, stride_out_h, stride_out_lse_s, stride_out_lse_h,
-    BLOCK_SRC: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SRC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (sequence, query head) row; the sources are walked in chunks so
     # that any number of them (GPUs, decode splits) fits in registers.
-    _wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     seq = row // num_heads
     head = row % num_heads
@@ -145,7 +72,7 @@ def _merge_kernel(
 
 
 @triton.jit
-def _reduce_partials(
+def reduce_partials(
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq, kv, num_qo_heads, num_splits, active,
     stride_os, stride_oh, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -201,7 +128,7 @@ def _reduce_partials(
     tl.store(lse_ptr + seq * stride_ls + heads * stride_lh, lse, mask=g_ok)
 
 
-def _merge_triton_into(
+def merge_states_into(
     outputs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> None:
     """Launch the merge kernel writing into ``out`` ``[num_seqs, num_qo_heads, head_dim]``
@@ -223,7 +150,7 @@ def _merge_triton_into(
         *lses.stride(),
         out.stride(0), out.stride(1), *lse.stride(),
         BLOCK_SRC=block_src, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
-        USE_PDL=pdl_enabled(out.device), num_warps=2, **launch_options(out.device),
+        num_warps=2,
     )  # fmt: skip
 
 
@@ -280,5 +207,5 @@ def merge_attention_states(
     _, num_seqs, num_heads, head_dim = outputs.shape
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=out_dtype, device=outputs.device)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=outputs.device)
-    _merge_triton_into(outputs, lses, out, lse)
+    merge_states_into(outputs, lses, out, lse)
     return out, lse

@@ -60,12 +60,10 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import check_tensor
-from longquest.kernels.merge import _now_ns, _trap
+from longquest.kernels._device import now_ns, trap
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 MAX_PROGRAMS = 32  # the most programs one call may use
-_MIN_CHUNK_BYTES = 2048  # a program moves at least this much payload
-_BLOCK_WORDS = 512  # 4-byte payload words a program moves per loop step
-_MERGE_ROWS = 8  # rows a merge program holds at once ([8, head_dim] fp32 a source)
 _TIMEOUT_NS = 60_000_000_000  # a wait longer than 60 s traps
 
 
@@ -110,10 +108,10 @@ def _poll(slot, offsets, inside, tag, call, ON_GPU: tl.constexpr, TIMEOUT_NS: tl
     """The words at ``slot + offsets`` once every one inside carries ``tag``."""
     words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
     late = tl.sum(tl.ravel(((words & ~0xFFFFFFFF) != tag) & inside), axis=0)
-    started = _now_ns(call, ON_GPU)
+    started = now_ns(call, ON_GPU)
     while late > 0:
-        if _now_ns(call, ON_GPU) - started > TIMEOUT_NS:
-            _trap(call, ON_GPU)
+        if now_ns(call, ON_GPU) - started > TIMEOUT_NS:
+            trap(call, ON_GPU)
         words = tl.load(slot + offsets, mask=inside, other=0, volatile=True)
         late = tl.sum(tl.ravel(((words & ~0xFFFFFFFF) != tag) & inside), axis=0)
     return words
@@ -250,7 +248,7 @@ def _exchange_kernel(
         tl.store(counters_ptr + rest, tl.full([MAX_PROGS], 0, tl.int32) + call, mask=unused)
 
 
-def _check_exchange(
+def check_exchange(
     *,
     device: torch.device,
     bases: torch.Tensor,
@@ -281,25 +279,26 @@ def _check_exchange(
         raise ValueError(f"payload of {nbytes} bytes: it must be whole 4-byte words (pad it)")
 
 
-def _word_chunks(nbytes: int, programs: int | None) -> tuple[int, int]:
+def word_chunks(nbytes: int, programs: int | None, tuning: KernelTuning) -> tuple[int, int]:
     """How many programs move a payload of ``nbytes`` (> 0), and the 4-byte words each
-    moves (whole loop blocks)."""
+    moves (whole loop blocks of ``tuning.peer_block_words``)."""
     if programs is None:
-        programs = triton.cdiv(nbytes, _MIN_CHUNK_BYTES)
+        programs = triton.cdiv(nbytes, tuning.peer_min_chunk_bytes)
     programs = max(1, min(MAX_PROGRAMS, programs))
-    return programs, triton.cdiv(triton.cdiv(nbytes // 4, programs), _BLOCK_WORDS) * _BLOCK_WORDS
+    block = tuning.peer_block_words
+    return programs, triton.cdiv(triton.cdiv(nbytes // 4, programs), block) * block
 
 
-def _launch(src, out, lse, *, bases, counters, rank, slot_bytes, programs, chunk, phases,
-            mode, dtype=tl.float32, head_dim=1, block_rows=1, words=None, index=None,
-            table=None, row_len=1) -> None:  # fmt: skip
+def launch_exchange(src, out, lse, *, bases, counters, rank, slot_bytes, programs, chunk, phases,
+            mode, tuning, dtype=tl.float32, head_dim=1, block_rows=1, words=None,
+            index=None, table=None, row_len=1) -> None:  # fmt: skip
     words = src.numel() * src.element_size() // 4 if words is None else words
     _exchange_kernel[(programs,)](
         src.view(-1).view(torch.int32), out, lse, bases, counters,
         words, chunk, slot_bytes // 4, rank,
         counters if index is None else index, counters if table is None else table,
         0 if table is None else table.stride(0), row_len,
-        WORLD=bases.numel(), MAX_PROGS=MAX_PROGRAMS, BLOCK=_BLOCK_WORDS, MODE=mode,
+        WORLD=bases.numel(), MAX_PROGS=MAX_PROGRAMS, BLOCK=tuning.peer_block_words, MODE=mode,
         DTYPE=dtype, HEAD_DIM=head_dim, BLOCK_ROWS=block_rows,
         PUSH=phases != "finish", FINISH=phases != "push", ON_GPU=src.device.type == "cuda",
         TIMEOUT_NS=_TIMEOUT_NS, num_warps=4,
@@ -317,6 +316,7 @@ def peer_exchange(
     reduce: bool,
     programs: int | None = None,
     phases: str = "both",
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """All-gather (``reduce=False``) or sum (``reduce=True``) ``src`` over the ranks.
 
@@ -333,11 +333,12 @@ def peer_exchange(
         must pass the same.
     phases: ``"both"``; ``"push"`` or ``"finish"`` run one half (tests, see the module
         docstring).
+    tuning: the programs' sizes (``peer_*`` fields); every rank must pass the same.
     Every rank must make the same calls, in the same order, with the same sizes.
     Returns ``out``.
     """
     nbytes = src.numel() * src.element_size()
-    _check_exchange(device=src.device, bases=bases, counters=counters, rank=rank,
+    check_exchange(device=src.device, bases=bases, counters=counters, rank=rank,
                     phases=phases, slot_bytes=slot_bytes, nbytes=nbytes)  # fmt: skip
     if not src.is_contiguous() or not out.is_contiguous():
         raise ValueError("src and out must be contiguous")
@@ -354,8 +355,9 @@ def peer_exchange(
         raise ValueError("a gather's out must not overlap src")
     if nbytes == 0:  # nothing to move: every rank skips the call alike, no counter moves
         return out
-    programs, chunk = _word_chunks(nbytes, programs)
-    _launch(src, out.view(-1).view(torch.int32), counters, bases=bases, counters=counters,
-            rank=rank, slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases,
-            mode=1 if reduce else 0, dtype=_SUMMED.get(src.dtype, tl.float32))  # fmt: skip
+    programs, chunk = word_chunks(nbytes, programs, tuning)
+    launch_exchange(src, out.view(-1).view(torch.int32), counters, bases=bases,
+                    counters=counters, rank=rank, slot_bytes=slot_bytes, programs=programs,
+                    chunk=chunk, phases=phases, mode=1 if reduce else 0, tuning=tuning,
+                    dtype=_SUMMED.get(src.dtype, tl.float32))  # fmt: skip
     return out

@@ -17,14 +17,8 @@ import torch
 import triton
 
 from longquest.kernels._checks import check_tensor
-from longquest.kernels.peer import (
-    _MERGE_ROWS,
-    _MIN_CHUNK_BYTES,
-    MAX_PROGRAMS,
-    _check_exchange,
-    _launch,
-    _word_chunks,
-)
+from longquest.kernels.peer import MAX_PROGRAMS, check_exchange, launch_exchange, word_chunks
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 
 def peer_merge(
@@ -38,6 +32,7 @@ def peer_merge(
     slot_bytes: int,
     programs: int | None = None,
     phases: str = "both",
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's partial attention state, exchanged and merged in the same kernel.
 
@@ -46,8 +41,9 @@ def peer_merge(
         log, ``-inf``: no tokens here); ``head_dim`` a power of two.
     out: ``[num_seqs, num_qo_heads, head_dim]`` contiguous, any float dtype (rounded once).
     lse: ``[num_seqs, num_qo_heads]`` fp32 contiguous: the merged lse.
-    The other arguments as for :func:`peer_exchange` (the two share the counters and the
-    buffer). The result is that of ``merge_attention_states`` over the ranks' states.
+    The other arguments (``tuning``: ``peer_*`` fields) as for :func:`peer_exchange` (the
+    two share the counters and the buffer). The result is that of
+    ``merge_attention_states`` over the ranks' states.
     Returns ``(out, lse)``.
     """
     check_tensor("partial", partial, ndim=3, dtypes=(torch.float32,))
@@ -64,7 +60,7 @@ def peer_merge(
         )
     if not (partial.is_contiguous() and out.is_contiguous() and lse.is_contiguous()):
         raise ValueError("partial, out and lse must be contiguous")
-    _check_exchange(device=partial.device, bases=bases, counters=counters, rank=rank,
+    check_exchange(device=partial.device, bases=bases, counters=counters, rank=rank,
                     phases=phases, slot_bytes=slot_bytes, nbytes=partial.numel() * 4)  # fmt: skip
     if not out.dtype.is_floating_point:
         raise ValueError(f"out must be a float dtype, got {out.dtype}")
@@ -72,13 +68,14 @@ def peer_merge(
     if rows == 0:  # nothing to move: every rank skips the call alike
         return out, lse
     if programs is None:
-        programs = triton.cdiv(partial.numel() * 4, _MIN_CHUNK_BYTES)
+        programs = triton.cdiv(partial.numel() * 4, tuning.peer_min_chunk_bytes)
     programs = max(1, min(MAX_PROGRAMS, programs, rows))
     per_program = triton.cdiv(rows, programs)
-    _launch(partial, out, lse, bases=bases, counters=counters, rank=rank,
-            slot_bytes=slot_bytes, programs=programs, chunk=per_program * width, phases=phases,
-            mode=2, head_dim=head_dim,
-            block_rows=min(_MERGE_ROWS, triton.next_power_of_2(per_program)))  # fmt: skip
+    launch_exchange(partial, out, lse, bases=bases, counters=counters, rank=rank,
+                    slot_bytes=slot_bytes, programs=programs, chunk=per_program * width,
+                    phases=phases, mode=2, tuning=tuning, head_dim=head_dim,
+                    block_rows=min(tuning.peer_merge_rows,
+                                   triton.next_power_of_2(per_program)))  # fmt: skip
     return out, lse
 
 
@@ -93,13 +90,14 @@ def peer_gather_candidates(
     slot_bytes: int,
     programs: int | None = None,
     phases: str = "both",
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """Every rank's local top-k candidates, packed on the way and gathered in one kernel.
 
     top_scores: ``[num_seqs, num_kv_heads, top_k]`` fp32; local_indices: the same shape,
         int32 (``-1`` padding); global_pages: ``[num_seqs, max_local_pages]`` int32 — as for
         ``longquest.kernels.global_topk.pack_candidates``, whose packing this applies.
-    The other arguments as for :func:`peer_exchange`.
+    The other arguments (``tuning``: ``peer_*`` fields) as for :func:`peer_exchange`.
     Returns ``[world_size, num_seqs, num_kv_heads, top_k, 2]`` int32: every rank's
     ``pack_candidates`` result, by rank.
     """
@@ -114,7 +112,7 @@ def peer_gather_candidates(
             f"and {tuple(global_pages.shape)}"
         )
     nbytes = top_scores.numel() * 8
-    _check_exchange(device=device, bases=bases, counters=counters, rank=rank, phases=phases,
+    check_exchange(device=device, bases=bases, counters=counters, rank=rank, phases=phases,
                     slot_bytes=slot_bytes, nbytes=nbytes)  # fmt: skip
     scores, indices = top_scores.contiguous(), local_indices.contiguous()
     table = global_pages if global_pages.stride(1) == 1 else global_pages.contiguous()
@@ -123,9 +121,9 @@ def peer_gather_candidates(
     out = torch.empty(bases.numel(), *scores.shape, 2, dtype=torch.int32, device=device)
     if nbytes == 0:  # nothing to move: every rank skips the call alike
         return out
-    programs, chunk = _word_chunks(nbytes, programs)
-    _launch(scores, out, counters, bases=bases, counters=counters, rank=rank,
-            slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases, mode=3,
-            words=nbytes // 4, index=indices, table=table,
-            row_len=scores.shape[1] * scores.shape[2])  # fmt: skip
+    programs, chunk = word_chunks(nbytes, programs, tuning)
+    launch_exchange(scores, out, counters, bases=bases, counters=counters, rank=rank,
+                    slot_bytes=slot_bytes, programs=programs, chunk=chunk, phases=phases,
+                    mode=3, tuning=tuning, words=nbytes // 4, index=indices, table=table,
+                    row_len=scores.shape[1] * scores.shape[2])  # fmt: skip
     return out

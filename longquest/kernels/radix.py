@@ -1,16 +1,13 @@
-"""Radix-select pieces shared by the selection kernels (:mod:`longquest.kernels.topk`,
-:mod:`longquest.kernels.topk_spread`): order-preserving keys and per-digit histograms.
+"""Radix-select steps shared by the selection kernels (:mod:`longquest.kernels.topk`,
+:mod:`longquest.kernels.topk_spread`): order-preserving keys, per-digit histograms, the
+threshold and the compaction.
 
-A score's key is a uint32 whose order is the score's (see :func:`_order_key`); key 0 marks
+A score's key is a uint32 whose order is the score's (see :func:`order_key`); key 0 marks
 a slot outside the row, below every valid key. A radix select walks the key's digits most
-significant first; at each level the histogram of the current digit puts keys below the
-prefix chosen so far in bin 0 (never chosen) and keys above it in the top bin, so the
-histogram's suffix sums are exactly ``count(key >= candidate prefix)``.
-
-``_next_digit``, ``_threshold`` and ``_positions`` are the spread selection's steps. The
-two-pass kernel (:func:`longquest.kernels.topk._select_row`) keeps the same steps written
-inline: through these helpers its sm_90 code came out different (about 30 instructions),
-and the kernel as measured was kept.
+significant first, ``DIGIT_BITS`` at a time; at each level the histogram of the current
+digit puts keys below the prefix chosen so far in bin 0 (never chosen) and keys above it
+in the top bin, so the histogram's suffix sums are exactly ``count(key >= candidate
+prefix)``.
 """
 
 from __future__ import annotations
@@ -18,9 +15,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# 4-bit digits, 16-bin histograms, up to 8 levels. The spread selection's workspace is laid
+# out for them (:data:`longquest.kernels.topk_spread.WORKSPACE_STRIDE`); 8-bit digits were
+# slower in both selections (benchmarks/NOTES-kernels.md).
+DIGIT_BITS = 4
+NUM_BINS = 1 << DIGIT_BITS
+
 
 @triton.jit
-def _order_key(score):
+def order_key(score):
     """Order-preserving uint32 key of fp32 scores (>= 1; NaN is 1, below -inf)."""
     score = tl.where(score == 0.0, 0.0, score)
     bits = score.to(tl.uint32, bitcast=True)
@@ -29,7 +32,14 @@ def _order_key(score):
 
 
 @triton.jit
-def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: tl.constexpr):
+def int32_order_key(bits):
+    """Signed int32 whose order is the float order of fp32 ``bits`` (negatives flipped):
+    the global top-k compares packed candidates by it."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: tl.constexpr):
     """Scores, page indices and keys of list positions ``offsets`` (key 0: not in the row)."""
     inside = offsets < end
     if FROM_CANDIDATES:
@@ -41,18 +51,17 @@ def _load_block(score_ptr, index_ptr, offsets, end, pin_index, FROM_CANDIDATES: 
         valid = inside
         score = tl.load(score_ptr + offsets, mask=valid, other=float("-inf"))
         score = tl.where(offsets == pin_index, float("inf"), score)
-    key = tl.where(valid, _order_key(score), tl.zeros(offsets.shape, tl.uint32))
+    key = tl.where(valid, order_key(score), tl.zeros(offsets.shape, tl.uint32))
     return score, index, key
 
 
 @triton.jit
-def _digit_counts(
+def digit_counts(
     key,
     prefix,
     LEVEL: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
     NUM_BINS: tl.constexpr,
-    USE_HISTOGRAM: tl.constexpr,
 ):
     """Histogram of this level's digit; keys below the prefix go to bin 0, above to the top."""
     shift = 32 - (LEVEL + 1) * DIGIT_BITS
@@ -60,17 +69,11 @@ def _digit_counts(
     if LEVEL > 0:
         high, wanted = key >> (shift + DIGIT_BITS), prefix >> (shift + DIGIT_BITS)
         digit = tl.where(high == wanted, digit, tl.where(high > wanted, NUM_BINS - 1, 0))
-    digit = digit.to(tl.int32)
-    if USE_HISTOGRAM:
-        counts = tl.histogram(digit, NUM_BINS)
-    else:  # an else, not an early return: Triton would build the one-hot for any length
-        one_hot = digit[:, None] == tl.arange(0, NUM_BINS)[None, :]
-        counts = tl.sum(one_hot.to(tl.int32), axis=0)
-    return counts
+    return tl.histogram(digit.to(tl.int32), NUM_BINS)
 
 
 @triton.jit
-def _next_digit(hist, k, count_lo, count_hi, prefix, LEVEL: tl.constexpr,
+def next_digit(hist, k, count_lo, count_hi, prefix, LEVEL: tl.constexpr,
                 DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr):  # fmt: skip
     """One level's step from the histogram of its digit: ``(count_lo, count_hi, prefix)``.
 
@@ -90,7 +93,7 @@ def _next_digit(hist, k, count_lo, count_hi, prefix, LEVEL: tl.constexpr,
 
 
 @triton.jit
-def _threshold(count_lo, count_hi, prefix, k):
+def threshold(count_lo, count_hi, prefix, k):
     """``(floor, tie, ties)``: the top ``k`` are the keys >= ``floor`` plus the first
     ``ties`` keys equal to ``tie`` in index order."""
     exact = count_lo == k
@@ -101,7 +104,7 @@ def _threshold(count_lo, count_hi, prefix, k):
 
 
 @triton.jit
-def _positions(is_above, is_tie, above_before, ties_before, ties):
+def positions(is_above, is_tie, above_before, ties_before, ties):
     """``(chosen, position)`` of a block's keys, in index order, given how many keys above
     the threshold and how many tying it come before the block."""
     packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)

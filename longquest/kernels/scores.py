@@ -8,7 +8,7 @@ contiguous, so the loads are 16-byte vectors). In the group-as-rows form (bf16 b
 loop is software pipelined by hand: while block ``b`` is scored, the bounds of ``b + 1`` and
 the page ids of ``b + 2`` are in flight; the pages-as-rows form (fp8 bounds, below) loads
 the page ids a block ahead and leaves the bounds' pipeline to Triton. The grid is one wave
-of programs (``_PROGRAMS_PER_SM`` a SM, or ``_AS_ROWS_PROGRAMS_PER_SM``).
+of programs (``KernelTuning.score_programs_per_sm`` an SM, or ``score_fp8_programs_per_sm``).
 
 The bound itself runs on the tensor cores where that is exact (see ``_score_blocks``): the
 elementwise fp32 form cost ~31 instructions a page and head per warp and made the kernel
@@ -23,15 +23,12 @@ the form above that path was issue-bound (1.83 ms against 1.72 ms in bf16 for th
 sparse layers at 8 sequences x 192K tokens on two H200s). fp8 bounds are therefore scored
 with the pages as the product's rows (``_score_blocks_as_rows``): the bounds tile goes to
 shared memory through Triton's own pipeline and is the left operand, the group's query the
-right one. One rank's scores at that shape took 42 us a layer instead of 60 (bf16: 62),
-and the decode step's 30 layers 1.20 ms instead of 1.72 in bf16
-(``benchmarks/results/score-variants-*`` and ``decode-w2-b8-rows-*``, 2026-11-30); with the
-page ids loaded a block ahead and smaller programs, about 38 us (2026-12-01).
+right one. One rank's scores at that shape take about 38 us a layer against 60 in the
+other form (bf16 bounds: 62 there, 63 as rows, so bf16 keeps the group-as-rows form).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -44,42 +41,17 @@ from longquest.kernels._checks import (
     INDEX_DTYPES,
     check_dim,
     check_group,
-    check_page_ids,
+    check_page_table,
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels._device import sm_count
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
-from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
-# Elements of one [BLOCK_P, head_dim] bounds tile: 16 pages at head_dim 128 elementwise,
-# 32 through the tensor cores (fewer registers a page). Two tiles of min and max are in
-# flight per program (the pipeline): 64 KB per 4-warp program at bf16 on the tensor cores.
-_TILE_ELEMENTS = 2048
-_TILE_ELEMENTS_DOT = 4096
-_NUM_WARPS = 4
-# Programs per SM the grid aims at: four fit (about 100 registers a thread, 24 KB of
-# shared memory); 2 and 8 measured slower at 1M tokens.
-_PROGRAMS_PER_SM = 4
-_USE_DOT = True  # tensor-core bounds (see _score_blocks); False: elementwise fp32
-_DOT_MAX_GROUP = 16  # the tensor-core forms' BLOCK_G: query heads a KV head they take
-# Pages as the product's rows (_score_blocks_as_rows) for fp8 bounds; None: for fp8 bounds
-# only, True/False: for every tensor-core launch / never (benchmarks/score_variants.py).
-# Measured on an H200 (score-variants-nvidia-h200-2026-11-30.json), one rank of 8 x 192K
-# tokens on two GPUs: fp8 bounds 42.2 us in this form against 59.7 us in the group-as-rows
-# form (bf16 bounds: 62.2 us there, 63.4 us as rows, so bf16 stays); 1 x 1M: 32.1 vs 42.7.
-_AS_ROWS: bool | None = None
-# The pages-as-rows loop loads page ids a block ahead of the bounds: Triton's pipeline
-# alone did not overlap the dependent loads (42 KB of shared memory a program, one stage).
-# One rank's fp8 scores at 8 x 192K on two GPUs, in one run: 41.8 us in the old form
-# (128-page tiles, 8 warps, 2 programs an SM) against 39.4 with ids ahead at 64-page
-# tiles, 4 warps, 3 programs an SM (1 x 1M: 32.0, 30.3; score-variants-one7c-*, page
-# tables random or contiguous alike); in another, 2 warps 38.1 against 39.8 (1 x 1M: 28.5,
-# 30.3; -fine7-*). Loading the bounds a block ahead by hand as well took 168 registers and
-# ran at 36% of DRAM.
-_AS_ROWS_BLOCK_P = 64  # pages a tile; 32 with 6 programs an SM: as fast at 8 x 192K
-_AS_ROWS_NUM_WARPS = 2
-_AS_ROWS_NUM_STAGES = 3  # 4: 0.5 us slower
-_AS_ROWS_PROGRAMS_PER_SM = 3  # 4: the same; 2: slower
+# The tensor-core forms' BLOCK_G (tl.dot's smallest M): a larger GQA group is scored
+# elementwise.
+DOT_MAX_GROUP = 16
 
 
 @triton.jit
@@ -241,17 +213,14 @@ def _page_scores_kernel(
     num_kv_heads, max_pages, blocks_per_program,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    COUNT_PAGE_SIZE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, AS_ROWS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 2,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, AS_ROWS: tl.constexpr = False,
+    NUM_STAGES: tl.constexpr = 2,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
     chunk = tl.program_id(0) // num_kv_heads
     seq = tl.program_id(1)
-    _wait_for_inputs(USE_PDL)
     count = tl.load(num_pages_ptr + seq).to(tl.int32)
-    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens (quest_step)
-        count = tl.cdiv(count, COUNT_PAGE_SIZE)
     n = tl.minimum(tl.maximum(count, 0), max_pages)
     first = chunk * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
@@ -273,13 +242,6 @@ def _page_scores_kernel(
         )  # fmt: skip
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the CPU interpreter runs programs one by one; fewer is faster
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
     through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (both taken to fp16
@@ -288,24 +250,19 @@ def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
     upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
     same = query.dtype == key_min.dtype
     # The product pads the group to 16 query heads; a larger group is scored elementwise.
-    small_group = query.shape[1] <= _DOT_MAX_GROUP * key_min.shape[1]
-    use_dot = _USE_DOT and query.device.type == "cuda" and (same or upcast) and small_group
+    small_group = query.shape[1] <= DOT_MAX_GROUP * key_min.shape[1]
+    use_dot = query.device.type == "cuda" and (same or upcast) and small_group
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
-def _as_rows(use_dot: bool, bounds_dtype: torch.dtype) -> bool:
-    """Whether a launch scores with the pages as the product's rows (see ``_AS_ROWS``)."""
-    if not use_dot:
-        return False
-    return bounds_dtype == FLOAT8_DTYPE if _AS_ROWS is None else _AS_ROWS
-
-
-def _form_options(as_rows: bool) -> dict:
+def _form_options(as_rows: bool, tuning: KernelTuning) -> dict:
+    """Launch keywords of the pages-as-rows form (fp8 bounds) or the group-as-rows one."""
     if as_rows:
-        return {"AS_ROWS": True, "NUM_STAGES": _AS_ROWS_NUM_STAGES,
-                "num_warps": _AS_ROWS_NUM_WARPS, "num_stages": _AS_ROWS_NUM_STAGES}  # fmt: skip
-    return {"num_warps": _NUM_WARPS}
+        return {"AS_ROWS": True, "NUM_STAGES": tuning.score_fp8_num_stages,
+                "num_warps": tuning.score_fp8_num_warps,
+                "num_stages": tuning.score_fp8_num_stages}  # fmt: skip
+    return {"num_warps": tuning.score_num_warps}
 
 
 def score_grid(
@@ -316,22 +273,23 @@ def score_grid(
     head_dim: int,
     use_dot: bool,
     as_rows: bool = False,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> tuple[int, int, int]:
     """``(BLOCK_P, blocks_per_program, programs_per_row)`` for a score launch.
 
     Depends on shapes only (no host sync), so the launch can be captured in a CUDA graph.
     """
     block_d = triton.next_power_of_2(head_dim)
-    tile = _TILE_ELEMENTS_DOT if use_dot else _TILE_ELEMENTS
+    tile = tuning.score_dot_tile_elements if use_dot else tuning.score_tile_elements
     block_p = max(16, tile // block_d) if device.type == "cuda" else 16
-    per_sm = _PROGRAMS_PER_SM
+    per_sm = tuning.score_programs_per_sm
     if as_rows:
-        block_p, per_sm = _AS_ROWS_BLOCK_P, _AS_ROWS_PROGRAMS_PER_SM
+        block_p, per_sm = tuning.score_fp8_block_pages, tuning.score_fp8_programs_per_sm
     blocks = triton.cdiv(max_pages, block_p)
     # Rounded down: a grid just past one wave (batch 16: 5 programs a row = 640 > 528 slots)
     # leaves a second wave of programs each as long as the first (measured 261 us instead
     # of ~190 at 128K tokens).
-    target = per_sm * _sm_count(device)
+    target = per_sm * sm_count(device)
     per_row = max(1, target // max(1, num_seqs * num_kv_heads))
     blocks_per_program = triton.cdiv(blocks, min(per_row, blocks))
     return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
@@ -368,6 +326,7 @@ def page_scores(
     num_pages: torch.Tensor,
     check_pages: bool = True,
     impl: str | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """Quest criticality of every page, reduced over each KV head's query group by max.
 
@@ -381,6 +340,7 @@ def page_scores(
     range. That costs one device-to-host sync, so a caller that builds its page tables
     itself (the engine) passes False on the hot path; the kernel then still never reads
     the page table out of bounds (it clamps ``num_pages``), but trusts the page ids.
+    tuning: the kernel's tiles and grid (``score_*`` fields).
     Returns ``[num_seqs, num_kv_heads, max_pages]`` fp32 (math in fp32); ``-inf`` at
     ``j >= num_pages[s]``. Semantics: :func:`longquest.kernels.ref.page_scores_ref`.
     """
@@ -403,7 +363,7 @@ def page_scores(
     check_dim("num_pages", num_pages, 0, num_seqs, "num_seqs")
     max_pages = page_table.shape[1]
     if check_pages and num_seqs and max_pages:
-        _check_page_table(page_table, num_pages, num_pages_total)
+        check_page_table(page_table, num_pages, num_pages_total)
 
     if resolve_impl(impl, device) == "torch":
         return _page_scores_torch(query, key_min, key_max, page_table, num_pages)
@@ -413,12 +373,11 @@ def page_scores(
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
     if key_min.dtype == FLOAT8_DTYPE:
         check_float8_supported(device)
-    return _page_scores_triton(query, key_min, key_max, page_table, num_pages)
+    return _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning)
 
 
-def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0) -> torch.Tensor:
-    """Launch the score kernel (no checks, no host sync). ``count``: valid pages per
-    sequence, or with ``page_size > 0`` tokens per sequence."""
+def _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning) -> torch.Tensor:
+    """Launch the score kernel (no checks, no host sync)."""
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
     max_pages = page_table.shape[1]
@@ -427,41 +386,18 @@ def _page_scores_triton(query, key_min, key_max, page_table, count, page_size=0)
     if out.numel() == 0:
         return out
     dot = dot_options(query, key_min)
-    as_rows = _as_rows(dot["USE_DOT"], key_min.dtype)
+    # Pages as the product's rows for fp8 bounds only (see the module docstring).
+    as_rows = dot["USE_DOT"] and key_min.dtype == FLOAT8_DTYPE
     block_p, blocks_per_program, per_row = score_grid(
-        device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"], as_rows
+        device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"], as_rows, tuning
     )
     _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
-        query, key_min, key_max, page_table, count, out,
+        query, key_min, key_max, page_table, num_pages, out,
         num_kv_heads, max_pages, blocks_per_program,
         query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
         GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, COUNT_PAGE_SIZE=page_size,
-        **dot, USE_PDL=pdl_enabled(device), **_form_options(as_rows),
-        **launch_options(device),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, **dot,
+        **_form_options(as_rows, tuning),
     )  # fmt: skip
     return out
-
-
-def _check_page_table(page_table, num_pages, num_pages_total: int) -> None:
-    """Range-check num_pages and the used page ids with a single device-to-host copy."""
-    max_pages = page_table.shape[1]
-    valid = torch.arange(max_pages, device=page_table.device)[None, :] < num_pages[:, None]
-    used = page_table.long()
-    facts = torch.stack(
-        [
-            num_pages.min().long(),
-            num_pages.max().long(),
-            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).max)).min(),
-            torch.where(valid, used, used.new_tensor(torch.iinfo(torch.int64).min)).max(),
-        ]
-    ).cpu()
-    low, high = int(facts[0]), int(facts[1])
-    if low < 0 or high > max_pages:
-        raise ValueError(
-            f"num_pages must lie in [0, {max_pages}] (page_table's width), got values in "
-            f"[{low}, {high}]"
-        )
-    if high > 0:  # some entry is used
-        check_page_ids("page_table", facts[2:], num_pages_total)

@@ -7,7 +7,7 @@ Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here)
   ``-inf``, as a stable sort treats them). Slots outside the row get key 0, below every
   valid key, so they are never counted or selected.
 * **Threshold.** The k-th largest key ``T`` is found by radix select, most significant
-  digit first (``_DIGIT_BITS`` = 4: 8 levels of a 16-bin ``tl.histogram``). Keys below the
+  digit first (4-bit digits: 8 levels of a 16-bin ``tl.histogram``; :mod:`.radix`). Keys below the
   current prefix fall in bin 0 (never used), keys above it in the top bin, so the suffix
   sums of the histogram are exactly ``count(key >= candidate)``. The search stops as soon
   as ``count(key >= prefix) == k`` (no tie to break): at once for ``k >= num_pages`` and
@@ -15,25 +15,20 @@ Design of the Triton path (not torch.topk, which costs 37-95 us on an H200 here)
 * **Compaction.** One ``tl.cumsum`` over packed (key > T, key == T) flags gives every
   selected slot its output position: keys above ``T`` plus the lowest-index keys equal to
   it, written in ascending index order — the contract's order, with ties to the lower index.
-* **Parallelism.** A row of up to ``_SINGLE_PASS_MAX`` pages is one program, held in
-  registers. A longer row is split into chunks of ``~sqrt(pages * k)``: pass 1 takes each
-  chunk's local top-k (a page of the global top-k is in its chunk's top-k under the same
-  tie rule, so nothing is lost) on a (row, chunk) grid; pass 2 selects from the
-  ``chunks * k`` candidates, which sit in index order. A list too long for registers is
+* **Parallelism.** A row of up to ``KernelTuning.select_single_pass_max`` pages is one
+  program, held in registers. A longer row is split into chunks of ``~sqrt(pages * k)``:
+  pass 1 takes each chunk's local top-k (a page of the global top-k is in its chunk's
+  top-k under the same tie rule, so nothing is lost) on a (row, chunk) grid; pass 2 selects
+  from the ``chunks * k`` candidates, which sit in index order. A list too long for registers is
   looped over in blocks (every level re-reads it), the correct but slow path for huge k.
-* **Spread.** On a GPU, a row longer than ``_SPREAD_MIN_PAGES`` that can have at least
-  ``_SPREAD_MIN_PROGRAMS`` programs (one program an SM over the grid) is instead selected
+* **Spread.** On a GPU, a row longer than ``spread_min_pages`` that can have at least
+  ``spread_min_programs`` programs (one program an SM over the grid) is instead selected
   in one launch by several programs that share its histograms through a workspace
   (:mod:`longquest.kernels.topk_spread`): a rank's 8 x 32768 pages at k = 256 in 18.9 us
   against 26.0 for the two passes.
 
-* **Physical ids.** On request (:mod:`longquest.kernels.quest_step`) the final pass also
-  writes each chosen page's id from the page table, so attention skips that lookup.
-
 Measured on an H100, CUDA graph, k = 256, 8 rows (benchmarks/NOTES-kernels.md): 8.0-8.4 us
-at 2048 pages, 14-15 us at 8192 (two passes), 30 us at 65536. Slower there: a one-hot count
-instead of tl.histogram (12.6 us at 2048), 4 or 16 warps instead of 8, 8-bit digits, and
-spreading each bin over 8 or 32 lane-tagged counters (11-21 us).
+at 2048 pages, 14-15 us at 8192 (two passes), 30 us at 65536.
 """
 
 from __future__ import annotations
@@ -45,104 +40,68 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor, resolve_impl
-from longquest.kernels.merge import _wait_for_inputs, launch_options, pdl_enabled
-from longquest.kernels.radix import _digit_counts, _load_block
-from longquest.kernels.scores import _sm_count
-from longquest.kernels.topk_spread import (
-    _on_gpu,
-    check_select_workspace,
-    launch_spread,
-    spread_programs,
+from longquest.kernels._device import on_gpu, sm_count
+from longquest.kernels.radix import (
+    DIGIT_BITS,
+    NUM_BINS,
+    digit_counts,
+    load_block,
+    next_digit,
+    positions,
+    threshold,
 )
-
-_DIGIT_BITS = 4  # 16-bin histograms; 8 levels of radix select
-_USE_HISTOGRAM = True  # False counts digits with a one-hot sum instead of tl.histogram
-_NUM_WARPS = 0  # 0: from the list length (8 warps at 2048 pages, 16 from 4096)
-_SINGLE_PASS_MAX = 4096  # rows up to this many pages: one program, one launch
-_REGISTER_MAX = 8192  # the longest list one program holds in registers
-_LOOP_BLOCK = 4096  # block size when a list is looped over
-# Pass-1 chunks of a two-pass selection hold at least this many pages. 1024: at 8 x 6144
-# pages and k = 128 (batch 8 at 192K on two GPUs) 19.4 us against 20.4 for 2048
-# (score-variants-attn2-*.json).
-_MIN_CHUNK = 1024
-# Rows longer than this spread over several programs in one launch (topk_spread), each
-# program holding at least _SPREAD_MIN_CHUNK pages; shorter rows take one program.
-_SPREAD_MIN_PAGES = 4096
-_SPREAD_MIN_CHUNK = 512  # 8 rows x 8192 pages: 16 programs 14.1 us, 8 programs 15.1
-# Fewer programs a row than this: the two passes. 2 programs at 64 rows x 6144 pages were
-# slower than the two passes, 25.7 us against 19.8 (score-variants-spread8-*).
-_SPREAD_MIN_PROGRAMS = 4
+from longquest.kernels.topk_spread import check_select_workspace, launch_spread, spread_programs
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 
 @triton.jit
 def _select_row(
-    score_ptr, index_ptr, start, end, count, pin_index, k_out,
-    out_score_ptr, out_index_ptr, out_page_ptr, table_row,
+    score_ptr, index_ptr, start, end, count, pin_index, k_out, out_score_ptr, out_index_ptr,
     FROM_CANDIDATES: tl.constexpr, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
     OUT_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
-    USE_HISTOGRAM: tl.constexpr, WRITE_PAGES: tl.constexpr,
 ):  # fmt: skip
     """Top ``k_out`` of list positions ``start .. end - 1`` (``count`` of them valid), written
-    in index order to ``out_score_ptr`` / ``out_index_ptr`` and padded with -inf / -1; with
-    ``WRITE_PAGES`` also each chosen page's physical id (``table_row[index]``) to
-    ``out_page_ptr`` (-1 padding)."""
+    in index order to ``out_score_ptr`` / ``out_index_ptr`` and padded with -inf / -1."""
     k = tl.minimum(k_out, count)
     lanes = tl.arange(0, BLOCK)
     if IN_REGISTERS:
-        score, index, key = _load_block(
+        score, index, key = load_block(
             score_ptr, index_ptr, start + lanes, end, pin_index, FROM_CANDIDATES
         )
 
-    # Radix select. Invariant: count(key >= prefix) = count_lo >= k > count_hi =
-    # count(key >= prefix + one step of the current digit).
-    bins = tl.arange(0, NUM_BINS)
+    # Radix select (radix.next_digit states the invariant).
     prefix = tl.zeros([], tl.uint32)
     count_lo = count
     count_hi = count * 0
     for level in tl.static_range(32 // DIGIT_BITS):
         if count_lo != k:
             if IN_REGISTERS:
-                hist = _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM)
+                hist = digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS)
             else:
                 hist = tl.zeros([NUM_BINS], tl.int32)
                 for block in range(start, end, BLOCK):
-                    _, _, key = _load_block(
+                    _, _, key = load_block(
                         score_ptr, index_ptr, block + lanes, end, pin_index, FROM_CANDIDATES
                     )
-                    hist += _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM)
-            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-            digit = tl.sum(((bins > 0) & (suffix >= k)).to(tl.int32), axis=0)
-            at_digit = tl.sum(tl.where(bins == digit, suffix, 0), axis=0)
-            above = tl.sum(tl.where(bins == digit + 1, suffix, 0), axis=0)
-            count_lo = tl.where(digit > 0, at_digit, count_lo)
-            count_hi = tl.where(digit + 1 < NUM_BINS, above, count_hi)
-            prefix = prefix | (digit.to(tl.uint32) << (32 - (level + 1) * DIGIT_BITS))
+                    hist += digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS)
+            count_lo, count_hi, prefix = next_digit(
+                hist, k, count_lo, count_hi, prefix, level, DIGIT_BITS, NUM_BINS
+            )
 
     # Select key >= floor, plus the first `ties` keys equal to `tie` in index order.
-    exact = count_lo == k
-    floor = tl.where(exact, tl.maximum(prefix, 1), prefix + 1)
-    tie = tl.where(exact, 0, prefix)
-    ties = tl.where(exact, 0, k - count_hi)
+    floor, tie, ties = threshold(count_lo, count_hi, prefix, k)
     above_before = count * 0
     ties_before = count * 0
     for block in range(start, end, BLOCK):
         if not IN_REGISTERS:
-            score, index, key = _load_block(
+            score, index, key = load_block(
                 score_ptr, index_ptr, block + lanes, end, pin_index, FROM_CANDIDATES
             )
         is_above = key >= floor
         is_tie = key == tie
-        packed = is_above.to(tl.int32) + (is_tie.to(tl.int32) << 16)
-        exclusive = tl.cumsum(packed, axis=0) - packed
-        above_seen = above_before + (exclusive & 0xFFFF)
-        ties_seen = ties_before + (exclusive >> 16)
-        chosen = is_above | (is_tie & (ties_seen < ties))
-        position = above_seen + tl.minimum(ties_seen, ties)
+        chosen, position = positions(is_above, is_tie, above_before, ties_before, ties)
         tl.store(out_score_ptr + position, score, mask=chosen)
         tl.store(out_index_ptr + position, index.to(tl.int32), mask=chosen)
-        if WRITE_PAGES:
-            page = tl.load(table_row + index, mask=chosen, other=0)
-            tl.store(out_page_ptr + position, page.to(tl.int32), mask=chosen)
         above_before += tl.sum(is_above.to(tl.int32), axis=0)
         ties_before += tl.sum(is_tie.to(tl.int32), axis=0)
 
@@ -151,28 +110,21 @@ def _select_row(
         pad = (slots >= k) & (slots < k_out)
         tl.store(out_score_ptr + slots, tl.full([OUT_BLOCK], float("-inf"), tl.float32), pad)
         tl.store(out_index_ptr + slots, tl.full([OUT_BLOCK], -1, tl.int32), pad)
-        if WRITE_PAGES:
-            tl.store(out_page_ptr + slots, tl.full([OUT_BLOCK], -1, tl.int32), pad)
 
 
 @triton.jit
 def _select_kernel(
     score_ptr, index_ptr, num_pages_ptr, pin_ptr, out_score_ptr, out_index_ptr,
-    out_page_ptr, table_ptr,
     num_kv_heads, max_pages, chunk_len, list_len, k_out,
-    stride_ss, stride_sh, stride_out_row, stride_out_chunk, stride_table,
+    stride_ss, stride_sh, stride_out_row, stride_out_chunk,
     FROM_CANDIDATES: tl.constexpr, PIN: tl.constexpr, BLOCK: tl.constexpr,
     IN_REGISTERS: tl.constexpr, OUT_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
-    NUM_BINS: tl.constexpr, USE_HISTOGRAM: tl.constexpr,
-    WRITE_PAGES: tl.constexpr, COUNT_PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_BINS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # seq * num_kv_heads + head
     chunk = tl.program_id(1)
     seq = row // num_kv_heads
-    _wait_for_inputs(USE_PDL)
     n = tl.load(num_pages_ptr + seq).to(tl.int32)
-    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens (quest_step)
-        n = tl.cdiv(n, COUNT_PAGE_SIZE)
     n = tl.minimum(tl.maximum(n, 0), max_pages)
     pin_index = -1
     if FROM_CANDIDATES:
@@ -196,10 +148,8 @@ def _select_kernel(
     offset = row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
     _select_row(
         score_ptr, index_ptr, start, end, count, pin_index, k_out,
-        out_score_ptr + offset, out_index_ptr + offset, out_page_ptr + offset,
-        table_ptr + seq.to(tl.int64) * stride_table,
-        FROM_CANDIDATES, BLOCK, IN_REGISTERS, OUT_BLOCK, DIGIT_BITS, NUM_BINS, USE_HISTOGRAM,
-        WRITE_PAGES,
+        out_score_ptr + offset, out_index_ptr + offset,
+        FROM_CANDIDATES, BLOCK, IN_REGISTERS, OUT_BLOCK, DIGIT_BITS, NUM_BINS,
     )  # fmt: skip
 
 
@@ -233,45 +183,73 @@ def _select_pages_torch(scores, num_pages, top_k, pins) -> tuple[torch.Tensor, t
     return top_scores, indices
 
 
+def _launch_select(
+    grid, scores, num_pages, pins, src, out, strides, *, pin_mode, from_candidates,
+    chunk_len, list_len, k_out, out_block, tuning: KernelTuning,
+) -> None:  # fmt: skip
+    """One launch of ``_select_kernel``: a row (or a chunk of one) a program."""
+    max_pages = scores.shape[2]
+    length = list_len if from_candidates else min(chunk_len, max_pages)
+    fits = length <= tuning.select_register_max
+    block = triton.next_power_of_2(length) if fits else tuning.select_loop_block
+    # 8 warps at 2048 pages, 16 from 4096 (4 and 16 were slower at 2048).
+    num_warps = max(4, min(16, block // 256))
+    # No lane may hold a replicated element: tl.histogram's GPU lowering would count it
+    # once per replica.
+    block = max(block, 32 * num_warps)
+    _select_kernel[grid](
+        *src, num_pages, pins, *out,
+        scores.shape[1], max_pages, chunk_len, list_len, k_out,
+        scores.stride(0), scores.stride(1), *strides,
+        FROM_CANDIDATES=from_candidates, PIN=0 if from_candidates else pin_mode, BLOCK=block,
+        IN_REGISTERS=fits, OUT_BLOCK=out_block,
+        DIGIT_BITS=DIGIT_BITS, NUM_BINS=NUM_BINS, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _spread_programs(scores: torch.Tensor, tuning: KernelTuning) -> int:
+    """Programs a row for a spread selection of ``scores``; 0: the one- or two-pass one."""
+    num_seqs, num_kv_heads, max_pages = scores.shape
+    device = scores.device
+    if not on_gpu(device) or max_pages <= tuning.spread_min_pages:
+        return 0
+    programs = spread_programs(
+        rows=num_seqs * num_kv_heads,
+        max_pages=max_pages,
+        sm_count=sm_count(device),
+        min_chunk=tuning.spread_min_chunk,
+    )
+    return programs if programs >= tuning.spread_min_programs else 0
+
+
 def _select_pages_triton(
     scores: torch.Tensor,
     num_pages: torch.Tensor,
     top_k: int,
     pin_last: bool | torch.Tensor,
     *,
-    single_pass_max: int | None = None,
-    register_max: int | None = None,
-    loop_block: int | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
     chunk: int | None = None,
-    page_size: int = 0,
-    page_table: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     spread: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch one spread selection, or one or two selection passes (see the module
-    docstring); tests shrink the sizes.
+    docstring). ``chunk``: pass-1 chunk length (None: from the shape and ``tuning``).
 
-    With ``page_size > 0``, ``num_pages`` holds tokens per sequence (pages are rounded up).
-    With a ``page_table`` (unit inner stride) also return the chosen pages' physical ids.
     ``workspace``: a spread selection's zeroed workspace (``make_select_workspace``; a
     fresh one if None). ``spread``: None chooses; 0 never spreads; ``p >= 1`` spreads every
     row over ``p`` programs (``p > 1`` only on CUDA: the interpreter runs programs in turn).
     """
-    # The module's sizes, read per call so that tests can shrink them.
-    single_pass_max = _SINGLE_PASS_MAX if single_pass_max is None else single_pass_max
-    register_max = _REGISTER_MAX if register_max is None else register_max
-    loop_block = _LOOP_BLOCK if loop_block is None else loop_block
     num_seqs, num_kv_heads, max_pages = scores.shape
     device = scores.device
     top_scores = torch.empty(num_seqs, num_kv_heads, top_k, device=device)
     indices = torch.empty(num_seqs, num_kv_heads, top_k, dtype=torch.int32, device=device)
-    pages = torch.empty_like(indices) if page_table is not None else indices
-    done = (top_scores, indices) if page_table is None else (top_scores, indices, pages)
+    done = (top_scores, indices)
     rows = num_seqs * num_kv_heads
     if rows == 0:
         return done
     if max_pages == 0:
-        top_scores.fill_(-math.inf), indices.fill_(-1), pages.fill_(-1)
+        top_scores.fill_(-math.inf), indices.fill_(-1)
         return done
     if scores.stride(2) != 1:
         scores = scores.contiguous()
@@ -279,85 +257,32 @@ def _select_pages_triton(
         pin_mode, pins = 2, pin_last
     else:
         pin_mode, pins = int(bool(pin_last)), num_pages  # pins unread unless pin_mode == 2
-    if spread is None:
-        spread = 0
-        if _on_gpu(device) and max_pages > _SPREAD_MIN_PAGES:
-            spread = spread_programs(rows=rows, max_pages=max_pages, sm_count=_sm_count(device),
-                                     min_chunk=_SPREAD_MIN_CHUNK)  # fmt: skip
-            spread = spread if spread >= _SPREAD_MIN_PROGRAMS else 0
+    spread = _spread_programs(scores, tuning) if spread is None else spread
     if spread:
-        launch_spread(scores, num_pages, pins, pin_mode, top_k, spread, done, page_size,
-                      page_table, workspace)  # fmt: skip
+        launch_spread(scores, num_pages, pins, pin_mode, top_k, spread, done, workspace)
         return done
-    common = dict(
-        DIGIT_BITS=_DIGIT_BITS,
-        NUM_BINS=1 << _DIGIT_BITS,
-        USE_HISTOGRAM=_USE_HISTOGRAM,
-        OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
-    )
-
-    def launch(grid, *, src, out, strides, from_candidates, chunk_len, list_len, k_out, write):
-        length = list_len if from_candidates else min(chunk_len, max_pages)
-        fits = length <= register_max
-        block = triton.next_power_of_2(length) if fits else loop_block
-        num_warps = _NUM_WARPS or max(4, min(16, block // 256))
-        # No lane may hold a replicated element: tl.histogram's GPU lowering would count it
-        # once per replica.
-        block = max(block, 32 * num_warps)
-        _select_kernel[grid](
-            *src, num_pages, pins, *out, pages if write else out[1],
-            page_table if write else num_pages,
-            num_kv_heads, max_pages, chunk_len, list_len, k_out,
-            scores.stride(0), scores.stride(1), *strides,
-            page_table.stride(0) if write else 0,
-            FROM_CANDIDATES=from_candidates, PIN=0 if from_candidates else pin_mode, BLOCK=block,
-            IN_REGISTERS=fits, WRITE_PAGES=write, COUNT_PAGE_SIZE=page_size,
-            USE_PDL=pdl_enabled(device), num_warps=num_warps, **common, **launch_options(device),
-        )  # fmt: skip
-
+    out_block = min(triton.next_power_of_2(top_k), 1024)  # the padding's block
+    common = dict(pin_mode=pin_mode, out_block=out_block, tuning=tuning)
     if chunk is None:
         chunk = triton.next_power_of_2(math.isqrt(max_pages * top_k))
-        chunk = max(_MIN_CHUNK, min(register_max, chunk))
+        chunk = max(tuning.select_min_chunk, min(tuning.select_register_max, chunk))
     k_chunk = min(top_k, chunk)
     num_chunks = triton.cdiv(max_pages, chunk)
-    if max_pages <= single_pass_max or num_chunks == 1 or 2 * k_chunk > chunk:
-        launch(
-            (rows, 1),
-            src=(scores, scores),
-            out=(top_scores, indices),
-            strides=(top_k, 0),
-            from_candidates=False,
-            chunk_len=max_pages,
-            list_len=0,
-            k_out=top_k,
-            write=page_table is not None,
-        )
+    if max_pages <= tuning.select_single_pass_max or num_chunks == 1 or 2 * k_chunk > chunk:
+        _launch_select((rows, 1), scores, num_pages, pins, (scores, scores), done, (top_k, 0),
+                       from_candidates=False, chunk_len=max_pages, list_len=0, k_out=top_k,
+                       **common)  # fmt: skip
         return done
     list_len = num_chunks * k_chunk
     cand_scores = torch.empty(rows, list_len, device=device)
     cand_index = torch.empty(rows, list_len, dtype=torch.int32, device=device)
-    launch(
-        (rows, num_chunks),
-        src=(scores, scores),
-        out=(cand_scores, cand_index),
-        strides=(list_len, k_chunk),
-        from_candidates=False,
-        chunk_len=chunk,
-        list_len=list_len,
-        k_out=k_chunk,
-        write=False,
-    )
-    launch(
-        (rows, 1),
-        src=(cand_scores, cand_index),
-        out=(top_scores, indices),
-        strides=(top_k, 0),
-        from_candidates=True,
-        chunk_len=chunk,
-        list_len=list_len,
-        k_out=top_k,
-        write=page_table is not None,
-    )
+    candidates = (cand_scores, cand_index)
+    _launch_select((rows, num_chunks), scores, num_pages, pins, (scores, scores), candidates,
+                   (list_len, k_chunk), from_candidates=False, chunk_len=chunk,
+                   list_len=list_len, k_out=k_chunk, **common)  # fmt: skip
+    _launch_select((rows, 1), scores, num_pages, pins, candidates, done, (top_k, 0),
+                   from_candidates=True, chunk_len=chunk, list_len=list_len, k_out=top_k,
+                   **common)  # fmt: skip
     return done
 
 
@@ -370,6 +295,7 @@ def select_pages(
     workspace: torch.Tensor | None = None,
     spread: bool = True,
     impl: str | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``top_k`` pages of each (sequence, KV head) by score, in ascending page order.
 
@@ -380,12 +306,13 @@ def select_pages(
     pin_last: always keep the sequence's last valid page, reported with score ``+inf`` — a
     bool for every sequence or a ``[num_seqs]`` bool tensor.
     workspace: int32 ``[>= num_seqs * num_kv_heads, WORKSPACE_STRIDE]`` zeros from
-    :func:`longquest.kernels.topk_spread.make_select_workspace`, which a long row's
+    :func:`longquest.kernels.make_select_workspace`, which a long row's
     selection spread over several programs uses and leaves zeroed (reuse it across layers,
     steps and graph replays, on one stream); None allocates a fresh one when needed.
     spread: allow that spread selection (its programs must all be resident at once: pass
     False where other work holds the GPU's SMs); False always takes the one- or two-pass
     selection.
+    tuning: the selection's sizes (``select_*``, ``spread_*`` fields).
     Returns ``(top_scores, indices)``, both ``[num_seqs, num_kv_heads, top_k]`` (fp32,
     int32): logical page indices (positions in the page table) of the ``min(top_k,
     num_pages)`` highest scores, ties to the lower index, in ascending index order, with
@@ -417,5 +344,6 @@ def select_pages(
         )
         return _select_pages_torch(scores, num_pages, top_k, pins)
     return _select_pages_triton(
-        scores, num_pages, top_k, pin_last, workspace=workspace, spread=None if spread else 0
-    )
+        scores, num_pages, top_k, pin_last, tuning=tuning, workspace=workspace,
+        spread=None if spread else 0,
+    )  # fmt: skip

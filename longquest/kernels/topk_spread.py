@@ -26,7 +26,7 @@ the row's histograms in global memory:
 
 Every program of a row must be resident at once: the launcher uses at most one program an
 SM over the whole grid, so the GPU holds them all (a poll that waits longer than
-``_TIMEOUT_NS`` traps: a CUDA error, not a hang). The CPU interpreter runs programs one
+``TIMEOUT_NS`` traps: a CUDA error, not a hang). The CPU interpreter runs programs one
 after another, so there a row has one program.
 """
 
@@ -37,42 +37,32 @@ import triton
 import triton.language as tl
 
 from longquest.kernels._checks import check_tensor
-from longquest.kernels.merge import (
-    _now_ns,
-    _trap,
-    _wait_for_inputs,
-    launch_options,
-    pdl_enabled,
-)
+from longquest.kernels._device import now_ns, on_gpu, sm_count, trap
 from longquest.kernels.radix import (
-    _digit_counts,
-    _load_block,
-    _next_digit,
-    _positions,
-    _threshold,
+    DIGIT_BITS,
+    digit_counts,
+    load_block,
+    next_digit,
+    positions,
+    threshold,
 )
-from longquest.kernels.scores import _sm_count
 
-# 16-bin histograms, up to 8 levels: at 8 rows x 32768 pages over 16 programs a row,
-# k = 256, 18.9 us against 20.4 for 256 bins and 4 levels (score-variants-spread8c-*).
-DIGIT_BITS = 4
 MAX_PROGRAMS = 32  # programs a row may use (the words of its compaction)
 MAX_BLOCK = 16384  # the most keys one program holds (counts fit 16 bits in a word)
-# int32 a row: the histograms (at most 1024 bins in all: 8-bit digits, 4 levels x 256),
-# 32 words, and the exit counter last.
+# int32 a row: room for 1024 histogram bins (the kernel uses 32 // DIGIT_BITS levels of
+# NUM_BINS), then MAX_PROGRAMS words, the exit counter last (the kernel asserts the fit).
 WORKSPACE_STRIDE = 1088
-_TIMEOUT_NS = 10_000_000_000  # a poll longer than 10 s traps
-NUM_WARPS = 0  # 0: from the part's length (8 warps at 2048 pages)
+TIMEOUT_NS = 10_000_000_000  # a poll longer than 10 s traps
 
 
 @triton.jit
 def _poll_histogram(level_ptr, bins, total, ON_GPU: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """The level's histogram once its counts add up to ``total`` (every program added)."""
     hist = tl.load(level_ptr + bins, volatile=True)
-    started = _now_ns(total, ON_GPU)
+    started = now_ns(total, ON_GPU)
     while tl.sum(hist, axis=0) != total:
-        if _now_ns(total, ON_GPU) - started > TIMEOUT_NS:
-            _trap(total, ON_GPU)
+        if now_ns(total, ON_GPU) - started > TIMEOUT_NS:
+            trap(total, ON_GPU)
         hist = tl.load(level_ptr + bins, volatile=True)
     return hist
 
@@ -82,25 +72,23 @@ def _poll_words(words_ptr, slots, programs, ON_GPU: tl.constexpr, TIMEOUT_NS: tl
     """The row's compaction words once every program wrote its own (0: not yet)."""
     inside = slots < programs
     words = tl.load(words_ptr + slots, mask=inside, other=1, volatile=True)
-    started = _now_ns(programs, ON_GPU)
+    started = now_ns(programs, ON_GPU)
     while tl.sum((words == 0).to(tl.int32), axis=0) > 0:
-        if _now_ns(programs, ON_GPU) - started > TIMEOUT_NS:
-            _trap(programs, ON_GPU)
+        if now_ns(programs, ON_GPU) - started > TIMEOUT_NS:
+            trap(programs, ON_GPU)
         words = tl.load(words_ptr + slots, mask=inside, other=1, volatile=True)
     return words
 
 
 @triton.jit
 def _spread_select_kernel(
-    score_ptr, num_pages_ptr, pin_ptr, out_score_ptr, out_index_ptr, out_page_ptr,
-    table_ptr, work_ptr,
-    num_kv_heads, max_pages, chunk_len, k_out,
-    stride_ss, stride_sh, stride_table,
+    score_ptr, num_pages_ptr, pin_ptr, out_score_ptr, out_index_ptr, work_ptr,
+    num_kv_heads, max_pages, chunk_len, k_out, stride_ss, stride_sh,
     PIN: tl.constexpr, BLOCK: tl.constexpr, OUT_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
-    DIGIT_BITS: tl.constexpr, WRITE_PAGES: tl.constexpr, COUNT_PAGE_SIZE: tl.constexpr,
-    WORK_STRIDE: tl.constexpr, USE_PDL: tl.constexpr, ON_GPU: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, WORK_STRIDE: tl.constexpr, ON_GPU: tl.constexpr,
     TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
+    # One body: the keys stay in registers from the first level to the stores.
     row = tl.program_id(0)  # seq * num_kv_heads + head
     part = tl.program_id(1)  # this program's part of the row
     programs = tl.num_programs(1)
@@ -110,10 +98,7 @@ def _spread_select_kernel(
     tl.static_assert(32 % DIGIT_BITS == 0)
     tl.static_assert(LEVELS * NUM_BINS + SLOTS < WORK_STRIDE)  # the exit counter is last
     tl.static_assert(BLOCK <= 16384)  # (above + 1) << 16 | ties stays a positive int32
-    _wait_for_inputs(USE_PDL)
     n = tl.load(num_pages_ptr + seq).to(tl.int32)
-    if COUNT_PAGE_SIZE > 0:  # num_pages_ptr holds seq_lens
-        n = tl.cdiv(n, COUNT_PAGE_SIZE)
     n = tl.minimum(tl.maximum(n, 0), max_pages)
     pin_index = -1
     if PIN == 1:
@@ -123,14 +108,14 @@ def _spread_select_kernel(
     score_ptr += seq.to(tl.int64) * stride_ss + (row % num_kv_heads) * stride_sh
     start = part * chunk_len
     end = tl.minimum(start + chunk_len, n)
-    score, index, key = _load_block(
+    score, index, key = load_block(
         score_ptr, score_ptr, start + tl.arange(0, BLOCK), end, pin_index, False
     )
     work = work_ptr + row.to(tl.int64) * WORK_STRIDE
     words_ptr = work + LEVELS * NUM_BINS
     exit_ptr = work + WORK_STRIDE - 1
 
-    # Radix select over the whole row (as topk._select_row, with the row's histograms).
+    # Radix select over the whole row (as the two-pass kernel, with the row's histograms).
     k = tl.minimum(k_out, n)
     total = programs * BLOCK
     bins = tl.arange(0, NUM_BINS)
@@ -139,16 +124,16 @@ def _spread_select_kernel(
     count_hi = n * 0
     for level in tl.static_range(LEVELS):
         if count_lo != k:  # the same in every program of the row: same histograms
-            mine = _digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS, True)
+            mine = digit_counts(key, prefix, level, DIGIT_BITS, NUM_BINS)
             level_ptr = work + level * NUM_BINS
             tl.atomic_add(level_ptr + bins, mine, mask=mine > 0, sem="relaxed", scope="gpu")
             hist = _poll_histogram(level_ptr, bins, total, ON_GPU, TIMEOUT_NS)
-            count_lo, count_hi, prefix = _next_digit(
+            count_lo, count_hi, prefix = next_digit(
                 hist, k, count_lo, count_hi, prefix, level, DIGIT_BITS, NUM_BINS
             )
 
     # Ties counted row-wide: the programs before this one take the first of them.
-    floor, tie, ties = _threshold(count_lo, count_hi, prefix, k)
+    floor, tie, ties = threshold(count_lo, count_hi, prefix, k)
     is_above = key >= floor
     is_tie = key == tie
     mine_above = tl.sum(is_above.to(tl.int32), axis=0)
@@ -159,7 +144,7 @@ def _spread_select_kernel(
     before = (slots < part) & (slots < programs)
     above_before = tl.sum(tl.where(before, (words >> 16) - 1, 0), axis=0)
     ties_before = tl.sum(tl.where(before, words & 0xFFFF, 0), axis=0)
-    chosen, position = _positions(is_above, is_tie, above_before, ties_before, ties)
+    chosen, position = positions(is_above, is_tie, above_before, ties_before, ties)
     # Past its last poll: take the exit ticket now, so that its round trip overlaps the
     # output stores; the last program out zeroes the row's workspace after them.
     tl.debug_barrier()
@@ -167,10 +152,6 @@ def _spread_select_kernel(
     out = row.to(tl.int64) * k_out
     tl.store(out_score_ptr + out + position, score, mask=chosen)
     tl.store(out_index_ptr + out + position, index.to(tl.int32), mask=chosen)
-    if WRITE_PAGES:
-        table_row = table_ptr + seq.to(tl.int64) * stride_table
-        page = tl.load(table_row + index, mask=chosen, other=0)
-        tl.store(out_page_ptr + out + position, page.to(tl.int32), mask=chosen)
     if part == 0:
         for block in range(0, k_out, OUT_BLOCK):
             pads = block + tl.arange(0, OUT_BLOCK)
@@ -178,8 +159,6 @@ def _spread_select_kernel(
             fill = tl.full([OUT_BLOCK], float("-inf"), tl.float32)
             tl.store(out_score_ptr + out + pads, fill, mask=pad)
             tl.store(out_index_ptr + out + pads, tl.full([OUT_BLOCK], -1, tl.int32), mask=pad)
-            if WRITE_PAGES:
-                tl.store(out_page_ptr + out + pads, tl.full([OUT_BLOCK], -1, tl.int32), pad)
 
     if ticket == programs - 1:  # every program of the row is past its polls
         for level in tl.static_range(LEVELS):
@@ -201,7 +180,7 @@ def check_select_workspace(workspace: torch.Tensor, *, rows: int, device: torch.
 
     It must also hold zeros (every launch leaves it so); that is not checked, since it
     would cost a sync: a workspace from ``torch.empty``, or one shared by two streams, makes
-    the programs wait for counts that never add up (a trap after ``_TIMEOUT_NS``) or
+    the programs wait for counts that never add up (a trap after ``TIMEOUT_NS``) or
     miscount their output offsets.
     """
     check_tensor("workspace", workspace, ndim=2, dtypes=(torch.int32,), device=device)
@@ -226,18 +205,10 @@ def spread_programs(*, rows: int, max_pages: int, sm_count: int, min_chunk: int)
     return programs
 
 
-def _on_gpu(device: torch.device) -> bool:
-    """Kernels run on the GPU itself: CUDA tensors, and not Triton's interpreter (known
-    through ``triton.knobs``, from Triton 3.4; older ones: CUDA tensors only)."""
-    knobs = getattr(triton, "knobs", None)
-    interpreting = knobs is not None and bool(knobs.runtime.interpret)
-    return device.type == "cuda" and not interpreting
-
-
-def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page_size,
-                  page_table, workspace) -> None:  # fmt: skip
-    """Select into ``done`` (``(top_scores, indices[, physical])``, as
-    :func:`longquest.kernels.topk._select_pages_triton` returns them) in one launch,
+def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done,
+                  workspace) -> None:  # fmt: skip
+    """Select into ``done`` (``(top_scores, indices)``, as
+    :func:`longquest.kernels.select_pages` returns them) in one launch,
     ``programs`` a row; ``pins``/``pin_mode`` as there (1: pin every row's last page, 2: per
     sequence from ``pins``)."""
     num_seqs, num_kv_heads, max_pages = scores.shape
@@ -245,21 +216,21 @@ def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page
     rows = num_seqs * num_kv_heads
     if not 1 <= programs <= MAX_PROGRAMS:
         raise ValueError(f"programs a row must be in 1..{MAX_PROGRAMS}, got {programs}")
-    on_gpu = _on_gpu(device)
-    if programs > 1 and not on_gpu:
+    gpu = on_gpu(device)
+    if programs > 1 and not gpu:
         raise ValueError(
             f"a spread selection over {programs} programs a row needs a GPU: the interpreter "
             "runs programs one after another, so they would wait for each other forever"
         )
-    if programs > 1 and rows * programs > _sm_count(device):
+    if programs > 1 and rows * programs > sm_count(device):
         raise ValueError(
-            f"{rows} rows x {programs} programs is more than the GPU's {_sm_count(device)} "
+            f"{rows} rows x {programs} programs is more than the GPU's {sm_count(device)} "
             "SMs: every program of a row must be resident at once (spread_programs)"
         )
     if workspace is None:
         workspace = make_select_workspace(max_rows=rows, device=device)
     check_select_workspace(workspace, rows=rows, device=device)
-    if not on_gpu and bool(workspace[:rows].any()):  # a poll would spin forever (no timer)
+    if not gpu and bool(workspace[:rows].any()):  # a poll would spin forever (no timer)
         raise ValueError("workspace is not zero: make it with make_select_workspace")
     chunk_len = triton.cdiv(max_pages, programs)
     if chunk_len > MAX_BLOCK:
@@ -267,20 +238,14 @@ def launch_spread(scores, num_pages, pins, pin_mode, top_k, programs, done, page
             f"{max_pages} pages over {programs} programs is {chunk_len} a program; at most "
             f"{MAX_BLOCK}: use more programs"
         )
-    num_warps = NUM_WARPS or max(4, min(16, triton.next_power_of_2(chunk_len) // 256))
+    # 8 warps at 2048 pages a program, as the two-pass selection.
+    num_warps = max(4, min(16, triton.next_power_of_2(chunk_len) // 256))
     block = max(triton.next_power_of_2(chunk_len), 32 * num_warps)  # no replicated lane
-    top_scores, indices = done[0], done[1]
-    pages = done[2] if page_table is not None else indices
+    top_scores, indices = done
     _spread_select_kernel[(rows, programs)](
-        scores, num_pages, pins, top_scores, indices, pages,
-        page_table if page_table is not None else num_pages, workspace,
-        num_kv_heads, max_pages, chunk_len, top_k,
-        scores.stride(0), scores.stride(1),
-        page_table.stride(0) if page_table is not None else 0,
+        scores, num_pages, pins, top_scores, indices, workspace,
+        num_kv_heads, max_pages, chunk_len, top_k, scores.stride(0), scores.stride(1),
         PIN=pin_mode, BLOCK=block, OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
         SLOTS=max(triton.next_power_of_2(programs), 2), DIGIT_BITS=DIGIT_BITS,
-        WRITE_PAGES=page_table is not None, COUNT_PAGE_SIZE=page_size,
-        WORK_STRIDE=WORKSPACE_STRIDE, USE_PDL=pdl_enabled(device),
-        ON_GPU=on_gpu, TIMEOUT_NS=_TIMEOUT_NS, num_warps=num_warps,
-        **launch_options(device),
+        WORK_STRIDE=WORKSPACE_STRIDE, ON_GPU=gpu, TIMEOUT_NS=TIMEOUT_NS, num_warps=num_warps,
     )  # fmt: skip

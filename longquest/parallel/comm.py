@@ -34,10 +34,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longquest.kernels._checks import check_dim, check_tensor
-from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
-from longquest.kernels.merge import merge_attention_states
-from longquest.kernels.peer import SUM_DTYPES
+from longquest.kernels import (
+    DEFAULT_TUNING,
+    SUM_DTYPES,
+    KernelTuning,
+    check_dim,
+    check_tensor,
+    keep_global_top_k,
+    merge_attention_states,
+    pack_candidates,
+)
 from longquest.parallel.peer import PeerCollectives
 
 
@@ -63,6 +69,7 @@ class SequenceParallelComm:
         world_size: int,
         impl: str | None = None,
         peer: PeerCollectives | None = None,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> None:
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(
@@ -84,6 +91,7 @@ class SequenceParallelComm:
         self.world_size = world_size
         self.impl = impl
         self.peer = peer
+        self.tuning = tuning
         # all_gather_single replaces the deprecated all_gather_into_tensor in newer torch;
         # older releases only have the latter.
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -137,7 +145,11 @@ class SequenceParallelComm:
             )
             everyone = self._gather(packed)  # [world_size, num_seqs, num_kv_heads, top_k, 2]
         return keep_global_top_k(
-            gathered=everyone, local_indices=local_indices, rank=self.rank, impl=self.impl
+            gathered=everyone,
+            local_indices=local_indices,
+            rank=self.rank,
+            impl=self.impl,
+            tuning=self.tuning,
         )
 
     def partial_buffers(

@@ -20,8 +20,15 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from longquest.kernels.peer import MAX_PROGRAMS, buffer_bytes, peer_exchange
-from longquest.kernels.peer_attention import peer_gather_candidates, peer_merge
+from longquest.kernels import (
+    DEFAULT_TUNING,
+    PEER_MAX_PROGRAMS,
+    KernelTuning,
+    buffer_bytes,
+    peer_exchange,
+    peer_gather_candidates,
+    peer_merge,
+)
 
 _FIRST_SLOT_BYTES = 1 << 20
 
@@ -35,9 +42,16 @@ class PeerCollectives:
     """
 
     def __init__(
-        self, *, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device | str
+        self,
+        *,
+        group: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> None:
         self.group = group
+        self.tuning = tuning
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
@@ -48,7 +62,13 @@ class PeerCollectives:
 
     @classmethod
     def create(
-        cls, *, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device | str
+        cls,
+        *,
+        group: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> PeerCollectives | None:
         """A PeerCollectives on every rank of ``group``, or None on every rank (a single
         rank, not CUDA, not NCCL, a process that sees fewer GPUs than the group has ranks,
@@ -62,7 +82,9 @@ class PeerCollectives:
         # (Ray actors pin one GPU each) keep NCCL, which finds its own way between them.
         if torch.cuda.device_count() >= world_size:
             try:
-                made = cls(group=group, rank=rank, world_size=world_size, device=device)
+                made = cls(
+                    group=group, rank=rank, world_size=world_size, device=device, tuning=tuning
+                )
             except Exception as caught:  # noqa: BLE001 - any failure means: NCCL everywhere
                 error = caught
         everyone = torch.tensor([int(made is not None)], device=device)
@@ -136,7 +158,7 @@ class PeerCollectives:
         lse = partial.new_empty(num_seqs, num_heads)
         return peer_merge(
             partial=partial.contiguous(), out=out, lse=lse, bases=bases, counters=counters,
-            rank=self.rank, slot_bytes=slot_bytes,
+            rank=self.rank, slot_bytes=slot_bytes, tuning=self.tuning,
         )  # fmt: skip
 
     def gather_candidates(
@@ -149,13 +171,14 @@ class PeerCollectives:
         return peer_gather_candidates(
             top_scores=top_scores, local_indices=local_indices, global_pages=global_pages,
             bases=bases, counters=counters, rank=self.rank, slot_bytes=slot_bytes,
+            tuning=self.tuning,
         )  # fmt: skip
 
     def _run(self, src: torch.Tensor, out: torch.Tensor, *, reduce: bool) -> torch.Tensor:
         bases, counters, slot_bytes = self._buffers_for(src.numel() * src.element_size())
         return peer_exchange(
             src=src, out=out, bases=bases, counters=counters, rank=self.rank,
-            slot_bytes=slot_bytes, reduce=reduce,
+            slot_bytes=slot_bytes, reduce=reduce, tuning=self.tuning,
         )  # fmt: skip
 
     def _grow(self, nbytes: int) -> None:
@@ -184,7 +207,7 @@ class PeerCollectives:
             )
         handle = symm.rendezvous(buffer, self.group.group_name)
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=self.device)
-        counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=self.device)
+        counters = torch.zeros(PEER_MAX_PROGRAMS, dtype=torch.int32, device=self.device)
         # No rank may push into a buffer before its owner has zeroed it.
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)

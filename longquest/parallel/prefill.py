@@ -27,8 +27,14 @@ import torch
 import torch.distributed as dist
 
 from longquest.engine.cache import KVCache
-from longquest.kernels import AppendPlan, append_kv, merge_attention_states, prefill_attention
-from longquest.kernels.float8 import FLOAT8_DTYPE, check_keys_fit_float8
+from longquest.kernels import (
+    FLOAT8_DTYPE,
+    AppendPlan,
+    append_kv,
+    check_keys_fit_float8,
+    merge_attention_states,
+    prefill_attention,
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longquest.kernels.decode import paged_decode_attention
-from longquest.kernels.decode_torch import _decode_torch
+from longquest.kernels.decode_torch import decode_torch
 from longquest.kernels.ref import paged_decode_attention_ref
 
 IMPLS = ["torch", "triton"]
@@ -238,7 +238,7 @@ def test_torch_path_chunks_bound_memory():
     ref_out, ref_lse = paged_decode_attention_ref(
         query=query, k_cache=k_cache, v_cache=v_cache, page_table=table, seq_lens=lens
     )
-    out, lse = _decode_torch(query, k_cache, v_cache, table, lens, None, 32**-0.5, block_elements=1)
+    out, lse = decode_torch(query, k_cache, v_cache, table, lens, None, 32**-0.5, block_elements=1)
     assert_matches(out, lse, ref_out, ref_lse, atol=1e-5)
 
 

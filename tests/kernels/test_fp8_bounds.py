@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longquest.kernels import paged_decode_attention, select_pages
 from longquest.kernels.append import append_kv, plan_append
 from longquest.kernels.float8 import (
     FLOAT8_DTYPE,
@@ -17,7 +18,6 @@ from longquest.kernels.float8 import (
     directed_float8,
     round_to_float8,
 )
-from longquest.kernels.quest_step import make_quest_workspace, quest_decode_step
 from longquest.kernels.ref import append_kv_ref, page_scores_ref
 from longquest.kernels.scores import page_scores
 from tests.kernels.test_append import _pool
@@ -259,9 +259,22 @@ def test_scores_reject_mismatched_bounds(device):
         page_scores(**{**args, "key_max": args["key_max"].bfloat16()})
 
 
+def _quest_step(*, query, k_cache, v_cache, key_min, key_max, page_table, seq_lens, top_k,
+                impl):  # fmt: skip
+    """One Quest decode step through the public launchers, as the engine runs it."""
+    num_pages = (seq_lens + k_cache.shape[2] - 1) // k_cache.shape[2]
+    scores = page_scores(query=query, key_min=key_min, key_max=key_max, page_table=page_table,
+                         num_pages=num_pages, impl=impl)  # fmt: skip
+    _, selected = select_pages(scores=scores, num_pages=num_pages, top_k=top_k, impl=impl)
+    return paged_decode_attention(query=query, k_cache=k_cache, v_cache=v_cache,
+                                  page_table=page_table, seq_lens=seq_lens, selected=selected,
+                                  impl=impl)  # fmt: skip
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fused_step_accepts_fp8_bounds(device, impl):
-    """quest_decode_step with model-dtype pages and fp8 bounds equals its composition."""
+def test_quest_step_accepts_fp8_bounds(device, impl):
+    """A Quest step with model-dtype pages and fp8 bounds equals the same step over the
+    bounds upcast to fp32."""
     gen = torch.Generator().manual_seed(5)
     num_pages, page_size, heads, head_dim = [5, 3], 4, 2, 32
     pool = sum(num_pages) + 1
@@ -272,24 +285,13 @@ def test_fused_step_accepts_fp8_bounds(device, impl):
     table = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 0, 0]], dtype=torch.int32, device=device)
     seq_lens = torch.tensor([19, 10], dtype=torch.int32, device=device)
     query = torch.randn(2, 4, head_dim, generator=gen).to(device)
-    workspace = make_quest_workspace(max_num_seqs=2, num_kv_heads=heads, device=device)
-    out, lse = quest_decode_step(
-        query=query, k_cache=k_cache, v_cache=v_cache, key_min=key_min, key_max=key_max,
-        page_table=table, seq_lens=seq_lens, top_k=2, workspace=workspace, impl=impl,
-    )  # fmt: skip
-    want_out, want_lse = quest_decode_step(
-        query=query, k_cache=k_cache, v_cache=v_cache, key_min=key_min.float(),
-        key_max=key_max.float(), page_table=table, seq_lens=seq_lens, top_k=2,
-        workspace=workspace, impl="torch",
-    )  # fmt: skip
+    common = dict(query=query, k_cache=k_cache, v_cache=v_cache, page_table=table,
+                  seq_lens=seq_lens, top_k=2)  # fmt: skip
+    out, lse = _quest_step(key_min=key_min, key_max=key_max, impl=impl, **common)
+    want_out, want_lse = _quest_step(key_min=key_min.float(), key_max=key_max.float(),
+                                     impl="torch", **common)  # fmt: skip
     torch.testing.assert_close(out.cpu(), want_out.cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.cpu(), want_lse.cpu(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="key_min has dtype"):
-        quest_decode_step(
-            query=query, k_cache=k_cache, v_cache=v_cache, key_min=key_min.half(),
-            key_max=key_max.half(), page_table=table, seq_lens=seq_lens, top_k=2,
-            workspace=workspace, impl=impl,
-        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- GPU

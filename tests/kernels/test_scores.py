@@ -1,9 +1,11 @@
 """page_scores (Triton and PyTorch paths) against page_scores_ref."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from longquest.kernels import scores as scores_module
+from longquest.kernels import DEFAULT_TUNING
 from longquest.kernels.ref import page_scores_ref
 from longquest.kernels.scores import page_scores
 
@@ -78,10 +80,9 @@ def test_half_precision_bounds_and_query(device, impl, dtype):
 
 
 @pytest.mark.parametrize("programs_per_sm", [3, 5, 40])
-def test_rows_split_over_programs(device, monkeypatch, programs_per_sm):
+def test_rows_split_over_programs(device, programs_per_sm):
     # Rows of 7 blocks over 2 (4 + 3 blocks), 3 (3 + 3 + 1) or 7 programs: the pipelined block
     # loop at every length, and programs that start past the second sequence's 20 pages.
-    monkeypatch.setattr(scores_module, "_PROGRAMS_PER_SM", programs_per_sm)
     args = _inputs(
         device,
         seqs=2,
@@ -94,7 +95,8 @@ def test_rows_split_over_programs(device, monkeypatch, programs_per_sm):
         dtype=torch.float32,
         seed=programs_per_sm,
     )
-    _check(args, "triton")
+    tuning = replace(DEFAULT_TUNING, score_programs_per_sm=programs_per_sm)
+    _check(args, "triton", tuning=tuning)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

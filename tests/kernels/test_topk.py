@@ -1,11 +1,12 @@
 """select_pages (Triton and PyTorch paths) against select_pages_ref, exactly."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from longquest.kernels import topk
+from longquest.kernels import DEFAULT_TUNING
 from longquest.kernels.ref import select_pages_ref
 from longquest.kernels.topk import _select_pages_triton, select_pages
 
@@ -26,7 +27,7 @@ def _scores(device, *, num_pages, heads=2, width=None, ties=False, seed=0):
     return scores.to(device), torch.tensor(num_pages, dtype=torch.int32, device=device)
 
 
-def _check(scores, num_pages, top_k, pin_last, *, impl=None, **sizes):
+def _check(scores, num_pages, top_k, pin_last, *, impl=None, chunk=None, **sizes):
     want_scores, want_indices = select_pages_ref(
         scores=scores.cpu(),
         num_pages=num_pages.cpu(),
@@ -34,7 +35,10 @@ def _check(scores, num_pages, top_k, pin_last, *, impl=None, **sizes):
         pin_last=pin_last.cpu() if isinstance(pin_last, torch.Tensor) else pin_last,
     )
     if sizes:  # force the two-pass or looping paths at test sizes
-        got_scores, got_indices = _select_pages_triton(scores, num_pages, top_k, pin_last, **sizes)
+        tuning = replace(DEFAULT_TUNING, **sizes)
+        got_scores, got_indices = _select_pages_triton(
+            scores, num_pages, top_k, pin_last, tuning=tuning, chunk=chunk
+        )
     else:
         got_scores, got_indices = select_pages(
             scores=scores, num_pages=num_pages, top_k=top_k, pin_last=pin_last, impl=impl
@@ -78,9 +82,11 @@ def test_infinities_nan_and_signed_zero(device, impl):
 @pytest.mark.parametrize(
     "sizes",
     [
-        dict(single_pass_max=8, chunk=8),  # two passes, candidates in registers
-        dict(single_pass_max=8, chunk=16, register_max=16, loop_block=8),  # pass 2 loops
-        dict(single_pass_max=8, chunk=64, register_max=16, loop_block=16),  # one pass, loops
+        dict(select_single_pass_max=8, chunk=8),  # two passes, candidates in registers
+        # pass 2 loops
+        dict(select_single_pass_max=8, chunk=16, select_register_max=16, select_loop_block=8),
+        # one pass, loops
+        dict(select_single_pass_max=8, chunk=64, select_register_max=16, select_loop_block=16),
     ],
     ids=["two-pass", "two-pass-looping", "one-pass-looping"],
 )
@@ -141,13 +147,3 @@ def test_bad_input_raises_value_error_naming_the_argument(device, case):
     args = dict(scores=scores, num_pages=num_pages, top_k=2, pin_last=True)
     with pytest.raises(ValueError, match=match):
         select_pages(**{**args, **change(scores, num_pages)})
-
-
-@pytest.mark.parametrize("digit_bits, histogram", [(4, False), (8, True), (8, False)])
-def test_counting_variants(device, monkeypatch, digit_bits, histogram):
-    # The module's tuning knobs: digit width and tl.histogram versus a one-hot sum.
-    monkeypatch.setattr(topk, "_DIGIT_BITS", digit_bits)
-    monkeypatch.setattr(topk, "_USE_HISTOGRAM", histogram)
-    scores, num_pages = _scores(device, num_pages=[37, 20], ties=True, seed=5)
-    _check(scores, num_pages, 5, True, impl="triton")
-    _check(scores, num_pages, 5, False, single_pass_max=8, chunk=16)

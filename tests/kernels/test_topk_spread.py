@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from longquest.kernels import topk, topk_spread
+from longquest.kernels import DEFAULT_TUNING, topk_spread
 from longquest.kernels.ref import select_pages_ref
 from longquest.kernels.topk import _select_pages_triton, select_pages
 from longquest.kernels.topk_spread import make_select_workspace, spread_programs
 from tests.kernels.test_topk import _scores
 
 
-def _check(scores, num_pages, top_k, pin_last, *, spread, workspace=None, page_table=None):
+def _check(scores, num_pages, top_k, pin_last, *, spread, workspace=None):
     want_scores, want_indices = select_pages_ref(
         scores=scores.cpu(),
         num_pages=num_pages.cpu(),
@@ -24,18 +24,10 @@ def _check(scores, num_pages, top_k, pin_last, *, spread, workspace=None, page_t
         pin_last=pin_last.cpu() if isinstance(pin_last, torch.Tensor) else pin_last,
     )
     got = _select_pages_triton(
-        scores, num_pages, top_k, pin_last, spread=spread, workspace=workspace,
-        page_table=page_table,
-    )  # fmt: skip
+        scores, num_pages, top_k, pin_last, spread=spread, workspace=workspace
+    )
     assert torch.equal(got[1].cpu(), want_indices)
     assert torch.equal(got[0].cpu().view(torch.int32), want_scores.view(torch.int32))  # NaN too
-    if page_table is not None:  # physical ids of the chosen pages, -1 padding
-        table = page_table.cpu().long()
-        rows = torch.arange(table.shape[0])[:, None, None]
-        want_pages = torch.where(
-            want_indices >= 0, table[rows, want_indices.long().clamp(min=0)], -1
-        )
-        assert torch.equal(got[2].cpu(), want_pages.int())
     if workspace is not None:
         assert not workspace.any(), "the launch left its workspace dirty"
 
@@ -47,9 +39,7 @@ def _pins(device, seqs):
 @pytest.mark.parametrize("top_k", [1, 3, 8, 50])
 @pytest.mark.parametrize("pin", range(3), ids=["pin", "nopin", "pin-tensor"])
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("digit_bits", [4, 8])
-def test_one_program_a_row_matches_ref(device, monkeypatch, top_k, pin, ties, digit_bits):
-    monkeypatch.setattr(topk_spread, "DIGIT_BITS", digit_bits)
+def test_one_program_a_row_matches_ref(device, top_k, pin, ties):
     scores, num_pages = _scores(device, num_pages=[1, 0, 37, 20], ties=ties, seed=top_k)
     workspace = make_select_workspace(max_rows=8, device=device)
     _check(scores, num_pages, top_k, _pins(device, 4)[pin], spread=1, workspace=workspace)
@@ -57,13 +47,12 @@ def test_one_program_a_row_matches_ref(device, monkeypatch, top_k, pin, ties, di
     _check(scores, num_pages, top_k, _pins(device, 4)[pin], spread=1, workspace=workspace)
 
 
-def test_infinities_nan_signed_zero_and_physical_ids(device):
+def test_infinities_nan_and_signed_zero(device):
     scores, num_pages = _scores(device, num_pages=[12, 9], heads=1, width=12)
     scores[0, 0, :6] = torch.tensor([-math.inf, 0.0, -0.0, math.nan, math.inf, -0.0])
     scores[1, 0, :9] = -math.inf
-    table = torch.randperm(24).view(2, 12).int().to(device)
     for top_k in (3, 8, 12):
-        _check(scores, num_pages, top_k, True, spread=1, page_table=table)
+        _check(scores, num_pages, top_k, True, spread=1)
         _check(scores, num_pages, top_k, False, spread=1)
 
 
@@ -121,19 +110,15 @@ def test_programs_a_row():
 @pytest.mark.parametrize("programs", [2, 3, 5, 16, 32])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("top_k", [1, 128, 256, 3000])
-@pytest.mark.parametrize("digit_bits", [4, 8])
-def test_spread_rows_on_gpu(device, monkeypatch, programs, ties, top_k, digit_bits):
-    monkeypatch.setattr(topk_spread, "DIGIT_BITS", digit_bits)
+def test_spread_rows_on_gpu(device, programs, ties, top_k):
     # Ragged rows (one shorter than a program's part, one empty) over `programs` parts; at
     # most one program an SM over the grid (16 or 4 rows).
     lengths = [6000, 5, 0, 4099]
     heads = 4 if programs <= 8 else 1
     scores, num_pages = _scores(device, num_pages=lengths, heads=heads, width=6000, ties=ties)
     workspace = make_select_workspace(max_rows=16, device=device)
-    table = torch.randperm(4 * 6000, device=device).view(4, 6000).int()
     for pin in _pins(device, 4):
-        _check(scores, num_pages, top_k, pin, spread=programs, workspace=workspace,
-               page_table=table)  # fmt: skip
+        _check(scores, num_pages, top_k, pin, spread=programs, workspace=workspace)
 
 
 @pytest.mark.gpu
@@ -142,9 +127,9 @@ def test_engine_shapes_spread_by_default_on_gpu(device, seqs, width, top_k):
     scores, num_pages = _scores(device, num_pages=[width - s for s in range(seqs)], heads=8)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = spread_programs(
-        rows=seqs * 8, max_pages=width, sm_count=sms, min_chunk=topk._SPREAD_MIN_CHUNK
+        rows=seqs * 8, max_pages=width, sm_count=sms, min_chunk=DEFAULT_TUNING.spread_min_chunk
     )
-    assert programs >= topk._SPREAD_MIN_PROGRAMS
+    assert programs >= DEFAULT_TUNING.spread_min_programs
     workspace = make_select_workspace(max_rows=seqs * 8, device=device)
     _check(scores, num_pages, top_k, True, spread=None, workspace=workspace)
     # In a CUDA graph, replayed: the workspace is zero again after every replay.
