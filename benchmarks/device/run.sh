@@ -6,7 +6,7 @@
 #
 #   tests           every GPU-marked test (gpu and multigpu markers; multigpu ones need 2+ GPUs)
 #   decode-one-gpu  1 GPU: 128K and 512K, batch 1, Quest 2048/4096, dense, SDPA (the README's
-#                   one-GPU rows; run on the code before and after a change to compare)
+#                   one-GPU rows; BASE=DIR times an earlier tree's rows in the same call)
 #   decode-two-gpu  2 GPUs: 1M at batch 1 (Quest 2048/4096, dense), then batch 8 at 216K,
 #                   about the largest batch-8 context that fits, with fp8 key bounds
 #   decode-four-gpu 4 GPUs: 256K and 1M at batches 1 and 8, 3M at batch 1
@@ -32,8 +32,17 @@ case "${1:-}" in
     timeout 580 python -m pytest -q -p no:cacheprovider -m "gpu or multigpu" tests -rs 2>&1 \
       | tail -40 ;;
   decode-one-gpu)
-    timeout 580 python benchmarks/decode.py --contexts 131072,524288 --batches 1 \
-      --budgets 2048,4096 --label "one-gpu$label" --out-dir "$out" 2>&1 | quiet ;;
+    # With BASE=DIR (an export of an earlier commit, its id in BASE_COMMIT), each context is
+    # timed on that tree, then on this one, in the same call.
+    for ctx in 131072 524288; do
+      if [ -n "${BASE:-}" ]; then
+        LONGQUEST_GIT_COMMIT=${BASE_COMMIT:-base} timeout 280 python "$BASE/benchmarks/decode.py" \
+          --contexts $ctx --batches 1 --budgets 2048,4096 --label "one-gpu-base$label-$ctx" \
+          --out-dir "$out" 2>&1 | quiet | grep "context=\|wrote"
+      fi
+      timeout 280 python benchmarks/decode.py --contexts $ctx --batches 1 --budgets 2048,4096 \
+        --label "one-gpu$label-$ctx" --out-dir "$out" 2>&1 | quiet | grep "context=\|wrote"
+    done ;;
   decode-two-gpu)
     timeout 280 torchrun --standalone --nproc-per-node 2 benchmarks/decode.py \
       --contexts 1048576 --batches 1 --budgets 2048,4096 --no-sdpa \
