@@ -47,7 +47,9 @@ class WorkerSetup:
 def worker_setups(
     config: EngineConfig, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float
 ) -> list[WorkerSetup]:
-    """One WorkerSetup a rank, each carrying ``config`` unchanged."""
+    """One WorkerSetup a rank, each carrying the same config: ``config`` with its model
+    directory made absolute, so every actor (whatever its working directory) finds it."""
+    config = dataclasses.replace(config, model=str(Path(config.model).resolve()))
     return [
         WorkerSetup(
             config=config,
@@ -124,14 +126,9 @@ class RankWorker:
 
 
 class RayCluster:
-    """``config.parallel.world_size`` RankWorker actors driven from this process.
-
-    The model directory is resolved to an absolute path once, here, so every actor
-    (whatever its working directory) receives the same config.
-    """
+    """``config.parallel.world_size`` RankWorker actors driven from this process."""
 
     def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        config = dataclasses.replace(config, model=str(Path(config.model).resolve()))
         world_size, device = config.parallel.world_size, config.device
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
