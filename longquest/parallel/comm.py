@@ -38,6 +38,7 @@ from longquest.kernels._checks import check_dim, check_tensor
 from longquest.kernels.global_topk import keep_global_top_k, pack_candidates
 from longquest.kernels.merge import merge_attention_states
 from longquest.kernels.peer import SUM_DTYPES
+from longquest.parallel.collectives import all_gather_into_tensor
 from longquest.parallel.peer import PeerCollectives
 
 
@@ -84,9 +85,6 @@ class SequenceParallelComm:
         self.world_size = world_size
         self.impl = impl
         self.peer = peer
-        # all_gather_single replaces the deprecated all_gather_into_tensor in newer torch;
-        # older releases only have the latter.
-        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def select_global(
         self,
@@ -213,7 +211,7 @@ class SequenceParallelComm:
             return peer.all_gather(tensor)
         flat = tensor.contiguous().view(-1)
         result = torch.empty(self.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-        self._all_gather(result, flat, group=self.group)
+        all_gather_into_tensor(result, flat, group=self.group)
         return result.view(self.world_size, *tensor.shape)
 
 

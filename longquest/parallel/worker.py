@@ -1,7 +1,9 @@
-"""The per-rank engine of sequence parallelism.
+"""One rank of a sequence-parallel group: its rank group and how it is built.
 
 Every rank runs the same generation loop (``LLMEngine``) on the same requests in
-the same order (SPMD). What differs from one device:
+the same order (SPMD). What differs from one device comes in through the engine's
+:class:`~longquest.engine.ranks.RankGroup` seam, which :class:`SequenceParallelRanks`
+implements:
 
 - page ownership (:class:`~longquest.parallel.ownership.PageOwnership`): a rank
   allocates and stores only its own pages of every sequence;
