@@ -1,4 +1,4 @@
-"""The generation loop on one device: admission, chunked prefill, batched Quest decode.
+"""The generation loop of one rank: admission, prefill, batched Quest decode.
 
 Scheduling is continuous batching with prefill first: whenever the waiting queue's
 head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
@@ -376,31 +376,9 @@ class LLMEngine:
         logprobs: list[dict[int, float]] | None,
     ) -> None:
         for i, seq in enumerate(seq_list):
-            token = tokens[i]
-            seq.output.append(token)
-            if seq.params.logprobs is not None:
-                row = logprobs[i]
-                keep = dict(list(row.items())[: seq.params.logprobs + 1])
-                keep[token] = row[token]
-                seq.logprobs.append(keep)
-            self._check_finished(seq, token)
-
-    def _check_finished(self, seq: Sequence, token: int) -> None:
-        # The text is decoded when the sequence finishes, or every step when stop strings
-        # must be searched: decoding the whole output each step costs O(n^2) in its length.
-        params = seq.params
-        if not params.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-            seq.text = self.detokenize(seq.output[:-1])
-            return
-        if params.stop:
-            seq.text = self.detokenize(seq.output)
-            for stop in params.stop:
-                cut = seq.text.find(stop)
-                if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    seq.finish_reason = "stop"
-                    return
-        if len(seq.output) >= params.max_tokens:
-            seq.text = seq.text if params.stop else self.detokenize(seq.output)
-            seq.finish_reason = "length"
+            seq.append_token(
+                tokens[i],
+                logprobs=None if logprobs is None else logprobs[i],
+                eos_token_ids=self.eos_token_ids,
+                detokenize=self.detokenize,
+            )
