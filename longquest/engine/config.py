@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = (
@@ -256,11 +257,7 @@ class EngineConfig:
             )
         if self.impl not in IMPLS:
             raise ValueError(f"EngineConfig.impl must be one of {IMPLS}, got {self.impl!r}")
-        for name, kind in (
-            ("quest", QuestConfig),
-            ("cache", CacheConfig),
-            ("parallel", ParallelConfig),
-        ):
+        for name, kind in _nested_configs(type(self)).items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(
                     f"EngineConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}"
@@ -274,14 +271,21 @@ class EngineConfig:
     def from_json(cls, text: str) -> EngineConfig:
         """The config ``to_json`` wrote; ValueError names a field it does not know."""
         fields = json.loads(text)
-        nested = {"quest": QuestConfig, "cache": CacheConfig, "parallel": ParallelConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(
                 f"EngineConfig JSON has unknown fields {unknown}; known: {sorted(known)}"
             )
-        for name, kind in nested.items():
+        for name, kind in _nested_configs(cls).items():
             if name in fields:
                 fields[name] = kind(**fields[name])
         return cls(**fields)
+
+
+def _nested_configs(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` that are configs themselves (dataclasses), by name: a config
+    field added to EngineConfig is validated and read back from JSON with no more code."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    return {f.name: hints[f.name] for f in fields if dataclasses.is_dataclass(hints[f.name])}
