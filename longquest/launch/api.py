@@ -66,8 +66,8 @@ class LLM:
             )
         if config.parallel.launcher not in API_LAUNCHERS:
             raise ValueError(
-                f"LLM starts launcher {API_LAUNCHERS}, got {config.parallel.launcher!r}; start "
-                "torchrun ranks with `longquest batch --launcher torchrun` or torchrun itself"
+                f"LLM starts the 'local' or the 'ray' launcher, got {config.parallel.launcher!r}; "
+                "start torchrun ranks with `longquest batch --launcher torchrun` or torchrun"
             )
         self.config = config
         self.quest = config.quest

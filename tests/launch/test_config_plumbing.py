@@ -208,3 +208,35 @@ def test_torchrun_entry_takes_the_same_engine_options():
     assert shared <= entry
     own = {"--config-json", "--timeout", "--input", "--output", "--group-size"}
     assert entry - shared - NOT_ENGINE["generate"] == own
+
+
+def test_engine_config_reads_back_from_json_and_refuses_what_it_does_not_know():
+    from longquest.engine.config import CacheConfig, ParallelConfig, QuestConfig
+
+    config = EngineConfig(
+        model=MODEL,
+        dtype="bfloat16",
+        quest=QuestConfig(token_budget=None, spread_selection=False),
+        cache=CacheConfig(max_tokens=100, bounds_dtype="float8_e4m3fn"),
+        parallel=ParallelConfig(world_size=2, launcher="ray", split_mlp=False),
+    )
+    assert EngineConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        EngineConfig.from_json('{"model": "m", "budget": 1}')
+    with pytest.raises(ValueError, match="launcher='local' runs on one device"):
+        ParallelConfig(world_size=2)
+    with pytest.raises(ValueError, match="must be a QuestConfig"):
+        EngineConfig(model=MODEL, quest={"token_budget": 1})
+
+
+def test_llm_takes_a_config_or_settings_not_both():
+    from longquest.engine.config import ParallelConfig
+    from longquest.launch.api import LLM
+
+    with pytest.raises(ValueError, match="not both"):
+        LLM(config=EngineConfig(model=MODEL), dtype="float32")
+    with pytest.raises(ValueError, match="not both"):
+        LLM(MODEL, config=EngineConfig(model=MODEL))
+    torchrun_config = EngineConfig(model=MODEL, parallel=ParallelConfig(launcher="torchrun"))
+    with pytest.raises(ValueError, match="'local' or the 'ray' launcher"):
+        LLM(config=torchrun_config)
