@@ -6,7 +6,7 @@ Run one process per GPU (NCCL); ``--nproc-per-node 1`` is the single-GPU engine:
 
 The model is Llama-3.1-8B-shaped with random bf16 weights (decode speed does not
 depend on weight values). Each sequence's KV cache is filled synthetically
-(:func:`longquest.engine.synthetic.fill_synthetic`: seeded random keys and values
+(:func:`benchmarks.synthetic.fill_synthetic`: seeded random keys and values
 per page, exact Quest bounds) instead of a prefill. For every (context, batch) that
 fits, the same engine decodes the same sequences in each mode:
 
@@ -48,21 +48,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from longquest.engine.builder import resolve_bounds_dtype  # noqa: E402
-from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
-from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
-from longquest.engine.engine import LLMEngine  # noqa: E402
-from longquest.engine.synthetic import (  # noqa: E402
+from benchmarks.synthetic import (  # noqa: E402
     decode_steps,
     fill_synthetic,
     llama31_8b_config,
     random_model,
 )
+from longquest.engine.builder import resolve_bounds_dtype  # noqa: E402
+from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
+from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
+from longquest.engine.engine import LLMEngine  # noqa: E402
 from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.peer import PeerCollectives  # noqa: E402
-from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
+from longquest.parallel.worker import SequenceParallelRanks  # noqa: E402
 
 PAGE = 16  # the default; --page-size changes it
 
@@ -144,14 +144,15 @@ def make_engine(model, config, *, num_pages, page_size, device, dtype, group, ra
         return LLMEngine(**common)
     ownership = PageOwnership(world_size=world, page_size=page_size, prefill_chunk_tokens=8192)
     comm = SequenceParallelComm(group=group, rank=rank, world_size=world, peer=peer)
-    return SequenceParallelEngine(group=group, ownership=ownership, world_size=world, rank=rank,
-                                  comm=comm, split_mlp=split_mlp, **common)  # fmt: skip
+    ranks = SequenceParallelRanks(group=group, ownership=ownership, world_size=world, rank=rank,
+                                  comm=comm, device=device, split_mlp=split_mlp)  # fmt: skip
+    return LLMEngine(ranks=ranks, **common)
 
 
 def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
     """ms per decode step of each component, replayed alone at this batch's shapes."""
     config, device, cache = engine.config, engine.device, engine.cache
-    batch = engine._batch
+    batch = engine.decode_batch
     rows = len(batch.request_ids)
     dtype = cache.shape.dtype
     world = engine.world_size
@@ -302,11 +303,12 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
     """Device time of the step's captured graph alone, and the host time of one
     ``graph.replay()`` call (the launch). The rest of a step is host work: sampling,
     bookkeeping. Replays rewrite the same slot with the same values: the cache stays."""
-    batch = engine._batch
-    if batch is None or not batch._graphs:
+    batch = engine.decode_batch
+    graphs = batch.graphs() if batch is not None else {}
+    if not graphs:
         return None, None
-    key = max(batch._graphs)  # (sparse, greedy, steps): the sparse graph if there is one
-    graph, _ = batch._graphs[key]
+    key = max(graphs)  # (sparse, greedy, steps): the sparse graph if there is one
+    graph = graphs[key]
     steps = key[2]
     group = engine_group(engine)
     torch.cuda.synchronize()
@@ -342,14 +344,15 @@ def profile_step(engine, *, replays: int = 5) -> dict | None:
     """Kernels of the step's captured graph, by kind, from the CUDA profiler (rank 0's
     view; every rank replays alike): device time a step per kind, and the step's span
     against its kernels' busy time (the rest is gaps between kernels)."""
-    batch = engine._batch
-    if batch is None or not batch._graphs or engine.device.type != "cuda":
+    batch = engine.decode_batch
+    graphs = batch.graphs() if batch is not None else {}
+    if not graphs or engine.device.type != "cuda":
         return None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    key = max(batch._graphs)
-    graph, _ = batch._graphs[key]
+    key = max(graphs)
+    graph = graphs[key]
     steps = key[2] * replays
     group = engine_group(engine)
     torch.cuda.synchronize()
@@ -447,7 +450,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
                                        params=params))  # fmt: skip
     except (CacheCapacityError, ValueError) as error:
         for seq in seqs:
-            engine._release(seq)
+            engine.release(seq)
         row["skipped"] = f"does not fit: {str(error)[:200]}"
         log(rank, json.dumps(row))
         return row
@@ -467,7 +470,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     peer = getattr(engine.comm, "peer", None) if world > 1 else None
     for index, (name, quest, kind, selection) in enumerate(modes):
         engine.quest = quest
-        engine._batch = None
+        engine.drop_decode_batch()
         if world > 1:  # the comm is also the MLP split's: both switch together
             engine.comm.peer = peer if kind == "peer" else None
         warmup = args.warmup * (2 if index == 0 else 1)
@@ -497,14 +500,14 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
                   f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
                   f"graph {entry['graph_replay_ms']}, launch {entry['graph_launch_host_ms']}) "
                   f"{json.dumps(entry['breakdown_ms'])}")  # fmt: skip
-    engine._batch = None
+    engine.drop_decode_batch()
     if world == 1 and not args.no_sdpa:
         ms = sdpa_ms(engine, batch=batch, context=context, iters=args.iters)
         results["sdpa"] = {"ms_per_token": None if ms is None else round(ms, 4)}
         log(rank, f"  sdpa: {ms}")
     gc.unfreeze()
     for seq in seqs:
-        engine._release(seq)
+        engine.release(seq)
     if world > 1:
         engine.comm.peer = peer
     row["modes"] = results
@@ -518,7 +521,7 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
 
 
 def engine_group(engine):
-    return getattr(engine, "group", None)
+    return getattr(engine.ranks, "group", None)
 
 
 def main() -> int:
@@ -629,7 +632,7 @@ def main() -> int:
         "mlp_split_over_ranks": engine.mlp_split is not None,
         "peer_collectives_possible": peer is not None,
         "bounds_dtype": str(engine.cache.shape.key_bounds_dtype),
-        "fill": "synthetic (longquest.engine.synthetic.fill_synthetic)", "rows": rows,
+        "fill": "synthetic (benchmarks.synthetic.fill_synthetic)", "rows": rows,
     }  # fmt: skip
     if rank == 0:
         from benchmarks.common import write_result

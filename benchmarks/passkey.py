@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import print_table, write_result  # noqa: E402
 from longquest.engine.builder import build_engine  # noqa: E402
 from longquest.engine.cache import pages_for  # noqa: E402
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
+from longquest.engine.config import CacheConfig, EngineConfig, QuestConfig, SamplingParams  # noqa: E402
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -48,7 +48,7 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
     saved = engine.cache.key_min[:, tail].clone(), engine.cache.key_max[:, tail].clone()
     engine.quest = quest
     for _ in range(steps - 1):
-        engine._decode_step([seq])
+        engine.decode([seq])
         if seq.finish_reason:
             break
     text = seq.text if seq.finish_reason else engine.detokenize(seq.output)
@@ -58,7 +58,7 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
     seq.reserved_pages += len(grown)
     seq.local_pages = seq.local_pages[:keep]
     engine.cache.key_min[:, tail], engine.cache.key_max[:, tail] = saved
-    engine._batch = None  # the page table changed under the captured batch
+    engine.drop_decode_batch()  # the page table changed under the captured batch
     seq.output, seq.finish_reason, seq.text = first, None, ""
     return text
 
@@ -123,15 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     engines = {
         (page, bounds): build_engine(
-            model_dir,
-            dtype="float32",
-            device="cpu",
-            quest=QuestConfig(token_budget=None, page_size=page),
-            cache=CacheConfig(
-                max_tokens=max(contexts) + 256,
-                bounds_dtype=None if bounds == "model" else bounds,
-            ),
-            prefill_chunk_tokens=4096,
+            EngineConfig(
+                model=str(model_dir),
+                dtype="float32",
+                device="cpu",
+                quest=QuestConfig(token_budget=None, page_size=page),
+                cache=CacheConfig(
+                    max_tokens=max(contexts) + 256,
+                    bounds_dtype=None if bounds == "model" else bounds,
+                ),
+                prefill_chunk_tokens=4096,
+            )
         )[0]
         for page, bounds in setups
     }
@@ -149,16 +151,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             ids = passkey_prompt_ids(tokenizer=tokenizer, messages=task.prompt_messages)
             for (page, bounds), engine in engines.items():
-                seq = engine._new_sequence(0, ids, params)
-                engine._try_reserve(seq)
-                engine._prefill(seq, None)
+                seq = engine.add_request(ids, params)
+                engine.prefill(seq)
                 for budget in budgets:
                     quest = QuestConfig(
                         token_budget=budget, page_size=page, dense_layers=args.dense_layers
                     )
                     text = decode_with(engine, seq, quest, args.max_tokens)
                     right[((page, bounds), context, budget)] += score_passkey(text, task.passkey)
-                engine._release(seq)
+                engine.release(seq)
                 print(f"  {setup_name((page, bounds))} context {context} trial {trial}: "
                       f"{[right[((page, bounds), context, b)] for b in budgets]}",
                       flush=True)  # fmt: skip

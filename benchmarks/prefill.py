@@ -53,16 +53,16 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device_slug, environment  # noqa: E402
+from benchmarks.synthetic import llama31_8b_config, random_model  # noqa: E402
 from longquest.engine.cache import CacheShape, KVCache, pages_for  # noqa: E402
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
 from longquest.engine.engine import LLMEngine  # noqa: E402
-from longquest.engine.synthetic import llama31_8b_config, random_model  # noqa: E402
 from longquest.kernels import merge_attention_states, prefill_attention  # noqa: E402
 from longquest.kernels.ref import prefill_attention_ref  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.prefill import ContextParallelAttention, RoundPlan  # noqa: E402
-from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
+from longquest.parallel.worker import SequenceParallelRanks  # noqa: E402
 
 PAGE = 16
 STRATEGIES = ("pass_q", "ring", "allgather_kv")
@@ -225,9 +225,9 @@ def make_engine(
         return LLMEngine(**common)
     comm = SequenceParallelComm(group=bench.group, rank=rank, world_size=world)
     ownership = PageOwnership(world_size=world, page_size=PAGE, prefill_chunk_tokens=chunk)
-    return SequenceParallelEngine(
-        group=bench.group, ownership=ownership, world_size=world, rank=rank, comm=comm, **common
-    )
+    ranks = SequenceParallelRanks(group=bench.group, ownership=ownership, world_size=world,
+                                  rank=rank, comm=comm, device=bench.device)  # fmt: skip
+    return LLMEngine(ranks=ranks, **common)
 
 
 def fits(

@@ -12,7 +12,7 @@ Run with torchrun, one process per GPU (NCCL):
 2. Capacity: the single-device engine, with its cache sized from free GPU memory,
    refuses a context of ``--long-context`` tokens (default: 1.3x what one GPU holds,
    at least 1.2M); the sequence-parallel engine fills that context synthetically
-   (longquest.engine.synthetic.fill_synthetic: seeded random K/V per page, exact
+   (benchmarks.synthetic.fill_synthetic: seeded random K/V per page, exact
    bounds) and decodes from it, Quest and dense, timing each step.
 """
 
@@ -33,19 +33,19 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from longquest.engine.builder import cache_pages  # noqa: E402
-from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
-from longquest.engine.engine import LLMEngine  # noqa: E402
-from longquest.engine.synthetic import (  # noqa: E402
+from benchmarks.synthetic import (  # noqa: E402
     decode_steps,
     fill_synthetic,
     llama31_8b_config,
     random_model,
 )
+from longquest.engine.builder import cache_pages  # noqa: E402
+from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
+from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams  # noqa: E402
+from longquest.engine.engine import LLMEngine  # noqa: E402
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
-from longquest.parallel.worker import SequenceParallelEngine  # noqa: E402
+from longquest.parallel.worker import SequenceParallelRanks  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -75,15 +75,16 @@ def make_engine(model, config, quest, *, num_pages, device, group=None, rank=0, 
     )
     if group is None:
         return LLMEngine(**common)
-    return SequenceParallelEngine(
+    ranks = SequenceParallelRanks(
         group=group,
         ownership=PageOwnership(world_size=world, page_size=quest.page_size,
                                 prefill_chunk_tokens=8192),
         world_size=world,
         rank=rank,
         comm=SequenceParallelComm(group=group, rank=rank, world_size=world),
-        **common,
+        device=device,
     )  # fmt: skip
+    return LLMEngine(ranks=ranks, **common)
 
 
 def free() -> None:

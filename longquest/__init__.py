@@ -5,9 +5,15 @@ llm = LLM(model_dir, quest=QuestConfig(token_budget=4096))
 outputs = llm.generate(["..."], SamplingParams(max_tokens=64))
 """
 
-from longquest.engine.config import CacheConfig, ParallelConfig, QuestConfig, SamplingParams
+from longquest.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    QuestConfig,
+    SamplingParams,
+)
 
-__all__ = ["LLM", "CacheConfig", "ParallelConfig", "QuestConfig", "SamplingParams"]
+__all__ = ["LLM", "CacheConfig", "EngineConfig", "ParallelConfig", "QuestConfig", "SamplingParams"]
 __version__ = "0.1.0"
 
 

@@ -120,9 +120,8 @@ def test_passkey_rewind_restores_the_prefilled_cache(tmp_path):
     model_dir = make_tiny_model(tmp_path, architecture="llama3.1")
     engine = make_engine(model_dir, quest=QuestConfig(token_budget=None), num_pages=32)
     prompt = torch.randint(3, 200, (16 * 7 + 12,), generator=torch.Generator().manual_seed(0))
-    seq = engine._new_sequence(0, prompt.tolist(), SamplingParams(max_tokens=12, ignore_eos=True))
-    engine._try_reserve(seq)
-    engine._prefill(seq, None)
+    seq = engine.add_request(prompt.tolist(), SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.prefill(seq)
     state = (list(seq.local_pages), seq.reserved_pages, engine.allocator.num_free)
     mine = [physical for _, physical in seq.local_pages]  # freed pages' bounds are garbage
     bounds = engine.cache.key_min[:, mine].clone(), engine.cache.key_max[:, mine].clone()

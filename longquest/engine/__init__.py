@@ -2,10 +2,18 @@
 
 from longquest.engine.config import (
     CacheConfig,
+    EngineConfig,
     ModelConfig,
     ParallelConfig,
     QuestConfig,
     SamplingParams,
 )
 
-__all__ = ["CacheConfig", "ModelConfig", "ParallelConfig", "QuestConfig", "SamplingParams"]
+__all__ = [
+    "CacheConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "QuestConfig",
+    "SamplingParams",
+]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from longquest.engine.cache import KVCache
+from longquest.engine.cache import KVCache, gather_pages, key_peak
 from longquest.engine.config import QuestConfig
 from longquest.kernels import (
     DEFAULT_TUNING,
@@ -177,7 +177,7 @@ class PagedAttention:
             return
         if layer == 0:
             self._key_peaks = []
-        self._key_peaks.append(key.detach().abs().amax().float())
+        self._key_peaks.append(key_peak(key))
         if layer != self.cache.shape.num_layers - 1:
             return
         peaks = torch.stack(self._key_peaks).cpu()
@@ -192,9 +192,9 @@ class PagedAttention:
         self._append(layer, key, value, meta.slot_mapping, meta.append_plan)
         k_cache, v_cache, _, _ = self.cache.layer(layer)
         # Earlier chunks' keys come back from the pages: [tokens, num_kv_heads, head_dim].
-        pages = meta.page_table.long()
-        keys = k_cache[pages].transpose(1, 2).flatten(0, 1)[: meta.seq_end]
-        values = v_cache[pages].transpose(1, 2).flatten(0, 1)[: meta.seq_end]
+        keys, values = gather_pages(
+            k_cache=k_cache, v_cache=v_cache, pages=meta.page_table, num_tokens=meta.seq_end
+        )
         out, _ = prefill_attention(
             query=query,
             key=keys,

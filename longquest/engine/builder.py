@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 
 from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
-from longquest.engine.config import CacheConfig, ModelConfig, QuestConfig
+from longquest.engine.config import DTYPE_NAMES, CacheConfig, EngineConfig, ModelConfig
 from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
+from longquest.engine.ranks import RankGroup
 from longquest.engine.tokenizer import Tokenizer
 
 # The CPU has no memory query the engine trusts (other processes share it), so
@@ -28,6 +26,7 @@ DTYPES = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
+assert tuple(DTYPES) == DTYPE_NAMES, "EngineConfig validates the names resolve_dtype knows"
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -89,36 +88,31 @@ def cache_pages(
 
 
 def build_engine(
-    model_dir: str | Path,
+    config: EngineConfig,
     *,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device | None = None,
-    quest: QuestConfig | None = None,
-    cache: CacheConfig | None = None,
-    prefill_chunk_tokens: int = 8192,
-    impl: str | None = None,
-    world_size: int = 1,
-    make_engine: Callable[..., LLMEngine] = LLMEngine,
+    device: torch.device | str | None = None,
+    ranks: RankGroup | None = None,
 ) -> tuple[LLMEngine, Tokenizer]:
     """Load the model and tokenizer, size the cache, return the engine and tokenizer.
 
-    make_engine: the engine class or a partial of it; the sequence-parallel worker
-    passes ``functools.partial(SequenceParallelEngine, group=..., ...)``. With
-    ``world_size > 1`` the cache is sized for this rank's share of the context.
+    config: what to build (model, dtype, Quest, cache, prefill chunk, kernels).
+    device: where this rank runs; None resolves ``config.device``.
+    ranks: the rank group (the sequence-parallel worker passes its own); None is one
+        device. With ``config.parallel.world_size > 1`` the cache is sized for this
+        rank's share of the context.
     """
-    quest = quest or QuestConfig()
-    cache = cache or CacheConfig()
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    model, config = load_model(model_dir, dtype=torch_dtype, device=device)
-    tokenizer = Tokenizer(model_dir)
+    quest = config.quest
+    device = resolve_device(config.device if device is None else device)
+    torch_dtype = resolve_dtype(config.dtype, device)
+    model, model_config = load_model(config.model, dtype=torch_dtype, device=device)
+    tokenizer = Tokenizer(config.model)
     num_pages = cache_pages(
-        config=config,
-        cache=cache,
+        config=model_config,
+        cache=config.cache,
         page_size=quest.page_size,
         dtype=torch_dtype,
         device=device,
-        world_size=world_size,
+        world_size=config.parallel.world_size,
     )
     if num_pages < 1:
         raise ValueError(
@@ -126,22 +120,23 @@ def build_engine(
             "use a smaller model, a larger CacheConfig.memory_fraction or more GPUs"
         )
     shape = CacheShape(
-        num_layers=config.num_layers,
+        num_layers=model_config.num_layers,
         num_pages=num_pages,
         page_size=quest.page_size,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
         dtype=torch_dtype,
-        bounds_dtype=resolve_bounds_dtype(cache.bounds_dtype),
+        bounds_dtype=resolve_bounds_dtype(config.cache.bounds_dtype),
     )
-    engine = make_engine(
+    engine = LLMEngine(
         model=model,
-        model_config=config,
+        model_config=model_config,
         cache=KVCache(shape, device=device),
         quest=quest,
         detokenize=tokenizer.decode,
-        eos_token_ids=tuple(config.eos_token_ids) + tokenizer.eos_token_ids,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-        impl=impl,
+        eos_token_ids=tuple(model_config.eos_token_ids) + tokenizer.eos_token_ids,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
+        impl=config.impl,
+        ranks=ranks,
     )
     return engine, tokenizer

@@ -124,6 +124,31 @@ class KVCache:
         return self.k[index], self.v[index], self.key_min[index], self.key_max[index]
 
 
+def gather_pages(
+    *, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, num_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous K and V ``[tokens, num_kv_heads, head_dim]`` of the given pages.
+
+    k_cache, v_cache: one layer's ``[num_pages, num_kv_heads, page_size, head_dim]``.
+    pages: ``[n]`` int physical pages in position order.
+    num_tokens: keep the first ``num_tokens`` tokens (a partial last page); None keeps all.
+    """
+    index = pages.long()
+    keys = k_cache[index].transpose(1, 2).flatten(0, 1)
+    values = v_cache[index].transpose(1, 2).flatten(0, 1)
+    if num_tokens is not None:
+        keys, values = keys[:num_tokens], values[:num_tokens]
+    return keys, values
+
+
+def key_peak(key: torch.Tensor) -> torch.Tensor:
+    """The largest ``|k|`` of ``key`` as a 0-dim fp32 tensor on its device (0 when empty),
+    with no host sync: what the fp8-bounds check of a prompt's keys compares to 448."""
+    if not key.numel():
+        return key.new_zeros((), dtype=torch.float32)
+    return key.detach().abs().amax().float()
+
+
 def pages_for(num_tokens: int, page_size: int) -> int:
     """Pages needed to hold ``num_tokens`` tokens."""
     return -(-num_tokens // page_size)

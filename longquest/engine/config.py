@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = (
@@ -95,19 +98,39 @@ class CacheConfig:
             )
 
 
+# Launchers that start an engine's ranks (longquest.launch): one device in this process,
+# Ray actors, or processes torchrun started.
+LAUNCHERS = ("local", "ray", "torchrun")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Sequence parallelism: how many ranks share every sequence's KV pages."""
+    """How many ranks share every sequence's KV pages, and how they are started.
+
+    world_size: sequence-parallel ranks (one GPU each).
+    launcher: ``"local"`` (one device, this process), ``"ray"`` or ``"torchrun"``.
+    split_mlp: decode splits every MLP over the ranks (each reads ``1 / world_size``
+        of the MLP weights; one all-reduce sums the parts).
+    peer_collectives: decode's collectives write straight into the other GPUs' memory
+        where every rank can; else NCCL.
+    """
 
     world_size: int = 1
-    prefill_chunk_tokens: int = 8192
+    launcher: str = "local"
+    split_mlp: bool = True
+    peer_collectives: bool = True
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"ParallelConfig.world_size must be >= 1, got {self.world_size}")
-        if self.prefill_chunk_tokens < 1:
+        if self.launcher not in LAUNCHERS:
             raise ValueError(
-                f"ParallelConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}"
+                f"ParallelConfig.launcher must be one of {LAUNCHERS}, got {self.launcher!r}"
+            )
+        if self.launcher == "local" and self.world_size != 1:
+            raise ValueError(
+                "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
+                f"for world_size={self.world_size}"
             )
 
 
@@ -181,3 +204,88 @@ class ModelConfig:
     @property
     def group_size(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
+
+
+# EngineConfig.dtype values: "auto" is bf16 on CUDA and fp32 on the CPU.
+DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+# EngineConfig.impl values: None picks Triton on CUDA and PyTorch on the CPU.
+IMPLS = (None, "triton", "torch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Everything that decides how an engine is built, from the API or the CLI to every rank.
+
+    model: the Hugging Face model directory (config.json, tokenizer, safetensors).
+    dtype: one of ``DTYPE_NAMES``; ``"auto"`` is bf16 on CUDA and fp32 on the CPU.
+    device: "cuda", "cuda:N", "cpu" or None (CUDA when available). Ranks of a
+        sequence-parallel group each take their own GPU.
+    prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
+    impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
+
+    Frozen and plain: launchers pass it on unchanged, and ``to_json`` / ``from_json``
+    carry it to processes started elsewhere (torchrun).
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+    quest: QuestConfig = field(default_factory=QuestConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    prefill_chunk_tokens: int = 8192
+    impl: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                f"EngineConfig.model must be a model directory path as a str, got {self.model!r}"
+            )
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"EngineConfig.dtype: unknown dtype {self.dtype!r}; use one of "
+                f"{', '.join(DTYPE_NAMES)}"
+            )
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(
+                f"EngineConfig.device must be a str such as 'cuda:0' or 'cpu', or None; got "
+                f"{self.device!r}"
+            )
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(
+                f"EngineConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"EngineConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        for name, kind in _nested_configs(type(self)).items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(
+                    f"EngineConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}"
+                )
+
+    def to_json(self) -> str:
+        """The config as JSON text (``from_json`` reads it back equal)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        """The config ``to_json`` wrote; ValueError names a field it does not know."""
+        fields = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"EngineConfig JSON has unknown fields {unknown}; known: {sorted(known)}"
+            )
+        for name, kind in _nested_configs(cls).items():
+            if name in fields:
+                fields[name] = kind(**fields[name])
+        return cls(**fields)
+
+
+def _nested_configs(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` that are configs themselves (dataclasses), by name: a config
+    field added to EngineConfig is validated and read back from JSON with no more code."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    return {f.name: hints[f.name] for f in fields if dataclasses.is_dataclass(hints[f.name])}

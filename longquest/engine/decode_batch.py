@@ -135,6 +135,11 @@ class DecodeBatch:
         )
         return info[:, POSITION], meta
 
+    def graphs(self) -> dict[tuple, torch.cuda.CUDAGraph]:
+        """The captured CUDA graphs by key (see :meth:`run`); replaying one reruns that
+        step on the same buffers (benchmarks time it)."""
+        return {key: graph for key, (graph, _) in self._graphs.items()}
+
     def run(self, *, key: tuple, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run the step: ``forward()`` eagerly, or its CUDA graph once captured.
 

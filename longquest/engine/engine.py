@@ -1,48 +1,33 @@
-"""The generation loop on one device: admission, chunked prefill, batched Quest decode.
+"""The generation loop of one rank: admission, prefill, batched Quest decode.
 
 Scheduling is continuous batching with prefill first: whenever the waiting queue's
 head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
 running request never runs out of pages), it is prefilled and joins the decode batch.
 
-The loop is written SPMD-ready: page ownership and the cross-rank steps are
-injected (``owner``, ``comm``, ``broadcast_tokens``), so the sequence-parallel
-worker in longquest.parallel runs this same loop on every rank.
+The loop is written SPMD-ready: page ownership, admission, prefill and the
+cross-rank steps go through one injected :class:`~longquest.engine.ranks.RankGroup`,
+so the sequence-parallel worker in longquest.parallel runs this same loop on every rank.
+
+The public methods below (``add_request``, ``prefill``, ``decode``, ``release``,
+``grow``, ``drop_decode_batch``, ``decode_batch``) are what ``generate`` is made
+of; benchmarks drive the engine through them one step at a time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from longquest.engine.attention import (
-    AttentionComm,
-    LocalComm,
-    PagedAttention,
-    PrefillMetadata,
-)
+from longquest.engine.attention import PagedAttention
 from longquest.engine.cache import CacheCapacityError, KVCache, PageAllocator, pages_for
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
 from longquest.engine.decode_batch import DecodeBatch
-from longquest.engine.model import MlpSplit, Model
+from longquest.engine.model import Model
+from longquest.engine.ranks import ProgressCallback, RankGroup, SingleDevice
 from longquest.engine.sampler import sample, top_logprobs
 from longquest.engine.sequence import RequestOutput, Sequence
-from longquest.kernels import plan_append
-
-
-class PageOwner(Protocol):
-    """Which rank holds a sequence's page (longquest.parallel.ownership implements it)."""
-
-    def owner(self, *, prompt_len: int, page_index: int) -> int: ...
-
-
-class OwnEverything:
-    """Single device: rank 0 holds every page."""
-
-    def owner(self, *, prompt_len: int, page_index: int) -> int:
-        return 0
 
 
 class Detokenizer(Protocol):
@@ -63,9 +48,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...],
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
-        rank: int = 0,
-        owner: PageOwner | None = None,
-        comm: AttentionComm | None = None,
+        ranks: RankGroup | None = None,
         cuda_graphs: bool | None = None,
         steps_per_launch: int | None = None,
     ) -> None:
@@ -76,16 +59,18 @@ class LLMEngine:
         self.cache = cache
         self.quest = quest
         self.page_size = cache.shape.page_size
-        self.allocator = PageAllocator(cache.shape.num_pages)
+        self.ranks = ranks or SingleDevice()
+        self.rank = self.ranks.rank
+        self.world_size = self.ranks.world_size
+        self.comm = self.ranks.comm
+        # Every rank plans with the same pool, so capacity decisions agree.
+        self.allocator = PageAllocator(self.ranks.agreed_pages(cache.shape.num_pages))
         self.detokenize = detokenize
         self.eos_token_ids = set(eos_token_ids)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.impl = impl
-        self.rank = rank
-        self.owner = owner or OwnEverything()
-        self.comm = comm or LocalComm()
-        # Set by a sequence-parallel engine to split decode MLPs over its ranks.
-        self.mlp_split: MlpSplit | None = None
+        # Decode splits the MLPs over the ranks where the rank group does.
+        self.mlp_split = self.ranks.mlp_split(model=model, model_config=model_config)
         self.device = cache.k.device
         # Decode steps replay CUDA graphs by default on CUDA with the Triton kernels.
         if cuda_graphs is None:
@@ -104,8 +89,6 @@ class LLMEngine:
         self._batch: DecodeBatch | None = None
 
     # ----------------------------------------------------------------- public API
-    world_size = 1
-
     @property
     def capacity_tokens(self) -> int:
         """Tokens the cache holds across all ranks (one sequence, balanced ownership)."""
@@ -116,7 +99,7 @@ class LLMEngine:
         prompts: list[list[int]],
         params: list[SamplingParams],
         *,
-        on_progress: Callable[[str, int, int], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order.
 
@@ -135,10 +118,10 @@ class LLMEngine:
                 while waiting and self._try_reserve(waiting[-1]):
                     seq = waiting.pop()
                     prefilling = seq
-                    self._prefill(seq, on_progress)
+                    self.prefill(seq, on_progress=on_progress)
                     prefilling = None
                     if seq.finish_reason:
-                        self._release(seq)
+                        self.release(seq)
                         done.append(seq)
                     else:
                         running.append(seq)
@@ -146,10 +129,10 @@ class LLMEngine:
                     if waiting:  # nothing running yet the head doesn't fit: cannot happen
                         raise CacheCapacityError("a request does not fit the empty cache")
                     continue
-                self._decode_step(running)
+                self.decode(running)
                 for seq in [s for s in running if s.finish_reason]:
                     running.remove(seq)
-                    self._release(seq)
+                    self.release(seq)
                     done.append(seq)
                     if on_progress:
                         on_progress("requests", len(done), len(prompts))
@@ -157,16 +140,72 @@ class LLMEngine:
             # A failed call (bad input found mid-prefill, Ctrl-C) gives its pages back, so
             # the engine serves the next call with its whole cache.
             for seq in running + ([prefilling] if prefilling else []):
-                self._release(seq)
+                self.release(seq)
             raise
         return [s.result() for s in sorted(done, key=lambda s: s.request_id)]
+
+    def add_request(
+        self, prompt: list[int], params: SamplingParams, *, request_id: int = 0
+    ) -> Sequence:
+        """A new sequence for ``prompt`` with its pages reserved (prompt + max_tokens).
+
+        Raises ValueError for an empty prompt and CacheCapacityError when the request
+        does not fit the cache, or not its free pages now. Requests decoded together
+        need distinct ``request_id`` values. Follow with :meth:`prefill`.
+        """
+        seq = self._new_sequence(request_id, prompt, params)
+        if not self._try_reserve(seq):
+            raise CacheCapacityError(
+                f"request {request_id} does not fit the {self.allocator.num_free} free pages "
+                "now; release a sequence first"
+            )
+        return seq
+
+    def prefill(self, seq: Sequence, *, on_progress: ProgressCallback | None = None) -> None:
+        """Exact prefill of ``seq``'s prompt (through the rank group), then sample its
+        first output token."""
+        start_time = time.perf_counter()
+        logits = self.ranks.prefill(engine=self, seq=seq, on_progress=on_progress)
+        self._accept(seq_list=[seq], logits=logits)
+        seq.prefill_seconds = time.perf_counter() - start_time
+
+    def grow(self, seq: Sequence, *, num_tokens: int) -> None:
+        """Give ``seq`` the pages this rank holds of its first ``num_tokens`` tokens,
+        from its reservation."""
+        have = seq.local_pages[-1][0] + 1 if seq.local_pages else 0
+        for page in range(have, pages_for(num_tokens, self.page_size)):
+            if self.ranks.owner(prompt_len=len(seq.prompt), page_index=page) == self.rank:
+                (physical,) = self.allocator.allocate(1, reserved=True)
+                seq.reserved_pages -= 1
+                seq.local_pages.append((page, physical))
+
+    def release(self, seq: Sequence) -> None:
+        """Free ``seq``'s pages and what is left of its reservation."""
+        self._batch = None  # its tables name the pages freed here
+        self.allocator.free([physical for _, physical in seq.local_pages])
+        self.allocator.release_reservation(seq.reserved_pages)
+        seq.local_pages, seq.reserved_pages = [], 0
+
+    @property
+    def decode_batch(self) -> DecodeBatch | None:
+        """The decode batch of the last :meth:`decode` (its buffers and captured graphs),
+        or None after a release."""
+        return self._batch
+
+    def drop_decode_batch(self) -> None:
+        """Forget the decode batch: the next :meth:`decode` rebuilds it (and captures its
+        graphs again). Needed after anything the batch's tables or graphs depend on
+        changed under it: the pages of a sequence, ``quest``, the comm's collectives."""
+        self._batch = None
 
     # --------------------------------------------------------------- bookkeeping
     def _new_sequence(self, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
         if not prompt:
             raise ValueError(f"prompt {index} is empty; give at least one token")
         total = len(prompt) + params.max_tokens
-        need = self._most_pages_needed(len(prompt), total)
+        need = self.ranks.most_pages_needed(
+            prompt_len=len(prompt), num_pages=pages_for(total, self.page_size)
+        )
         if need > self.allocator.num_pages:
             raise CacheCapacityError(
                 f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
@@ -180,83 +219,22 @@ class LLMEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return Sequence(request_id=index, prompt=list(prompt), params=params, generator=generator)
 
-    def _pages_needed(self, prompt_len: int, total_tokens: int) -> int:
-        """Pages this rank will hold for a sequence that grows to ``total_tokens``."""
-        return sum(
-            1
-            for page in range(pages_for(total_tokens, self.page_size))
-            if self.owner.owner(prompt_len=prompt_len, page_index=page) == self.rank
-        )
-
-    def _most_pages_needed(self, prompt_len: int, total_tokens: int) -> int:
-        """The largest share of the sequence's pages any rank holds (here: all of them)."""
-        return self._pages_needed(prompt_len, total_tokens)
-
-    def _all_agree(self, fits: bool) -> bool:
-        """Every rank must admit the same requests; one device decides alone."""
-        return fits
-
     def _try_reserve(self, seq: Sequence) -> bool:
-        need = self._pages_needed(len(seq.prompt), len(seq.prompt) + seq.params.max_tokens)
-        if not self._all_agree(need <= self.allocator.num_free):
+        """Reserve the pages this rank holds of the whole sequence, if every rank can."""
+        prompt_len = len(seq.prompt)
+        need = sum(
+            1
+            for page in range(pages_for(prompt_len + seq.params.max_tokens, self.page_size))
+            if self.ranks.owner(prompt_len=prompt_len, page_index=page) == self.rank
+        )
+        if not self.ranks.all_agree(need <= self.allocator.num_free):
             return False
         self.allocator.reserve(need)
         seq.reserved_pages = need
         return True
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Give the sequence the local pages it needs to hold ``num_tokens`` tokens."""
-        have = seq.local_pages[-1][0] + 1 if seq.local_pages else 0
-        for page in range(have, pages_for(num_tokens, self.page_size)):
-            if self.owner.owner(prompt_len=len(seq.prompt), page_index=page) == self.rank:
-                (physical,) = self.allocator.allocate(1, reserved=True)
-                seq.reserved_pages -= 1
-                seq.local_pages.append((page, physical))
-
-    def _release(self, seq: Sequence) -> None:
-        self._batch = None  # its tables name the pages freed here
-        self.allocator.free([physical for _, physical in seq.local_pages])
-        self.allocator.release_reservation(seq.reserved_pages)
-        seq.local_pages, seq.reserved_pages = [], 0
-
-    # ------------------------------------------------------------------- prefill
-    def _prefill(self, seq: Sequence, on_progress) -> None:
-        """Exact causal prefill in chunks, then sample the first output token."""
-        start_time = time.perf_counter()
-        prompt = seq.prompt
-        hidden = None
-        for start in range(0, len(prompt), self.prefill_chunk_tokens):
-            end = min(start + self.prefill_chunk_tokens, len(prompt))
-            self._grow(seq, end)
-            local = dict(seq.local_pages)  # once per chunk, not once per token
-            size = self.page_size
-            slots = torch.tensor(
-                [local[p // size] * size + p % size for p in range(start, end)], dtype=torch.int64
-            ).to(self.device)
-            page_table = torch.tensor([p for _, p in seq.local_pages], dtype=torch.int32)
-            meta = PrefillMetadata(
-                append_plan=plan_append(slot_mapping=slots, page_size=self.page_size),
-                slot_mapping=slots,
-                page_table=page_table.to(self.device),
-                query_start=start,
-                seq_end=end,
-            )
-            attention = PagedAttention(
-                cache=self.cache, quest=self.quest, metadata=meta, impl=self.impl
-            )
-            ids = torch.tensor(prompt[start:end], dtype=torch.int64, device=self.device)
-            positions = torch.arange(start, end, dtype=torch.int64, device=self.device)
-            with torch.inference_mode():
-                hidden = self.model(input_ids=ids, positions=positions, attention=attention)
-            if on_progress:
-                on_progress("prefill", end, len(prompt))
-        with torch.inference_mode():
-            logits = self.model.compute_logits(hidden[-1:])
-        self._accept(seq_list=[seq], logits=logits)
-        seq.prefill_seconds = time.perf_counter() - start_time
-
     # -------------------------------------------------------------------- decode
-    def _decode_step(self, running: list[Sequence]) -> None:
+    def decode(self, running: list[Sequence]) -> None:
         """One launch: ``steps_per_launch`` greedy steps chained on the device (fewer
         near ``max_tokens``), or one step when a row samples or wants logprobs."""
         start_time = time.perf_counter()
@@ -352,7 +330,7 @@ class LLMEngine:
         for seq in running:
             for step in range(steps):
                 position = seq.length - 1 + step
-                self._grow(seq, position + 1)
+                self.grow(seq, num_tokens=position + 1)
                 page, offset = divmod(position, self.page_size)
                 pages = seq.local_pages
                 owns_newest = bool(pages) and pages[-1][0] == page
@@ -373,22 +351,19 @@ class LLMEngine:
         return batch, sparse
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):
-        """Sampling hook: the sequence-parallel worker samples on rank 0 and broadcasts."""
-        return sample(
+    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[num_seqs]`` int64 of logits ``[num_seqs, vocab_size]``, rank
+        0's on every rank, on the device with no host sync (capturable)."""
+        return self.ranks.share_tokens(logits.argmax(dim=-1))
+
+    def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(
             logits=logits,
             params=[s.params for s in seq_list],
             generators=[s.generator for s in seq_list],
         )
-
-    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy tokens ``[num_seqs]`` int64 of logits ``[num_seqs, vocab_size]``, on the
-        device with no host sync (capturable). The sequence-parallel worker broadcasts
-        rank 0's, as it does for sampled tokens."""
-        return logits.argmax(dim=-1)
-
-    def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
-        tokens, logprobs = self._sample(seq_list, logits)
+        # Rank 0 decides; the others take its tokens so every cache stays identical.
+        tokens = self.ranks.share_tokens(tokens)
         want = [s.params.logprobs for s in seq_list if s.params.logprobs is not None]
         rows = top_logprobs(logprobs, tokens, max(want)) if want else None
         self._append_tokens(seq_list=seq_list, tokens=tokens.tolist(), logprobs=rows)
@@ -401,31 +376,9 @@ class LLMEngine:
         logprobs: list[dict[int, float]] | None,
     ) -> None:
         for i, seq in enumerate(seq_list):
-            token = tokens[i]
-            seq.output.append(token)
-            if seq.params.logprobs is not None:
-                row = logprobs[i]
-                keep = dict(list(row.items())[: seq.params.logprobs + 1])
-                keep[token] = row[token]
-                seq.logprobs.append(keep)
-            self._check_finished(seq, token)
-
-    def _check_finished(self, seq: Sequence, token: int) -> None:
-        # The text is decoded when the sequence finishes, or every step when stop strings
-        # must be searched: decoding the whole output each step costs O(n^2) in its length.
-        params = seq.params
-        if not params.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-            seq.text = self.detokenize(seq.output[:-1])
-            return
-        if params.stop:
-            seq.text = self.detokenize(seq.output)
-            for stop in params.stop:
-                cut = seq.text.find(stop)
-                if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    seq.finish_reason = "stop"
-                    return
-        if len(seq.output) >= params.max_tokens:
-            seq.text = seq.text if params.stop else self.detokenize(seq.output)
-            seq.finish_reason = "length"
+            seq.append_token(
+                tokens[i],
+                logprobs=None if logprobs is None else logprobs[i],
+                eos_token_ids=self.eos_token_ids,
+                detokenize=self.detokenize,
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,40 @@ class Sequence:
     def length(self) -> int:
         """Tokens so far, prompt and output."""
         return len(self.prompt) + len(self.output)
+
+    def append_token(
+        self,
+        token: int,
+        *,
+        logprobs: dict[int, float] | None,
+        eos_token_ids: Container[int],
+        detokenize: Callable[[list[int]], str],
+    ) -> None:
+        """Append a generated token (and its top log-probabilities when the request
+        wants them), then set ``finish_reason`` and ``text`` if the sequence is done."""
+        self.output.append(token)
+        params = self.params
+        if params.logprobs is not None:
+            keep = dict(list(logprobs.items())[: params.logprobs + 1])
+            keep[token] = logprobs[token]
+            self.logprobs.append(keep)
+        # The text is decoded when the sequence finishes, or every step when stop strings
+        # must be searched: decoding the whole output each step costs O(n^2) in its length.
+        if not params.ignore_eos and token in eos_token_ids:
+            self.finish_reason = "stop"
+            self.text = detokenize(self.output[:-1])
+            return
+        if params.stop:
+            self.text = detokenize(self.output)
+            for stop in params.stop:
+                cut = self.text.find(stop)
+                if cut >= 0:
+                    self.text = self.text[:cut]
+                    self.finish_reason = "stop"
+                    return
+        if len(self.output) >= params.max_tokens:
+            self.text = self.text if params.stop else detokenize(self.output)
+            self.finish_reason = "length"
 
     def result(self) -> RequestOutput:
         steps = max(self.decode_steps, 1)

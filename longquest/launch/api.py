@@ -2,35 +2,48 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    QuestConfig,
+    SamplingParams,
+)
 from longquest.engine.sequence import RequestOutput
 from longquest.engine.tokenizer import Prompt
 
-LAUNCHERS = ("local", "ray")
+# Launchers the Python API starts itself (torchrun starts processes from outside).
+API_LAUNCHERS = ("local", "ray")
 
 
 class LLM:
     """A model ready to generate, on one device (``launcher="local"``) or on
     ``world_size`` sequence-parallel workers (``launcher="ray"``).
 
+    Give either the model directory and settings, or one ``config=EngineConfig(...)``:
+
     model: a Hugging Face model directory (config.json, tokenizer, safetensors).
     dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bfloat16", "float16" or "float32".
     device: "cuda", "cuda:N", "cpu" or None (CUDA when available).
     quest: Quest sparsity; ``QuestConfig(token_budget=None)`` decodes densely.
     cache: KV cache size; by default what free GPU memory holds (32K tokens on CPU).
+    world_size, launcher: sequence-parallel ranks and how they start (``ParallelConfig``).
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
+    impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
     """
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
+        config: EngineConfig | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         quest: QuestConfig | None = None,
@@ -40,46 +53,35 @@ class LLM:
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
     ) -> None:
-        if launcher not in LAUNCHERS:
-            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if launcher == "local" and world_size != 1:
+        settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
+                        world_size=world_size, launcher=launcher,
+                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl)  # fmt: skip
+        if config is None:
+            if model is None:
+                raise ValueError("give the model directory: LLM(model_dir, ...)")
+            config = engine_config(model, **settings)
+        elif model is not None or settings != _DEFAULT_SETTINGS:
             raise ValueError(
-                "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
-                f"for world_size={world_size}"
+                "give either config=EngineConfig(...) or the model and its settings, not both"
             )
-        self.quest = quest or QuestConfig()
-        if launcher == "local":
+        if config.parallel.launcher not in API_LAUNCHERS:
+            raise ValueError(
+                f"LLM starts the 'local' or the 'ray' launcher, got {config.parallel.launcher!r}; "
+                "start torchrun ranks with `longquest batch --launcher torchrun` or torchrun"
+            )
+        self.config = config
+        self.quest = config.quest
+        self._engine = self._cluster = None
+        if config.parallel.launcher == "local":
             from longquest.engine.builder import build_engine
 
-            self._engine, self.tokenizer = build_engine(
-                model,
-                dtype=dtype,
-                device=device,
-                quest=self.quest,
-                cache=cache,
-                prefill_chunk_tokens=prefill_chunk_tokens,
-                impl=impl,
-            )
-            self._cluster = None
+            self._engine, self.tokenizer = build_engine(config)
         else:
+            from longquest.engine.tokenizer import Tokenizer
             from longquest.launch.ray_cluster import RayCluster
 
-            self._cluster = RayCluster(
-                model,
-                world_size=world_size,
-                dtype=dtype,
-                device=device,
-                quest=self.quest,
-                cache=cache,
-                prefill_chunk_tokens=prefill_chunk_tokens,
-                impl=impl,
-            )
-            self._engine = None
-            from longquest.engine.tokenizer import Tokenizer
-
-            self.tokenizer = Tokenizer(model)
+            self._cluster = RayCluster(config)
+            self.tokenizer = Tokenizer(config.model)
 
     def generate(
         self,
@@ -121,11 +123,48 @@ class LLM:
         """The single-device engine (``launcher="local"`` only)."""
         return self._engine
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the ranks: this process for the local launcher."""
+        if self._cluster is not None:
+            return self._cluster.worker_pids()
+        return [os.getpid()]
+
     def shutdown(self) -> None:
         """Release the workers (Ray actors); a no-op for the local launcher."""
         if self._cluster is not None:
             self._cluster.shutdown()
             self._cluster = None
+
+
+_DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
+                         launcher="local", prefill_chunk_tokens=8192, impl=None)  # fmt: skip
+
+
+def engine_config(
+    model: str | Path,
+    *,
+    dtype: str | torch.dtype,
+    device: str | torch.device | None,
+    quest: QuestConfig | None,
+    cache: CacheConfig | None,
+    world_size: int,
+    launcher: str,
+    prefill_chunk_tokens: int,
+    impl: str | None,
+) -> EngineConfig:
+    """The EngineConfig of ``LLM``'s keyword settings (torch dtypes and devices as text)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    return EngineConfig(
+        model=str(model),
+        dtype=dtype,
+        device=None if device is None else str(device),
+        quest=quest or QuestConfig(),
+        cache=cache or CacheConfig(),
+        parallel=ParallelConfig(world_size=world_size, launcher=launcher),
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        impl=impl,
+    )
 
 
 def _progress(enabled: bool):

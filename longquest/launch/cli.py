@@ -7,13 +7,20 @@ import inspect
 import sys
 from pathlib import Path
 
-from longquest.engine.config import BOUNDS_DTYPE_NAMES, CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import (
+    BOUNDS_DTYPE_NAMES,
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    QuestConfig,
+    SamplingParams,
+)
 from longquest.launch.demo import run_demo
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads a model."""
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    """Options shared by every command that loads a model (see ``engine_config_from_args``)."""
+    parser.add_argument("--model", required=model_required, help="Hugging Face model directory")
     sparsity = parser.add_mutually_exclusive_group()
     sparsity.add_argument(
         "--budget", type=int, default=4096, help="Quest token budget per decode step (4096)"
@@ -52,11 +59,25 @@ def quest_from_args(args: argparse.Namespace) -> QuestConfig:
     )
 
 
-def cache_from_args(args: argparse.Namespace) -> CacheConfig | None:
-    """The cache options given, or None for the defaults (size: what memory holds)."""
-    if not args.cache_tokens and args.bounds_dtype is None:
-        return None
+def cache_from_args(args: argparse.Namespace) -> CacheConfig:
+    """The cache options given (size by default: what memory holds)."""
     return CacheConfig(max_tokens=args.cache_tokens or None, bounds_dtype=args.bounds_dtype)
+
+
+def engine_config_from_args(
+    args: argparse.Namespace, *, world_size: int = 1, launcher: str = "local"
+) -> EngineConfig:
+    """The one EngineConfig of the options ``add_model_arguments`` added, which every
+    launcher passes to its ranks unchanged."""
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quest=quest_from_args(args),
+        cache=cache_from_args(args),
+        parallel=ParallelConfig(world_size=world_size, launcher=launcher),
+        prefill_chunk_tokens=args.prefill_chunk,
+    )
 
 
 def summary_line(output, quest: QuestConfig) -> str:
@@ -83,16 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     if not prompt:
         raise ValueError("the prompt is empty; give --prompt TEXT or --prompt-file F")
-    quest = quest_from_args(args)
-    cache = cache_from_args(args)
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        quest=quest,
-        cache=cache,
-        prefill_chunk_tokens=args.prefill_chunk,
-    )
+    llm = LLM(config=engine_config_from_args(args))
     request = [{"role": "user", "content": prompt}] if args.chat else prompt
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -102,28 +114,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     (output,) = llm.generate([request], params)
     print(output.text)
-    print(summary_line(output, quest), file=sys.stderr)
+    print(summary_line(output, llm.config.quest), file=sys.stderr)
     return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    if args.launcher == "local" and args.world_size != 1:
+        raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
+    config = engine_config_from_args(args, world_size=args.world_size, launcher=args.launcher)
     if args.launcher == "torchrun":
-        return _batch_with_torchrun(args)
+        return _batch_with_torchrun(config, args)
     from longquest.launch.api import LLM
     from longquest.launch.batch import run_batch
 
-    if args.launcher == "local" and args.world_size != 1:
-        raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        quest=quest_from_args(args),
-        cache=cache_from_args(args),
-        world_size=args.world_size,
-        launcher=args.launcher,
-        prefill_chunk_tokens=args.prefill_chunk,
-    )
+    llm = LLM(config=config)
     try:
         summary = run_batch(
             input_path=args.input,
@@ -138,24 +142,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_with_torchrun(args: argparse.Namespace) -> int:
-    """Start ``world_size`` local ranks with torchrun, each serving the same file."""
+def _batch_with_torchrun(config: EngineConfig, args: argparse.Namespace) -> int:
+    """Start ``world_size`` local ranks with torchrun, each serving the same file with
+    ``config`` (carried as JSON)."""
     import subprocess
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.world_size}", "-m", "longquest.launch.torchrun",
-        "--model", args.model, "--input", args.input, "--output", args.output,
-        "--page-size", str(args.page_size), "--dense-layers", str(args.dense_layers),
-        "--dtype", args.dtype, "--prefill-chunk", str(args.prefill_chunk),
+        f"--nproc-per-node={config.parallel.world_size}", "-m", "longquest.launch.torchrun",
+        "--config-json", config.to_json(), "--input", args.input, "--output", args.output,
+        "--group-size", str(args.group_size),
     ]  # fmt: skip
-    command += ["--dense"] if args.dense else ["--budget", str(args.budget)]
-    if args.device:
-        command += ["--device", args.device]
-    if args.cache_tokens:
-        command += ["--cache-tokens", str(args.cache_tokens)]
-    if args.bounds_dtype:
-        command += ["--bounds-dtype", args.bounds_dtype]
     return subprocess.call(command)
 
 

@@ -1,7 +1,9 @@
 """Ray launcher: one actor per GPU (or per CPU slot) in a packed placement group.
 
 The actors form a torch.distributed group (NCCL on GPUs, gloo on CPUs) at an
-address rank 0 picks, then each runs a :class:`SequenceParallelEngine`. The driver
+address rank 0 picks, then each runs an engine with
+:class:`~longquest.parallel.worker.SequenceParallelRanks`, built from the one
+:class:`~longquest.engine.config.EngineConfig` every rank receives unchanged. The driver
 sends small typed requests (token ids and sampling parameters) to typed methods
 and receives small typed results; tensors move only between the actors, over the
 process group, never through Ray's object store.
@@ -12,6 +14,7 @@ starts a local one with the dashboard off.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -22,7 +25,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import EngineConfig, SamplingParams
 from longquest.engine.sequence import RequestOutput
 
 # Ray's own start-up on a busy 2-core machine can take a while; forming the group is quick.
@@ -33,18 +36,31 @@ DEFAULT_TIMEOUT_S = 300.0
 class WorkerSetup:
     """Everything a rank needs to join the group and load the model."""
 
-    model: str
+    config: EngineConfig
     rank: int
-    world_size: int
     master_addr: str
     master_port: int
     use_gpu: bool
-    dtype: str
-    quest: QuestConfig
-    cache: CacheConfig | None
-    prefill_chunk_tokens: int
-    impl: str | None
     timeout_s: float
+
+
+def worker_setups(
+    config: EngineConfig, *, master_addr: str, master_port: int, use_gpu: bool, timeout_s: float
+) -> list[WorkerSetup]:
+    """One WorkerSetup a rank, each carrying the same config: ``config`` with its model
+    directory made absolute, so every actor (whatever its working directory) finds it."""
+    config = dataclasses.replace(config, model=str(Path(config.model).resolve()))
+    return [
+        WorkerSetup(
+            config=config,
+            rank=rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            use_gpu=use_gpu,
+            timeout_s=timeout_s,
+        )
+        for rank in range(config.parallel.world_size)
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,25 +96,20 @@ class RankWorker:
             torch.cuda.set_device(0)
         else:
             # CPU actors share the machine's cores instead of each taking all of them.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world_size))
+            world_size = setup.config.parallel.world_size
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         dist.init_process_group(
             backend="nccl" if setup.use_gpu else "gloo",
             init_method=f"tcp://{setup.master_addr}:{setup.master_port}",
             rank=setup.rank,
-            world_size=setup.world_size,
+            world_size=setup.config.parallel.world_size,
             timeout=datetime.timedelta(seconds=setup.timeout_s),
         )
         self.engine, _ = build_worker(
-            setup.model,
+            setup.config,
             group=dist.group.WORLD,
             rank=setup.rank,
-            world_size=setup.world_size,
-            dtype=setup.dtype,
             device="cuda:0" if setup.use_gpu else "cpu",
-            quest=setup.quest,
-            cache=setup.cache,
-            prefill_chunk_tokens=setup.prefill_chunk_tokens,
-            impl=setup.impl,
         )
         return os.getpid()
 
@@ -115,21 +126,10 @@ class RankWorker:
 
 
 class RayCluster:
-    """``world_size`` RankWorker actors driven from this process."""
+    """``config.parallel.world_size`` RankWorker actors driven from this process."""
 
-    def __init__(
-        self,
-        model: str | Path,
-        *,
-        world_size: int,
-        dtype: str = "auto",
-        device: str | None = None,
-        quest: QuestConfig,
-        cache: CacheConfig | None = None,
-        prefill_chunk_tokens: int = 8192,
-        impl: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        world_size, device = config.parallel.world_size, config.device
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
             ray.init(
@@ -170,23 +170,9 @@ class RayCluster:
             for rank in range(world_size)
         ]
         host, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
-        setups = [
-            WorkerSetup(
-                model=str(Path(model).resolve()),
-                rank=rank,
-                world_size=world_size,
-                master_addr=host,
-                master_port=port,
-                use_gpu=use_gpu,
-                dtype=str(dtype),
-                quest=quest,
-                cache=cache,
-                prefill_chunk_tokens=prefill_chunk_tokens,
-                impl=impl,
-                timeout_s=timeout_s,
-            )
-            for rank in range(world_size)
-        ]
+        setups = worker_setups(
+            config, master_addr=host, master_port=port, use_gpu=use_gpu, timeout_s=timeout_s
+        )
         self._call([a.setup.remote(s) for a, s in zip(self.actors, setups)], "setup")
 
     def generate(

@@ -1,7 +1,9 @@
 """torchrun entry: ``torchrun --nproc-per-node N -m longquest.launch.torchrun --model DIR ...``.
 
 Every process is one rank of a sequence-parallel group (NCCL on GPUs, gloo with
-``--device cpu``). Rank 0 prints what ``longquest generate`` prints.
+``--device cpu``). Rank 0 prints what ``longquest generate`` prints. The ranks are
+configured by the model options, or by ``--config-json``: an ``EngineConfig`` as
+JSON, which ``longquest batch --launcher torchrun`` passes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longquest.engine.config import SamplingParams
-from longquest.launch.cli import (
-    add_model_arguments,
-    cache_from_args,
-    quest_from_args,
-    summary_line,
-)
+from longquest.engine.config import EngineConfig, SamplingParams
+from longquest.launch.cli import add_model_arguments, engine_config_from_args, summary_line
 
 
 def init_distributed(*, device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
@@ -70,12 +67,15 @@ def init_distributed(*, device: str | None, timeout_s: float) -> tuple[int, int,
     return rank, world, where
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun -m longquest.launch.torchrun",
         description="sequence-parallel generation, one process per GPU",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, model_required=False)
+    parser.add_argument(
+        "--config-json", help="the EngineConfig as JSON (instead of --model and its options)"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file")
@@ -86,31 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--group-size", type=int, default=8, help="batch mode: requests decoded together"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to form the group")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.input is None) != (args.output is None):
         parser.error("--input and --output go together")
+    if (args.model is None) == (args.config_json is None):
+        parser.error("give --model (and its options) or --config-json, one of them")
+    config = None
+    if args.config_json is not None:
+        try:
+            config = EngineConfig.from_json(args.config_json)
+        except (ValueError, TypeError) as error:
+            parser.error(f"--config-json: {error}")
 
     from longquest.parallel.worker import build_worker
 
     try:
-        rank, world, device = init_distributed(device=args.device, timeout_s=args.timeout)
+        device = config.device if config is not None else args.device
+        rank, world, device = init_distributed(device=device, timeout_s=args.timeout)
     except (ValueError, RuntimeError) as error:
         print(f"[longquest] error: {error}", file=sys.stderr)
         return 2
     try:
-        quest = quest_from_args(args)
-        engine, tokenizer = build_worker(
-            args.model,
-            group=dist.group.WORLD,
-            rank=rank,
-            world_size=world,
-            dtype=args.dtype,
-            device=device,
-            quest=quest,
-            cache=cache_from_args(args),
-            prefill_chunk_tokens=args.prefill_chunk,
-        )
+        if config is None:
+            config = engine_config_from_args(args, world_size=world, launcher="torchrun")
+        engine, tokenizer = build_worker(config, group=dist.group.WORLD, rank=rank, device=device)
         if args.input is not None:
             from longquest.launch.batch import read_done_ids, run_batch
 
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_path=args.output,
                 generate=engine.generate,
                 tokenizer=tokenizer,
+                group_size=args.group_size,
                 done_ids=done[0],
                 write=rank == 0,
                 progress=rank == 0,
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         (output,) = engine.generate([tokenizer.encode(request)], [params])
         if rank == 0:
             print(output.text)
-            print(summary_line(output, quest) + f" | world size {world}", file=sys.stderr)
+            print(summary_line(output, config.quest) + f" | world size {world}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as error:  # bad settings or paths, ranks that disagree
         print(f"[longquest] rank {rank}: error: {error}", file=sys.stderr)
         return 2

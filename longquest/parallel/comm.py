@@ -44,6 +44,7 @@ from longquest.kernels import (
     merge_attention_states,
     pack_candidates,
 )
+from longquest.parallel.collectives import all_gather_into_tensor
 from longquest.parallel.peer import PeerCollectives
 
 
@@ -92,9 +93,6 @@ class SequenceParallelComm:
         self.impl = impl
         self.peer = peer
         self.tuning = tuning
-        # all_gather_single replaces the deprecated all_gather_into_tensor in newer torch;
-        # older releases only have the latter.
-        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def select_global(
         self,
@@ -225,7 +223,7 @@ class SequenceParallelComm:
             return peer.all_gather(tensor)
         flat = tensor.contiguous().view(-1)
         result = torch.empty(self.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-        self._all_gather(result, flat, group=self.group)
+        all_gather_into_tensor(result, flat, group=self.group)
         return result.view(self.world_size, *tensor.shape)
 
 

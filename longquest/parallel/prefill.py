@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longquest.engine.cache import KVCache
+from longquest.engine.cache import KVCache, gather_pages, key_peak
 from longquest.kernels import (
     FLOAT8_DTYPE,
     AppendPlan,
@@ -35,6 +35,7 @@ from longquest.kernels import (
     merge_attention_states,
     prefill_attention,
 )
+from longquest.parallel.collectives import all_gather_into_tensor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,12 +87,7 @@ class ContextParallelAttention:
         """fp8 bounds: every rank raises if any rank's keys of this layer pass +-448 (one
         tiny all-reduce and a sync per layer, prefill only): a rank raising alone would
         leave the others waiting in the next collective."""
-        peak = (
-            key.detach().abs().amax().float()
-            if key.numel()
-            else key.new_zeros((), dtype=torch.float32)
-        )
-        peak = peak.reshape(1)
+        peak = key_peak(key).reshape(1)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
         where = f"the prompt's keys (layer {layer}, round ending at {self.plan.round_end})"
         check_keys_fit_float8(keys=peak, what=where)
@@ -121,7 +117,7 @@ class ContextParallelAttention:
         padded = query.new_zeros(width, num_qo_heads, head_dim)
         padded[: query.shape[0]] = query
         gathered = query.new_empty(world * width, num_qo_heads, head_dim)
-        _all_gather(gathered, padded, group=self.group)
+        all_gather_into_tensor(gathered, padded, group=self.group)
         round_queries = gathered[plan.order]  # [round_tokens, num_qo_heads, head_dim]
 
         # 2. Partial attention of every round query over the keys this rank holds.
@@ -150,7 +146,9 @@ class ContextParallelAttention:
         num_q, num_qo_heads, head_dim = queries.shape
         outs, lses = [], []
         if plan.past_pages.numel():
-            keys, values = _gather_pages(k_cache, v_cache, plan.past_pages, None)
+            keys, values = gather_pages(
+                k_cache=k_cache, v_cache=v_cache, pages=plan.past_pages, num_tokens=None
+            )
             o, s = prefill_attention(
                 query=queries,
                 key=keys,
@@ -162,7 +160,9 @@ class ContextParallelAttention:
             outs.append(o)
             lses.append(s)
         for first, end, pages in plan.segments:
-            keys, values = _gather_pages(k_cache, v_cache, pages, end - first)
+            keys, values = gather_pages(
+                k_cache=k_cache, v_cache=v_cache, pages=pages, num_tokens=end - first
+            )
             # Queries before the segment see none of it: they keep out 0, lse -inf.
             skip = first - plan.round_start
             o = queries.new_zeros(num_q, num_qo_heads, head_dim)
@@ -187,17 +187,3 @@ class ContextParallelAttention:
         return merge_attention_states(
             outputs=torch.stack(outs), lses=torch.stack(lses), impl=self.impl
         )
-
-
-# all_gather_single replaces the deprecated all_gather_into_tensor in newer torch.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _gather_pages(k_cache, v_cache, pages: torch.Tensor, num_tokens: int | None):
-    """Contiguous ``[tokens, num_kv_heads, head_dim]`` K and V of the given pages."""
-    index = pages.long()
-    keys = k_cache[index].transpose(1, 2).flatten(0, 1)
-    values = v_cache[index].transpose(1, 2).flatten(0, 1)
-    if num_tokens is not None:
-        keys, values = keys[:num_tokens], values[:num_tokens]
-    return keys, values

@@ -1,7 +1,9 @@
-"""The per-rank engine of sequence parallelism.
+"""One rank of a sequence-parallel group: its rank group and how it is built.
 
 Every rank runs the same generation loop (``LLMEngine``) on the same requests in
-the same order (SPMD). What differs from one device:
+the same order (SPMD). What differs from one device comes in through the engine's
+:class:`~longquest.engine.ranks.RankGroup` seam, which :class:`SequenceParallelRanks`
+implements:
 
 - page ownership (:class:`~longquest.parallel.ownership.PageOwnership`): a rank
   allocates and stores only its own pages of every sequence;
@@ -25,21 +27,34 @@ the last prompt token's logits.
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from longquest.engine.cache import PageAllocator, pages_for
-from longquest.engine.engine import LLMEngine
+from longquest.engine.attention import AttentionComm
+from longquest.engine.config import EngineConfig, ModelConfig
+from longquest.engine.model import MlpSplit, Model
+from longquest.engine.ranks import ProgressCallback
 from longquest.engine.sequence import Sequence
 from longquest.kernels import plan_append
 from longquest.parallel.ownership import PageOwnership
 from longquest.parallel.prefill import ContextParallelAttention, RoundPlan
 
+if TYPE_CHECKING:
+    from longquest.engine.engine import LLMEngine
+    from longquest.engine.tokenizer import Tokenizer
 
-class SequenceParallelEngine(LLMEngine):
-    """``LLMEngine`` for one rank of a sequence-parallel group."""
+
+class SequenceParallelRanks:
+    """The :class:`~longquest.engine.ranks.RankGroup` of one rank of a sequence-parallel
+    group: ``LLMEngine(ranks=SequenceParallelRanks(...), ...)``.
+
+    group: the process group of the ``world_size`` ranks; ``rank`` is this one's index.
+    comm: decode attention's collectives (``SequenceParallelComm``), also the MLP split's.
+    device: where the admission and token collectives' tensors live (NCCL needs CUDA).
+    split_mlp: decode splits every MLP over the ranks where they divide it.
+    """
 
     def __init__(
         self,
@@ -47,116 +62,125 @@ class SequenceParallelEngine(LLMEngine):
         group: dist.ProcessGroup,
         ownership: PageOwnership,
         world_size: int,
+        rank: int,
+        comm: AttentionComm,
+        device: torch.device | str,
         split_mlp: bool = True,
-        **engine_kwargs,
     ) -> None:
-        super().__init__(owner=ownership, **engine_kwargs)
         if ownership.world_size != world_size:
             raise ValueError(
                 f"ownership is for {ownership.world_size} ranks but world_size={world_size}"
             )
-        if ownership.page_size != self.page_size:
-            raise ValueError(
-                f"ownership page_size {ownership.page_size} != cache page_size {self.page_size}"
-            )
         self.group = group
-        self.world_size = world_size
         self.ownership = ownership
-        # Every rank plans with the smallest pool, so capacity decisions agree.
-        pool = torch.tensor([self.cache.shape.num_pages], dtype=torch.int64, device=self.device)
-        dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=group)
-        self.allocator = PageAllocator(int(pool))
-        # Each rank reads only its share of the MLP weights in decode (see MlpSplit).
-        if split_mlp and world_size > 1:
-            if not hasattr(self.comm, "all_reduce"):
-                raise ValueError(
-                    f"split_mlp needs a comm with all_reduce (SequenceParallelComm), got "
-                    f"{type(self.comm).__name__}; pass split_mlp=False"
-                )
-            if self.config.intermediate_size % world_size == 0:
-                self.model.split_mlp(blocks=world_size)
-                self.mlp_split = self.comm
+        self.world_size = world_size
+        self.rank = rank
+        self.comm = comm
+        self.device = torch.device(device)
+        self.split_mlp = split_mlp
+        self._source = dist.get_global_rank(group, 0)
 
-    # ----------------------------------------------------------------- admission
-    def _most_pages_needed(self, prompt_len: int, total_tokens: int) -> int:
+    def owner(self, *, prompt_len: int, page_index: int) -> int:
+        return self.ownership.owner(prompt_len=prompt_len, page_index=page_index)
+
+    def agreed_pages(self, num_pages: int) -> int:
+        # Every rank plans with the smallest pool, so capacity decisions agree.
+        pool = torch.tensor([num_pages], dtype=torch.int64, device=self.device)
+        dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=self.group)
+        return int(pool)
+
+    def most_pages_needed(self, *, prompt_len: int, num_pages: int) -> int:
         counts = [0] * self.world_size
-        for page in range(pages_for(total_tokens, self.page_size)):
+        for page in range(num_pages):
             counts[self.ownership.owner(prompt_len=prompt_len, page_index=page)] += 1
         return max(counts)
 
-    def _all_agree(self, fits: bool) -> bool:
+    def all_agree(self, fits: bool) -> bool:
         flag = torch.tensor([int(fits)], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag)
 
-    # ------------------------------------------------------------------ sampling
-    def _sample(self, seq_list: list[Sequence], logits: torch.Tensor):
-        tokens, logprobs = super()._sample(seq_list, logits)
-        # Rank 0 decides; the others take its tokens so every cache stays identical.
-        dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return tokens, logprobs
-
-    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        tokens = super()._greedy_tokens(logits)
-        dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
+    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(tokens, src=self._source, group=self.group)
         return tokens
 
-    # ------------------------------------------------------------------- prefill
-    def _prefill(self, seq: Sequence, on_progress) -> None:
-        start_time = time.perf_counter()
+    def mlp_split(self, *, model: Model, model_config: ModelConfig) -> MlpSplit | None:
+        """Each rank reads only its share of the MLP weights in decode (see MlpSplit)."""
+        if not self.split_mlp or self.world_size == 1:
+            return None
+        if not hasattr(self.comm, "all_reduce"):
+            raise ValueError(
+                f"split_mlp needs a comm with all_reduce (SequenceParallelComm), got "
+                f"{type(self.comm).__name__}; pass split_mlp=False"
+            )
+        if model_config.intermediate_size % self.world_size:
+            return None
+        model.split_mlp(blocks=self.world_size)
+        return self.comm
+
+    def prefill(
+        self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
+    ) -> torch.Tensor:
+        """Context-parallel prefill in rounds; the rank holding the last prompt token
+        computes its logits and shares them."""
+        if self.ownership.page_size != engine.page_size:
+            raise ValueError(
+                f"ownership page_size {self.ownership.page_size} != cache page_size "
+                f"{engine.page_size}"
+            )
         prompt = seq.prompt
         own = self.ownership
         hidden = None
         last_owner = own.owner(
-            prompt_len=len(prompt), page_index=(len(prompt) - 1) // self.page_size
+            prompt_len=len(prompt), page_index=(len(prompt) - 1) // engine.page_size
         )
         for round_index in range(own.num_rounds(prompt_len=len(prompt))):
-            plan, positions = self._round_plan(seq, round_index)
+            plan, positions = self._round_plan(engine, seq, round_index)
             attention = ContextParallelAttention(
-                cache=self.cache,
+                cache=engine.cache,
                 plan=plan,
                 group=self.group,
                 world_size=self.world_size,
-                impl=self.impl,
+                impl=engine.impl,
             )
             with torch.inference_mode():
                 if positions:
                     ids = torch.tensor([prompt[p] for p in positions], dtype=torch.int64)
-                    out = self.model(
-                        input_ids=ids.to(self.device),
-                        positions=torch.tensor(positions, dtype=torch.int64).to(self.device),
+                    out = engine.model(
+                        input_ids=ids.to(engine.device),
+                        positions=torch.tensor(positions, dtype=torch.int64).to(engine.device),
                         attention=attention,
                     )
                     if positions[-1] == len(prompt) - 1:
                         hidden = out[-1:]
                 else:
-                    self._join_round_without_tokens(attention)
+                    self._join_round_without_tokens(engine, attention)
             if on_progress:
                 on_progress("prefill", plan.round_end, len(prompt))
-        # The rank holding the last prompt token computes its logits and shares them.
-        logits = torch.empty(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        vocab_size = engine.config.vocab_size
+        logits = torch.empty(1, vocab_size, dtype=torch.float32, device=engine.device)
         if self.rank == last_owner:
             with torch.inference_mode():
-                logits.copy_(self.model.compute_logits(hidden))
+                logits.copy_(engine.model.compute_logits(hidden))
         dist.broadcast(logits, src=dist.get_global_rank(self.group, last_owner), group=self.group)
-        self._accept(seq_list=[seq], logits=logits)
-        seq.prefill_seconds = time.perf_counter() - start_time
+        return logits
 
-    def _join_round_without_tokens(self, attention: ContextParallelAttention) -> None:
+    @staticmethod
+    def _join_round_without_tokens(engine: LLMEngine, attention: ContextParallelAttention) -> None:
         """A rank with no tokens in a (short, final) round still takes part in every
         layer's collectives: its keys serve the other ranks' queries."""
-        config = self.config
-        dtype = self.cache.shape.dtype
-        query = torch.empty(
-            0, config.num_qo_heads, config.head_dim, dtype=dtype, device=self.device
-        )
-        key = torch.empty(0, config.num_kv_heads, config.head_dim, dtype=dtype, device=self.device)
+        config, device = engine.config, engine.device
+        dtype = engine.cache.shape.dtype
+        query = torch.empty(0, config.num_qo_heads, config.head_dim, dtype=dtype, device=device)
+        key = torch.empty(0, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
         for layer in range(config.num_layers):
             attention(layer=layer, query=query, key=key, value=key)
 
-    def _round_plan(self, seq: Sequence, round_index: int) -> tuple[RoundPlan, list[int]]:
+    def _round_plan(
+        self, engine: LLMEngine, seq: Sequence, round_index: int
+    ) -> tuple[RoundPlan, list[int]]:
         """The plan of one prefill round, and this rank's token positions in it."""
-        own, prompt_len, page_size = self.ownership, len(seq.prompt), self.page_size
+        own, prompt_len, page_size = self.ownership, len(seq.prompt), engine.page_size
         ranges = [
             own.prefill_positions(rank=r, prompt_len=prompt_len, round_index=round_index)
             for r in range(self.world_size)
@@ -179,21 +203,21 @@ class SequenceParallelEngine(LLMEngine):
                     send_valid[r][row] = True
                     row += 1
         positions = [p for a, b in ranges[self.rank] for p in range(a, b)]
-        self._grow(seq, round_end)
+        engine.grow(seq, num_tokens=round_end)
         local = dict(seq.local_pages)
         first_page = round_start // page_size
         past = [phys for g, phys in seq.local_pages if g < first_page]
         segments = []
         for a, b in ranges[self.rank]:
             pages = [local[g] for g in range(a // page_size, -(-b // page_size))]
-            segments.append((a, b, torch.tensor(pages, dtype=torch.int32, device=self.device)))
+            segments.append((a, b, torch.tensor(pages, dtype=torch.int32, device=engine.device)))
         slots = None
         if positions:
             slots = torch.tensor(
                 [local[p // page_size] * page_size + p % page_size for p in positions],
                 dtype=torch.int64,
-            ).to(self.device)
-        device = self.device
+            ).to(engine.device)
+        device = engine.device
         plan = RoundPlan(
             round_start=round_start,
             round_end=round_end,
@@ -212,14 +236,14 @@ class SequenceParallelEngine(LLMEngine):
         return plan, positions
 
 
-def check_same_everywhere(*, group: dist.ProcessGroup, world_size: int, **settings) -> None:
-    """Raise ValueError on every rank if the ranks were started with different settings.
+def check_same_everywhere(config: EngineConfig, *, group: dist.ProcessGroup) -> None:
+    """Raise ValueError on every rank if the ranks were started with different configs.
 
-    One all-gather of the settings' text at start-up: a rank with another budget,
+    One all-gather of the config's JSON at start-up: a rank with another budget,
     page size or model would otherwise hang or silently compute garbage later.
     """
-    mine = repr(sorted(settings.items()))
-    everyone: list[str | None] = [None] * world_size
+    mine = config.to_json()
+    everyone: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
@@ -230,74 +254,43 @@ def check_same_everywhere(*, group: dist.ProcessGroup, world_size: int, **settin
 
 
 def build_worker(
-    model_dir,
-    *,
-    group: dist.ProcessGroup,
-    rank: int,
-    world_size: int,
-    dtype="auto",
-    device=None,
-    quest=None,
-    cache=None,
-    prefill_chunk_tokens: int = 8192,
-    impl: str | None = None,
-    split_mlp: bool = True,
-    peer_collectives: bool = True,
-):
-    """Build this rank's SequenceParallelEngine and the tokenizer (see build_engine).
+    config: EngineConfig, *, group: dist.ProcessGroup, rank: int, device: torch.device | str
+) -> tuple[LLMEngine, Tokenizer]:
+    """This rank's engine (with :class:`SequenceParallelRanks`) and the tokenizer.
 
-    split_mlp: decode splits every MLP over the ranks (see SequenceParallelEngine).
-    peer_collectives: decode's collectives write straight into the other GPUs' memory
-        (:class:`~longquest.parallel.peer.PeerCollectives`) where every rank can; else NCCL.
+    config: the same on every rank (checked); ``config.parallel.world_size`` ranks form
+        ``group``. device: this rank's device (its GPU, or the CPU).
     """
-    from functools import partial
-
-    from longquest.engine.builder import build_engine, resolve_device
-    from longquest.engine.config import QuestConfig
+    from longquest.engine.builder import build_engine
     from longquest.parallel.comm import SequenceParallelComm
     from longquest.parallel.peer import PeerCollectives
 
-    quest = quest or QuestConfig()
-    check_same_everywhere(
-        group=group,
-        world_size=world_size,
-        model=str(model_dir),
-        dtype=str(dtype),
-        quest=quest,
-        cache=cache,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-        split_mlp=split_mlp,
-        peer_collectives=peer_collectives,
-    )
-    device = resolve_device(device)
+    check_same_everywhere(config, group=group)
+    world_size, parallel = config.parallel.world_size, config.parallel
+    if dist.get_world_size(group) != world_size:
+        raise ValueError(
+            f"the group has {dist.get_world_size(group)} ranks but the config's "
+            f"world_size={world_size}; start as many ranks as ParallelConfig.world_size"
+        )
+    device = torch.device(device)
     peer = None
-    if peer_collectives:
+    if parallel.peer_collectives:
         peer = PeerCollectives.create(group=group, rank=rank, world_size=world_size, device=device)
     # A round splits into 2 * world_size whole-page chunks.
-    step = 2 * quest.page_size
-    chunk = max(step, prefill_chunk_tokens // step * step)
-    ownership = PageOwnership(
-        world_size=world_size, page_size=quest.page_size, prefill_chunk_tokens=chunk
-    )
-    make_engine = partial(
-        SequenceParallelEngine,
+    page_size = config.quest.page_size
+    step = 2 * page_size
+    chunk = max(step, config.prefill_chunk_tokens // step * step)
+    ranks = SequenceParallelRanks(
         group=group,
-        ownership=ownership,
+        ownership=PageOwnership(
+            world_size=world_size, page_size=page_size, prefill_chunk_tokens=chunk
+        ),
         world_size=world_size,
         rank=rank,
         comm=SequenceParallelComm(
-            group=group, rank=rank, world_size=world_size, impl=impl, peer=peer
+            group=group, rank=rank, world_size=world_size, impl=config.impl, peer=peer
         ),
-        split_mlp=split_mlp,
-    )
-    return build_engine(
-        model_dir,
-        dtype=dtype,
         device=device,
-        quest=quest,
-        cache=cache,
-        prefill_chunk_tokens=chunk,
-        impl=impl,
-        world_size=world_size,
-        make_engine=make_engine,
+        split_mlp=parallel.split_mlp,
     )
+    return build_engine(config, device=device, ranks=ranks)

@@ -185,6 +185,26 @@ def test_pages_are_returned_after_generation(llama_dir):
     assert engine.allocator.num_free == free
 
 
+def test_public_steps_make_what_generate_makes(llama_dir):
+    """add_request, prefill, decode and release, driven one step at a time (as the
+    benchmarks do), give generate's tokens and return every page."""
+    engine = make_engine(llama_dir, quest=QuestConfig(token_budget=32, dense_layers=1),
+                         num_pages=8)  # fmt: skip
+    prompt, params = random_prompt(90, 1000, 4), SamplingParams(max_tokens=6)
+    (want,) = engine.generate([prompt], [params])
+    free = engine.allocator.num_free
+    seq = engine.add_request(prompt, params)
+    with pytest.raises(CacheCapacityError, match="free pages"):
+        engine.add_request(prompt, params, request_id=1)  # the first holds most pages
+    engine.prefill(seq)
+    while not seq.finish_reason:
+        engine.decode([seq])
+    assert engine.decode_batch is not None
+    engine.release(seq)
+    assert engine.decode_batch is None and engine.allocator.num_free == free
+    assert seq.result().token_ids == want.token_ids
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.synthetic import fill_synthetic
 from longquest.engine.builder import resolve_bounds_dtype
 from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
 from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
-from longquest.engine.synthetic import fill_synthetic
 from longquest.kernels.float8 import FLOAT8_DTYPE, round_to_float8
 from tests.engine.test_engine import make_engine as make_test_engine
 from tests.tiny_models import make_tiny_model

@@ -70,10 +70,11 @@ def test_api_refuses_too_long_before_work(model_dir):
 
 
 def test_bounds_dtype_flag_builds_the_cache_config():
+    from longquest.engine.config import CacheConfig
     from longquest.launch.cli import build_parser, cache_from_args
 
     base = ["generate", "--model", "m", "--prompt", "hi"]
-    assert cache_from_args(build_parser().parse_args(base)) is None
+    assert cache_from_args(build_parser().parse_args(base)) == CacheConfig()
     args = build_parser().parse_args([*base, "--bounds-dtype", "float8_e4m3fn"])
     cache = cache_from_args(args)
     assert cache.bounds_dtype == "float8_e4m3fn" and cache.max_tokens is None

@@ -70,7 +70,7 @@ def test_two_cpu_actors_give_single_device_tokens(model_dir):
 
 
 def _kill_one_actor_soon(llm: LLM, delay_s: float) -> threading.Timer:
-    pid = llm._cluster.worker_pids()[1]
+    pid = llm.worker_pids()[1]
     timer = threading.Timer(delay_s, os.kill, args=(pid, signal.SIGKILL))
     timer.start()
     return timer

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from longquest.engine.cache import CacheShape, KVCache
-from longquest.engine.config import QuestConfig, SamplingParams
+from longquest.engine.config import EngineConfig, ParallelConfig, QuestConfig, SamplingParams
 from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
 from longquest.parallel.comm import SequenceParallelComm
 from longquest.parallel.ownership import PageOwnership
-from longquest.parallel.worker import SequenceParallelEngine, check_same_everywhere
+from longquest.parallel.worker import SequenceParallelRanks, check_same_everywhere
 from tests.parallel.dist import run_distributed
 from tests.tiny_models import make_tiny_model
 
@@ -26,6 +26,17 @@ PROMPT_LENGTHS = (51, 97, 7)  # not multiples of the page size or any world size
 STEPS = 10
 
 
+def _ranks(*, group, rank, world_size, device="cpu", peer=None):
+    return SequenceParallelRanks(
+        group=group,
+        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
+        world_size=world_size,
+        rank=rank,
+        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, peer=peer),
+        device=device,
+    )
+
+
 def _engine(model_dir, quest, **kwargs):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
@@ -36,7 +47,7 @@ def _engine(model_dir, quest, **kwargs):
         head_dim=config.head_dim,
         dtype=torch.float32,
     )
-    return LLMEngine if not kwargs else SequenceParallelEngine, dict(
+    return LLMEngine, dict(
         model=model,
         model_config=config,
         cache=KVCache(shape, device="cpu"),
@@ -56,11 +67,7 @@ def _run(model_dir, quest_name, params, steps_per_launch=1, *, rank, world_size,
     cls, kwargs = _engine(
         model_dir,
         QUESTS[quest_name],
-        group=group,
-        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
-        world_size=world_size,
-        rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        ranks=_ranks(group=group, rank=rank, world_size=world_size),
         steps_per_launch=steps_per_launch,
     )
     engine = cls(**kwargs)
@@ -116,7 +123,9 @@ def test_sampling_agrees_across_ranks(model_dir):
 
 
 def _mismatch(*, rank, world_size, group):
-    check_same_everywhere(group=group, world_size=world_size, budget=256 if rank == 0 else 512)
+    quest = QuestConfig(token_budget=256 if rank == 0 else 512)
+    parallel = ParallelConfig(world_size=world_size, launcher="torchrun")
+    check_same_everywhere(EngineConfig(model="m", quest=quest, parallel=parallel), group=group)
 
 
 def test_different_settings_are_detected():
@@ -134,20 +143,19 @@ SYNTH_QUEST = QuestConfig(page_size=PAGE, token_budget=6 * PAGE, dense_layers=1)
 
 
 def _synthetic_engine(num_pages, **kwargs):
+    from benchmarks.synthetic import random_model
     from longquest.engine.config import ModelConfig
-    from longquest.engine.synthetic import random_model
 
     config = ModelConfig(**TINY)
     model = random_model(config, dtype=torch.float32, device="cpu", seed=3)
     shape = CacheShape(num_layers=3, num_pages=num_pages, page_size=PAGE, num_kv_heads=2,
                        head_dim=16, dtype=torch.float32)  # fmt: skip
-    cls = SequenceParallelEngine if kwargs else LLMEngine
-    return cls(model=model, model_config=config, cache=KVCache(shape, device="cpu"),
+    return LLMEngine(model=model, model_config=config, cache=KVCache(shape, device="cpu"),
                quest=SYNTH_QUEST, detokenize=str, eos_token_ids=(), **kwargs)  # fmt: skip
 
 
 def _synthetic_decode(engine):
-    from longquest.engine.synthetic import decode_steps, fill_synthetic
+    from benchmarks.synthetic import decode_steps, fill_synthetic
 
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     seq = fill_synthetic(engine, context_tokens=SYNTH_CONTEXT, params=params, seed=5)
@@ -158,11 +166,7 @@ def _synthetic_decode(engine):
 def _synthetic_rank(*, rank, world_size, group):
     engine = _synthetic_engine(
         60,  # 240 tokens a rank: the 301-token context fits only across ranks
-        group=group,
-        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
-        world_size=world_size,
-        rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        ranks=_ranks(group=group, rank=rank, world_size=world_size),
     )
     return _synthetic_decode(engine)
 
@@ -196,13 +200,11 @@ def _run_on_gpus(model_dir, peer, *, rank, world_size, group):
         peer = PeerCollectives.create(group=group, rank=rank, world_size=world_size,
                                       device=f"cuda:{rank}")  # fmt: skip
         assert peer is not None
-    engine = SequenceParallelEngine(
+    engine = LLMEngine(
         cache=KVCache(shape, device=f"cuda:{rank}"),
-        group=group,
-        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
-        world_size=world_size,
-        rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size, peer=peer or None),
+        ranks=_ranks(
+            group=group, rank=rank, world_size=world_size, device=f"cuda:{rank}", peer=peer or None
+        ),
         **common,
     )
     assert engine.cuda_graphs and engine.mlp_split is not None
@@ -229,12 +231,10 @@ def _refuse_huge_keys(model_dir, *, rank, world_size, group):
     shape = CacheShape(num_layers=config.num_layers, num_pages=128, page_size=PAGE,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                        dtype=torch.float32, bounds_dtype=torch.float8_e4m3fn)  # fmt: skip
-    engine = SequenceParallelEngine(
+    engine = LLMEngine(
         model=model, model_config=config, cache=KVCache(shape, device="cpu"),
-        quest=QUESTS["quest"], detokenize=str, eos_token_ids=(), group=group,
-        ownership=PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=CHUNK),
-        world_size=world_size, rank=rank,
-        comm=SequenceParallelComm(group=group, rank=rank, world_size=world_size),
+        quest=QUESTS["quest"], detokenize=str, eos_token_ids=(),
+        ranks=_ranks(group=group, rank=rank, world_size=world_size),
     )  # fmt: skip
     try:
         engine.generate(_prompts(config.vocab_size)[:1], [SamplingParams(max_tokens=2)])

@@ -80,17 +80,15 @@ def fill_synthetic(
     """Add a sequence of ``context_tokens`` tokens whose KV cache is random, not prefilled.
 
     Reserves pages for ``context_tokens + params.max_tokens`` like a real request
-    (raising CacheCapacityError when it cannot fit), writes this rank's pages of
-    every layer, and returns the Sequence, ready for ``engine._decode_step([...])``: its
+    (``engine.add_request``: CacheCapacityError when it cannot fit), writes this rank's pages of
+    every layer, and returns the Sequence, ready for ``engine.decode([...])``: its
     next input token is ``first_token``. Sequences decoded together need distinct
     ``request_id`` values (and distinct ``seed`` values for distinct contents).
     """
     params = params or SamplingParams(max_tokens=64, ignore_eos=True)
     prompt = [first_token] * context_tokens
-    seq = engine._new_sequence(request_id, prompt, params)
-    if not engine._try_reserve(seq):
-        raise ValueError("the synthetic sequence does not fit the free pages")
-    engine._grow(seq, context_tokens)
+    seq = engine.add_request(prompt, params, request_id=request_id)
+    engine.grow(seq, num_tokens=context_tokens)
     cache, page_size = engine.cache, engine.page_size
     shape = cache.shape
     local = dict(seq.local_pages)  # global page -> physical page
@@ -146,7 +144,7 @@ def decode_steps(engine: LLMEngine, seqs: list[Sequence], *, launches: int) -> l
             torch.cuda.synchronize(engine.device)
         before = len(seqs[0].output)
         start = time.perf_counter()
-        engine._decode_step(seqs)
+        engine.decode(seqs)
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         made = max(1, len(seqs[0].output) - before)
