@@ -138,5 +138,6 @@ def build_engine(
         prefill_chunk_tokens=config.prefill_chunk_tokens,
         impl=config.impl,
         ranks=ranks,
+        tuning=config.tuning,
     )
     return engine, tokenizer

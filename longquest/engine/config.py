@@ -7,6 +7,8 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+from longquest.kernels import KernelTuning
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -222,6 +224,8 @@ class EngineConfig:
         sequence-parallel group each take their own GPU.
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
+    tuning: the kernels' launch sizes (block sizes, split caps, program counts); the
+        defaults are the measured choices, a benchmark passes others.
 
     Frozen and plain: launchers pass it on unchanged, and ``to_json`` / ``from_json``
     carry it to processes started elsewhere (torchrun).
@@ -235,6 +239,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prefill_chunk_tokens: int = 8192
     impl: str | None = None
+    tuning: KernelTuning = field(default_factory=KernelTuning)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -28,6 +28,7 @@ from longquest.engine.model import Model
 from longquest.engine.ranks import ProgressCallback, RankGroup, SingleDevice
 from longquest.engine.sampler import sample, top_logprobs
 from longquest.engine.sequence import RequestOutput, Sequence
+from longquest.kernels import DEFAULT_TUNING, KernelTuning
 
 
 class Detokenizer(Protocol):
@@ -49,6 +50,7 @@ class LLMEngine:
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
         ranks: RankGroup | None = None,
+        tuning: KernelTuning = DEFAULT_TUNING,
         cuda_graphs: bool | None = None,
         steps_per_launch: int | None = None,
     ) -> None:
@@ -69,6 +71,7 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.impl = impl
+        self.tuning = tuning
         # Decode splits the MLPs over the ranks where the rank group does.
         self.mlp_split = self.ranks.mlp_split(model=model, model_config=model_config)
         self.device = cache.k.device
@@ -258,6 +261,7 @@ class LLMEngine:
                     metadata=meta,
                     comm=self.comm,
                     impl=self.impl,
+                    tuning=self.tuning,
                 )
                 hidden = self.model(
                     input_ids=ids,

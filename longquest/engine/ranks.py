@@ -119,7 +119,11 @@ class SingleDevice:
                 seq_end=end,
             )
             attention = PagedAttention(
-                cache=engine.cache, quest=engine.quest, metadata=meta, impl=engine.impl
+                cache=engine.cache,
+                quest=engine.quest,
+                metadata=meta,
+                impl=engine.impl,
+                tuning=engine.tuning,
             )
             ids = torch.tensor(prompt[start:end], dtype=torch.int64, device=device)
             positions = torch.arange(start, end, dtype=torch.int64, device=device)

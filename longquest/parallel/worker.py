@@ -275,7 +275,9 @@ def build_worker(
     device = torch.device(device)
     peer = None
     if parallel.peer_collectives:
-        peer = PeerCollectives.create(group=group, rank=rank, world_size=world_size, device=device)
+        peer = PeerCollectives.create(
+            group=group, rank=rank, world_size=world_size, device=device, tuning=config.tuning
+        )
     # A round splits into 2 * world_size whole-page chunks.
     page_size = config.quest.page_size
     step = 2 * page_size
@@ -288,7 +290,12 @@ def build_worker(
         world_size=world_size,
         rank=rank,
         comm=SequenceParallelComm(
-            group=group, rank=rank, world_size=world_size, impl=config.impl, peer=peer
+            group=group,
+            rank=rank,
+            world_size=world_size,
+            impl=config.impl,
+            peer=peer,
+            tuning=config.tuning,
         ),
         device=device,
         split_mlp=parallel.split_mlp,

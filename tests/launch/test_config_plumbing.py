@@ -12,13 +12,16 @@ records the config it received.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from longquest.engine.config import EngineConfig
+from longquest.engine.config import EngineConfig, SamplingParams
+from longquest.kernels import DEFAULT_TUNING
 from longquest.launch import cli, torchrun
 
 MODEL = "/models/plumbing-check"  # absolute: the Ray launcher resolves the path
@@ -219,6 +222,7 @@ def test_engine_config_reads_back_from_json_and_refuses_what_it_does_not_know():
         quest=QuestConfig(token_budget=None, spread_selection=False),
         cache=CacheConfig(max_tokens=100, bounds_dtype="float8_e4m3fn"),
         parallel=ParallelConfig(world_size=2, launcher="ray", split_mlp=False),
+        tuning=dataclasses.replace(DEFAULT_TUNING, decode_tokens_per_block=32),
     )
     assert EngineConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="unknown fields"):
@@ -240,3 +244,30 @@ def test_llm_takes_a_config_or_settings_not_both():
     torchrun_config = EngineConfig(model=MODEL, parallel=ParallelConfig(launcher="torchrun"))
     with pytest.raises(ValueError, match="'local' or the 'ray' launcher"):
         LLM(config=torchrun_config)
+
+
+def test_the_kernel_tuning_reaches_the_engine(tmp_path, monkeypatch):
+    """A non-default KernelTuning in the config is what the engine's attention is given."""
+    from longquest.engine import builder
+    from longquest.engine import engine as engine_module
+    from longquest.engine.builder import build_engine
+    from tests.tiny_models import make_tiny_model
+
+    seen = []
+
+    class Spy(engine_module.PagedAttention):
+        def __init__(self, **kwargs):
+            seen.append(kwargs["tuning"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(engine_module, "PagedAttention", Spy)
+    # The tiny model has no tokenizer; the engine needs only its EOS ids and a decoder.
+    monkeypatch.setattr(builder, "Tokenizer", lambda path: SimpleNamespace(
+        eos_token_ids=(), decode=lambda ids: " ".join(map(str, ids))))  # fmt: skip
+    tuning = dataclasses.replace(DEFAULT_TUNING, decode_tokens_per_block=32)
+    model_dir = make_tiny_model(tmp_path, architecture="llama3.1")
+    config = EngineConfig(model=str(model_dir), device="cpu", tuning=tuning)
+    engine, _ = build_engine(config)
+    assert engine.tuning is config.tuning
+    engine.generate([[1, 2, 3]], [SamplingParams(max_tokens=3, ignore_eos=True)])
+    assert seen and all(t is tuning for t in seen)
