@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+from longquest.engine.config import CacheConfig, QuestConfig
 from longquest.launch.batch import read_done_ids, run_batch
 from longquest.launch.results import read_results
 from tests.launch.test_batch import FakeEngine, FakeTokenizer, rows, write_input
@@ -187,9 +187,8 @@ def test_a_second_job_on_the_same_output_fails_at_once(src, tmp_path):
 # 5 -------------------------------------------------------------------- encoding
 def test_a_line_that_is_not_utf8_is_an_error_row(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_bytes(
-        b'{"id": "a", "prompt": "x y"}\n{"id": "b", "prompt": "caf\xe9"}\n{"id": "c", "prompt": "z"}\n'
-    )
+    good = b'{"id": "a", "prompt": "x y"}\n'
+    src.write_bytes(good + b'{"id": "b", "prompt": "caf\xe9"}\n' + good.replace(b'"a"', b'"c"'))
     summary = batch(src, dst)
     by_id = {r["id"]: r for r in rows(dst)}
     assert "line 2 is not UTF-8" in by_id["line-2"]["error"] and by_id["line-2"]["line"] == 2
