@@ -12,8 +12,11 @@ starts a local one with the dashboard off.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +133,8 @@ class RayCluster:
         impl: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        # A Ray this cluster starts is stopped by shutdown() (see _stop_ray_on_exit).
+        self._owns_ray = False
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
             ray.init(
@@ -139,6 +144,9 @@ class RayCluster:
                 log_to_driver=True,
                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
             )
+            self._owns_ray = not address
+            if self._owns_ray:
+                _stop_ray_on_exit()
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and not str(device).startswith("cpu") and gpus >= 1
         if use_gpu and gpus < world_size:
@@ -232,3 +240,28 @@ class RayCluster:
         if getattr(self, "_group", None) is not None:
             remove_placement_group(self._group)
             self._group = None
+        if getattr(self, "_owns_ray", False):
+            self._owns_ray = False
+            ray.shutdown()
+
+
+def _stop_ray_on_exit() -> None:
+    """Make every exit of this process stop the local Ray it started (its GCS, raylet,
+    dashboard and runtime-env agents), none left behind.
+
+    Ray stops at interpreter exit (ray.init registers that); SIGTERM would skip it,
+    and Ray's own handler aborts the process, so SIGTERM raises SystemExit(143)
+    instead and every ``finally`` (the launchers' ``shutdown``) runs. Only the main
+    thread can install it, and only where nobody else has.
+    """
+    atexit.register(ray.shutdown)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
