@@ -182,7 +182,7 @@ def test_invalid_config_json_names_the_file(copy, text):
         load_model(copy, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("device", ["tpu", "gpu", "mps", "cuda:x"])
+@pytest.mark.parametrize("device", ["tpu", "tpu:0", "mps", "cuda:x"])
 def test_unknown_device_lists_the_accepted_ones(tiny_dir, device):
     from longquest.engine.builder import resolve_device
 
