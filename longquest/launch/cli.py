@@ -131,6 +131,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             generate=lambda ids, params: llm.generate(ids, params, use_tqdm=False),
             tokenizer=llm.tokenizer,
             group_size=args.group_size,
+            retry_errors=args.retry_errors,
         )
     finally:
         llm.shutdown()
@@ -156,6 +157,7 @@ def _batch_with_torchrun(args: argparse.Namespace) -> int:
         command += ["--cache-tokens", str(args.cache_tokens)]
     if args.bounds_dtype:
         command += ["--bounds-dtype", args.bounds_dtype]
+    command += ["--retry-errors"] if args.retry_errors else []
     return subprocess.call(command)
 
 
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--world-size", type=int, default=1)
     batch.add_argument("--launcher", default="local", choices=["local", "ray", "torchrun"])
     batch.add_argument("--group-size", type=int, default=8, help="requests decoded together")
+    batch.add_argument("--retry-errors", action="store_true",
+                       help="serve again the ids whose last row is an error")  # fmt: skip
     batch.set_defaults(func=cmd_batch)
 
     # The demo's defaults live in run_demo's signature only.

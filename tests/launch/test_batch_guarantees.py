@@ -251,3 +251,35 @@ def test_ids_keep_their_json_value_and_duplicates_get_error_rows(tmp_path):
     assert dup["id"] == "7#line-6" and "duplicate id 7 (first on line 1)" in dup["error"]
     assert summary["served"] == 5 and summary["errors"] == 1
     assert batch(src, dst)["skipped"] == 6  # resume matches every id, duplicate included
+
+
+def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import longquest.launch.api as api
+    from longquest.launch.cli import main
+
+    class FakeLLM:
+        def __init__(self, model, **options):
+            self.tokenizer = FakeTokenizer()
+
+        def generate(self, ids, params, use_tqdm=True):
+            return FakeEngine()([p[:5] for p in ids], params)
+
+        def shutdown(self):
+            pass
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, GOOD[:1])
+    dst.write_text(json.dumps({"id": "g0", "error": "an earlier failure"}) + "\n")
+    monkeypatch.setattr(api, "LLM", FakeLLM)
+    args = ["batch", "--model", str(tmp_path), "--input", str(src), "--output", str(dst)]
+    assert main(args) == 0
+    assert "'served': 0, 'errors': 0, 'skipped': 1" in capsys.readouterr().err
+    assert main([*args, "--retry-errors"]) == 0
+    assert "'served': 1, 'errors': 0, 'skipped': 0" in capsys.readouterr().err
+    assert "text" in read_results(dst)['"g0"']
+    commands = []
+    monkeypatch.setattr(subprocess, "call", lambda command: commands.append(command) or 0)
+    assert main([*args, "--launcher", "torchrun", "--retry-errors"]) == 0
+    assert "--retry-errors" in commands[0]
