@@ -98,7 +98,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
-def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path, ctrl_c):
+    """SIGTERM to the driver, or SIGINT to its whole process group as Ctrl-C sends it."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     line = {"prompt": "hello " * 20, "max_tokens": 200, "ignore_eos": True}
     src.write_text("".join(json.dumps({"id": i, **line}) + "\n" for i in range(40)))
@@ -110,7 +112,9 @@ def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path):
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        command, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while not (dst.exists() and dst.read_text().count("\n") >= 1):
@@ -118,7 +122,10 @@ def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path):
             time.sleep(0.5)
         ray_processes = _descendants(driver.pid)
         assert len(ray_processes) >= 4  # GCS, raylet, its agents, the two workers
-        driver.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(driver.pid, signal.SIGINT)
+        else:
+            driver.send_signal(signal.SIGTERM)
         driver.wait(timeout=120)
         deadline = time.monotonic() + 30
         while any(map(_alive, ray_processes)) and time.monotonic() < deadline:
