@@ -41,7 +41,13 @@ from tqdm import tqdm
 
 from longquest.engine.config import SamplingParams
 from longquest.engine.sequence import RequestOutput
-from longquest.launch.results import ResultsFile, done_keys, id_key, read_results
+from longquest.launch.results import (
+    ResultsFile,
+    check_not_input,
+    done_keys,
+    id_key,
+    read_results,
+)
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
@@ -164,6 +170,20 @@ def read_requests(
             else:
                 todo.append(item)
     return todo, error_rows, skipped
+
+
+def check_batch_files(
+    *, input_path: str | Path, output_path: str | Path, group_size: int = 8
+) -> None:
+    """The checks run_batch makes before serving, touching no file, so a launcher can
+    fail before it loads the model. Raises ValueError as run_batch does (the lock is
+    taken, and checked, by run_batch)."""
+    check_group_size(group_size)
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise ValueError(f"input file {input_path} does not exist")
+    check_not_input(output_path=output_path, input_path=input_path)
+    read_results(output_path)
 
 
 def run_batch(

@@ -107,10 +107,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from longquest.launch.batch import check_batch_files, run_batch
+
+    check_batch_files(input_path=args.input, output_path=args.output, group_size=args.group_size)
     if args.launcher == "torchrun":
         return _batch_with_torchrun(args)
     from longquest.launch.api import LLM
-    from longquest.launch.batch import run_batch
 
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")

@@ -283,3 +283,24 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(subprocess, "call", lambda command: commands.append(command) or 0)
     assert main([*args, "--launcher", "torchrun", "--retry-errors"]) == 0
     assert "--retry-errors" in commands[0]
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray", "torchrun"])
+def test_the_cli_refuses_bad_files_before_it_loads_the_model(src, tmp_path, monkeypatch, launcher):
+    import subprocess
+
+    import longquest.launch.api as api
+    from longquest.launch.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("started work despite bad files")
+
+    monkeypatch.setattr(api, "LLM", never)
+    monkeypatch.setattr(subprocess, "call", never)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    common = ["batch", "--model", str(tmp_path), "--launcher", launcher, "--input", str(src)]
+    assert main([*common, "--output", str(notes)]) == 2
+    assert main([*common, "--output", str(src)]) == 2
+    assert main([*common, "--output", str(tmp_path / "o.jsonl"), "--group-size", "0"]) == 2
+    assert notes.read_text() == "my notes" and not (tmp_path / "o.jsonl").exists()
