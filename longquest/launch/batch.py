@@ -153,12 +153,10 @@ def read_requests(
             key = id_key(request_id)
             if key in first_line:
                 shown = json.dumps(request_id, ensure_ascii=False)
-                item, error = (
-                    None,
-                    (
-                        f"duplicate id {shown} (first on line {first_line[key]}); ids must be "
-                        "unique, so this line is not served: give it a new id"
-                    ),
+                item = None
+                error = (
+                    f"duplicate id {shown} (first on line {first_line[key]}); ids must be "
+                    "unique, so this line is not served: give it a new id"
                 )
                 request_id = f"{request_id if isinstance(request_id, str) else key}#line-{number}"
                 key = id_key(request_id)
@@ -210,7 +208,8 @@ def run_batch(
     retry_errors: serve again the ids whose last row is an error.
 
     Raises ValueError for a bad group_size, a missing input, or an output file that
-    is the input, not a results file, or locked by another job (nothing is changed).
+    is the input, not a results file, or locked by another job (nothing is changed);
+    RuntimeError when ``done_ids`` disagrees with the file once it is locked.
     """
     check_group_size(group_size)
     input_path, output_path = Path(input_path), Path(output_path)
@@ -224,9 +223,10 @@ def run_batch(
                 raise RuntimeError(
                     f"{output_path} changed between reading it and locking it; rerun the job"
                 )
+        elif done_ids is not None:
+            done = done_ids
         else:
             done = read_done_ids(output_path, retry_errors=retry_errors)
-            done = done if done_ids is None else done_ids
         todo, error_rows, skipped = read_requests(input_path, tokenizer, done)
         summary = {"served": 0, "errors": len(error_rows), "skipped": skipped, "tokens": 0}
         for row in error_rows:
