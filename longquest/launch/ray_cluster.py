@@ -12,11 +12,8 @@ starts a local one with the dashboard off.
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +130,8 @@ class RayCluster:
         impl: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        # A Ray this cluster starts is stopped by shutdown() (see _stop_ray_on_exit).
+        # A Ray this cluster starts, shutdown() stops: every launcher calls it in a
+        # ``finally``, which SIGTERM reaches too (Ray's driver handler raises SystemExit).
         self._owns_ray = False
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
@@ -145,8 +143,6 @@ class RayCluster:
                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
             )
             self._owns_ray = not address
-            if self._owns_ray:
-                _stop_ray_on_exit()
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and not str(device).startswith("cpu") and gpus >= 1
         if use_gpu and gpus < world_size:
@@ -243,25 +239,3 @@ class RayCluster:
         if getattr(self, "_owns_ray", False):
             self._owns_ray = False
             ray.shutdown()
-
-
-def _stop_ray_on_exit() -> None:
-    """Make every exit of this process stop the local Ray it started (its GCS, raylet,
-    dashboard and runtime-env agents), none left behind.
-
-    Ray stops at interpreter exit (ray.init registers that); SIGTERM would skip it,
-    and Ray's own handler aborts the process, so SIGTERM raises SystemExit(143)
-    instead and every ``finally`` (the launchers' ``shutdown``) runs. Only the main
-    thread can install it, and only where nobody else has.
-    """
-    atexit.register(ray.shutdown)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        return
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
