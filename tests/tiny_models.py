@@ -4,7 +4,8 @@ Sizes are deliberately odd (3 KV heads, vocab and MLP widths that are not
 powers of two) so shape mix-ups show. Every weight is redrawn with a scale
 that keeps activations O(1) — attention is far from uniform — and norm
 weights and biases are randomised so a loader that skipped them would fail.
-Only token ids are needed, so no tokenizer is saved.
+:func:`make_tiny_model` saves no tokenizer (only token ids are needed);
+:func:`save_char_tokenizer` adds one, one token a character, for tests that send text.
 """
 
 from __future__ import annotations
@@ -150,3 +151,25 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.normal_(0.0, 1.0, generator=generator)
             else:  # [out, in] projections: unit-variance outputs for unit inputs
                 param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+
+
+def save_char_tokenizer(directory: Path) -> Path:
+    """Save a character-level tokenizer (one token per printable ASCII character and
+    newline; ids 0..98, ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) with a chat template into
+    ``directory``, so a tiny model there takes text and chat prompts. Returns ``directory``.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
+    fast.save_pretrained(directory)
+    return Path(directory)

@@ -52,7 +52,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cuda", "cpu"):
+        raise ValueError(f"unknown device {str(device)!r}; use 'cuda', 'cuda:N' or 'cpu'")
+    device = parsed
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but CUDA is not available; use 'cpu'")

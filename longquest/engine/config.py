@@ -7,6 +7,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+from longquest.engine.validate import check_bool, check_float, check_int, stop_strings
 from longquest.kernels import KernelTuning
 
 SUPPORTED_ARCHITECTURES = (
@@ -39,6 +40,14 @@ class QuestConfig:
     spread_selection: bool = True
 
     def __post_init__(self) -> None:
+        check_int(self.page_size, name="QuestConfig.page_size", accepts="a power of two (16)")
+        if self.token_budget is not None:
+            check_int(
+                self.token_budget,
+                name="QuestConfig.token_budget",
+                accepts="an int (tokens attended per decode step) or None (dense)",
+            )
+        check_int(self.dense_layers, name="QuestConfig.dense_layers", accepts="an int >= 0")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(
                 f"QuestConfig.page_size must be a power of two, got {self.page_size}; "
@@ -85,6 +94,18 @@ class CacheConfig:
     bounds_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_pages", "max_tokens"):
+            if getattr(self, name) is not None:
+                check_int(
+                    getattr(self, name), name=f"CacheConfig.{name}", accepts="an int >= 1 or None"
+                )
+        check_float(
+            self.memory_fraction,
+            name="CacheConfig.memory_fraction",
+            above=0.0,
+            maximum=1.0,
+            accepts="a number in (0, 1]",
+        )
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"CacheConfig.num_pages must be >= 1, got {self.num_pages}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -154,20 +175,24 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"SamplingParams.logprobs must be >= 0, got {self.logprobs}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif self.stop is not None:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        check_int(self.max_tokens, name="SamplingParams.max_tokens", minimum=1,
+                  accepts="a whole number >= 1 (tokens to generate)")  # fmt: skip
+        check_float(self.temperature, name="SamplingParams.temperature", minimum=0.0,
+                    accepts="a finite number >= 0 (0 is greedy)")  # fmt: skip
+        check_float(self.top_p, name="SamplingParams.top_p", above=0.0, maximum=1.0,
+                    accepts="a number in (0, 1]")  # fmt: skip
+        check_int(self.top_k, name="SamplingParams.top_k", minimum=-1,
+                  accepts="-1 (off) or a whole number >= 1")  # fmt: skip
+        if self.top_k == 0:
+            raise ValueError("SamplingParams.top_k must be -1 (off) or a whole number >= 1, got 0")
+        if self.seed is not None:
+            check_int(self.seed, name="SamplingParams.seed", minimum=0, maximum=2**64 - 1,
+                      accepts="None or a whole number in [0, 2**64)")  # fmt: skip
+        check_bool(self.ignore_eos, name="SamplingParams.ignore_eos")
+        if self.logprobs is not None:
+            check_int(self.logprobs, name="SamplingParams.logprobs", minimum=0,
+                      accepts="None or a whole number >= 0 (top tokens to report)")  # fmt: skip
+        object.__setattr__(self, "stop", stop_strings(self.stop, name="SamplingParams.stop"))
 
 
 @dataclass(frozen=True, kw_only=True)

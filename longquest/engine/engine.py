@@ -205,6 +205,15 @@ class LLMEngine:
     def _new_sequence(self, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
         if not prompt:
             raise ValueError(f"prompt {index} is empty; give at least one token")
+        vocab = self.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"prompt {index} has token id {bad}; the vocabulary is 0..{vocab - 1}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(
+                f"prompt {index} asks for logprobs={params.logprobs}, more than the model's "
+                f"vocabulary of {vocab} tokens; ask for at most {vocab}"
+            )
         total = len(prompt) + params.max_tokens
         need = self.ranks.most_pages_needed(
             prompt_len=len(prompt), num_pages=pages_for(total, self.page_size)

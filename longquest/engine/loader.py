@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
@@ -172,7 +172,7 @@ def load_model(
         raise FileNotFoundError(f"no config.json in {str(path)!r}; is it a Hugging Face model?")
     weight_files = _weight_files(path)
     device = torch.device(device)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    hf_config = _read_config(path)
     config = model_config_from_hf(hf_config)
     check_dtype_runs(dtype=dtype, device=device)
 
@@ -259,12 +259,41 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
+def _read_config(path: Path) -> object:
+    """``config.json`` through AutoConfig; a file that is not a JSON object, or that
+    transformers cannot read, is a ValueError naming the file and the fault."""
+    file = path / "config.json"
+    try:
+        parsed = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{file} is not valid JSON ({error}); fix the file or download it again"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(parsed).__name__}")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"transformers cannot read {file} ({type(error).__name__}: {error}); is it the "
+            "config.json of a supported model?"
+        ) from error
+
+
 def _stream(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every ``(name, tensor)`` of the files, read one at a time onto the CPU."""
+    """Every ``(name, tensor)`` of the files, read one at a time onto the CPU.
+
+    Raises ValueError naming the file when it is truncated or corrupt.
+    """
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as tensors:
-            for name in tensors.keys():
-                yield name, tensors.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as tensors:
+                for name in tensors.keys():
+                    yield name, tensors.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"weights file {file} is truncated or corrupt ({error}); download it again"
+            ) from error
 
 
 def _checkpoint_targets(model: Model) -> dict[str, torch.Tensor]:

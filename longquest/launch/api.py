@@ -95,6 +95,8 @@ class LLM:
         A prompt is a string, a list of token ids, or chat messages
         (``[{"role": "user", "content": ...}]``, formatted by the chat template).
         """
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"prompts must be a string or a list of prompts, got {prompts!r}")
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and not isinstance(prompts[0], (str, list))
         ):
@@ -107,7 +109,12 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
-            params = list(sampling_params)
+            params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [0]
+            if not all(isinstance(p, SamplingParams) for p in params):
+                raise ValueError(
+                    "sampling_params must be a SamplingParams or a list of them (one per "
+                    f"prompt); for a dict write SamplingParams(**d). Got {sampling_params!r}"
+                )
             if len(params) != len(prompts):
                 raise ValueError(
                     f"{len(prompts)} prompts but {len(params)} SamplingParams; give one, "

@@ -119,13 +119,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from longquest.launch.batch import check_batch_files, run_batch
+
+    check_batch_files(input_path=args.input, output_path=args.output, group_size=args.group_size)
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
     config = engine_config_from_args(args, world_size=args.world_size, launcher=args.launcher)
     if args.launcher == "torchrun":
         return _batch_with_torchrun(config, args)
     from longquest.launch.api import LLM
-    from longquest.launch.batch import run_batch
 
     llm = LLM(config=config)
     try:
@@ -135,6 +137,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             generate=lambda ids, params: llm.generate(ids, params, use_tqdm=False),
             tokenizer=llm.tokenizer,
             group_size=args.group_size,
+            retry_errors=args.retry_errors,
         )
     finally:
         llm.shutdown()
@@ -153,6 +156,7 @@ def _batch_with_torchrun(config: EngineConfig, args: argparse.Namespace) -> int:
         "--config-json", config.to_json(), "--input", args.input, "--output", args.output,
         "--group-size", str(args.group_size),
     ]  # fmt: skip
+    command += ["--retry-errors"] if args.retry_errors else []
     return subprocess.call(command)
 
 
@@ -181,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--world-size", type=int, default=1)
     batch.add_argument("--launcher", default="local", choices=["local", "ray", "torchrun"])
     batch.add_argument("--group-size", type=int, default=8, help="requests decoded together")
+    batch.add_argument("--retry-errors", action="store_true",
+                       help="serve again the ids whose last row is an error")  # fmt: skip
     batch.set_defaults(func=cmd_batch)
 
     # The demo's defaults live in run_demo's signature only.

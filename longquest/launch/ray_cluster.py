@@ -130,6 +130,9 @@ class RayCluster:
 
     def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         world_size, device = config.parallel.world_size, config.device
+        # A Ray this cluster starts, shutdown() stops: every launcher calls it in a
+        # ``finally``, which SIGTERM reaches too (Ray's driver handler raises SystemExit).
+        self._owns_ray = False
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
             ray.init(
@@ -139,6 +142,7 @@ class RayCluster:
                 log_to_driver=True,
                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
             )
+            self._owns_ray = not address
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = device != "cpu" and not str(device).startswith("cpu") and gpus >= 1
         if use_gpu and gpus < world_size:
@@ -218,3 +222,6 @@ class RayCluster:
         if getattr(self, "_group", None) is not None:
             remove_placement_group(self._group)
             self._group = None
+        if getattr(self, "_owns_ray", False):
+            self._owns_ray = False
+            ray.shutdown()

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file")
     source.add_argument("--input", help="batch mode: JSONL requests (see longquest batch)")
     parser.add_argument("--output", help="batch mode: JSONL results (resumable)")
+    parser.add_argument("--retry-errors", action="store_true", help="batch mode: retry errors")
     parser.add_argument("--chat", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # Every rank serves the same requests and rank 0 alone writes; rank 0 reads
             # what is already done and tells the others, so nobody reads while it appends.
-            done = [read_done_ids(Path(args.output)) if rank == 0 else None]
+            retry = args.retry_errors
+            done = [read_done_ids(Path(args.output), retry_errors=retry) if rank == 0 else None]
             dist.broadcast_object_list(done, src=0)
             summary = run_batch(
                 input_path=args.input,
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 done_ids=done[0],
                 write=rank == 0,
                 progress=rank == 0,
+                retry_errors=args.retry_errors,
             )
             if rank == 0:
                 print(f"[longquest] batch {summary}", file=sys.stderr)

@@ -162,6 +162,36 @@ def test_missing_config(copy):
         load_model(copy, dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.999, 100])
+def test_truncated_or_corrupt_weights_name_the_file(copy, keep):
+    path = copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else data[:keep])
+    with pytest.raises(
+        ValueError, match=r"weights file .*model\.safetensors is truncated or corrupt"
+    ):
+        load_model(copy, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "llama",', "[1, 2]", "\xff"])
+def test_invalid_config_json_names_the_file(copy, text):
+    (copy / "config.json").write_text(text, encoding="latin-1")
+    with pytest.raises(
+        ValueError, match=r"config\.json (is not valid JSON|must hold a JSON object)"
+    ):
+        load_model(copy, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("device", ["tpu", "tpu:0", "mps", "cuda:x"])
+def test_unknown_device_lists_the_accepted_ones(tiny_dir, device):
+    from longquest.engine.builder import resolve_device
+
+    with pytest.raises(
+        ValueError, match=f"unknown device '{device}'; use 'cuda', 'cuda:N' or 'cpu'"
+    ):
+        resolve_device(device)
+
+
 def test_no_safetensors_never_falls_back_to_pickle(copy):
     (copy / "model.safetensors").unlink()
     (copy / "pytorch_model.bin").write_bytes(b"not opened")
