@@ -260,7 +260,7 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     from longquest.launch.cli import main
 
     class FakeLLM:
-        def __init__(self, model, **options):
+        def __init__(self, model=None, **options):
             self.tokenizer = FakeTokenizer()
 
         def generate(self, ids, params, use_tqdm=True):

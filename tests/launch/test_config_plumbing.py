@@ -50,7 +50,7 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
 NOT_ENGINE = {
     "generate": {"--help", "--prompt", "--prompt-file", "--chat", "--max-tokens",
                  "--temperature", "--top-p", "--seed"},
-    "batch": {"--help", "--input", "--output", "--group-size"},
+    "batch": {"--help", "--input", "--output", "--group-size", "--retry-errors"},
 }  # fmt: skip
 # Arguments the subcommands need that are not under test.
 REQUIRED = {"generate": ["--prompt", "hi"], "batch": ["--input", "in.jsonl", "--output", "o"]}
@@ -196,6 +196,7 @@ LAUNCHERS = {"local": _local, "ray": _ray, "torchrun": _torchrun}
 )
 def test_every_engine_option_reaches_the_ranks(monkeypatch, tmp_path, command, launcher):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')  # checked before loading
     for argv, chosen in _runs(command, launcher):
         for config in LAUNCHERS[launcher](monkeypatch, argv):
             assert config.parallel.launcher == launcher
@@ -209,7 +210,7 @@ def test_torchrun_entry_takes_the_same_engine_options():
     entry = set(_options(torchrun.build_parser()))
     shared = set(_options(_subparsers()["generate"])) & set(ENGINE_OPTIONS)
     assert shared <= entry
-    own = {"--config-json", "--timeout", "--input", "--output", "--group-size"}
+    own = {"--config-json", "--timeout", "--input", "--output", "--group-size", "--retry-errors"}
     assert entry - shared - NOT_ENGINE["generate"] == own
 
 
