@@ -48,7 +48,7 @@ def environment() -> dict:
     """Where and with what a result was measured (no hostname)."""
     cuda = torch.cuda.is_available()
     status = _git("status", "--porcelain")
-    # Untracked source counts (a new kernel file changes what ran); earlier results do not.
+    # Untracked source counts (a new kernel file changes what ran); result files do not.
     changes = (
         None
         if status is None

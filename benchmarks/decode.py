@@ -24,9 +24,8 @@ The breakdown replays each component alone in a CUDA graph at the row's shapes.
 The floor of a row is (weight bytes + Quest metadata bytes + KV bytes read) per
 rank / the copy bandwidth measured in this run, plus the collectives per step x
 the latency of one all-gather measured in this run inside a graph of
-``COLLECTIVE_CHAIN`` back to back (``collective_latency_chained``; results through
-2026-11-30 used ``all_gather_latency``, one all-gather replayed alone, which also
-counts a graph launch and made that term loose).
+``COLLECTIVE_CHAIN`` back to back (``collective_latency_chained``: one all-gather
+replayed alone would also count a graph launch and make that term loose).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ each with ``longquest.kernels.DEFAULT_TUNING`` and with alternatives to it (a
   row);
 * the keep step of the cross-rank top-k, per ranking block (``rank_block``);
 * sparse attention over a rank's share, per split count, tokens a block and stages;
-* the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as
-  laid out now (the split MLP's down-projection is a column slice) and contiguous.
+* the weights: every matmul of a decode step at 8 rows (``F.linear``, cuBLAS), as the
+  engine lays them out (the split MLP's down-projection is a column slice) and contiguous.
 
 Page tables are random (a fragmented pool) or, with ``--table contiguous``, each
 sequence's pages in a row. Writes JSON under benchmarks/results/

@@ -1,7 +1,7 @@
 """The running batch's decode metadata, kept on the device, and its CUDA graphs.
 
-A decode step used to rebuild every sequence's page table in Python (``O(pages)``:
-tens of milliseconds at a million tokens). Here the tables live in device buffers
+Rebuilding every sequence's page table in Python each step would cost ``O(pages)``
+(tens of milliseconds at a million tokens), so the tables live in device buffers
 for as long as the batch keeps the same sequences: a step sends one small
 ``[num_seqs, 7]`` int64 tensor (token, position, append page, append offset, local
 tokens, local pages, pins-newest) and writes only the pages allocated since the

@@ -206,7 +206,7 @@ def keep_global_top_k(
         return out
     gathered, indices = gathered.contiguous(), local_indices.contiguous()
     # Ranking costs top_k x world_size x top_k comparisons a row: spread over programs of
-    # tuning.rank_block candidates (one program a row left most SMs idle at batch 1), then each
+    # tuning.rank_block candidates (one program a row leaves most SMs idle at batch 1), then each
     # row compacted in one program.
     kept = torch.empty(rows, top_k, dtype=torch.int8, device=device)
     _rank_kernel[(rows, triton.cdiv(top_k, tuning.rank_block))](

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 # 4-bit digits, 16-bin histograms, up to 8 levels. The spread selection's workspace is laid
-# out for them (:data:`longquest.kernels.topk_spread.WORKSPACE_STRIDE`); 8-bit digits were
+# out for them (:data:`longquest.kernels.topk_spread.WORKSPACE_STRIDE`); 8-bit digits are
 # slower in both selections (benchmarks/NOTES-kernels.md).
 DIGIT_BITS = 4
 NUM_BINS = 1 << DIGIT_BITS

@@ -10,21 +10,20 @@ the page ids of ``b + 2`` are in flight; the pages-as-rows form (fp8 bounds, bel
 the page ids a block ahead and leaves the bounds' pipeline to Triton. The grid is one wave
 of programs (``KernelTuning.score_programs_per_sm`` an SM, or ``score_fp8_programs_per_sm``).
 
-The bound itself runs on the tensor cores where that is exact (see ``_score_blocks``): the
-elementwise fp32 form cost ~31 instructions a page and head per warp and made the kernel
-issue-bound (117 us at 1M tokens, 76% of copy bandwidth on an H100); the tensor-core form
-costs ~9 and ran at 108.7 us (82%). At 1M tokens (65536 pages, 8 KV heads, head_dim 128,
-bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
+The bound runs on the tensor cores where that is exact (see ``_score_blocks``): the
+elementwise fp32 form (the interpreter's, and GQA groups over 16) costs ~31 instructions a
+page and head per warp and is issue-bound (117 us at 1M tokens, 76% of copy bandwidth on an
+H100); the tensor-core form costs ~9 (108.7 us, 82%). At 1M tokens (65536 pages, 8 KV heads,
+head_dim 128, bf16) the kernel reads 268 MB. Numbers: benchmarks/NOTES-kernels.md.
 
 The bounds may also be fp8 e4m3fn (``CacheConfig(bounds_dtype="float8_e4m3fn")``), which
 halves those bytes: they are loaded as fp8 and converted in registers to fp16 (exact; the
-GPU converts e4m3 pairs to fp16 directly, not to bf16), and the products run in fp16. In
-the form above that path was issue-bound (1.83 ms against 1.72 ms in bf16 for the 30
-sparse layers at 8 sequences x 192K tokens on two H200s). fp8 bounds are therefore scored
-with the pages as the product's rows (``_score_blocks_as_rows``): the bounds tile goes to
-shared memory through Triton's own pipeline and is the left operand, the group's query the
-right one. One rank's scores at that shape take about 38 us a layer against 60 in the
-other form (bf16 bounds: 62 there, 63 as rows, so bf16 keeps the group-as-rows form).
+GPU converts e4m3 pairs to fp16 directly, not to bf16), and the products run in fp16. The
+group-as-rows form is issue-bound there, so fp8 bounds are scored with the pages as the
+product's rows (``_score_blocks_as_rows``): the bounds tile goes to shared memory through
+Triton's pipeline and is the left operand, the group's query the right one. One rank's
+scores at 8 x 192K tokens on two H200s: 38 us a layer as rows, 60 group-as-rows (bf16
+bounds: 63 as rows, 62 group-as-rows, which bf16 keeps).
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ from longquest.kernels._device import sm_count
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
-# The tensor-core forms' BLOCK_G (tl.dot's smallest M): a larger GQA group is scored
-# elementwise.
+# tl.dot's smallest M, the tensor-core forms' BLOCK_G: larger GQA groups go elementwise.
 DOT_MAX_GROUP = 16
 
 
@@ -95,8 +93,8 @@ def _score_blocks(
     ``q_d * max(kmin_d, kmax_d)`` and for ``q_d < 0`` it is ``q_d * min(kmin_d, kmax_d)``
     (rounding is monotone, so this is exact), so a page's bound for every query head of the
     group is ``relu(q) . max(kmin, kmax) + min(q, 0) . min(kmin, kmax)``: two tensor-core
-    products with exact fp16/bf16 products and fp32 sums. The elementwise form spent about
-    18 instructions per bound element and made the kernel issue-bound (117 us at 1M tokens).
+    products with exact fp16/bf16 products and fp32 sums (the elementwise form below is
+    issue-bound: about 18 instructions per bound element).
     """
     dims = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_P)
@@ -181,7 +179,7 @@ def _score_blocks_as_rows(
     q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
     # Page ids one block ahead: a block's bounds loads wait on ids already loaded (Triton's
-    # pipeline alone did not overlap the bounds loads with the id loads they depend on).
+    # pipeline alone does not overlap the bounds loads with the id loads they depend on).
     pages = first * BLOCK_P + lanes
     ids_next = tl.load(table_row + pages * stride_tp, mask=pages < n, other=0)
     for block in tl.range(first, last, num_stages=NUM_STAGES):
@@ -287,8 +285,7 @@ def score_grid(
         block_p, per_sm = tuning.score_fp8_block_pages, tuning.score_fp8_programs_per_sm
     blocks = triton.cdiv(max_pages, block_p)
     # Rounded down: a grid just past one wave (batch 16: 5 programs a row = 640 > 528 slots)
-    # leaves a second wave of programs each as long as the first (measured 261 us instead
-    # of ~190 at 128K tokens).
+    # adds a second wave as long as the first (261 us against ~190 at 128K tokens).
     target = per_sm * sm_count(device)
     per_row = max(1, target // max(1, num_seqs * num_kv_heads))
     blocks_per_program = triton.cdiv(blocks, min(per_row, blocks))

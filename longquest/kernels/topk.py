@@ -192,7 +192,7 @@ def _launch_select(
     length = list_len if from_candidates else min(chunk_len, max_pages)
     fits = length <= tuning.select_register_max
     block = triton.next_power_of_2(length) if fits else tuning.select_loop_block
-    # 8 warps at 2048 pages, 16 from 4096 (4 and 16 were slower at 2048).
+    # 8 warps at 2048 pages, 16 from 4096 (4 and 16 are slower at 2048).
     num_warps = max(4, min(16, block // 256))
     # No lane may hold a replicated element: tl.histogram's GPU lowering would count it
     # once per replica.

@@ -33,16 +33,16 @@ class KernelTuning:
     score_dot_tile_elements: int = 4096
     # Warps of a bf16/fp16-bounds score program: 4 (about 100 registers a thread).
     score_num_warps: int = 4
-    # Score programs an SM, bf16/fp16 bounds: four fit; 2 and 8 were slower at 1M tokens.
+    # Score programs an SM, bf16/fp16 bounds: four fit; 2 and 8 are slower at 1M tokens.
     score_programs_per_sm: int = 4
     # fp8 bounds (pages as the product's rows): 64-page tiles; 32 with 6 programs an SM
-    # was as fast at 8 x 192K tokens, 128 with 8 warps slower.
+    # is as fast at 8 x 192K tokens, 128 with 8 warps slower.
     score_fp8_block_pages: int = 64
-    # fp8 bounds: 2 warps; 4 were 1.7 us slower a layer at 8 x 192K on two GPUs.
+    # fp8 bounds: 2 warps; 4 are 1.7 us slower a layer at 8 x 192K on two GPUs.
     score_fp8_num_warps: int = 2
-    # fp8 bounds: Triton's pipeline 3 stages deep; 4 was 0.5 us slower.
+    # fp8 bounds: Triton's pipeline 3 stages deep; 4 is 0.5 us slower.
     score_fp8_num_stages: int = 3
-    # fp8 bounds: 3 programs an SM; 4 was the same, 2 slower.
+    # fp8 bounds: 3 programs an SM; 4 is the same, 2 slower.
     score_fp8_programs_per_sm: int = 3
     # Rows up to this many pages are selected by one program in one launch.
     select_single_pass_max: int = 4096
@@ -59,19 +59,19 @@ class KernelTuning:
     # programs 15.1).
     spread_min_chunk: int = 512
     # Fewer programs a row than this take the two passes instead: 2 programs at 64 rows x
-    # 6144 pages took 25.7 us against 19.8.
+    # 6144 pages take 25.7 us against 19.8.
     spread_min_programs: int = 4
     # Tokens a decode program loads per loop iteration (several pages gathered at once).
     decode_tokens_per_block: int = 64
     # Decode programs an SM (four fit): 8 splits at a two-rank share of a 2048-token budget
-    # at batch 8 took 21.9 us against 23.7 for 5.
+    # at batch 8 take 21.9 us against 23.7 for 5.
     decode_programs_per_sm: int = 4
     # Warps of a decode program at head_dim <= 128 (twice this above).
     decode_num_warps: int = 4
     # Triton pipeline stages of the decode page gathers.
     decode_num_stages: int = 2
-    # Splits when the last split reduces, over every page: 16 left 128 programs at batch 1
-    # and read 1M tokens' pages on a rank of two at 870 us against 552 for 32.
+    # Splits when the last split reduces, over every page: 16 leave 128 programs at batch 1
+    # and read 1M tokens' pages on a rank of two in 870 us against 552 for 32.
     decode_max_splits_dense: int = 32
     # The same over a selection: 16 (a rank of two: 12.0 us against 13.2 for 32 at batch 1).
     decode_max_splits_selected: int = 16

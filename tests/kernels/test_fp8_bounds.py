@@ -1,4 +1,4 @@
-"""fp8 (e4m3fn) Quest key bounds: directed rounding, append_kv, page_scores, the fused step.
+"""fp8 (e4m3fn) Quest key bounds: directed rounding, append_kv, page_scores, a Quest step.
 
 The bounds must stay bounds: the stored min is the largest e4m3fn value <= the true min,
 the stored max the smallest >= the true max, so a page's score is still an upper bound of
