@@ -123,7 +123,10 @@ class LLM:
         token_ids = [self.tokenizer.encode(p, index=i) for i, p in enumerate(prompts)]
         if self._cluster is not None:
             return self._cluster.generate(token_ids, params)
-        return self._engine.generate(token_ids, params, on_progress=_progress(use_tqdm))
+        on_progress = progress_callback(
+            use_tqdm, prefill_chunk_tokens=self.config.prefill_chunk_tokens
+        )
+        return self._engine.generate(token_ids, params, on_progress=on_progress)
 
     @property
     def engine(self):
@@ -174,15 +177,27 @@ def engine_config(
     )
 
 
-def _progress(enabled: bool):
-    """A tqdm-backed progress callback: prefill tokens of long prompts, requests done."""
+# Prompts longer than this (or than one prefill chunk) get a prefill bar.
+PREFILL_BAR_TOKENS = 2048
+
+
+def progress_callback(enabled: bool, *, prefill_chunk_tokens: int):
+    """A tqdm-backed ``on_progress(stage, done, total)`` on stderr, or None when not
+    ``enabled``: prompt tokens prefilled (for prompts longer than one chunk or
+    ``PREFILL_BAR_TOKENS``), requests finished.
+
+    The engine reports ``("prefill", 0, total)`` as a prefill starts and again after
+    every chunk, so the bar's clock starts with the prefill, and it is redrawn at each
+    report (tqdm would otherwise skip a report that comes soon after the last).
+    """
     if not enabled:
         return None
     bars: dict[str, tqdm] = {}
+    shortest = min(prefill_chunk_tokens, PREFILL_BAR_TOKENS)
 
     def update(stage: str, done: int, total: int) -> None:
-        if stage == "prefill" and total <= 8192:
-            return  # short prompts need no bar
+        if stage == "prefill" and total <= shortest:
+            return  # one quick step: no bar
         bar = bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
@@ -190,6 +205,7 @@ def _progress(enabled: bool):
             unit = "tok" if stage == "prefill" else "req"
             bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
         bar.update(done - bar.n)
+        bar.refresh()
         if done >= total:
             bar.close()
             bars.pop(stage, None)
