@@ -254,9 +254,8 @@ def test_ids_keep_their_json_value_and_duplicates_get_error_rows(tmp_path):
 
 
 def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys):
-    import subprocess
-
     import longquest.launch.api as api
+    from longquest.launch import cli
     from longquest.launch.cli import main
 
     class FakeLLM:
@@ -280,23 +279,22 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     assert "'served': 1, 'errors': 0, 'skipped': 0" in capsys.readouterr().err
     assert "text" in read_results(dst)['"g0"']
     commands = []
-    monkeypatch.setattr(subprocess, "call", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(cli, "run_quietly_on_interrupt", lambda c: commands.append(c) or 0)
     assert main([*args, "--launcher", "torchrun", "--retry-errors"]) == 0
     assert "--retry-errors" in commands[0]
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray", "torchrun"])
 def test_the_cli_refuses_bad_files_before_it_loads_the_model(src, tmp_path, monkeypatch, launcher):
-    import subprocess
-
     import longquest.launch.api as api
+    from longquest.launch import cli
     from longquest.launch.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("started work despite bad files")
 
     monkeypatch.setattr(api, "LLM", never)
-    monkeypatch.setattr(subprocess, "call", never)
+    monkeypatch.setattr(cli, "run_quietly_on_interrupt", never)
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     common = ["batch", "--model", str(tmp_path), "--launcher", launcher, "--input", str(src)]
