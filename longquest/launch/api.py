@@ -123,10 +123,12 @@ class LLM:
         token_ids = [self.tokenizer.encode(p, index=i) for i, p in enumerate(prompts)]
         if self._cluster is not None:
             return self._cluster.generate(token_ids, params)
-        on_progress = progress_callback(
-            use_tqdm, prefill_chunk_tokens=self.config.prefill_chunk_tokens
-        )
-        return self._engine.generate(token_ids, params, on_progress=on_progress)
+        bars = progress_callback(use_tqdm, prefill_chunk_tokens=self.config.prefill_chunk_tokens)
+        try:
+            return self._engine.generate(token_ids, params, on_progress=bars)
+        finally:
+            if bars is not None:
+                bars.close()
 
     @property
     def engine(self):
@@ -181,33 +183,39 @@ def engine_config(
 PREFILL_BAR_TOKENS = 2048
 
 
-def progress_callback(enabled: bool, *, prefill_chunk_tokens: int):
-    """A tqdm-backed ``on_progress(stage, done, total)`` on stderr, or None when not
-    ``enabled``: prompt tokens prefilled (for prompts longer than one chunk or
-    ``PREFILL_BAR_TOKENS``), requests finished.
+class ProgressBars:
+    """tqdm bars on stderr as an engine's ``on_progress(stage, done, total)``: prompt
+    tokens prefilled (for prompts longer than one chunk or ``PREFILL_BAR_TOKENS``),
+    requests finished. ``close()`` clears what is left (after an error or Ctrl-C).
 
     The engine reports ``("prefill", 0, total)`` as a prefill starts and again after
-    every chunk, so the bar's clock starts with the prefill, and it is redrawn at each
+    every chunk, so the bar's clock starts with the prefill; it is redrawn at each
     report (tqdm would otherwise skip a report that comes soon after the last).
     """
-    if not enabled:
-        return None
-    bars: dict[str, tqdm] = {}
-    shortest = min(prefill_chunk_tokens, PREFILL_BAR_TOKENS)
 
-    def update(stage: str, done: int, total: int) -> None:
-        if stage == "prefill" and total <= shortest:
+    def __init__(self, *, prefill_chunk_tokens: int) -> None:
+        self.bars: dict[str, tqdm] = {}
+        self.shortest = min(prefill_chunk_tokens, PREFILL_BAR_TOKENS)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "prefill" and total <= self.shortest:
             return  # one quick step: no bar
-        bar = bars.get(stage)
+        bar = self.bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
             unit = "tok" if stage == "prefill" else "req"
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
         bar.update(done - bar.n)
         bar.refresh()
         if done >= total:
-            bar.close()
-            bars.pop(stage, None)
+            self.bars.pop(stage).close()
 
-    return update
+    def close(self) -> None:
+        while self.bars:
+            self.bars.popitem()[1].close()
+
+
+def progress_callback(enabled: bool, *, prefill_chunk_tokens: int) -> ProgressBars | None:
+    """A ``ProgressBars`` when ``enabled``, else None (no reports)."""
+    return ProgressBars(prefill_chunk_tokens=prefill_chunk_tokens) if enabled else None

@@ -240,12 +240,14 @@ def run_quietly_on_interrupt(command: list[str]) -> int:
 
     child = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
     interrupted = threading.Event()
+    last = [b"\n"]
 
     def relay() -> None:
         while chunk := os.read(child.stderr.fileno(), 65536):
             if not interrupted.is_set():
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
+                last[0] = chunk[-1:]
 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
@@ -255,6 +257,8 @@ def run_quietly_on_interrupt(command: list[str]) -> int:
         interrupted.set()
         os.killpg(child.pid, signal.SIGINT)
         child.wait()
+        if last[0] != b"\n":  # a progress bar's line, left unfinished
+            sys.stderr.write("\n")
         raise
     finally:
         if child.poll() is None:  # an exit other than Ctrl-C: leave no rank behind

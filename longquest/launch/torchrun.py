@@ -173,8 +173,12 @@ def _serve_prompt(args: argparse.Namespace, params, *, engine, tokenizer, rank: 
 
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     request = [{"role": "user", "content": prompt}] if args.chat else prompt
-    on_progress = progress_callback(rank == 0, prefill_chunk_tokens=engine.prefill_chunk_tokens)
-    (output,) = engine.generate([tokenizer.encode(request)], [params], on_progress=on_progress)
+    bars = progress_callback(rank == 0, prefill_chunk_tokens=engine.prefill_chunk_tokens)
+    try:
+        (output,) = engine.generate([tokenizer.encode(request)], [params], on_progress=bars)
+    finally:
+        if bars is not None:
+            bars.close()
     if rank == 0:
         print(output.text)
         for line in logprob_lines(output, tokenizer.decode):
