@@ -158,6 +158,24 @@ def test_local_engine_logprobs_beyond_the_vocabulary_is_an_error_row(tiny_llm, t
     assert summary["served"] == 2 and summary["errors"] == 2
 
 
+def test_a_prompt_past_the_models_context_is_its_error_row(tiny_llm, tmp_path):
+    """The tiny model declares 512 positions: the long line gets a row that names both
+    lengths and the option, and the lines around it are served."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "a", "prompt": "one", "max_tokens": 2},
+        {"id": "long", "prompt": "z" * 600, "max_tokens": 2},
+        {"id": "b", "prompt": "two", "max_tokens": 2},
+    ]
+    write_input(src, [json.dumps(line) for line in lines])
+    summary = llm_batch(tiny_llm, src, dst, group_size=4)
+    by_id = {r["id"]: r for r in rows(dst)}
+    assert by_id["long"]["error"].startswith('request id="long" (input line 2) has 600 tokens')
+    assert "past the model's context of 512 tokens" in by_id["long"]["error"]
+    assert "--allow-long-context" in by_id["long"]["error"]
+    assert summary["served"] == 2 and summary["errors"] == 1
+
+
 # 3 ----------------------------------------------------------------- group size
 @pytest.mark.parametrize("group_size", [-1, 0, True, 2.0, "8"])
 def test_group_size_must_be_a_positive_int(src, tmp_path, group_size):
