@@ -232,7 +232,8 @@ def _batch_with_torchrun(config: EngineConfig, args: argparse.Namespace) -> int:
 def run_quietly_on_interrupt(command: list[str]) -> int:
     """Run ``command`` in its own process group, its stderr passed through; on Ctrl-C,
     send it SIGINT, wait for it, drop what it prints while it stops (its ranks' and
-    torchrun's own reports), and raise KeyboardInterrupt."""
+    torchrun's own reports), and raise KeyboardInterrupt. SIGTERM and SIGHUP are passed
+    on to the group, so the ranks stop with this process."""
     import os
     import signal
     import subprocess
@@ -251,6 +252,11 @@ def run_quietly_on_interrupt(command: list[str]) -> int:
 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: os.killpg(child.pid, signum))
+        for signum in forwarded
+    }
     try:
         code = child.wait()
     except KeyboardInterrupt:
@@ -261,6 +267,8 @@ def run_quietly_on_interrupt(command: list[str]) -> int:
             sys.stderr.write("\n")
         raise
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if child.poll() is None:  # an exit other than Ctrl-C: leave no rank behind
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()

@@ -21,6 +21,8 @@ ray = pytest.importorskip("ray")
 from longquest.engine.config import CacheConfig, QuestConfig  # noqa: E402
 from longquest.launch.api import LLM  # noqa: E402
 from longquest.launch.batch import run_batch  # noqa: E402
+from tests.launch.processes import alive as _alive  # noqa: E402
+from tests.launch.processes import descendants as _descendants  # noqa: E402
 from tests.tiny_models import make_tiny_model, save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,33 +74,6 @@ def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_pat
     # Past the tiny model's 512 positions: refused on the ranks before any work.
     assert "past the model's context of 512 tokens" in by_id["long"]["error"]
     assert summary["served"] == 2 and summary["errors"] == 3
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")

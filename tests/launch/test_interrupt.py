@@ -109,3 +109,32 @@ def test_ctrl_c_in_batch_keeps_the_rows_and_says_how_to_resume(model_dir, tmp_pa
     )
     rows = [json.loads(row) for row in dst.read_text().splitlines()]
     assert rows and len(rows) < 40 and all("text" in row for row in rows)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_sigterm_to_a_torchrun_batch_stops_its_ranks(model_dir, tmp_path):
+    """The ranks run in a process group of their own (so Ctrl-C is answered once): a
+    SIGTERM to the command alone still reaches them."""
+    from tests.launch.processes import alive, descendants
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _batch_input(src, 40)
+    command = Command([
+        "batch", "--model", model_dir, *MODEL_OPTIONS, "--cache-tokens", "2048",
+        "--input", str(src), "--output", str(dst), "--group-size", "1",
+        "--launcher", "torchrun", "--world-size", "2",
+    ])  # fmt: skip
+    command.wait_for(lambda: dst.exists() and dst.read_text().count("\n") >= 1)
+    below = descendants(command.process.pid)
+    assert len(below) >= 3  # torchrun's agent and its two ranks
+    command.process.send_signal(signal.SIGTERM)
+    try:
+        assert command.process.wait(timeout=120) != 0
+        deadline = time.monotonic() + 60
+        while any(map(alive, below)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in below if alive(pid)]
+    finally:
+        for pid in below:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
