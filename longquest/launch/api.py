@@ -37,6 +37,8 @@ class LLM:
     world_size, launcher: sequence-parallel ranks and how they start (``ParallelConfig``).
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
+    allow_long_context: serve prompts that, with ``max_tokens``, run past the context
+        the model declares (refused by default, before any work).
     """
 
     def __init__(
@@ -52,10 +54,12 @@ class LLM:
         launcher: str = "local",
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
+        allow_long_context: bool = False,
     ) -> None:
         settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
                         world_size=world_size, launcher=launcher,
-                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl)  # fmt: skip
+                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
+                        allow_long_context=allow_long_context)  # fmt: skip
         if config is None:
             if model is None:
                 raise ValueError("give the model directory: LLM(model_dir, ...)")
@@ -149,7 +153,8 @@ class LLM:
 
 
 _DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
-                         launcher="local", prefill_chunk_tokens=8192, impl=None)  # fmt: skip
+                         launcher="local", prefill_chunk_tokens=8192, impl=None,
+                         allow_long_context=False)  # fmt: skip
 
 
 def engine_config(
@@ -163,6 +168,7 @@ def engine_config(
     launcher: str,
     prefill_chunk_tokens: int,
     impl: str | None,
+    allow_long_context: bool,
 ) -> EngineConfig:
     """The EngineConfig of ``LLM``'s keyword settings (torch dtypes and devices as text)."""
     if isinstance(dtype, torch.dtype):
@@ -176,6 +182,7 @@ def engine_config(
         parallel=ParallelConfig(world_size=world_size, launcher=launcher),
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,
+        allow_long_context=allow_long_context,
     )
 
 

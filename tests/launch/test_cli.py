@@ -218,3 +218,24 @@ def test_generate_prints_logprobs_when_asked(model_dir, capsys):
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[logprobs]")]
     assert 1 <= len(lines) <= 3 and all(line.count(", ") >= 1 for line in lines)
+
+
+def test_ray_refuses_cuda_without_gpus_instead_of_running_on_the_cpu(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from longquest.engine.config import EngineConfig, ParallelConfig
+    from longquest.launch.ray_cluster import RayCluster
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    parallel = ParallelConfig(world_size=2, launcher="ray")
+    with pytest.raises(ValueError, match="device cuda: world_size=2 needs 2 GPUs .* has 0"):
+        RayCluster(EngineConfig(model="m", device="cuda", parallel=parallel))
+
+
+def test_llm_takes_allow_long_context():
+    from longquest.launch.api import engine_config
+
+    settings = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
+                    launcher="local", prefill_chunk_tokens=64, impl=None)  # fmt: skip
+    assert engine_config("m", **settings, allow_long_context=True).allow_long_context
+    assert not engine_config("m", **settings, allow_long_context=False).allow_long_context
