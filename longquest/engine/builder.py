@@ -145,5 +145,6 @@ def build_engine(
         impl=config.impl,
         ranks=ranks,
         tuning=config.tuning,
+        allow_long_context=config.allow_long_context,
     )
     return engine, tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -232,11 +233,25 @@ class ModelConfig:
     def group_size(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
 
+    @property
+    def context_length(self) -> int:
+        """The context the model declares usable: ``max_position_embeddings``, or a RoPE
+        scaling's ``factor x original_max_position_embeddings`` when that is longer (YaRN
+        and linear configs often keep the pre-scaling length in max_position_embeddings)."""
+        scaling = dict(self.rope_scaling or ())
+        if scaling.get("rope_type") in ("linear", "yarn") and "factor" in scaling:
+            original = scaling.get("original_max_position_embeddings")
+            scaled = float(scaling["factor"]) * int(original or self.max_position_embeddings)
+            return max(self.max_position_embeddings, int(scaled))
+        return self.max_position_embeddings
+
 
 # EngineConfig.dtype values: "auto" is bf16 on CUDA and fp32 on the CPU.
 DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 # EngineConfig.impl values: None picks Triton on CUDA and PyTorch on the CPU.
 IMPLS = (None, "triton", "torch")
+# EngineConfig.device values (None: CUDA when available, else the CPU).
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,9 +260,12 @@ class EngineConfig:
 
     model: the Hugging Face model directory (config.json, tokenizer, safetensors).
     dtype: one of ``DTYPE_NAMES``; ``"auto"`` is bf16 on CUDA and fp32 on the CPU.
-    device: "cuda", "cuda:N", "cpu" or None (CUDA when available). Ranks of a
-        sequence-parallel group each take their own GPU.
+    device: "cuda", "cuda:N", "cpu" or None (CUDA when available, else the CPU). Ranks
+        of a sequence-parallel group each take their own GPU.
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
+    allow_long_context: serve requests whose prompt plus ``max_tokens`` runs past the
+        context the model declares (``ModelConfig.context_length``); by default such a
+        request is refused with a ValueError before any work.
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
     tuning: the kernels' launch sizes (block sizes, split caps, program counts); the
         defaults are the measured choices, a benchmark passes others.
@@ -265,6 +283,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 8192
     impl: str | None = None
     tuning: KernelTuning = field(default_factory=KernelTuning)
+    allow_long_context: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -276,10 +295,12 @@ class EngineConfig:
                 f"EngineConfig.dtype: unknown dtype {self.dtype!r}; use one of "
                 f"{', '.join(DTYPE_NAMES)}"
             )
-        if self.device is not None and not isinstance(self.device, str):
+        if self.device is not None and not (
+            isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device)
+        ):
             raise ValueError(
-                f"EngineConfig.device must be a str such as 'cuda:0' or 'cpu', or None; got "
-                f"{self.device!r}"
+                f"unknown device {self.device!r}; use 'cuda', 'cuda:N' or 'cpu' (or None: "
+                "CUDA when available, else the CPU)"
             )
         if self.prefill_chunk_tokens < 1:
             raise ValueError(
@@ -287,6 +308,7 @@ class EngineConfig:
             )
         if self.impl not in IMPLS:
             raise ValueError(f"EngineConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        check_bool(self.allow_long_context, name="EngineConfig.allow_long_context")
         for name, kind in _nested_configs(type(self)).items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(

@@ -53,6 +53,7 @@ class LLMEngine:
         tuning: KernelTuning = DEFAULT_TUNING,
         cuda_graphs: bool | None = None,
         steps_per_launch: int | None = None,
+        allow_long_context: bool = False,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
@@ -89,6 +90,8 @@ class LLMEngine:
         if steps_per_launch < 1:
             raise ValueError(f"steps_per_launch must be >= 1, got {steps_per_launch}")
         self.steps_per_launch = steps_per_launch
+        # Past the declared context a model's outputs are untested: refused unless asked.
+        self.allow_long_context = allow_long_context
         self._batch: DecodeBatch | None = None
 
     # ----------------------------------------------------------------- public API
@@ -106,8 +109,9 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order.
 
-        on_progress(stage, done, total) is called during long prefills
-        (``stage="prefill"``, tokens) and after each finished request (``"requests"``).
+        on_progress(stage, done, total) is called as each prefill starts and after each of
+        its chunks (``stage="prefill"``, prompt tokens done) and after each finished
+        request (``"requests"``).
         """
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
@@ -168,6 +172,8 @@ class LLMEngine:
         """Exact prefill of ``seq``'s prompt (through the rank group), then sample its
         first output token."""
         start_time = time.perf_counter()
+        if on_progress:
+            on_progress("prefill", 0, len(seq.prompt))  # the rank group reports each chunk
         logits = self.ranks.prefill(engine=self, seq=seq, on_progress=on_progress)
         self._accept(seq_list=[seq], logits=logits)
         seq.prefill_seconds = time.perf_counter() - start_time
@@ -215,6 +221,14 @@ class LLMEngine:
                 f"vocabulary of {vocab} tokens; ask for at most {vocab}"
             )
         total = len(prompt) + params.max_tokens
+        context = self.config.context_length
+        if total > context and not self.allow_long_context:
+            raise ValueError(
+                f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
+                f"it reaches {total} tokens, past the model's context of {context} tokens "
+                "(its config.json); shorten the prompt or lower max_tokens, or allow it with "
+                "--allow-long-context (EngineConfig(allow_long_context=True))"
+            )
         need = self.ranks.most_pages_needed(
             prompt_len=len(prompt), num_pages=pages_for(total, self.page_size)
         )

@@ -37,6 +37,8 @@ class LLM:
     world_size, launcher: sequence-parallel ranks and how they start (``ParallelConfig``).
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
+    allow_long_context: serve prompts that, with ``max_tokens``, run past the context
+        the model declares (refused by default, before any work).
     """
 
     def __init__(
@@ -52,10 +54,12 @@ class LLM:
         launcher: str = "local",
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
+        allow_long_context: bool = False,
     ) -> None:
         settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
                         world_size=world_size, launcher=launcher,
-                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl)  # fmt: skip
+                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
+                        allow_long_context=allow_long_context)  # fmt: skip
         if config is None:
             if model is None:
                 raise ValueError("give the model directory: LLM(model_dir, ...)")
@@ -123,7 +127,12 @@ class LLM:
         token_ids = [self.tokenizer.encode(p, index=i) for i, p in enumerate(prompts)]
         if self._cluster is not None:
             return self._cluster.generate(token_ids, params)
-        return self._engine.generate(token_ids, params, on_progress=_progress(use_tqdm))
+        bars = progress_callback(use_tqdm, prefill_chunk_tokens=self.config.prefill_chunk_tokens)
+        try:
+            return self._engine.generate(token_ids, params, on_progress=bars)
+        finally:
+            if bars is not None:
+                bars.close()
 
     @property
     def engine(self):
@@ -144,7 +153,8 @@ class LLM:
 
 
 _DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
-                         launcher="local", prefill_chunk_tokens=8192, impl=None)  # fmt: skip
+                         launcher="local", prefill_chunk_tokens=8192, impl=None,
+                         allow_long_context=False)  # fmt: skip
 
 
 def engine_config(
@@ -158,6 +168,7 @@ def engine_config(
     launcher: str,
     prefill_chunk_tokens: int,
     impl: str | None,
+    allow_long_context: bool,
 ) -> EngineConfig:
     """The EngineConfig of ``LLM``'s keyword settings (torch dtypes and devices as text)."""
     if isinstance(dtype, torch.dtype):
@@ -171,27 +182,47 @@ def engine_config(
         parallel=ParallelConfig(world_size=world_size, launcher=launcher),
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,
+        allow_long_context=allow_long_context,
     )
 
 
-def _progress(enabled: bool):
-    """A tqdm-backed progress callback: prefill tokens of long prompts, requests done."""
-    if not enabled:
-        return None
-    bars: dict[str, tqdm] = {}
+# Prompts longer than this (or than one prefill chunk) get a prefill bar.
+PREFILL_BAR_TOKENS = 2048
 
-    def update(stage: str, done: int, total: int) -> None:
-        if stage == "prefill" and total <= 8192:
-            return  # short prompts need no bar
-        bar = bars.get(stage)
+
+class ProgressBars:
+    """tqdm bars on stderr as an engine's ``on_progress(stage, done, total)``: prompt
+    tokens prefilled (for prompts longer than one chunk or ``PREFILL_BAR_TOKENS``),
+    requests finished. ``close()`` clears what is left (after an error or Ctrl-C).
+
+    The engine reports ``("prefill", 0, total)`` as a prefill starts and again after
+    every chunk, so the bar's clock starts with the prefill; it is redrawn at each
+    report (tqdm would otherwise skip a report that comes soon after the last).
+    """
+
+    def __init__(self, *, prefill_chunk_tokens: int) -> None:
+        self.bars: dict[str, tqdm] = {}
+        self.shortest = min(prefill_chunk_tokens, PREFILL_BAR_TOKENS)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "prefill" and total <= self.shortest:
+            return  # one quick step: no bar
+        bar = self.bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
             unit = "tok" if stage == "prefill" else "req"
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
         bar.update(done - bar.n)
+        bar.refresh()
         if done >= total:
-            bar.close()
-            bars.pop(stage, None)
+            self.bars.pop(stage).close()
 
-    return update
+    def close(self) -> None:
+        while self.bars:
+            self.bars.popitem()[1].close()
+
+
+def progress_callback(enabled: bool, *, prefill_chunk_tokens: int) -> ProgressBars | None:
+    """A ``ProgressBars`` when ``enabled``, else None (no reports)."""
+    return ProgressBars(prefill_chunk_tokens=prefill_chunk_tokens) if enabled else None

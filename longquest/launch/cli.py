@@ -1,12 +1,19 @@
-"""The ``longquest`` command line: ``generate`` one prompt, run the ``demo``."""
+"""The ``longquest`` command line: ``generate`` one prompt, serve a ``batch`` file, run
+the ``demo``.
+
+Exit codes: 0 done, 2 bad input or usage (a one-line message), 130 interrupted (Ctrl-C),
+1 anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 from pathlib import Path
 
+from longquest import __version__
 from longquest.engine.config import (
     BOUNDS_DTYPE_NAMES,
     CacheConfig,
@@ -28,7 +35,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
     sparsity.add_argument("--dense", action="store_true", help="attend to every page")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (16)")
     parser.add_argument("--dense-layers", type=int, default=2, help="leading dense layers (2)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda)")
+    parser.add_argument(
+        "--device", default=None,
+        help="cuda, cuda:N or cpu (default: CUDA when available, else the CPU)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     parser.add_argument(
         "--cache-tokens", type=int, default=None, help="KV cache size in tokens (default: fit)"
@@ -48,6 +58,52 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         help="select a long row's pages without spreading it over programs that must all be "
         "resident at once (for GPUs whose SMs other work holds: MPS limits, green contexts)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allow-long-context", action="store_true",
+        help="serve prompts that, with their max tokens, run past the context the model "
+        "declares in its config.json (refused by default: the model was not trained there)",
+    )  # fmt: skip
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling options of one prompt (see ``sampling_from_args``)."""
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help="tokens to generate at most (64)")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 is greedy (0)")  # fmt: skip
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: keep the top tokens of this much probability, "
+                        "in (0, 1] (1: off)")  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=-1,
+                        help="keep the k most likely tokens (-1: off)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampler seed, for repeatable sampling (default: random)")  # fmt: skip
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop when the output contains TEXT (repeatable)")  # fmt: skip
+    parser.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help="print the N most likely tokens' log-probabilities at each step "
+                        "(on stderr)")  # fmt: skip
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="go on past the end-of-sequence token up to --max-tokens")  # fmt: skip
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of ``add_sampling_arguments``' options; a bad value is a
+    ValueError naming the flag (``--max-tokens must be ...``)."""
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            logprobs=args.logprobs,
+            ignore_eos=args.ignore_eos,
+        )
+    except ValueError as error:
+        flag = re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(error))
+        raise ValueError(flag) from None
 
 
 def quest_from_args(args: argparse.Namespace) -> QuestConfig:
@@ -77,6 +133,7 @@ def engine_config_from_args(
         cache=cache_from_args(args),
         parallel=ParallelConfig(world_size=world_size, launcher=launcher),
         prefill_chunk_tokens=args.prefill_chunk,
+        allow_long_context=args.allow_long_context,
     )
 
 
@@ -92,9 +149,18 @@ def summary_line(output, quest: QuestConfig) -> str:
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from longquest.launch.api import LLM
+def logprob_lines(output, decode) -> list[str]:
+    """One line per generated token: the token, then each top token's log-probability."""
+    lines = []
+    for token, top in zip(output.token_ids, output.logprobs or []):
+        ranked = sorted(top.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{decode([t])!r} {lp:.3f}" for t, lp in ranked)
+        lines.append(f"[logprobs] {decode([token])!r}: {shown}")
+    return lines
 
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The text of --prompt or --prompt-file; ValueError when there is none."""
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -104,16 +170,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     if not prompt:
         raise ValueError("the prompt is empty; give --prompt TEXT or --prompt-file F")
-    llm = LLM(config=engine_config_from_args(args))
+    return prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from longquest.launch.api import LLM
+
+    prompt = read_prompt(args)
+    params = sampling_from_args(args)
+    config = engine_config_from_args(args)
+    llm = LLM(config=config)
     request = [{"role": "user", "content": prompt}] if args.chat else prompt
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
     (output,) = llm.generate([request], params)
     print(output.text)
+    for line in logprob_lines(output, llm.tokenizer.decode):
+        print(line, file=sys.stderr)
     print(summary_line(output, llm.config.quest), file=sys.stderr)
     return 0
 
@@ -148,8 +219,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def _batch_with_torchrun(config: EngineConfig, args: argparse.Namespace) -> int:
     """Start ``world_size`` local ranks with torchrun, each serving the same file with
     ``config`` (carried as JSON)."""
-    import subprocess
-
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={config.parallel.world_size}", "-m", "longquest.launch.torchrun",
@@ -157,13 +226,61 @@ def _batch_with_torchrun(config: EngineConfig, args: argparse.Namespace) -> int:
         "--group-size", str(args.group_size),
     ]  # fmt: skip
     command += ["--retry-errors"] if args.retry_errors else []
-    return subprocess.call(command)
+    return run_quietly_on_interrupt(command)
+
+
+def run_quietly_on_interrupt(command: list[str]) -> int:
+    """Run ``command`` in its own process group, its stderr passed through; on Ctrl-C,
+    send it SIGINT, wait for it, drop what it prints while it stops (its ranks' and
+    torchrun's own reports), and raise KeyboardInterrupt. SIGTERM and SIGHUP are passed
+    on to the group, so the ranks stop with this process."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+    interrupted = threading.Event()
+    last = [b"\n"]
+
+    def relay() -> None:
+        while chunk := os.read(child.stderr.fileno(), 65536):
+            if not interrupted.is_set():
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                last[0] = chunk[-1:]
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: os.killpg(child.pid, signum))
+        for signum in forwarded
+    }
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        interrupted.set()
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait()
+        if last[0] != b"\n":  # a progress bar's line, left unfinished
+            sys.stderr.write("\n")
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # an exit other than Ctrl-C: leave no rank behind
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        relay_thread.join(timeout=5)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longquest", description="Quest sparse decoding for long contexts"
     )
+    parser.add_argument("--version", action="version", version=f"longquest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate from one prompt")
@@ -172,10 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="a file holding the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     batch = commands.add_parser("batch", help="serve a JSONL file of requests (resumable)")
@@ -224,6 +338,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind, and how to go on."""
+    if args.command == "batch":
+        return (
+            f"[longquest] interrupted; the rows written to {args.output} are safe: rerun the "
+            "same command to resume"
+        )
+    return "[longquest] interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -231,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted_message(args), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -144,11 +144,14 @@ class RayCluster:
             )
             self._owns_ray = not address
         gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = device != "cpu" and not str(device).startswith("cpu") and gpus >= 1
+        # EngineConfig has checked the device's form; None means CUDA when there is one.
+        use_gpu = (device is None and gpus >= 1) or str(device).startswith("cuda")
         if use_gpu and gpus < world_size:
+            self.shutdown()
             raise ValueError(
-                f"world_size={world_size} needs {world_size} GPUs but the Ray cluster has "
-                f"{gpus:g}; lower world_size or add GPUs"
+                f"device {device or 'cuda'}: world_size={world_size} needs {world_size} GPUs "
+                f"but the Ray cluster has {gpus:g}; lower world_size, add GPUs, or use "
+                "--device cpu"
             )
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")

@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longquest.engine.config import EngineConfig, SamplingParams
-from longquest.launch.cli import add_model_arguments, engine_config_from_args, summary_line
+from longquest.engine.config import EngineConfig
+from longquest.launch.cli import (
+    add_model_arguments,
+    add_sampling_arguments,
+    engine_config_from_args,
+    logprob_lines,
+    sampling_from_args,
+    summary_line,
+)
 
 
 def init_distributed(*, device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
@@ -83,10 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="batch mode: JSONL results (resumable)")
     parser.add_argument("--retry-errors", action="store_true", help="batch mode: retry errors")
     parser.add_argument("--chat", action="store_true")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--group-size", type=int, default=8, help="batch mode: requests decoded together"
     )
@@ -101,65 +105,86 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input and --output go together")
     if (args.model is None) == (args.config_json is None):
         parser.error("give --model (and its options) or --config-json, one of them")
-    config = None
     if args.config_json is not None:
         try:
             config = EngineConfig.from_json(args.config_json)
         except (ValueError, TypeError) as error:
             parser.error(f"--config-json: {error}")
+    try:
+        if args.config_json is None:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            config = engine_config_from_args(args, world_size=world, launcher="torchrun")
+        params = None if args.input is not None else sampling_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
 
     from longquest.parallel.worker import build_worker
 
     try:
-        device = config.device if config is not None else args.device
-        rank, world, device = init_distributed(device=device, timeout_s=args.timeout)
+        rank, world, device = init_distributed(device=config.device, timeout_s=args.timeout)
     except (ValueError, RuntimeError) as error:
         print(f"[longquest] error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     try:
-        if config is None:
-            config = engine_config_from_args(args, world_size=world, launcher="torchrun")
         engine, tokenizer = build_worker(config, group=dist.group.WORLD, rank=rank, device=device)
         if args.input is not None:
-            from longquest.launch.batch import read_done_ids, run_batch
-
-            # Every rank serves the same requests and rank 0 alone writes; rank 0 reads
-            # what is already done and tells the others, so nobody reads while it appends.
-            retry = args.retry_errors
-            done = [read_done_ids(Path(args.output), retry_errors=retry) if rank == 0 else None]
-            dist.broadcast_object_list(done, src=0)
-            summary = run_batch(
-                input_path=args.input,
-                output_path=args.output,
-                generate=engine.generate,
-                tokenizer=tokenizer,
-                group_size=args.group_size,
-                done_ids=done[0],
-                write=rank == 0,
-                progress=rank == 0,
-                retry_errors=args.retry_errors,
-            )
-            if rank == 0:
-                print(f"[longquest] batch {summary}", file=sys.stderr)
-            return 0
-        prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-        request = [{"role": "user", "content": prompt}] if args.chat else prompt
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-        (output,) = engine.generate([tokenizer.encode(request)], [params])
-        if rank == 0:
-            print(output.text)
-            print(summary_line(output, config.quest) + f" | world size {world}", file=sys.stderr)
+            _serve_batch(args, engine=engine, tokenizer=tokenizer, rank=rank)
+        else:
+            _serve_prompt(args, params, engine=engine, tokenizer=tokenizer, rank=rank)
     except (ValueError, FileNotFoundError) as error:  # bad settings or paths, ranks that disagree
         print(f"[longquest] rank {rank}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: `longquest batch` says what it means, once
+        if rank == 0:
+            print("[longquest] interrupted", file=sys.stderr)
+        return 130
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _serve_batch(args: argparse.Namespace, *, engine, tokenizer, rank: int) -> None:
+    from longquest.launch.batch import read_done_ids, run_batch
+
+    # Every rank serves the same requests and rank 0 alone writes; rank 0 reads what is
+    # already done and tells the others, so nobody reads while it appends.
+    retry = args.retry_errors
+    done = [read_done_ids(Path(args.output), retry_errors=retry) if rank == 0 else None]
+    dist.broadcast_object_list(done, src=0)
+    summary = run_batch(
+        input_path=args.input,
+        output_path=args.output,
+        generate=engine.generate,
+        tokenizer=tokenizer,
+        group_size=args.group_size,
+        done_ids=done[0],
+        write=rank == 0,
+        progress=rank == 0,
+        retry_errors=args.retry_errors,
+    )
+    if rank == 0:
+        print(f"[longquest] batch {summary}", file=sys.stderr)
+
+
+def _serve_prompt(args: argparse.Namespace, params, *, engine, tokenizer, rank: int) -> None:
+    from longquest.launch.api import progress_callback
+
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    request = [{"role": "user", "content": prompt}] if args.chat else prompt
+    bars = progress_callback(rank == 0, prefill_chunk_tokens=engine.prefill_chunk_tokens)
+    try:
+        (output,) = engine.generate([tokenizer.encode(request)], [params], on_progress=bars)
+    finally:
+        if bars is not None:
+            bars.close()
+    if rank == 0:
+        print(output.text)
+        for line in logprob_lines(output, tokenizer.decode):
+            print(line, file=sys.stderr)
+        world = engine.world_size
+        print(summary_line(output, engine.quest) + f" | world size {world}", file=sys.stderr)
 
 
 if __name__ == "__main__":

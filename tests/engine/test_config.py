@@ -66,6 +66,52 @@ def test_config_types(make, message):
         make()
 
 
+def _model_config(**fields):
+    from longquest.engine.config import ModelConfig
+
+    shape = dict(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=8,
+                 intermediate_size=8, num_layers=1, num_qo_heads=2, num_kv_heads=1,
+                 head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4)  # fmt: skip
+    return ModelConfig(**shape, **fields)
+
+
+def test_context_length_is_the_longest_the_config_declares():
+    """YaRN and linear scalings often keep the unscaled length in max_position_embeddings
+    (Qwen2.5 with YaRN x4: 32768); llama3 configs state the scaled one (Llama 3.1: 131072)."""
+    from longquest.engine.loader import model_config_from_hf
+
+    assert _model_config(max_position_embeddings=4096).context_length == 4096
+    yarn = (("factor", 4.0), ("original_max_position_embeddings", 32768), ("rope_type", "yarn"))
+    assert _model_config(max_position_embeddings=32768, rope_scaling=yarn).context_length == 131072
+    linear = (("factor", 2.0), ("rope_type", "linear"))
+    assert _model_config(max_position_embeddings=2048, rope_scaling=linear).context_length == 4096
+    llama3 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+              ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))  # fmt: skip
+    config = _model_config(max_position_embeddings=131072, rope_scaling=llama3)
+    assert config.context_length == 131072
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(
+        "qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, num_hidden_layers=1, vocab_size=100, use_sliding_window=False,
+        max_position_embeddings=32768, rope_theta=1e6,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    )  # fmt: skip
+    assert model_config_from_hf(hf).context_length == 131072
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps", "cpu0", ""])
+def test_engine_config_refuses_unknown_devices(device):
+    from longquest.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=f"unknown device '{device}'; use 'cuda', 'cuda:N'"):
+        EngineConfig(model="m", device=device)
+    for good in ("cpu", "cuda", "cuda:3", None):
+        assert EngineConfig(model="m", device=good).device == good
+    with pytest.raises(ValueError, match="allow_long_context must be True or False"):
+        EngineConfig(model="m", allow_long_context="yes")
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from longquest.launch.api import LLM

@@ -25,6 +25,7 @@ def make_engine(
     eos: tuple[int, ...] = (),
     bounds_dtype: torch.dtype | None = None,
     impl: str | None = None,
+    allow_long_context: bool = False,
 ):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
@@ -46,6 +47,7 @@ def make_engine(
         prefill_chunk_tokens=chunk,
         steps_per_launch=steps_per_launch,
         impl=impl,
+        allow_long_context=allow_long_context,
     )
 
 
@@ -175,6 +177,46 @@ def test_capacity_refused_before_any_work(llama_dir):
     assert not calls
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[]], [SamplingParams()])
+
+
+def test_past_the_models_context_refused_before_any_work(llama_dir):
+    """The tiny model declares 512 positions: a prompt that, with max_tokens, runs past
+    them is refused with both lengths and the option, unless that option is given."""
+    engine = make_engine(llama_dir, quest=QuestConfig(token_budget=None), num_pages=64)
+    assert engine.config.context_length == 512
+    calls = []
+    engine.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    prompts, params = [random_prompt(10, 1000, 1), random_prompt(500, 1000, 2)], [
+        SamplingParams(max_tokens=4), SamplingParams(max_tokens=20)]  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1 has 500 tokens; with max_tokens=20 it reaches 520 tokens, past the "
+        r"model's context of 512 tokens .*--allow-long-context",
+    ):
+        engine.generate(prompts, params)
+    assert not calls
+    (out,) = engine.generate([prompts[1]], [SamplingParams(max_tokens=12)])  # 512: fits
+    assert len(out.token_ids) == 12
+    free = make_engine(llama_dir, quest=QuestConfig(token_budget=None), num_pages=64,
+                       allow_long_context=True)  # fmt: skip
+    outputs = free.generate(prompts, params)
+    assert [len(o.token_ids) for o in outputs] == [4, 20]
+
+
+def test_prefill_progress_is_reported_from_the_start_after_every_chunk(llama_dir):
+    engine = make_engine(llama_dir, quest=QuestConfig(token_budget=None), chunk=64)
+    reports = []
+    engine.generate(
+        [random_prompt(200, 1000, 3), random_prompt(30, 1000, 4)],
+        [SamplingParams(max_tokens=3)] * 2,
+        on_progress=lambda *report: reports.append(report),
+    )
+    prefill = [r for r in reports if r[0] == "prefill"]
+    assert prefill == [
+        ("prefill", 0, 200), ("prefill", 64, 200), ("prefill", 128, 200),
+        ("prefill", 192, 200), ("prefill", 200, 200), ("prefill", 0, 30), ("prefill", 30, 30),
+    ]  # fmt: skip
+    assert [r for r in reports if r[0] == "requests"] == [("requests", 1, 2), ("requests", 2, 2)]
 
 
 def test_pages_are_returned_after_generation(llama_dir):

@@ -158,6 +158,24 @@ def test_local_engine_logprobs_beyond_the_vocabulary_is_an_error_row(tiny_llm, t
     assert summary["served"] == 2 and summary["errors"] == 2
 
 
+def test_a_prompt_past_the_models_context_is_its_error_row(tiny_llm, tmp_path):
+    """The tiny model declares 512 positions: the long line gets a row that names both
+    lengths and the option, and the lines around it are served."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"id": "a", "prompt": "one", "max_tokens": 2},
+        {"id": "long", "prompt": "z" * 600, "max_tokens": 2},
+        {"id": "b", "prompt": "two", "max_tokens": 2},
+    ]
+    write_input(src, [json.dumps(line) for line in lines])
+    summary = llm_batch(tiny_llm, src, dst, group_size=4)
+    by_id = {r["id"]: r for r in rows(dst)}
+    assert by_id["long"]["error"].startswith('request id="long" (input line 2) has 600 tokens')
+    assert "past the model's context of 512 tokens" in by_id["long"]["error"]
+    assert "--allow-long-context" in by_id["long"]["error"]
+    assert summary["served"] == 2 and summary["errors"] == 1
+
+
 # 3 ----------------------------------------------------------------- group size
 @pytest.mark.parametrize("group_size", [-1, 0, True, 2.0, "8"])
 def test_group_size_must_be_a_positive_int(src, tmp_path, group_size):
@@ -254,9 +272,8 @@ def test_ids_keep_their_json_value_and_duplicates_get_error_rows(tmp_path):
 
 
 def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys):
-    import subprocess
-
     import longquest.launch.api as api
+    from longquest.launch import cli
     from longquest.launch.cli import main
 
     class FakeLLM:
@@ -280,23 +297,22 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     assert "'served': 1, 'errors': 0, 'skipped': 0" in capsys.readouterr().err
     assert "text" in read_results(dst)['"g0"']
     commands = []
-    monkeypatch.setattr(subprocess, "call", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(cli, "run_quietly_on_interrupt", lambda c: commands.append(c) or 0)
     assert main([*args, "--launcher", "torchrun", "--retry-errors"]) == 0
     assert "--retry-errors" in commands[0]
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray", "torchrun"])
 def test_the_cli_refuses_bad_files_before_it_loads_the_model(src, tmp_path, monkeypatch, launcher):
-    import subprocess
-
     import longquest.launch.api as api
+    from longquest.launch import cli
     from longquest.launch.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("started work despite bad files")
 
     monkeypatch.setattr(api, "LLM", never)
-    monkeypatch.setattr(subprocess, "call", never)
+    monkeypatch.setattr(cli, "run_quietly_on_interrupt", never)
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     common = ["batch", "--model", str(tmp_path), "--launcher", launcher, "--input", str(src)]

@@ -1,7 +1,8 @@
 """Batch guarantees on the Ray launcher (CPU actors): one bad request is its own error
 row, and a job that started its own Ray leaves no Ray process behind when it is
-killed. The cases share one Ray runtime and one model; the orphan case runs the CLI
-in a child process, which starts a Ray of its own."""
+killed (on Ctrl-C it says so in one line and exits 130). The cases share one Ray
+runtime and one model; the orphan case runs the CLI in a child process, which starts
+a Ray of its own."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ ray = pytest.importorskip("ray")
 from longquest.engine.config import CacheConfig, QuestConfig  # noqa: E402
 from longquest.launch.api import LLM  # noqa: E402
 from longquest.launch.batch import run_batch  # noqa: E402
+from tests.launch.processes import alive as _alive  # noqa: E402
+from tests.launch.processes import descendants as _descendants  # noqa: E402
 from tests.tiny_models import make_tiny_model, save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +48,7 @@ def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_pat
         {"id": "lp", "prompt": "x", "logprobs": 100000, "max_tokens": 2},
         {"id": "big", "prompt": "y" * 400, "max_tokens": 2},
         {"id": "b", "prompt": "two", "max_tokens": 2, "logprobs": 3},
+        {"id": "long", "prompt": "z" * 600, "max_tokens": 2},
     ]
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     llm = LLM(
@@ -67,34 +71,9 @@ def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_pat
     assert "logprobs=100000" in by_id["lp"]["error"]
     assert by_id["big"]["error"].startswith('request id="big" (input line 3) has 400 tokens')
     assert "text" in by_id["a"] and "text" in by_id["b"]
-    assert summary["served"] == 2 and summary["errors"] == 2
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    # Past the tiny model's 512 positions: refused on the ranks before any work.
+    assert "past the model's context of 512 tokens" in by_id["long"]["error"]
+    assert summary["served"] == 2 and summary["errors"] == 3
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
@@ -112,9 +91,9 @@ def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path, ctrl_c):
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    driver = subprocess.Popen(
-        command, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=stderr, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not (dst.exists() and dst.read_text().count("\n") >= 1):
@@ -138,3 +117,9 @@ def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path, ctrl_c):
             driver.kill()
     rows = [json.loads(row) for row in dst.read_text().splitlines()]
     assert rows and all("text" in row for row in rows)
+    if ctrl_c:  # one line, status 130, as under the local launcher (test_interrupt)
+        text = log.read_text(errors="replace")
+        assert driver.returncode == 130, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        last = text.replace("\r", "\n").strip().splitlines()[-1]
+        assert last.startswith("[longquest] interrupted; the rows written to "), text[-3000:]

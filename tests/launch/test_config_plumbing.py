@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -43,13 +42,15 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
     "--prefill-chunk": (["--prefill-chunk", "100"], lambda c: c.prefill_chunk_tokens == 100),
     "--no-spread-selection": (["--no-spread-selection"], lambda c: not c.quest.spread_selection),
     "--world-size": (["--world-size", "3"], lambda c: c.parallel.world_size == 3),
+    "--allow-long-context": (["--allow-long-context"], lambda c: c.allow_long_context),
     # The launcher is the test's parameter; its check is made for every case.
     "--launcher": ([], lambda c: True),
 }
 # Options that are not engine settings: what to run, sampling, batch bookkeeping.
 NOT_ENGINE = {
     "generate": {"--help", "--prompt", "--prompt-file", "--chat", "--max-tokens",
-                 "--temperature", "--top-p", "--seed"},
+                 "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--logprobs",
+                 "--ignore-eos"},
     "batch": {"--help", "--input", "--output", "--group-size", "--retry-errors"},
 }  # fmt: skip
 # Arguments the subcommands need that are not under test.
@@ -163,7 +164,7 @@ def _torchrun(monkeypatch, argv: list[str]) -> list[EngineConfig]:
     """The command the CLI starts, then that command's arguments run through the
     torchrun entry up to build_worker."""
     commands = []
-    monkeypatch.setattr(subprocess, "call", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(cli, "run_quietly_on_interrupt", lambda c: commands.append(c) or 0)
     assert cli.main(argv) == 0
     (command,) = commands
     entry = command[command.index("longquest.launch.torchrun") + 1 :]

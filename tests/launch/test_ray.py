@@ -77,7 +77,8 @@ def _kill_one_actor_soon(llm: LLM, delay_s: float) -> threading.Timer:
 
 
 def test_killed_actor_is_a_clear_error_in_bounded_time(model_dir):
-    llm = LLM(model_dir, world_size=2, launcher="ray", **COMMON)
+    # A request that decodes for long, past the tiny model's 512 positions.
+    llm = LLM(model_dir, world_size=2, launcher="ray", allow_long_context=True, **COMMON)
     _kill_one_actor_soon(llm, 2.0)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="worker rank"):
