@@ -26,6 +26,7 @@ from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
 from longquest.engine.decode_batch import DecodeBatch
 from longquest.engine.model import Model
 from longquest.engine.ranks import ProgressCallback, RankGroup, SingleDevice
+from longquest.engine.requests import check_request
 from longquest.engine.sampler import sample, top_logprobs
 from longquest.engine.sequence import RequestOutput, Sequence
 from longquest.kernels import DEFAULT_TUNING, KernelTuning
@@ -209,26 +210,11 @@ class LLMEngine:
 
     # --------------------------------------------------------------- bookkeeping
     def _new_sequence(self, index: int, prompt: list[int], params: SamplingParams) -> Sequence:
-        if not prompt:
-            raise ValueError(f"prompt {index} is empty; give at least one token")
-        vocab = self.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = next(t for t in prompt if not 0 <= t < vocab)
-            raise ValueError(f"prompt {index} has token id {bad}; the vocabulary is 0..{vocab - 1}")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(
-                f"prompt {index} asks for logprobs={params.logprobs}, more than the model's "
-                f"vocabulary of {vocab} tokens; ask for at most {vocab}"
-            )
+        check_request(
+            index=index, prompt=prompt, params=params, model_config=self.config,
+            allow_long_context=self.allow_long_context,
+        )  # fmt: skip
         total = len(prompt) + params.max_tokens
-        context = self.config.context_length
-        if total > context and not self.allow_long_context:
-            raise ValueError(
-                f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
-                f"it reaches {total} tokens, past the model's context of {context} tokens "
-                "(its config.json); shorten the prompt or lower max_tokens, or allow it with "
-                "--allow-long-context (EngineConfig(allow_long_context=True))"
-            )
         need = self.ranks.most_pages_needed(
             prompt_len=len(prompt), num_pages=pages_for(total, self.page_size)
         )
