@@ -31,3 +31,14 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def as_a_shell_starts_a_job() -> None:
+    """``preexec_fn`` for a child that stands for a command typed at a terminal: SIGINT
+    at its default and no signal blocked, whatever this test process inherited or was
+    left with by the libraries an earlier test loaded (a child inherits an ignored
+    SIGINT, and Ctrl-C would then never reach it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -22,6 +22,7 @@ from longquest.engine.config import CacheConfig, QuestConfig  # noqa: E402
 from longquest.launch.api import LLM  # noqa: E402
 from longquest.launch.batch import run_batch  # noqa: E402
 from tests.launch.processes import alive as _alive  # noqa: E402
+from tests.launch.processes import as_a_shell_starts_a_job  # noqa: E402
 from tests.launch.processes import descendants as _descendants  # noqa: E402
 from tests.tiny_models import make_tiny_model, save_char_tokenizer  # noqa: E402
 
@@ -93,7 +94,10 @@ def test_a_killed_ray_batch_leaves_no_ray_process(model_dir, tmp_path, ctrl_c):
     env["PYTHONPATH"] = str(REPO)
     log = tmp_path / "stderr.txt"
     with open(log, "wb") as stderr:
-        driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=stderr, start_new_session=True)
+        driver = subprocess.Popen(
+            command, cwd=REPO, env=env, stderr=stderr, start_new_session=True,
+            preexec_fn=as_a_shell_starts_a_job,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not (dst.exists() and dst.read_text().count("\n") >= 1):

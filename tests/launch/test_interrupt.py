@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch.processes import as_a_shell_starts_a_job
 from tests.tiny_models import make_tiny_model, save_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ class Command:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "longquest.launch.cli", *args],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=as_a_shell_starts_a_job,
         )  # fmt: skip
         self.stderr = b""
         self._reader = threading.Thread(target=self._read, daemon=True)
