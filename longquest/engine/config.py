@@ -8,7 +8,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from longquest.engine.validate import check_bool, check_float, check_int, stop_strings
+from longquest.engine.validate import (
+    check_bool,
+    check_float,
+    check_int,
+    plain_numbers,
+    stop_strings,
+)
 from longquest.kernels import KernelTuning
 
 SUPPORTED_ARCHITECTURES = (
@@ -41,6 +47,7 @@ class QuestConfig:
     spread_selection: bool = True
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_int(self.page_size, name="QuestConfig.page_size", accepts="a power of two (16)")
         if self.token_budget is not None:
             check_int(
@@ -95,6 +102,7 @@ class CacheConfig:
     bounds_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name in ("num_pages", "max_tokens"):
             if getattr(self, name) is not None:
                 check_int(
@@ -176,6 +184,7 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_int(self.max_tokens, name="SamplingParams.max_tokens", minimum=1,
                   accepts="a whole number >= 1 (tokens to generate)")  # fmt: skip
         check_float(self.temperature, name="SamplingParams.temperature", minimum=0.0,

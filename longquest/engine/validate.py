@@ -6,7 +6,22 @@ wrong type there is bad input like a wrong value.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+
+
+def plain_numbers(config: object) -> None:
+    """Store a frozen dataclass's numeric scalars of other types (numpy's, say) as Python
+    ``int`` / ``float``, which the checks, the kernels and JSON expect; bools stay bools."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None or isinstance(value, (bool, int, float)):
+            continue
+        if isinstance(value, numbers.Integral):
+            object.__setattr__(config, field.name, int(value))
+        elif isinstance(value, numbers.Real):
+            object.__setattr__(config, field.name, float(value))
 
 
 def check_int(

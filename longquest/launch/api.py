@@ -85,7 +85,11 @@ class LLM:
             from longquest.launch.ray_cluster import RayCluster
 
             self._cluster = RayCluster(config)
-            self.tokenizer = Tokenizer(config.model)
+            try:
+                self.tokenizer = Tokenizer(config.model)
+            except BaseException:  # no LLM to shut down: release the workers here
+                self.shutdown()
+                raise
 
     def generate(
         self,

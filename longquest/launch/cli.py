@@ -117,7 +117,7 @@ def quest_from_args(args: argparse.Namespace) -> QuestConfig:
 
 def cache_from_args(args: argparse.Namespace) -> CacheConfig:
     """The cache options given (size by default: what memory holds)."""
-    return CacheConfig(max_tokens=args.cache_tokens or None, bounds_dtype=args.bounds_dtype)
+    return CacheConfig(max_tokens=args.cache_tokens, bounds_dtype=args.bounds_dtype)
 
 
 def engine_config_from_args(

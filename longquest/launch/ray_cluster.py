@@ -129,7 +129,7 @@ class RayCluster:
     """``config.parallel.world_size`` RankWorker actors driven from this process."""
 
     def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        world_size, device = config.parallel.world_size, config.device
+        world_size = config.parallel.world_size
         # A Ray this cluster starts, shutdown() stops: every launcher calls it in a
         # ``finally``, which SIGTERM reaches too (Ray's driver handler raises SystemExit).
         self._owns_ray = False
@@ -143,11 +143,20 @@ class RayCluster:
                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
             )
             self._owns_ray = not address
+        self.timeout_s = timeout_s
+        try:
+            self._start(config)
+        except BaseException:  # a failed or interrupted start leaves no actor or Ray behind
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        """Place and start the rank actors and set up their engines."""
+        world_size, device, timeout_s = config.parallel.world_size, config.device, self.timeout_s
         gpus = ray.cluster_resources().get("GPU", 0)
         # EngineConfig has checked the device's form; None means CUDA when there is one.
         use_gpu = (device is None and gpus >= 1) or str(device).startswith("cuda")
         if use_gpu and gpus < world_size:
-            self.shutdown()
             raise ValueError(
                 f"device {device or 'cuda'}: world_size={world_size} needs {world_size} GPUs "
                 f"but the Ray cluster has {gpus:g}; lower world_size, add GPUs, or use "
@@ -155,11 +164,9 @@ class RayCluster:
             )
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
-        self.timeout_s = timeout_s
         try:
             ray.get(self._group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as error:
-            remove_placement_group(self._group)
             raise RuntimeError(
                 f"Ray could not place {world_size} workers ({bundle} each) within "
                 f"{timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"

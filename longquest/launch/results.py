@@ -63,6 +63,8 @@ def _parse_row(raw: bytes, *, number: int, path: Path, torn_ok: bool) -> dict | 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
+        if torn_ok and raw.startswith(ROW_PREFIX):  # a crash cut a character in two
+            return None
         raise ResultsFileError(
             f"output file {path} line {number} is not UTF-8 text ({error.reason} at byte "
             f"{error.start}), so it is not a longquest results file; {fix}"
@@ -91,6 +93,8 @@ def read_results(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise ResultsFileError(f"output {path} is not a file (a directory?); give a file name")
     last, _, _ = parse_results(path.read_bytes(), path=path)
     return last
 

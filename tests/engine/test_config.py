@@ -157,3 +157,19 @@ def test_engine_refuses_ids_and_logprobs_beyond_the_vocabulary(llm):
         engine.generate([[5]], [SamplingParams(max_tokens=1, logprobs=1001)])
     (out,) = engine.generate([[5]], [SamplingParams(max_tokens=1, logprobs=1000)])
     assert len(out.logprobs[0]) == 1000
+
+
+def test_numpy_numbers_are_stored_as_python_numbers():
+    """Values from numpy (a dataframe's column, say) are accepted and stored as int/float,
+    which JSON and the kernels expect; numpy's bool is still not a number."""
+    import numpy as np
+
+    from longquest.engine.config import CacheConfig, QuestConfig, SamplingParams
+
+    params = SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), seed=np.uint64(3))
+    assert (params.max_tokens, params.temperature, params.seed) == (5, 0.5, 3)
+    assert type(params.max_tokens) is int and type(params.temperature) is float
+    assert type(QuestConfig(token_budget=np.int32(512)).token_budget) is int
+    assert type(CacheConfig(max_tokens=np.int64(4096)).max_tokens) is int
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=np.bool_(True))

@@ -81,6 +81,18 @@ def test_only_a_torn_last_row_is_dropped(src, tmp_path):
     dst.write_text(whole.rstrip("\n"))
     batch(src, dst)
     assert [r["id"] for r in rows(dst)] == ["g0", "g1", "g2", "g3"]
+    # A crash can cut the last row inside a multi-byte character.
+    dst.write_bytes(whole.encode() + '{"id": "g1", "text": "日'.encode()[:-1])
+    assert batch(src, dst)["skipped"] == 1
+    assert dst.read_text().startswith(whole)
+
+
+def test_an_output_that_is_a_directory_is_refused_with_a_message(src, tmp_path, capsys):
+    from longquest.launch.cli import main
+
+    assert main(["batch", "--model", str(tmp_path), "--input", str(src), "--output",
+                 str(tmp_path)]) == 2  # fmt: skip
+    assert "is not a file" in capsys.readouterr().err
 
 
 # 2 --------------------------------------------------------- one request, one row

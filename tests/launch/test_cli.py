@@ -239,3 +239,12 @@ def test_llm_takes_allow_long_context():
                     launcher="local", prefill_chunk_tokens=64, impl=None)  # fmt: skip
     assert engine_config("m", **settings, allow_long_context=True).allow_long_context
     assert not engine_config("m", **settings, allow_long_context=False).allow_long_context
+
+
+def test_cache_tokens_zero_is_refused_not_taken_as_the_default(tmp_path, capsys):
+    from longquest.launch.cli import main
+
+    assert (
+        main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--cache-tokens", "0"]) == 2
+    )
+    assert "max_tokens" in capsys.readouterr().err
