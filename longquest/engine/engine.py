@@ -123,7 +123,7 @@ class LLMEngine:
         waiting.reverse()  # pop() takes the oldest
         try:
             while waiting or running:
-                while waiting and self._try_reserve(waiting[-1]):
+                while waiting and self.admit(waiting[-1]):
                     seq = waiting.pop()
                     prefilling = seq
                     self.prefill(seq, on_progress=on_progress)
@@ -162,7 +162,7 @@ class LLMEngine:
         need distinct ``request_id`` values. Follow with :meth:`prefill`.
         """
         seq = self._new_sequence(request_id, prompt, params)
-        if not self._try_reserve(seq):
+        if not self.admit(seq):
             raise CacheCapacityError(
                 f"request {request_id} does not fit the {self.allocator.num_free} free pages "
                 "now; release a sequence first"
@@ -231,8 +231,9 @@ class LLMEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return Sequence(request_id=index, prompt=list(prompt), params=params, generator=generator)
 
-    def _try_reserve(self, seq: Sequence) -> bool:
-        """Reserve the pages this rank holds of the whole sequence, if every rank can."""
+    def admit(self, seq: Sequence) -> bool:
+        """Reserve the pages this rank holds of the whole sequence if every rank can;
+        False (nothing changed) when not now."""
         prompt_len = len(seq.prompt)
         need = sum(
             1

@@ -54,6 +54,10 @@ class RankGroup(Protocol):
         """Whether ``fits`` holds on every rank (every rank admits the same requests)."""
         ...
 
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (e.g. the cached pages every rank has)."""
+        ...
+
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``[num_seqs]`` int64 tokens on every rank; capturable (no host sync)."""
         ...
@@ -90,6 +94,9 @@ class SingleDevice:
 
     def all_agree(self, fits: bool) -> bool:
         return fits
+
+    def agree_min(self, value: int) -> int:
+        return value
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens

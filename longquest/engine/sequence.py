@@ -19,6 +19,7 @@ class RequestOutput:
     finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (max_tokens).
     pages_attended: mean pages read per decode step, per sparse layer and KV head.
     pages_total: mean pages the sequence had per decode step.
+    cached_prompt_tokens: prompt tokens taken from the prefix cache (not computed).
     """
 
     request_id: int
@@ -31,6 +32,7 @@ class RequestOutput:
     decode_seconds: float
     pages_attended: float
     pages_total: float
+    cached_prompt_tokens: int = 0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -48,6 +50,8 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     reserved_pages: int = 0
+    # Leading pages taken from the prefix cache: prefill starts at their end.
+    cached_pages: int = 0
     # (global page index, physical page id) of the pages this rank holds, ascending.
     local_pages: list[tuple[int, int]] = field(default_factory=list)
     output: list[int] = field(default_factory=list)

@@ -96,9 +96,12 @@ class SequenceParallelRanks:
         return max(counts)
 
     def all_agree(self, fits: bool) -> bool:
-        flag = torch.tensor([int(fits)], dtype=torch.int64, device=self.device)
+        return bool(self.agree_min(int(fits)))
+
+    def agree_min(self, value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag)
+        return int(flag)
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tokens, src=self._source, group=self.group)
