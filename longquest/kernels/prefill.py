@@ -1,10 +1,20 @@
 """Prefill attention: a chunk of consecutive queries over contiguous keys from position 0.
 
-The Triton path is a flash-attention forward: tensor-core ``tl.dot`` with fp32
-accumulation, an online softmax in base 2, causal masking offset by ``query_start``,
-key blocks that are fully masked skipped and fully visible ones run without masks.
-The PyTorch path (the engine's CPU prefill) walks key blocks with the same online
-softmax so memory stays bounded at long contexts.
+On CUDA in bf16/fp16 the GPU path calls cuDNN's fused attention through torch, split
+where the causal mask's diagonal is (below): 600-640 TFLOP/s on an H200 for 8K-32K-token
+chunks over 64K-128K keys, against 460-500 for the Triton kernel
+(``benchmarks/prefill_forms.py``). The Triton kernel runs where cuDNN does not (fp32, head
+dims past 128, no cuDNN attention in the torch build): a flash-attention forward,
+tensor-core ``tl.dot`` with fp32 accumulation, an online softmax in base 2, causal
+masking offset by ``query_start``, key blocks that are fully masked skipped and fully
+visible ones run without masks. The PyTorch path (the engine's CPU prefill) walks key
+blocks with the same online softmax so memory stays bounded at long contexts.
+
+The split: keys before ``query_start`` are visible to every query, so one call attends
+them with no mask, with the query heads of a KV group folded into the query length (no
+copy of K/V per query head); the keys from ``query_start`` on are visible to query ``i``
+iff their offset is ``<= i``: torch's top-left causal mask, a second call. The two
+partial results merge exactly by their LSE.
 """
 
 from __future__ import annotations
@@ -194,6 +204,63 @@ def _prefill_torch(
     return out, lse
 
 
+_CUDNN = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+
+
+def _cudnn_takes(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether cuDNN's fused attention takes these inputs (else the Triton kernel runs)."""
+    return (
+        _CUDNN is not None
+        and query.device.type == "cuda"
+        and key.dtype in (torch.bfloat16, torch.float16)
+        and query.shape[2] % 8 == 0
+        and query.shape[2] <= 128
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(query.device) >= (9, 0)
+    )
+
+
+def _cudnn_call(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, heads, L, D]`` query, ``[1, heads, S, D]`` keys and values -> output
+    ``[1, heads, L, D]`` and natural-log LSE ``[1, heads, L]`` fp32."""
+    out, lse = _CUDNN(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    return out, lse.float().reshape(out.shape[:3])
+
+
+def _prefill_cudnn(query, key, value, query_start, causal, scale):
+    from longquest.kernels.merge import merge_attention_states
+
+    num_q, num_qo_heads, head_dim = query.shape
+    num_k, num_kv_heads, _ = key.shape
+    group = num_qo_heads // num_kv_heads
+    query = query.to(key.dtype)
+    split = min(query_start, num_k) if causal else num_k
+    parts = []
+    if split > 0:
+        # [1, num_kv_heads, group * num_q, head_dim]: a group's query heads one after another.
+        q = query.view(num_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(1, num_kv_heads, group * num_q, head_dim)
+        out, lse = _cudnn_call(
+            q, key[:split].transpose(0, 1)[None], value[:split].transpose(0, 1)[None],
+            False, scale,
+        )  # fmt: skip
+        out = out.view(num_kv_heads, group, num_q, head_dim).permute(2, 0, 1, 3)
+        lse = lse.view(num_kv_heads, group, num_q).permute(2, 0, 1)
+        parts.append((out.reshape(num_q, num_qo_heads, head_dim), lse.reshape(num_q, -1)))
+    if split < num_k:
+        k = key[split:].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        v = value[split:].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        out, lse = _cudnn_call(query.transpose(0, 1)[None], k, v, True, scale)
+        parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    if len(parts) == 1:
+        out, lse = parts[0]
+    else:
+        out, lse = merge_attention_states(
+            outputs=torch.stack([p[0] for p in parts]), lses=torch.stack([p[1] for p in parts])
+        )
+    return out.contiguous(), lse.contiguous()
+
+
 # PyTorch's fused CPU flash attention also returns the LSE (natural log), which the
 # context-parallel prefill needs; ~5x faster than the blocked path on the CPU.
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -261,7 +328,8 @@ def prefill_attention(
     query_start: position of the first query, ``>= 0``.
     causal: a query at position ``p`` sees keys ``<= p``; otherwise every key.
     scale: logit scale, default ``head_dim ** -0.5``.
-    impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, PyTorch elsewhere).
+    impl: ``"triton"`` (the GPU path: cuDNN where it takes the inputs, else the Triton
+        kernel), ``"torch"`` or ``None`` (the GPU path on CUDA, PyTorch elsewhere).
 
     Returns ``(out, lse)``: ``[num_q, num_qo_heads, head_dim]`` in the query's dtype and
     ``[num_q, num_qo_heads]`` fp32, natural log (``out = 0, lse = -inf`` for a query
@@ -288,4 +356,6 @@ def prefill_attention(
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
+    if query.shape[0] and key.shape[0] and _cudnn_takes(query, key):
+        return _prefill_cudnn(query, key, value, query_start, bool(causal), scale)
     return _prefill_triton(query, key, value, query_start, bool(causal), scale)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from longquest.kernels.prefill import _prefill_torch, prefill_attention
+from longquest.kernels.prefill import _prefill_torch, _prefill_triton, prefill_attention
 from longquest.kernels.ref import prefill_attention_ref
 
 IMPLS = ["torch", "triton"]
@@ -132,6 +132,29 @@ def test_gpu_dtypes(dtype, head_dim, causal, device):
     )  # fmt: skip
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_matches(out, lse, ref_out.to(dtype), ref_lse, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("chunk", [*CHUNKS, (16, 10, 30), (64, 64, 0)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_half_precision_shapes(heads, chunk, causal, device):
+    """bf16 through the GPU path (cuDNN's split where it runs) and through the Triton
+    kernel itself, for every GQA ratio, chunks after keys, before them and past them."""
+    num_q, num_k, query_start = chunk
+    gen = torch.Generator().manual_seed(num_q + num_k + heads[0])
+    query, key, value = random_inputs(gen, num_q, num_k, heads, 64, torch.bfloat16)
+    ref_out, ref_lse = prefill_attention_ref(
+        query=query.float(), key=key.float(), value=value.float(), query_start=query_start,
+        causal=causal,
+    )  # fmt: skip
+    query, key, value = query.to(device), key.to(device), value.to(device)
+    out, lse = prefill_attention(
+        query=query, key=key, value=value, query_start=query_start, causal=causal
+    )
+    assert_matches(out, lse, ref_out.to(torch.bfloat16), ref_lse, atol=2e-2)
+    out, lse = _prefill_triton(query, key, value, query_start, causal, 64**-0.5)
+    assert_matches(out, lse, ref_out.to(torch.bfloat16), ref_lse, atol=2e-2)
 
 
 def _valid_inputs():
