@@ -183,10 +183,9 @@ class LLMEngine:
         """Give ``seq`` the pages this rank holds of its first ``num_tokens`` tokens,
         from its reservation."""
         have = seq.local_pages[-1][0] + 1 if seq.local_pages else 0
-        end = pages_for(num_tokens, self.page_size)
         # Jump over the other ranks' pages: a decode step costs O(1), not O(their pages).
         page = self.ranks.next_local_page(page_index=have)
-        while page < end:
+        while page < pages_for(num_tokens, self.page_size):
             (physical,) = self.allocator.allocate(1, reserved=True)
             seq.reserved_pages -= 1
             seq.local_pages.append((page, physical))

@@ -178,8 +178,9 @@ class SequenceParallelRanks:
 
     @staticmethod
     def _join_round_without_tokens(engine: LLMEngine, attention: ContextParallelAttention) -> None:
-        """A rank with no tokens in a (short, final) round still takes part in every
-        layer's collectives: its keys serve the other ranks' queries."""
+        """A rank with no tokens in a partial round (the last, or the first after a
+        cached prefix) still takes part in every layer's collectives: its keys serve the
+        other ranks' queries."""
         config, device = engine.config, engine.device
         dtype = engine.cache.shape.dtype
         query = torch.empty(0, config.num_qo_heads, config.head_dim, dtype=dtype, device=device)
