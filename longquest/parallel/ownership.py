@@ -6,8 +6,8 @@ rank, decided by the page's index alone, so every rank can compute the whole
 map without talking to the others.
 
 The rule: pages form blocks of ``block_pages = prefill_chunk_tokens / (2 *
-page_size)`` pages, and block ``b`` belongs to rank ``zigzag(b mod 2 *
-world_size)``, where ``zigzag(z) = min(z, 2 * world_size - 1 - z)``. It holds
+page_size)`` pages, and block ``b`` belongs to rank ``zigzag(b mod (2 *
+world_size))``, where ``zigzag(z) = min(z, 2 * world_size - 1 - z)``. It holds
 for every page, prompt and decode alike, for the sequence's whole life.
 
 Why position alone: a prompt that shares a prefix with another (one document,
