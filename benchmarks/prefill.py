@@ -204,9 +204,7 @@ def cache_pages(*, tokens: int, chunk: int, world: int) -> int:
     if world == 1:
         return total
     ownership = PageOwnership(world_size=world, page_size=PAGE, prefill_chunk_tokens=chunk)
-    return max(
-        len(ownership.local_pages(rank=r, prompt_len=tokens, num_pages=total)) for r in range(world)
-    )
+    return max(ownership.num_local_pages(rank=r, num_pages=total) for r in range(world))
 
 
 def make_engine(

@@ -183,11 +183,13 @@ class LLMEngine:
         """Give ``seq`` the pages this rank holds of its first ``num_tokens`` tokens,
         from its reservation."""
         have = seq.local_pages[-1][0] + 1 if seq.local_pages else 0
-        for page in range(have, pages_for(num_tokens, self.page_size)):
-            if self.ranks.owner(prompt_len=len(seq.prompt), page_index=page) == self.rank:
-                (physical,) = self.allocator.allocate(1, reserved=True)
-                seq.reserved_pages -= 1
-                seq.local_pages.append((page, physical))
+        # Jump over the other ranks' pages: a decode step costs O(1), not O(their pages).
+        page = self.ranks.next_local_page(page_index=have)
+        while page < pages_for(num_tokens, self.page_size):
+            (physical,) = self.allocator.allocate(1, reserved=True)
+            seq.reserved_pages -= 1
+            seq.local_pages.append((page, physical))
+            page = self.ranks.next_local_page(page_index=page + 1)
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s pages and what is left of its reservation."""
@@ -215,9 +217,7 @@ class LLMEngine:
             allow_long_context=self.allow_long_context,
         )  # fmt: skip
         total = len(prompt) + params.max_tokens
-        need = self.ranks.most_pages_needed(
-            prompt_len=len(prompt), num_pages=pages_for(total, self.page_size)
-        )
+        need = self.ranks.most_pages_needed(num_pages=pages_for(total, self.page_size))
         if need > self.allocator.num_pages:
             raise CacheCapacityError(
                 f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
@@ -238,7 +238,7 @@ class LLMEngine:
         need = sum(
             1
             for page in range(pages_for(prompt_len + seq.params.max_tokens, self.page_size))
-            if self.ranks.owner(prompt_len=prompt_len, page_index=page) == self.rank
+            if self.ranks.owner(page_index=page) == self.rank
         )
         if not self.ranks.all_agree(need <= self.allocator.num_free):
             return False

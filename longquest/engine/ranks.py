@@ -38,15 +38,20 @@ class RankGroup(Protocol):
     world_size: int
     comm: AttentionComm
 
-    def owner(self, *, prompt_len: int, page_index: int) -> int:
-        """The rank that holds page ``page_index`` of a sequence."""
+    def owner(self, *, page_index: int) -> int:
+        """The rank that holds page ``page_index`` of any sequence (position alone decides,
+        so a shared prefix lies on the same ranks for every prompt)."""
+        ...
+
+    def next_local_page(self, *, page_index: int) -> int:
+        """The first page at or after ``page_index`` that this rank holds (O(1))."""
         ...
 
     def agreed_pages(self, num_pages: int) -> int:
         """The page pool every rank plans with, given this rank's ``num_pages``."""
         ...
 
-    def most_pages_needed(self, *, prompt_len: int, num_pages: int) -> int:
+    def most_pages_needed(self, *, num_pages: int) -> int:
         """The largest share of a sequence's ``num_pages`` pages that any rank holds."""
         ...
 
@@ -83,13 +88,16 @@ class SingleDevice:
     def __init__(self) -> None:
         self.comm: AttentionComm = LocalComm()
 
-    def owner(self, *, prompt_len: int, page_index: int) -> int:
+    def owner(self, *, page_index: int) -> int:
         return 0
+
+    def next_local_page(self, *, page_index: int) -> int:
+        return page_index
 
     def agreed_pages(self, num_pages: int) -> int:
         return num_pages
 
-    def most_pages_needed(self, *, prompt_len: int, num_pages: int) -> int:
+    def most_pages_needed(self, *, num_pages: int) -> int:
         return num_pages
 
     def all_agree(self, fits: bool) -> bool:

@@ -1,14 +1,15 @@
 """Exact context-parallel prefill: each rank computes K/V of its own prompt positions.
 
 The prompt is processed in rounds (see :mod:`longquest.parallel.ownership`): in a
-round every rank runs the model on its two zigzag chunks of the round's tokens and
-stores their K/V in its own pages. Attention is made exact by passing *queries*,
-not keys ("pass-Q"): per layer,
+round every rank runs the model on its two zigzag blocks of the round's tokens and
+stores their K/V in its own pages. A prompt whose first pages were taken from a
+prefix cache starts at the round holding their end, clipped to it. Attention is
+made exact by passing *queries*, not keys ("pass-Q"): per layer,
 
 1. all-gather the round's queries (``round_tokens x num_qo_heads x head_dim``);
 2. every rank attends all of the round's queries to the keys it holds: its pages
-   of earlier rounds (no mask) and its chunks of this round (causal mask) —
-   giving a partial ``(out, lse)`` per query;
+   before the round, cached ones included (no mask), and its blocks of this
+   round (causal mask) — giving a partial ``(out, lse)`` per query;
 3. all-to-all: each rank receives the partials of its own queries from every rank
    and merges them with the log-sum-exp rule.
 
@@ -42,14 +43,20 @@ from longquest.parallel.collectives import all_gather_into_tensor
 class RoundPlan:
     """One prefill round of one sequence, as every rank sees it.
 
+    round_start, round_end: the round's prompt positions ``[round_start, round_end)``,
+        its grid cell clipped to the prefill's start and the prompt's end.
+    num_local, max_tokens: this rank's query tokens in the round, and the most any rank has.
     order: ``[round_tokens]`` int64 — for the round's positions in order, the row of
         the flattened all-gather ``[world_size * max_tokens]`` that holds each query.
     send_rows: ``[world_size, max_tokens]`` int64 — per destination rank, the round
         rows (0-based in the round) of that rank's queries, padded with 0.
     send_valid: ``[world_size, max_tokens]`` bool — which of ``send_rows`` are real.
-    past_pages: ``[num_past]`` int32 — this rank's physical pages before the round.
-    segments: this rank's chunks of the round: ``(first_position, end_position,
-        physical pages [num_pages] int32)``.
+    slot_mapping: ``[num_local]`` int64 cache slots of this rank's tokens (None if none);
+        append_plan: its plan for ``append_kv``.
+    past_pages: ``[num_past]`` int32 — this rank's physical pages before the round
+        (pages taken from a prefix cache included), all full.
+    segments: this rank's blocks of the round: ``(first_position, end_position,
+        physical pages [num_pages] int32)``; ``first_position`` is page-aligned.
     """
 
     round_start: int

@@ -9,7 +9,8 @@ implements:
   allocates and stores only its own pages of every sequence;
 - decode attention goes through :class:`~longquest.parallel.comm.SequenceParallelComm`
   (global top-k, log-sum-exp merge);
-- prefill is context-parallel (:mod:`longquest.parallel.prefill`);
+- prefill is context-parallel (:mod:`longquest.parallel.prefill`), from the end of
+  the pages a prefix cache supplied (``Sequence.cached_pages``);
 - sampling happens once: rank 0's tokens are broadcast, so every rank appends
   the same token (temperature > 0 included).
 
@@ -80,8 +81,11 @@ class SequenceParallelRanks:
         self.split_mlp = split_mlp
         self._source = dist.get_global_rank(group, 0)
 
-    def owner(self, *, prompt_len: int, page_index: int) -> int:
-        return self.ownership.owner(prompt_len=prompt_len, page_index=page_index)
+    def owner(self, *, page_index: int) -> int:
+        return self.ownership.owner(page_index=page_index)
+
+    def next_local_page(self, *, page_index: int) -> int:
+        return self.ownership.next_local_page(rank=self.rank, page_index=page_index)
 
     def agreed_pages(self, num_pages: int) -> int:
         # Every rank plans with the smallest pool, so capacity decisions agree.
@@ -89,11 +93,9 @@ class SequenceParallelRanks:
         dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=self.group)
         return int(pool)
 
-    def most_pages_needed(self, *, prompt_len: int, num_pages: int) -> int:
-        counts = [0] * self.world_size
-        for page in range(num_pages):
-            counts[self.ownership.owner(prompt_len=prompt_len, page_index=page)] += 1
-        return max(counts)
+    def most_pages_needed(self, *, num_pages: int) -> int:
+        own = self.ownership
+        return max(own.num_local_pages(rank=r, num_pages=num_pages) for r in range(self.world_size))
 
     def all_agree(self, fits: bool) -> bool:
         return bool(self.agree_min(int(fits)))
@@ -124,8 +126,9 @@ class SequenceParallelRanks:
     def prefill(
         self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
     ) -> torch.Tensor:
-        """Context-parallel prefill in rounds; the rank holding the last prompt token
-        computes its logits and shares them."""
+        """Context-parallel prefill in rounds, from the end of ``seq.cached_pages`` (pages
+        already in ``seq.local_pages``); the rank holding the last prompt token computes
+        its logits and shares them."""
         if self.ownership.page_size != engine.page_size:
             raise ValueError(
                 f"ownership page_size {self.ownership.page_size} != cache page_size "
@@ -133,12 +136,17 @@ class SequenceParallelRanks:
             )
         prompt = seq.prompt
         own = self.ownership
+        start = seq.cached_pages * engine.page_size
+        if start >= len(prompt):
+            raise ValueError(
+                f"seq.cached_pages={seq.cached_pages} covers {start} tokens of a "
+                f"{len(prompt)}-token prompt; the last prompt token must be computed"
+            )
         hidden = None
-        last_owner = own.owner(
-            prompt_len=len(prompt), page_index=(len(prompt) - 1) // engine.page_size
-        )
-        for round_index in range(own.num_rounds(prompt_len=len(prompt))):
-            plan, positions = self._round_plan(engine, seq, round_index)
+        last_owner = own.tail_owner(seq_len=len(prompt))
+        rounds = range(own.first_round(start=start), own.num_rounds(prompt_len=len(prompt)))
+        for round_index in rounds:
+            plan, positions = self._round_plan(engine, seq, round_index, start=start)
             attention = ContextParallelAttention(
                 cache=engine.cache,
                 plan=plan,
@@ -170,8 +178,9 @@ class SequenceParallelRanks:
 
     @staticmethod
     def _join_round_without_tokens(engine: LLMEngine, attention: ContextParallelAttention) -> None:
-        """A rank with no tokens in a (short, final) round still takes part in every
-        layer's collectives: its keys serve the other ranks' queries."""
+        """A rank with no tokens in a partial round (the last, or the first after a
+        cached prefix) still takes part in every layer's collectives: its keys serve the
+        other ranks' queries."""
         config, device = engine.config, engine.device
         dtype = engine.cache.shape.dtype
         query = torch.empty(0, config.num_qo_heads, config.head_dim, dtype=dtype, device=device)
@@ -180,19 +189,16 @@ class SequenceParallelRanks:
             attention(layer=layer, query=query, key=key, value=key)
 
     def _round_plan(
-        self, engine: LLMEngine, seq: Sequence, round_index: int
+        self, engine: LLMEngine, seq: Sequence, round_index: int, *, start: int
     ) -> tuple[RoundPlan, list[int]]:
-        """The plan of one prefill round, and this rank's token positions in it."""
+        """The plan of one prefill round of a prefill from token ``start``, and this
+        rank's token positions in it."""
         own, prompt_len, page_size = self.ownership, len(seq.prompt), engine.page_size
-        ranges = [
-            own.prefill_positions(rank=r, prompt_len=prompt_len, round_index=round_index)
-            for r in range(self.world_size)
-        ]
+        span = dict(start=start, prompt_len=prompt_len, round_index=round_index)
+        ranges = [own.prefill_positions(rank=r, **span) for r in range(self.world_size)]
         counts = [sum(b - a for a, b in rs) for rs in ranges]
         width = max(max(counts), 1)
-        chunks = own.round_chunks(prompt_len=prompt_len, round_index=round_index)
-        round_start = chunks[0][0] * page_size
-        round_end = min(chunks[-1][1] * page_size, prompt_len)
+        round_start, round_end = own.round_span(**span)
         # Where each round position sits in the flattened all-gather, and who owns it.
         order = [0] * (round_end - round_start)
         send_rows = [[0] * width for _ in range(self.world_size)]
@@ -208,6 +214,8 @@ class SequenceParallelRanks:
         positions = [p for a, b in ranges[self.rank] for p in range(a, b)]
         engine.grow(seq, num_tokens=round_end)
         local = dict(seq.local_pages)
+        # Every page before the round is full and earlier than all its queries, cached
+        # (shared) pages included: attended without a mask.
         first_page = round_start // page_size
         past = [phys for g, phys in seq.local_pages if g < first_page]
         segments = []
@@ -281,7 +289,7 @@ def build_worker(
         peer = PeerCollectives.create(
             group=group, rank=rank, world_size=world_size, device=device, tuning=config.tuning
         )
-    # A round splits into 2 * world_size whole-page chunks.
+    # A round splits into 2 * world_size blocks of whole pages.
     page_size = config.quest.page_size
     step = 2 * page_size
     chunk = max(step, config.prefill_chunk_tokens // step * step)

@@ -22,15 +22,15 @@ PAGE_SIZE = 4
 NUM_KV_HEADS = 2
 NUM_QO_HEADS = 4
 HEAD_DIM = 32
-# (prompt_len, seq_len) per sequence: shorter than a page, a partial boundary page still
-# filling during decode, several prefill rounds plus decode pages.
-SEQUENCES = [(3, 3), (13, 15), (50, 58), (37, 37)]
+# Tokens per sequence: shorter than a page, a partial last page, several rounds' pages
+# (a block is one page here, so their owners alternate in zigzag).
+SEQUENCES = [3, 15, 58, 37]
 
 
 def _world(seed: int) -> dict[str, torch.Tensor]:
     """Everything every rank agrees on: the pages' scores, K/V and the queries."""
     gen = torch.Generator().manual_seed(seed)
-    num_pages = [-(-seq_len // PAGE_SIZE) for _, seq_len in SEQUENCES]
+    num_pages = [-(-seq_len // PAGE_SIZE) for seq_len in SEQUENCES]
     max_pages = max(num_pages)
     # Scores from a handful of values, so ties are everywhere.
     scores = torch.randint(0, 4, (len(SEQUENCES), NUM_KV_HEADS, max_pages), generator=gen)
@@ -39,7 +39,7 @@ def _world(seed: int) -> dict[str, torch.Tensor]:
     return {
         "scores": scores.float(),
         "num_pages": torch.tensor(num_pages, dtype=torch.int32),
-        "seq_lens": torch.tensor([s for _, s in SEQUENCES], dtype=torch.int32),
+        "seq_lens": torch.tensor(SEQUENCES, dtype=torch.int32),
         # Physical page of global page p of sequence s: offsets[s] + p.
         "offsets": torch.tensor([0] + num_pages[:-1]).cumsum(0),
         "k_cache": torch.randn(shape, generator=gen),
@@ -50,10 +50,7 @@ def _world(seed: int) -> dict[str, torch.Tensor]:
 
 def _local_view(world, ownership: PageOwnership, rank: int) -> dict[str, torch.Tensor]:
     """This rank's page table: its own pages of each sequence, in global order."""
-    pages = [
-        ownership.local_pages(rank=rank, prompt_len=prompt, num_pages=int(n))
-        for (prompt, _), n in zip(SEQUENCES, world["num_pages"])
-    ]
+    pages = [ownership.local_pages(rank=rank, num_pages=int(n)) for n in world["num_pages"]]
     width = max(1, max(len(p) for p in pages))
     global_pages = torch.full((len(SEQUENCES), width), -1, dtype=torch.int32)
     page_table = torch.zeros((len(SEQUENCES), width), dtype=torch.int32)
@@ -62,11 +59,8 @@ def _local_view(world, ownership: PageOwnership, rank: int) -> dict[str, torch.T
         global_pages[s, : len(own)] = torch.tensor(own, dtype=torch.int32)
         page_table[s, : len(own)] = world["offsets"][s] + torch.tensor(own, dtype=torch.long)
         scores[s, :, : len(own)] = world["scores"][s, :, own]
-    seq_lens = [
-        ownership.local_seq_len(rank=rank, prompt_len=prompt, seq_len=seq_len)
-        for prompt, seq_len in SEQUENCES
-    ]
-    tail = [ownership.tail_owner(prompt_len=p, seq_len=n) == rank for p, n in SEQUENCES]
+    seq_lens = [ownership.local_seq_len(rank=rank, seq_len=seq_len) for seq_len in SEQUENCES]
+    tail = [ownership.tail_owner(seq_len=n) == rank for n in SEQUENCES]
     return {
         "global_pages": global_pages,
         "page_table": page_table,
