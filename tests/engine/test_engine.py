@@ -236,8 +236,8 @@ def test_public_steps_make_what_generate_makes(llama_dir):
     (want,) = engine.generate([prompt], [params])
     free = engine.allocator.num_free
     seq = engine.add_request(prompt, params)
-    with pytest.raises(CacheCapacityError, match="free pages"):
-        engine.add_request(prompt, params, request_id=1)  # the first holds most pages
+    with pytest.raises(CacheCapacityError, match="free pages"):  # the first holds most pages
+        engine.add_request(random_prompt(90, 1000, 5), params, request_id=1)
     engine.prefill(seq)
     while not seq.finish_reason:
         engine.decode([seq])
