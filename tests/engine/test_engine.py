@@ -26,6 +26,7 @@ def make_engine(
     bounds_dtype: torch.dtype | None = None,
     impl: str | None = None,
     allow_long_context: bool = False,
+    prefix_caching: bool = True,
 ):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
@@ -48,6 +49,7 @@ def make_engine(
         steps_per_launch=steps_per_launch,
         impl=impl,
         allow_long_context=allow_long_context,
+        prefix_caching=prefix_caching,
     )
 
 
