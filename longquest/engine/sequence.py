@@ -54,7 +54,7 @@ class Sequence:
     cached_pages: int = 0
     cached_prompt_tokens: int = 0  # cached_pages * page_size
     # Keys of the prompt's full pages (longquest.engine.page_keys), once admission needs them.
-    prompt_keys: list[bytes] | None = None
+    prompt_keys: list[bytes] | None = field(default=None, repr=False)
     # (global page index, physical page id) of the pages this rank holds, ascending.
     local_pages: list[tuple[int, int]] = field(default_factory=list)
     output: list[int] = field(default_factory=list)

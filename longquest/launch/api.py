@@ -205,8 +205,8 @@ class ProgressBars:
     tokens prefilled (for prompts longer than one chunk or ``PREFILL_BAR_TOKENS``),
     requests finished. ``close()`` clears what is left (after an error or Ctrl-C).
 
-    The engine reports ``("prefill", 0, total)`` as a prefill starts and again after
-    every chunk, so the bar's clock starts with the prefill; it is redrawn at each
+    The engine reports ``("prefill", done, total)`` as a prefill starts (``done``: the
+    prompt tokens taken from the prefix cache) and again after every chunk, so the bar's clock starts with the prefill; it is redrawn at each
     report (tqdm would otherwise skip a report that comes soon after the last).
     """
 

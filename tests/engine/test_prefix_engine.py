@@ -190,6 +190,18 @@ def test_an_exception_mid_prefill_publishes_nothing(model_dirs, monkeypatch):
     assert out.cached_prompt_tokens == 36
 
 
+def test_prefill_progress_starts_at_the_cached_tokens(model_dirs):
+    engine = make_engine(model_dirs("llama3.1"), quest=QUESTS["quest"], chunk=CHUNK,
+                         impl="torch")  # fmt: skip
+    doc = random_prompt(37, engine.config.vocab_size, 12)
+    engine.generate([doc + [5, 6]], [SamplingParams(max_tokens=1)])
+    reports = []
+    engine.generate([doc + [7] * 12], [SamplingParams(max_tokens=1)],
+                    on_progress=lambda *report: reports.append(report))  # fmt: skip
+    prefill = [done for stage, done, total in reports if stage == "prefill"]
+    assert prefill == [36, 40, 48, 49]  # then chunks on the grid of 8
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_with_a_shared_document(tmp_path):
     """Eight requests share a document, decoded in CUDA graphs: the same as without
