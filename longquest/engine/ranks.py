@@ -69,7 +69,8 @@ class RankGroup(Protocol):
     def prefill(
         self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
     ) -> torch.Tensor:
-        """Prefill ``seq``'s prompt exactly; return its last token's logits
+        """Prefill ``seq``'s prompt exactly from the end of its ``cached_pages`` (taken
+        from the prefix cache, never written); return its last token's logits
         ``[1, vocab_size]`` fp32, the same on every rank."""
         ...
 

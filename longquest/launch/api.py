@@ -206,8 +206,9 @@ class ProgressBars:
     requests finished. ``close()`` clears what is left (after an error or Ctrl-C).
 
     The engine reports ``("prefill", done, total)`` as a prefill starts (``done``: the
-    prompt tokens taken from the prefix cache) and again after every chunk, so the bar's clock starts with the prefill; it is redrawn at each
-    report (tqdm would otherwise skip a report that comes soon after the last).
+    prompt tokens taken from the prefix cache) and again after every chunk, so the bar's
+    clock starts with the prefill; it is redrawn at each report (tqdm would otherwise
+    skip a report that comes soon after the last).
     """
 
     def __init__(self, *, prefill_chunk_tokens: int) -> None:
