@@ -53,7 +53,7 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
             break
     text = seq.text if seq.finish_reason else engine.detokenize(seq.output)
     grown = seq.local_pages[keep:]
-    engine.allocator.free([physical for _, physical in grown])
+    engine.allocator.release([physical for _, physical in grown])
     engine.allocator.reserve(len(grown))
     seq.reserved_pages += len(grown)
     seq.local_pages = seq.local_pages[:keep]

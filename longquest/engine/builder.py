@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
 from longquest.engine.config import DTYPE_NAMES, CacheConfig, EngineConfig, ModelConfig
 from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
+from longquest.engine.page_keys import cache_salt
 from longquest.engine.ranks import RankGroup
 from longquest.engine.tokenizer import Tokenizer
 
@@ -146,5 +149,22 @@ def build_engine(
         ranks=ranks,
         tuning=config.tuning,
         allow_long_context=config.allow_long_context,
+        prefix_caching=config.prefix_caching,
+        prefix_salt=cache_salt(
+            model=model_config,
+            dtype=torch_dtype,
+            page_size=quest.page_size,
+            bounds_dtype=shape.bounds_dtype,
+            world_size=config.parallel.world_size,
+            weights=weights_identity(config.model),
+        ),
     )
     return engine, tokenizer
+
+
+def weights_identity(model_dir: str) -> tuple[tuple[str, int], ...]:
+    """The names and sizes of the model's safetensors files: part of the prefix cache's
+    salt, so pages of other weights under the same config are never taken. (Not their
+    times: copies of one model on several hosts must agree.)"""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return tuple((path.name, path.stat().st_size) for path in files)

@@ -1,4 +1,5 @@
-"""The paged KV cache: plain-Python page allocation and the device tensors it indexes.
+"""The paged KV cache's device tensors, indexed by the page ids that
+:class:`~longquest.engine.page_pool.PagePool` hands out.
 
 Layout per layer (see longquest.kernels.ref): ``k``/``v`` pages
 ``[num_pages, num_kv_heads, page_size, head_dim]`` and Quest's per-page key bounds
@@ -17,54 +18,6 @@ import torch
 
 class CacheCapacityError(ValueError):
     """Raised when a request cannot fit in the KV cache; the message gives the capacity."""
-
-
-class PageAllocator:
-    """Hands out physical page ids from a fixed pool. No device work, no torch."""
-
-    def __init__(self, num_pages: int) -> None:
-        if num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        self.num_pages = num_pages
-        # Pop from the end: low ids come out first, which keeps tests readable.
-        self._free = list(range(num_pages - 1, -1, -1))
-        self._reserved = 0
-
-    @property
-    def num_free(self) -> int:
-        """Pages neither allocated nor reserved."""
-        return len(self._free) - self._reserved
-
-    def reserve(self, count: int) -> None:
-        """Promise ``count`` pages to a request before any work starts, or raise."""
-        if count > self.num_free:
-            raise CacheCapacityError(
-                f"the request needs {count} more KV pages but only {self.num_free} of "
-                f"{self.num_pages} are free"
-            )
-        self._reserved += count
-
-    def release_reservation(self, count: int) -> None:
-        """Return reserved-but-unused pages (a request finished early)."""
-        if count > self._reserved:
-            raise ValueError(f"releasing {count} reserved pages but only {self._reserved} are")
-        self._reserved -= count
-
-    def allocate(self, count: int, *, reserved: bool = False) -> list[int]:
-        """Take ``count`` pages, from the caller's reservation when ``reserved``."""
-        if reserved:
-            self.release_reservation(count)
-        if count > self.num_free:
-            raise CacheCapacityError(
-                f"out of KV pages: asked for {count}, {self.num_free} of {self.num_pages} free"
-            )
-        pages = self._free[len(self._free) - count :][::-1]
-        del self._free[len(self._free) - count :]
-        return pages
-
-    def free(self, pages: list[int]) -> None:
-        """Give pages back to the pool."""
-        self._free.extend(reversed(pages))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -278,6 +278,10 @@ class EngineConfig:
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
     tuning: the kernels' launch sizes (block sizes, split caps, program counts); the
         defaults are the measured choices, a benchmark passes others.
+    prefix_caching: keep full prompt pages cached after their request finishes; a prompt
+        that starts with cached pages takes them and prefills only the rest (outputs are
+        those of a full prefill, to floating-point rounding). Cached pages no request
+        holds are evicted, least recently used first, when room is needed.
 
     Frozen and plain: launchers pass it on unchanged, and ``to_json`` / ``from_json``
     carry it to processes started elsewhere (torchrun).
@@ -293,6 +297,7 @@ class EngineConfig:
     impl: str | None = None
     tuning: KernelTuning = field(default_factory=KernelTuning)
     allow_long_context: bool = False
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -318,6 +323,7 @@ class EngineConfig:
         if self.impl not in IMPLS:
             raise ValueError(f"EngineConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         check_bool(self.allow_long_context, name="EngineConfig.allow_long_context")
+        check_bool(self.prefix_caching, name="EngineConfig.prefix_caching")
         for name, kind in _nested_configs(type(self)).items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(

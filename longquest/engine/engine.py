@@ -3,6 +3,8 @@
 Scheduling is continuous batching with prefill first: whenever the waiting queue's
 head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
 running request never runs out of pages), it is prefilled and joins the decode batch.
+Full prompt pages are cached: a prompt that starts with cached pages takes them by
+reference and prefills only the rest (:mod:`longquest.engine.admission`).
 
 The loop is written SPMD-ready: page ownership, admission, prefill and the
 cross-rank steps go through one injected :class:`~longquest.engine.ranks.RankGroup`,
@@ -20,11 +22,14 @@ from typing import Protocol
 
 import torch
 
+from longquest.engine.admission import Admission, PrefixStats
 from longquest.engine.attention import PagedAttention
-from longquest.engine.cache import CacheCapacityError, KVCache, PageAllocator, pages_for
+from longquest.engine.cache import CacheCapacityError, KVCache, pages_for
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams
 from longquest.engine.decode_batch import DecodeBatch
 from longquest.engine.model import Model
+from longquest.engine.page_keys import cache_salt
+from longquest.engine.page_pool import PagePool
 from longquest.engine.ranks import ProgressCallback, RankGroup, SingleDevice
 from longquest.engine.requests import check_request
 from longquest.engine.sampler import sample, top_logprobs
@@ -55,6 +60,8 @@ class LLMEngine:
         cuda_graphs: bool | None = None,
         steps_per_launch: int | None = None,
         allow_long_context: bool = False,
+        prefix_caching: bool = True,
+        prefix_salt: bytes | None = None,
     ) -> None:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
@@ -68,7 +75,14 @@ class LLMEngine:
         self.world_size = self.ranks.world_size
         self.comm = self.ranks.comm
         # Every rank plans with the same pool, so capacity decisions agree.
-        self.allocator = PageAllocator(self.ranks.agreed_pages(cache.shape.num_pages))
+        self.allocator = PagePool(self.ranks.agreed_pages(cache.shape.num_pages))
+        shape = cache.shape  # the builder's salt names the weights too
+        prefix_salt = prefix_salt or cache_salt(
+            model=model_config, dtype=shape.dtype, page_size=shape.page_size,
+            bounds_dtype=shape.bounds_dtype, world_size=self.world_size,
+        )  # fmt: skip
+        self.admission = Admission(pool=self.allocator, ranks=self.ranks, page_size=self.page_size,
+                                   salt=prefix_salt, prefix_caching=prefix_caching)  # fmt: skip
         self.detokenize = detokenize
         self.eos_token_ids = set(eos_token_ids)
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -170,12 +184,14 @@ class LLMEngine:
         return seq
 
     def prefill(self, seq: Sequence, *, on_progress: ProgressCallback | None = None) -> None:
-        """Exact prefill of ``seq``'s prompt (through the rank group), then sample its
-        first output token."""
+        """Exact prefill of ``seq``'s prompt past its cached pages (through the rank
+        group), then publish its full prompt pages and sample its first output token.
+        After an exception, :meth:`release` ``seq``: nothing of it was published."""
         start_time = time.perf_counter()
-        if on_progress:
-            on_progress("prefill", 0, len(seq.prompt))  # the rank group reports each chunk
+        if on_progress:  # the rank group reports each chunk
+            on_progress("prefill", seq.cached_prompt_tokens, len(seq.prompt))
         logits = self.ranks.prefill(engine=self, seq=seq, on_progress=on_progress)
+        self.admission.publish(seq)
         self._accept(seq_list=[seq], logits=logits)
         seq.prefill_seconds = time.perf_counter() - start_time
 
@@ -192,11 +208,15 @@ class LLMEngine:
             page = self.ranks.next_local_page(page_index=page + 1)
 
     def release(self, seq: Sequence) -> None:
-        """Free ``seq``'s pages and what is left of its reservation."""
+        """Give back ``seq``'s pages (its published ones stay cached until evicted) and
+        what is left of its reservation."""
         self._batch = None  # its tables name the pages freed here
-        self.allocator.free([physical for _, physical in seq.local_pages])
-        self.allocator.release_reservation(seq.reserved_pages)
-        seq.local_pages, seq.reserved_pages = [], 0
+        self.admission.release(seq)
+
+    def prefix_stats(self) -> PrefixStats:
+        """What the prefix cache saved on this rank: hits, prompt tokens computed and
+        taken from the cache, evictions."""
+        return self.admission.stats()
 
     @property
     def decode_batch(self) -> DecodeBatch | None:
@@ -216,35 +236,17 @@ class LLMEngine:
             index=index, prompt=prompt, params=params, model_config=self.config,
             allow_long_context=self.allow_long_context,
         )  # fmt: skip
-        total = len(prompt) + params.max_tokens
-        need = self.ranks.most_pages_needed(num_pages=pages_for(total, self.page_size))
-        if need > self.allocator.num_pages:
-            raise CacheCapacityError(
-                f"prompt {index} has {len(prompt)} tokens; with max_tokens={params.max_tokens} "
-                f"it needs {total} tokens of KV cache but the cache holds "
-                f"{self.capacity_tokens} tokens ({self.allocator.num_pages} pages of "
-                f"{self.page_size} on each of {self.world_size} rank(s)); shorten the prompt, "
-                "lower max_tokens, or give the cache more memory (CacheConfig) or more GPUs"
-            )
+        self.admission.check_capacity(index=index, prompt_len=len(prompt), params=params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return Sequence(request_id=index, prompt=list(prompt), params=params, generator=generator)
 
     def admit(self, seq: Sequence) -> bool:
-        """Reserve the pages this rank holds of the whole sequence if every rank can;
-        False (nothing changed) when not now."""
-        prompt_len = len(seq.prompt)
-        need = sum(
-            1
-            for page in range(pages_for(prompt_len + seq.params.max_tokens, self.page_size))
-            if self.ranks.owner(page_index=page) == self.rank
-        )
-        if not self.ranks.all_agree(need <= self.allocator.num_free):
-            return False
-        self.allocator.reserve(need)
-        seq.reserved_pages = need
-        return True
+        """Take ``seq``'s cached prompt pages and reserve the rest of the pages this rank
+        holds of the whole sequence if every rank can; False (nothing changed) when not
+        now. Sets ``seq.cached_pages``: its prefill starts at their end."""
+        return self.admission.admit(seq)
 
     # -------------------------------------------------------------------- decode
     def decode(self, running: list[Sequence]) -> None:

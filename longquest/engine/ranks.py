@@ -74,7 +74,8 @@ class RankGroup(Protocol):
     def prefill(
         self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
     ) -> torch.Tensor:
-        """Prefill ``seq``'s prompt exactly; return its last token's logits
+        """Prefill ``seq``'s prompt exactly from the end of its ``cached_pages`` (taken
+        from the prefix cache, never written); return its last token's logits
         ``[1, vocab_size]`` fp32, the same on every rank."""
         ...
 
@@ -115,11 +116,15 @@ class SingleDevice:
     def prefill(
         self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
     ) -> torch.Tensor:
-        """Exact causal prefill in chunks of ``engine.prefill_chunk_tokens``."""
+        """Exact causal prefill from the end of ``seq``'s cached pages, in chunks of
+        ``engine.prefill_chunk_tokens`` on the prompt's absolute grid: the first chunk
+        ends at the next multiple of the chunk size, so a cached prefix of whole chunks
+        leaves every later chunk as it is without the cache."""
         prompt, size, device = seq.prompt, engine.page_size, engine.device
-        hidden = None
-        for start in range(0, len(prompt), engine.prefill_chunk_tokens):
-            end = min(start + engine.prefill_chunk_tokens, len(prompt))
+        chunk, hidden = engine.prefill_chunk_tokens, None
+        start = seq.cached_pages * size
+        while start < len(prompt):
+            end = min((start // chunk + 1) * chunk, len(prompt))
             engine.grow(seq, num_tokens=end)
             local = dict(seq.local_pages)  # once per chunk, not once per token
             slots = torch.tensor(
@@ -146,5 +151,6 @@ class SingleDevice:
                 hidden = engine.model(input_ids=ids, positions=positions, attention=attention)
             if on_progress:
                 on_progress("prefill", end, len(prompt))
+            start = end
         with torch.inference_mode():
             return engine.model.compute_logits(hidden[-1:])

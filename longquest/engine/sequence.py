@@ -52,6 +52,9 @@ class Sequence:
     reserved_pages: int = 0
     # Leading pages taken from the prefix cache: prefill starts at their end.
     cached_pages: int = 0
+    cached_prompt_tokens: int = 0  # cached_pages * page_size
+    # Keys of the prompt's full pages (longquest.engine.page_keys), once admission needs them.
+    prompt_keys: list[bytes] | None = field(default=None, repr=False)
     # (global page index, physical page id) of the pages this rank holds, ascending.
     local_pages: list[tuple[int, int]] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
@@ -126,4 +129,5 @@ class Sequence:
             decode_seconds=self.decode_seconds,
             pages_attended=self.pages_attended_sum / steps,
             pages_total=self.pages_total_sum / steps,
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )

@@ -39,6 +39,8 @@ class LLM:
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
     allow_long_context: serve prompts that, with ``max_tokens``, run past the context
         the model declares (refused by default, before any work).
+    prefix_caching: reuse the KV pages of prompt prefixes seen before (a document asked
+        several questions is prefilled once); outputs are those of a full prefill.
     """
 
     def __init__(
@@ -55,11 +57,13 @@ class LLM:
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
         allow_long_context: bool = False,
+        prefix_caching: bool = True,
     ) -> None:
         settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
                         world_size=world_size, launcher=launcher,
                         prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
-                        allow_long_context=allow_long_context)  # fmt: skip
+                        allow_long_context=allow_long_context,
+                        prefix_caching=prefix_caching)  # fmt: skip
         if config is None:
             if model is None:
                 raise ValueError("give the model directory: LLM(model_dir, ...)")
@@ -158,7 +162,7 @@ class LLM:
 
 _DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
                          launcher="local", prefill_chunk_tokens=8192, impl=None,
-                         allow_long_context=False)  # fmt: skip
+                         allow_long_context=False, prefix_caching=True)  # fmt: skip
 
 
 def engine_config(
@@ -173,6 +177,7 @@ def engine_config(
     prefill_chunk_tokens: int,
     impl: str | None,
     allow_long_context: bool,
+    prefix_caching: bool,
 ) -> EngineConfig:
     """The EngineConfig of ``LLM``'s keyword settings (torch dtypes and devices as text)."""
     if isinstance(dtype, torch.dtype):
@@ -187,6 +192,7 @@ def engine_config(
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,
         allow_long_context=allow_long_context,
+        prefix_caching=prefix_caching,
     )
 
 
@@ -199,9 +205,10 @@ class ProgressBars:
     tokens prefilled (for prompts longer than one chunk or ``PREFILL_BAR_TOKENS``),
     requests finished. ``close()`` clears what is left (after an error or Ctrl-C).
 
-    The engine reports ``("prefill", 0, total)`` as a prefill starts and again after
-    every chunk, so the bar's clock starts with the prefill; it is redrawn at each
-    report (tqdm would otherwise skip a report that comes soon after the last).
+    The engine reports ``("prefill", done, total)`` as a prefill starts (``done``: the
+    prompt tokens taken from the prefix cache) and again after every chunk, so the bar's
+    clock starts with the prefill; it is redrawn at each report (tqdm would otherwise
+    skip a report that comes soon after the last).
     """
 
     def __init__(self, *, prefill_chunk_tokens: int) -> None:

@@ -121,6 +121,7 @@ def result_row(item: BatchItem, output: RequestOutput) -> dict:
         "text": output.text,
         "finish_reason": output.finish_reason,
         "prompt_tokens": len(output.prompt_token_ids),
+        "cached_prompt_tokens": output.cached_prompt_tokens,
         "completion_tokens": len(output.token_ids),
         "prefill_seconds": round(output.prefill_seconds, 4),
         "decode_tokens_per_second": round(output.decode_tokens_per_second, 2),

@@ -63,6 +63,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         help="serve prompts that, with their max tokens, run past the context the model "
         "declares in its config.json (refused by default: the model was not trained there)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-prefix-caching", action="store_true",
+        help="compute every prompt in full instead of reusing the KV pages of prompt "
+        "prefixes seen before (the outputs are those of a full prefill)",
+    )  # fmt: skip
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +139,7 @@ def engine_config_from_args(
         parallel=ParallelConfig(world_size=world_size, launcher=launcher),
         prefill_chunk_tokens=args.prefill_chunk,
         allow_long_context=args.allow_long_context,
+        prefix_caching=not args.no_prefix_caching,
     )
 
 

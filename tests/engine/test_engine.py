@@ -26,6 +26,7 @@ def make_engine(
     bounds_dtype: torch.dtype | None = None,
     impl: str | None = None,
     allow_long_context: bool = False,
+    prefix_caching: bool = True,
 ):
     model, config = load_model(model_dir, dtype=torch.float32, device="cpu")
     shape = CacheShape(
@@ -48,6 +49,7 @@ def make_engine(
         steps_per_launch=steps_per_launch,
         impl=impl,
         allow_long_context=allow_long_context,
+        prefix_caching=prefix_caching,
     )
 
 
@@ -236,8 +238,8 @@ def test_public_steps_make_what_generate_makes(llama_dir):
     (want,) = engine.generate([prompt], [params])
     free = engine.allocator.num_free
     seq = engine.add_request(prompt, params)
-    with pytest.raises(CacheCapacityError, match="free pages"):
-        engine.add_request(prompt, params, request_id=1)  # the first holds most pages
+    with pytest.raises(CacheCapacityError, match="free pages"):  # the first holds most pages
+        engine.add_request(random_prompt(90, 1000, 5), params, request_id=1)
     engine.prefill(seq)
     while not seq.finish_reason:
         engine.decode([seq])

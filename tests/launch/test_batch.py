@@ -46,6 +46,7 @@ class FakeEngine:
                     decode_seconds=0.1,
                     pages_attended=1,
                     pages_total=2,
+                    cached_prompt_tokens=len(p) - 1,
                 )
             )
         return outs
@@ -93,7 +94,7 @@ def test_errors_become_rows_and_the_job_goes_on(tmp_path):
         assert "error" in by_id[name], name
     assert "cache" in by_id["toolong"]["error"]
     assert "text" in by_id["chat"] and "text" in by_id[9]
-    assert by_id[9]["completion_tokens"] == 3
+    assert by_id[9]["completion_tokens"] == 3 and by_id[9]["cached_prompt_tokens"] == 2
     assert summary["errors"] == 9
 
 

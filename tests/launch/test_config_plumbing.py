@@ -43,6 +43,7 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
     "--no-spread-selection": (["--no-spread-selection"], lambda c: not c.quest.spread_selection),
     "--world-size": (["--world-size", "3"], lambda c: c.parallel.world_size == 3),
     "--allow-long-context": (["--allow-long-context"], lambda c: c.allow_long_context),
+    "--no-prefix-caching": (["--no-prefix-caching"], lambda c: not c.prefix_caching),
     # The launcher is the test's parameter; its check is made for every case.
     "--launcher": ([], lambda c: True),
 }
