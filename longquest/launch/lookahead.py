@@ -67,6 +67,7 @@ class Lookahead(Generic[Item]):
         self._picks = 0
         self._tokens = 0
         self._last: list[bytes] = []
+        self._next: Item | None = None  # read from the source, not in the window yet
         self._exhausted = False
 
     def __len__(self) -> int:
@@ -104,24 +105,29 @@ class Lookahead(Generic[Item]):
         return default
 
     def _fill(self) -> None:
-        while not self._exhausted and len(self._waiting) < self.size:
-            if self._waiting and self._tokens >= self.max_tokens:
+        while len(self._waiting) < self.size:
+            if self._next is None and not self._exhausted:
+                self._next = next(self._source, None)
+                self._exhausted = self._next is None
+            if self._next is None:
                 return
-            item = next(self._source, None)
-            if item is None:
-                self._exhausted = True
-                return
-            token_ids = self._tokens_of(item)
-            number = self._entered
-            self._entered += 1
-            waiting = _Waiting(
-                item=item,
-                signature=prefix_signature(token_ids),
-                tokens=len(token_ids),
-                entered=self._picks,
-            )
-            self._waiting[number] = waiting
-            self._order.append(number)
-            self._tokens += waiting.tokens
-            for key in waiting.signature:
-                self._by_prefix.setdefault(key, deque()).append(number)
+            token_ids = self._tokens_of(self._next)
+            if self._waiting and self._tokens + len(token_ids) > self.max_tokens:
+                return  # it waits, read, until the window has room
+            self._enter(self._next, token_ids)
+            self._next = None
+
+    def _enter(self, item: Item, token_ids: array) -> None:
+        number = self._entered
+        self._entered += 1
+        waiting = _Waiting(
+            item=item,
+            signature=prefix_signature(token_ids),
+            tokens=len(token_ids),
+            entered=self._picks,
+        )
+        self._waiting[number] = waiting
+        self._order.append(number)
+        self._tokens += waiting.tokens
+        for key in waiting.signature:
+            self._by_prefix.setdefault(key, deque()).append(number)

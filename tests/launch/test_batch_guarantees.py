@@ -287,6 +287,7 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     import longquest.launch.api as api
     from longquest.launch import cli
     from longquest.launch.cli import main
+    from longquest.launch.stream import steps_from_generate
 
     class FakeLLM:
         def __init__(self, model=None, **options):
@@ -294,6 +295,9 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
 
         def generate(self, ids, params, use_tqdm=True):
             return FakeEngine()([p[:5] for p in ids], params)
+
+        def step(self, new):
+            return steps_from_generate(self.generate)(new)
 
         def shutdown(self):
             pass
