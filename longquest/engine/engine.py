@@ -1,8 +1,9 @@
-"""The generation loop of one rank: admission, prefill, batched Quest decode.
+"""The engine of one rank: admission, prefill, batched Quest decode.
 
-Scheduling is continuous batching with prefill first: whenever the waiting queue's
-head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
-running request never runs out of pages), it is prefilled and joins the decode batch.
+The loop over them, continuous batching with prefill first, is
+:class:`~longquest.engine.scheduler.Scheduler`: whenever the waiting queue's head fits
+in the cache (its prompt plus ``max_tokens`` is reserved up front, so a running request
+never runs out of pages), it is prefilled and joins the decode batch.
 
 The loop is written SPMD-ready: page ownership, admission, prefill and the
 cross-rank steps go through one injected :class:`~longquest.engine.ranks.RankGroup`,
