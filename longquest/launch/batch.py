@@ -49,6 +49,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from longquest.engine.config import SamplingParams
+from longquest.engine.sequence import RequestOutput
 from longquest.launch.idtable import IdTable
 from longquest.launch.lookahead import Lookahead
 from longquest.launch.results import (
@@ -120,6 +121,20 @@ def parse_line(raw: bytes, number: int, tokenizer) -> tuple[object, BatchItem | 
         return request_id, None, name_request(str(error), request_id=request_id, line=number)
     item = BatchItem(id=request_id, line=number, token_ids=array("i", token_ids), params=params)
     return request_id, item, None
+
+
+def result_row(item: BatchItem, output: RequestOutput) -> dict:
+    return {
+        "id": item.id,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "completion_tokens": len(output.token_ids),
+        "prefill_seconds": round(output.prefill_seconds, 4),
+        "decode_tokens_per_second": round(output.decode_tokens_per_second, 2),
+        "pages_attended": round(output.pages_attended, 2),
+        "pages_total": round(output.pages_total, 2),
+    }
 
 
 def check_group_size(group_size: object) -> None:
@@ -253,7 +268,10 @@ def run_batch(
             max_tokens=LOOKAHEAD_TOKENS,
         )  # fmt: skip
         step = step if step is not None else steps_from_generate(generate)
-        Feeder(step=step, pick=window.pick, write=rows.write, limit=group_size).run()
+        feeder = Feeder(
+            step=step, pick=window.pick, row_of=result_row, write=rows.write, limit=group_size
+        )
+        feeder.run()
     finally:
         rows.close()
     return rows.summary

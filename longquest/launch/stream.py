@@ -63,20 +63,6 @@ def name_request(message: str, *, request_id: object, line: int) -> str:
     return re.sub(r"\bprompt \d+\b", name, message, count=1)
 
 
-def result_row(item: BatchItem, output: RequestOutput) -> dict:
-    return {
-        "id": item.id,
-        "text": output.text,
-        "finish_reason": output.finish_reason,
-        "prompt_tokens": len(output.prompt_token_ids),
-        "completion_tokens": len(output.token_ids),
-        "prefill_seconds": round(output.prefill_seconds, 4),
-        "decode_tokens_per_second": round(output.decode_tokens_per_second, 2),
-        "pages_attended": round(output.pages_attended, 2),
-        "pages_total": round(output.pages_total, 2),
-    }
-
-
 def _refused_row(item: BatchItem, message: str) -> dict:
     return {"id": item.id, "error": name_request(message, request_id=item.id, line=item.line)}
 
@@ -86,6 +72,7 @@ class Feeder:
     for each as it finishes.
 
     pick: the next line to issue, or None when there is none left.
+    row_of: the result row of a line and its output.
     write: takes each row (a result or an error) as soon as it exists.
     """
 
@@ -94,10 +81,12 @@ class Feeder:
         *,
         step: Step,
         pick: Callable[[], BatchItem | None],
+        row_of: Callable[[BatchItem, RequestOutput], dict],
         write: Callable[[dict], None],
         limit: int,
     ) -> None:
         self.step, self.pick, self.write, self.limit = step, pick, write, limit
+        self.row_of = row_of
         self.in_flight: dict[int, BatchItem] = {}  # request id -> line, in issue order
         self._next_id = 0
 
@@ -121,7 +110,7 @@ class Feeder:
             for request_id, message in result.refused.items():
                 self.write(_refused_row(self.in_flight.pop(request_id), message))
             for output in result.finished:
-                self.write(result_row(self.in_flight.pop(output.request_id), output))
+                self.write(self.row_of(self.in_flight.pop(output.request_id), output))
 
     def _request(self, token_ids, params: SamplingParams) -> NewRequest:
         self._next_id += 1
@@ -145,7 +134,7 @@ class Feeder:
             output = self._finish(self._request(item.token_ids, item.params))
         except Exception as error:  # noqa: BLE001 - sorted out in _row_for_failure
             return self._row_for_failure(item, error)
-        return result_row(item, output)
+        return self.row_of(item, output)
 
     def _row_for_failure(self, item: BatchItem, error: Exception) -> dict:
         """The error row of a request that failed alone; raises ``error`` when the
