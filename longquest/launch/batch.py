@@ -18,16 +18,15 @@ enter a bounded look-ahead window (longquest.launch.lookahead), which issues lin
 share a prompt prefix back to back so a document is prefilled once while it is cached.
 Up to ``group_size`` requests are in the engine at once, and a finished request's slot
 goes to the next line in the very next engine step (longquest.launch.stream). Memory is
-bounded by the window, plus about 16 bytes for each id in the file and the results
+bounded by the window, plus 16-24 bytes for each id in the file and the results
 (longquest.launch.idtable), not by the file's size.
 
 The output file is checked before anything is written (see longquest.launch.results),
 locked for the whole job, and each row is forced to disk as soon as its request
-finishes (rows come in finish order, not file order).
-Rerunning with the same output resumes: ids already there are skipped (with
-``retry_errors``, ids whose last row is an error are served again and get a new row;
-the last row for an id wins), a torn last line from a crash is dropped, nothing else
-in the file is changed.
+finishes (rows come in finish order, not file order). Rerunning with the same output
+resumes: ids already there are skipped (with ``retry_errors``, ids whose last row is
+an error are served again and get a new row; the last row for an id wins), a torn
+last line from a crash is dropped, nothing else in the file is changed.
 
 Errors: a ValueError from the engine is the request's own fault and becomes its error
 row. When an engine step fails, what was in flight is served again one request at a
