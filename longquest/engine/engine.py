@@ -1,8 +1,9 @@
-"""The generation loop of one rank: admission, prefill, batched Quest decode.
+"""The engine of one rank: admission, prefill, batched Quest decode.
 
-Scheduling is continuous batching with prefill first: whenever the waiting queue's
-head fits in the cache (its prompt plus ``max_tokens`` is reserved up front, so a
-running request never runs out of pages), it is prefilled and joins the decode batch.
+The loop over them, continuous batching with prefill first, is
+:class:`~longquest.engine.scheduler.Scheduler`: whenever the waiting queue's head fits
+in the cache (its prompt plus ``max_tokens`` is reserved up front, so a running request
+never runs out of pages), it is prefilled and joins the decode batch.
 Full prompt pages are cached: a prompt that starts with cached pages takes them by
 reference and prefills only the rest (:mod:`longquest.engine.admission`).
 
@@ -10,9 +11,10 @@ The loop is written SPMD-ready: page ownership, admission, prefill and the
 cross-rank steps go through one injected :class:`~longquest.engine.ranks.RankGroup`,
 so the sequence-parallel worker in longquest.parallel runs this same loop on every rank.
 
-The public methods below (``add_request``, ``prefill``, ``decode``, ``release``,
-``grow``, ``drop_decode_batch``, ``decode_batch``) are what ``generate`` is made
-of; benchmarks drive the engine through them one step at a time.
+The public methods below (``new_sequence``, ``admit``, ``add_request``, ``prefill``,
+``decode``, ``release``, ``grow``, ``drop_decode_batch``, ``decode_batch``) are what
+the scheduler (longquest.engine.scheduler) and ``generate`` are made of; benchmarks
+drive the engine through them one step at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from longquest.engine.page_pool import PagePool
 from longquest.engine.ranks import ProgressCallback, RankGroup, SingleDevice
 from longquest.engine.requests import check_request
 from longquest.engine.sampler import sample, top_logprobs
+from longquest.engine.scheduler import generate_all
 from longquest.engine.sequence import RequestOutput, Sequence
 from longquest.kernels import DEFAULT_TUNING, KernelTuning
 
@@ -122,49 +125,25 @@ class LLMEngine:
         *,
         on_progress: ProgressCallback | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; results in input order.
+        """Generate for every prompt; results in input order (a
+        :class:`~longquest.engine.scheduler.Scheduler` stepped to the end).
 
         on_progress(stage, done, total) is called as each prefill starts and after each of
         its chunks (``stage="prefill"``, prompt tokens done) and after each finished
         request (``"requests"``).
         """
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        waiting = [self._new_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-        running: list[Sequence] = []
-        done: list[Sequence] = []
-        prefilling: Sequence | None = None
-        waiting.reverse()  # pop() takes the oldest
-        try:
-            while waiting or running:
-                while waiting and self.admit(waiting[-1]):
-                    seq = waiting.pop()
-                    prefilling = seq
-                    self.prefill(seq, on_progress=on_progress)
-                    prefilling = None
-                    if seq.finish_reason:
-                        self.release(seq)
-                        done.append(seq)
-                    else:
-                        running.append(seq)
-                if not running:
-                    if waiting:  # nothing running yet the head doesn't fit: cannot happen
-                        raise CacheCapacityError("a request does not fit the empty cache")
-                    continue
-                self.decode(running)
-                for seq in [s for s in running if s.finish_reason]:
-                    running.remove(seq)
-                    self.release(seq)
-                    done.append(seq)
-                    if on_progress:
-                        on_progress("requests", len(done), len(prompts))
-        except BaseException:
-            # A failed call (bad input found mid-prefill, Ctrl-C) gives its pages back, so
-            # the engine serves the next call with its whole cache.
-            for seq in running + ([prefilling] if prefilling else []):
-                self.release(seq)
-            raise
-        return [s.result() for s in sorted(done, key=lambda s: s.request_id)]
+        return generate_all(self, prompts, params, on_progress=on_progress)
+
+    def new_sequence(
+        self, prompt: list[int], params: SamplingParams, *, request_id: int = 0
+    ) -> Sequence:
+        """A checked sequence for ``prompt``, not admitted yet (follow with :meth:`admit`).
+
+        Raises ValueError for a request that can never be served (empty, past the
+        model's context, bad sampling settings) and CacheCapacityError (a ValueError)
+        when it needs more pages than the whole cache holds.
+        """
+        return self._new_sequence(request_id, prompt, params)
 
     def add_request(
         self, prompt: list[int], params: SamplingParams, *, request_id: int = 0

@@ -16,6 +16,7 @@ from longquest.engine.config import (
     QuestConfig,
     SamplingParams,
 )
+from longquest.engine.scheduler import NewRequest, Scheduler, StepResult
 from longquest.engine.sequence import RequestOutput
 from longquest.engine.tokenizer import Prompt
 
@@ -79,7 +80,7 @@ class LLM:
             )
         self.config = config
         self.quest = config.quest
-        self._engine = self._cluster = None
+        self._engine = self._cluster = self._scheduler = None
         if config.parallel.launcher == "local":
             from longquest.engine.builder import build_engine
 
@@ -141,6 +142,16 @@ class LLM:
         finally:
             if bars is not None:
                 bars.close()
+
+    def step(self, new: list[NewRequest]) -> StepResult:
+        """Advance the engine by one step with ``new`` (token ids) added: the streaming
+        seam of the batch runner (see longquest.engine.scheduler). Requests stay in
+        flight between calls; finish them before calling ``generate``."""
+        if self._cluster is not None:
+            return self._cluster.step(new)
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self._engine)
+        return self._scheduler.step(new)
 
     @property
     def engine(self):

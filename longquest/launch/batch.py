@@ -13,15 +13,24 @@ Output, one JSON object per input line: ``id`` (the input's JSON value), ``text`
 id (not JSON, not UTF-8, no ``id``) gets the id ``"line-N"``; a later line repeating an
 earlier line's id gets an error row with the id ``"<id>#line-N"``.
 
+The file is streamed: lines are read as bytes and parsed and tokenized only as they
+enter a bounded look-ahead window (longquest.launch.lookahead), which issues lines that
+share a prompt prefix back to back so a document is prefilled once while it is cached.
+Up to ``group_size`` requests are in the engine at once, and a finished request's slot
+goes to the next line in the very next engine step (longquest.launch.stream). Memory is
+bounded by the window, plus 16-24 bytes for each id in the file and the results
+(longquest.launch.idtable), not by the file's size.
+
 The output file is checked before anything is written (see longquest.launch.results),
-locked for the whole job, and each row is forced to disk as soon as it exists.
-Rerunning with the same output resumes: ids already there are skipped (with
-``retry_errors``, ids whose last row is an error are served again and get a new row;
-the last row for an id wins), a torn last line from a crash is dropped, nothing else
-in the file is changed.
+locked for the whole job, and each row is forced to disk as soon as its request
+finishes (rows come in finish order, not file order). Rerunning with the same output
+resumes: ids already there are skipped (with ``retry_errors``, ids whose last row is
+an error are served again and get a new row; the last row for an id wins), a torn
+last line from a crash is dropped, nothing else in the file is changed.
 
 Errors: a ValueError from the engine is the request's own fault and becomes its error
-row. Any other exception is the request's only if the engine still serves a one-token
+row. When an engine step fails, what was in flight is served again one request at a
+time. Any other exception is the request's only if the engine still serves a one-token
 probe right after it (then the row says "internal error" and a warning is printed);
 otherwise (a dead worker, a broken device) the job stops with that exception and
 writes no row for the request, so a rerun serves it.
@@ -30,48 +39,46 @@ writes no row for the request, so a rerun serves it.
 from __future__ import annotations
 
 import json
-import re
-import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from longquest.engine.config import SamplingParams
 from longquest.engine.sequence import RequestOutput
+from longquest.launch.idtable import IdTable
+from longquest.launch.lookahead import Lookahead
 from longquest.launch.results import (
     ResultsFile,
     check_not_input,
     done_keys,
     id_key,
+    read_id_table,
     read_results,
+)
+from longquest.launch.stream import (
+    BatchItem,
+    Feeder,
+    Generate,
+    Step,
+    name_request,
+    steps_from_generate,
 )
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-
-Generate = Callable[[list[list[int]], list[SamplingParams]], list[RequestOutput]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchItem:
-    id: object  # the id's JSON value, written back unchanged
-    line: int
-    token_ids: list[int]
-    params: SamplingParams
+# Prompt tokens the look-ahead window may hold (4 bytes each): bounds its memory when
+# lines are long documents.
+LOOKAHEAD_TOKENS = 1 << 24
 
 
 def read_done_ids(output_path: str | Path, *, retry_errors: bool = False) -> set[str]:
     """Keys (:func:`id_key`) of the ids not to serve again, read without changing the
-    file (a torn last line is ignored); empty when there is no file."""
+    file (a torn last line is ignored); empty when there is no file. For small files:
+    a job keeps them in an :class:`IdTable` (:func:`read_id_table`)."""
     return done_keys(read_results(output_path), retry_errors=retry_errors)
-
-
-def _name_request(message: str, *, request_id: object, line: int) -> str:
-    """Engine and tokenizer messages say ``prompt N`` (a position); say which line."""
-    name = f"request id={json.dumps(request_id, ensure_ascii=False)} (input line {line})"
-    return re.sub(r"\bprompt \d+\b", name, message, count=1)
 
 
 def parse_line(raw: bytes, number: int, tokenizer) -> tuple[object, BatchItem | None, str | None]:
@@ -110,8 +117,8 @@ def parse_line(raw: bytes, number: int, tokenizer) -> tuple[object, BatchItem | 
             raise ValueError("'messages' must be a non-empty list of {role, content} objects")
         token_ids = tokenizer.encode(prompt, index=number)
     except (TypeError, ValueError) as error:
-        return request_id, None, _name_request(str(error), request_id=request_id, line=number)
-    item = BatchItem(id=request_id, line=number, token_ids=token_ids, params=params)
+        return request_id, None, name_request(str(error), request_id=request_id, line=number)
+    item = BatchItem(id=request_id, line=number, token_ids=array("i", token_ids), params=params)
     return request_id, item, None
 
 
@@ -138,61 +145,76 @@ def check_group_size(group_size: object) -> None:
         )
 
 
-def read_requests(
-    input_path: Path, tokenizer, done: set[str]
-) -> tuple[list[BatchItem], list[dict], int]:
-    """``(items to serve, error rows for bad lines, lines skipped as done)``."""
-    todo: list[BatchItem] = []
-    error_rows: list[dict] = []
-    skipped = 0
-    first_line: dict[str, int] = {}
+def check_lookahead(lookahead: object) -> None:
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(
+            f"--lookahead (lookahead) must be a whole number >= 1 (lines parsed ahead to "
+            f"group shared prefixes; 256 by default), got {lookahead!r}"
+        )
+
+
+def read_items(
+    input_path: Path,
+    tokenizer,
+    *,
+    ids: IdTable,
+    retry_errors: bool,
+    write: Callable[[dict], None],
+    summary: dict,
+) -> Iterator[BatchItem]:
+    """The lines to serve, parsed one at a time as they are asked for. Bad lines go to
+    ``write`` as error rows, lines already done are counted in ``summary["skipped"]``;
+    ``ids`` records each id's first line (a later line with the same id is an error)."""
     with open(input_path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             request_id, item, error = parse_line(raw, number, tokenizer)
             key = id_key(request_id)
-            if key in first_line:
+            first = ids.first_seen(key, line=number)
+            if first != number:
                 shown = json.dumps(request_id, ensure_ascii=False)
                 item = None
                 error = (
-                    f"duplicate id {shown} (first on line {first_line[key]}); ids must be "
+                    f"duplicate id {shown} (first on line {first}); ids must be "
                     "unique, so this line is not served: give it a new id"
                 )
                 request_id = f"{request_id if isinstance(request_id, str) else key}#line-{number}"
                 key = id_key(request_id)
-            first_line.setdefault(key, number)
-            if key in done:
-                skipped += 1
+                ids.first_seen(key, line=number)
+            if ids.is_done(key, retry_errors=retry_errors):
+                summary["skipped"] += 1
             elif error is not None:
-                error_rows.append({"id": request_id, "line": number, "error": error})
+                write({"id": request_id, "line": number, "error": error})
             else:
-                todo.append(item)
-    return todo, error_rows, skipped
+                yield item
 
 
 def check_batch_files(
-    *, input_path: str | Path, output_path: str | Path, group_size: int = 8
+    *, input_path: str | Path, output_path: str | Path, group_size: int = 8, lookahead: int = 256
 ) -> None:
     """The checks run_batch makes before serving, touching no file, so a launcher can
     fail before it loads the model. Raises ValueError as run_batch does (the lock is
     taken, and checked, by run_batch)."""
     check_group_size(group_size)
+    check_lookahead(lookahead)
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise ValueError(f"input file {input_path} does not exist")
     check_not_input(output_path=output_path, input_path=input_path)
-    read_results(output_path)
+    read_id_table(output_path)
 
 
 def run_batch(
     *,
     input_path: str | Path,
     output_path: str | Path,
-    generate: Generate,
     tokenizer,
+    generate: Generate | None = None,
+    step: Step | None = None,
     group_size: int = 8,
-    done_ids: set[str] | None = None,
+    lookahead: int = 256,
+    done_ids: IdTable | None = None,
     write: bool = True,
     progress: bool = True,
     retry_errors: bool = False,
@@ -201,106 +223,82 @@ def run_batch(
     (result rows written), ``errors`` (error rows written), ``skipped`` (lines already
     done), ``tokens`` (completion tokens).
 
-    generate: serves token-id prompts (the local engine, a Ray cluster, or one
-        rank of a torchrun group -- there only rank 0 passes ``write=True``).
-    group_size: requests handed to ``generate`` at once (they decode as a batch).
-    done_ids: keys (:func:`read_done_ids`) of ids already served, when the caller read
-        them (torchrun ranks); otherwise they are read from ``output_path``.
+    step: advances the engine by one step with new requests (a local
+        :class:`~longquest.engine.scheduler.Scheduler`'s ``step``, ``LLM.step``, or one
+        rank's scheduler under torchrun -- there only rank 0 passes ``write=True``).
+    generate: instead of ``step``, a blocking ``generate(prompts, params)``; each
+        group of up to ``group_size`` requests is then served to the end together.
+    group_size: requests in the engine at once (they decode as a batch); a finished
+        one's slot is refilled in the next step.
+    lookahead: lines parsed ahead of the engine, among which lines sharing a prompt
+        prefix with the last one issued go first (at most ``LOOKAHEAD_TOKENS`` prompt
+        tokens, and at least one line).
+    done_ids: the ids already served (:func:`read_id_table` of the output), when the
+        caller read them (torchrun ranks); otherwise they are read from ``output_path``.
     retry_errors: serve again the ids whose last row is an error.
 
-    Raises ValueError for a bad group_size, a missing input, or an output file that
-    is the input, not a results file, or locked by another job (nothing is changed);
-    RuntimeError when ``done_ids`` disagrees with the file once it is locked.
+    Raises ValueError for a bad group_size or lookahead, a missing input, or an output
+    file that is the input, not a results file, or locked by another job (nothing is
+    changed); RuntimeError when ``done_ids`` disagrees with the file once it is locked.
     """
+    if (generate is None) == (step is None):
+        raise ValueError("give run_batch one of step= or generate=")
     check_group_size(group_size)
+    check_lookahead(lookahead)
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise ValueError(f"input file {input_path} does not exist")
     results = ResultsFile(output_path, input_path=input_path) if write else None
+    rows = _Rows(results, progress=progress)
     try:
         if results is not None:
-            done = done_keys(results.last, retry_errors=retry_errors)
-            if done_ids is not None and done != done_ids:
+            ids = results.ids
+            if done_ids is not None and done_ids != ids:
                 raise RuntimeError(
                     f"{output_path} changed between reading it and locking it; rerun the job"
                 )
-        elif done_ids is not None:
-            done = done_ids
         else:
-            done = read_done_ids(output_path, retry_errors=retry_errors)
-        todo, error_rows, skipped = read_requests(input_path, tokenizer, done)
-        summary = {"served": 0, "errors": len(error_rows), "skipped": skipped, "tokens": 0}
-        for row in error_rows:
-            if results is not None:
-                results.append(row)
-        _serve_all(todo, generate, results, group_size, summary, progress)
-    finally:
-        if results is not None:
-            results.close()
-    return summary
-
-
-def _serve_all(todo, generate, results, group_size, summary, progress) -> None:
-    bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress)
-    start = time.perf_counter()
-    try:
-        for first in range(0, len(todo), group_size):
-            for row in _serve(todo[first : first + group_size], generate):
-                if results is not None:
-                    results.append(row)
-                if "error" in row:
-                    summary["errors"] += 1
-                else:
-                    summary["served"] += 1
-                    summary["tokens"] += row["completion_tokens"]
-                bar.update(1)
-                rate = summary["tokens"] / (time.perf_counter() - start)
-                bar.set_postfix(tok_s=f"{rate:.1f}")
-    finally:
-        bar.close()
-
-
-def _serve(group: list[BatchItem], generate: Generate) -> Iterator[dict]:
-    """Rows for a group, in order. If the group fails as a whole, its members are
-    served one at a time, so only the requests at fault get error rows."""
-    if len(group) > 1:
-        try:
-            outputs = generate([i.token_ids for i in group], [i.params for i in group])
-        except ValueError:
-            pass
-        except Exception:
-            if not _engine_serves(generate, group[0]):
-                raise
-        else:
-            yield from (result_row(i, o) for i, o in zip(group, outputs, strict=True))
-            return
-    for item in group:
-        yield _serve_one(item, generate)
-
-
-def _serve_one(item: BatchItem, generate: Generate) -> dict:
-    try:
-        (output,) = generate([item.token_ids], [item.params])
-    except ValueError as error:  # the request's own fault, refused before any work
-        message = _name_request(str(error), request_id=item.id, line=item.line)
-        return {"id": item.id, "error": message}
-    except Exception as error:
-        if not _engine_serves(generate, item):
-            raise  # not this request's fault: no row, a rerun serves it
-        message = (
-            f"internal error while serving this request ({type(error).__name__}: {error}); "
-            "the engine served other work right after it, so it is this request's. Rerun "
-            "with --retry-errors to try it again"
+            ids = done_ids if done_ids is not None else read_id_table(output_path)
+        items = read_items(
+            input_path, tokenizer, ids=ids, retry_errors=retry_errors, write=rows.write,
+            summary=rows.summary,
+        )  # fmt: skip
+        window = Lookahead(
+            items, tokens_of=lambda item: item.token_ids, size=lookahead,
+            max_tokens=LOOKAHEAD_TOKENS,
+        )  # fmt: skip
+        step = step if step is not None else steps_from_generate(generate)
+        feeder = Feeder(
+            step=step, pick=window.pick, row_of=result_row, write=rows.write, limit=group_size
         )
-        print(f"[longquest] request id={item.id!r}: {message}", file=sys.stderr)
-        return {"id": item.id, "error": message}
-    return result_row(item, output)
+        feeder.run()
+    finally:
+        rows.close()
+    return rows.summary
 
 
-def _engine_serves(generate: Generate, item: BatchItem) -> bool:
-    """Whether the engine still serves a one-token request (the item's first token)."""
-    try:
-        generate([item.token_ids[:1]], [SamplingParams(max_tokens=1)])
-    except Exception:  # noqa: BLE001 - any failure means the engine is unusable
-        return False
-    return True
+class _Rows:
+    """Writes each row (forced to disk), counts it in the summary, shows progress."""
+
+    def __init__(self, results: ResultsFile | None, *, progress: bool) -> None:
+        self.results = results
+        self.summary = {"served": 0, "errors": 0, "skipped": 0, "tokens": 0}
+        self.bar = tqdm(desc="batch", unit="line", disable=not progress)
+        self.start = time.perf_counter()
+
+    def write(self, row: dict) -> None:
+        if self.results is not None:
+            self.results.append(row)
+        if "error" in row:
+            self.summary["errors"] += 1
+        else:
+            self.summary["served"] += 1
+            self.summary["tokens"] += row["completion_tokens"]
+        self.bar.update(1)
+        rate = self.summary["tokens"] / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tok_s=f"{rate:.1f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.results is not None:
+            self.results.close()

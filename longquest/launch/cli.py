@@ -211,7 +211,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(
             input_path=args.input,
             output_path=args.output,
-            generate=lambda ids, params: llm.generate(ids, params, use_tqdm=False),
+            step=llm.step,
             tokenizer=llm.tokenizer,
             group_size=args.group_size,
             retry_errors=args.retry_errors,
@@ -304,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
     batch.add_argument("--world-size", type=int, default=1)
     batch.add_argument("--launcher", default="local", choices=["local", "ray", "torchrun"])
-    batch.add_argument("--group-size", type=int, default=8, help="requests decoded together")
+    batch.add_argument("--group-size", type=int, default=8,
+                       help="requests in the engine at once (a finished one's place is "
+                       "refilled at once)")  # fmt: skip
     batch.add_argument("--retry-errors", action="store_true",
                        help="serve again the ids whose last row is an error")  # fmt: skip
     batch.set_defaults(func=cmd_batch)

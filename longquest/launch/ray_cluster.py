@@ -26,6 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from longquest.engine.config import EngineConfig, SamplingParams
+from longquest.engine.scheduler import NewRequest, Scheduler, StepResult
 from longquest.engine.sequence import RequestOutput
 
 # Ray's own start-up on a busy 2-core machine can take a while; forming the group is quick.
@@ -74,6 +75,7 @@ class RankWorker:
 
     def __init__(self) -> None:
         self.engine = None
+        self.scheduler = None
 
     def address(self) -> tuple[str, int]:
         """A reachable address of this node and a free port for the group's store."""
@@ -111,6 +113,7 @@ class RankWorker:
             rank=setup.rank,
             device="cuda:0" if setup.use_gpu else "cpu",
         )
+        self.scheduler = Scheduler(self.engine)
         return os.getpid()
 
     def generate(self, request: GenerateRequest) -> list[RequestOutput] | ValueError:
@@ -120,6 +123,11 @@ class RankWorker:
             return self.engine.generate(request.prompts, request.params)
         except ValueError as error:
             return error
+
+    def step(self, new: list[NewRequest]) -> StepResult:
+        """One step of this rank's scheduler with ``new`` added (refused ones come back
+        in ``refused``). Every actor of the group gets the same ``new`` in the same step."""
+        return self.scheduler.step(new)
 
     def pid(self) -> int:
         return os.getpid()
@@ -198,6 +206,11 @@ class RayCluster:
         if isinstance(results[0], ValueError):
             raise results[0]
         return results[0]
+
+    def step(self, new: list[NewRequest]) -> StepResult:
+        """One engine step on every rank with ``new`` added; rank 0's result. A failure
+        tears the workers down (see ``_call``)."""
+        return self._call([a.step.remote(new) for a in self.actors], "step")[0]
 
     def worker_pids(self) -> list[int]:
         return self._call([a.pid.remote() for a in self.actors], "pid")

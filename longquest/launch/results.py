@@ -10,9 +10,15 @@ value, so ``7``, ``"7"`` and ``true`` are three different ids.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
+
+from longquest.launch.idtable import IdTable
 
 # Every row this module writes starts with these bytes (``id`` is always the first key),
 # so a torn last line of ours is a prefix of a line that starts with them.
@@ -28,30 +34,47 @@ class ResultsFileError(ValueError):
     """The output file is not a results file this module can safely append to."""
 
 
-def parse_results(data: bytes, *, path: Path) -> tuple[dict[str, dict], int, bool]:
-    """Check every line of a results file's bytes; change nothing.
+def scan_results(
+    handle: BinaryIO, *, path: Path, on_row: Callable[[dict], None]
+) -> tuple[int, bool]:
+    """Check every line of a results file read from ``handle`` (binary, at its start),
+    one line at a time; change nothing. ``on_row`` gets each row in file order.
 
-    Returns ``(last row per id key, bytes to keep, needs_newline)``: the bytes past
-    ``keep`` are a torn last line (no final newline, not a whole row, starting like
-    one of our rows), the only thing a caller may cut. ``needs_newline`` is True when
-    the last line is whole but lacks its newline.
+    Returns ``(bytes to keep, needs_newline)``: the bytes past ``keep`` are a torn last
+    line (no final newline, not a whole row, starting like one of our rows), the only
+    thing a caller may cut. ``needs_newline`` is True when the last line is whole but
+    lacks its newline.
 
     Raises ResultsFileError naming the file and line when any other line is not a row.
     """
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
+    size = 0
+    for number, raw in enumerate(handle, start=1):
+        if raw.endswith(b"\n"):
+            size += len(raw)
+            if raw.strip():
+                on_row(_parse_row(raw[:-1], number=number, path=path, torn_ok=False))
+            continue
+        # The last line, without its newline.
+        if not raw.strip():
+            return size + len(raw), bool(raw)
+        row = _parse_row(raw, number=number, path=path, torn_ok=True)
+        if row is None:
+            return size, False
+        on_row(row)
+        return size + len(raw), True
+    return size, False
+
+
+def parse_results(data: bytes, *, path: Path) -> tuple[dict[str, dict], int, bool]:
+    """:func:`scan_results` of a file's bytes: ``(last row per id key, bytes to keep,
+    needs_newline)``."""
     last: dict[str, dict] = {}
-    for number, raw in enumerate(lines, start=1):
-        if raw.strip():
-            row = _parse_row(raw, number=number, path=path, torn_ok=False)
-            last[id_key(row["id"])] = row
-    if not tail.strip():
-        return last, len(data), bool(tail)
-    row = _parse_row(tail, number=len(lines) + 1, path=path, torn_ok=True)
-    if row is None:
-        return last, len(data) - len(tail), False
-    last[id_key(row["id"])] = row
-    return last, len(data), True
+
+    def keep_last(row: dict) -> None:
+        last[id_key(row["id"])] = row
+
+    keep, needs_newline = scan_results(io.BytesIO(data), path=path, on_row=keep_last)
+    return last, keep, needs_newline
 
 
 def _parse_row(raw: bytes, *, number: int, path: Path, torn_ok: bool) -> dict | None:
@@ -89,14 +112,40 @@ def _parse_row(raw: bytes, *, number: int, path: Path, torn_ok: bool) -> dict | 
 
 def read_results(path: str | Path) -> dict[str, dict]:
     """The last row per id key of a results file (empty if there is none), read only:
-    a torn last line is ignored, not cut. Raises ResultsFileError as parse_results."""
+    a torn last line is ignored, not cut. Raises ResultsFileError as scan_results."""
     path = Path(path)
     if not path.exists():
         return {}
+    _check_file(path)
+    last: dict[str, dict] = {}
+
+    def keep_last(row: dict) -> None:
+        last[id_key(row["id"])] = row
+
+    with open(path, "rb") as handle:
+        scan_results(handle, path=path, on_row=keep_last)
+    return last
+
+
+def read_id_table(path: str | Path) -> IdTable:
+    """The state of every id in a results file (:class:`IdTable`), read one line at a
+    time without changing the file (a torn last line is ignored); empty when there is
+    no file. Raises ResultsFileError as scan_results."""
+    path, table = Path(path), IdTable()
+    if path.exists():
+        _check_file(path)
+        with open(path, "rb") as handle:
+            scan_results(handle, path=path, on_row=partial(_record, table))
+    return table
+
+
+def _record(table: IdTable, row: dict) -> None:
+    table.record_row(id_key(row["id"]), error="error" in row)
+
+
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise ResultsFileError(f"output {path} is not a file (a directory?); give a file name")
-    last, _, _ = parse_results(path.read_bytes(), path=path)
-    return last
 
 
 def done_keys(last: dict[str, dict], *, retry_errors: bool) -> set[str]:
@@ -121,6 +170,7 @@ def check_not_input(*, output_path: Path, input_path: Path) -> None:
 class ResultsFile:
     """An exclusively locked results file: verified and repaired on open (a torn last
     line is cut, nothing else), then appended row by row, each forced to disk.
+    ``ids`` holds the state of every id in the file as it was opened.
 
     The lock (``flock`` on the file itself) is held until ``close``; a second job on
     the same file fails at once. Raises ResultsFileError (a ValueError) for a file that
@@ -137,9 +187,10 @@ class ResultsFile:
         try:
             self._lock()
             self._handle.seek(0)
-            data = self._handle.read()
-            self.last, keep, needs_newline = parse_results(data, path=self.path)
-            if keep < len(data):
+            self.ids = IdTable()
+            on_row = partial(_record, self.ids)
+            keep, needs_newline = scan_results(self._handle, path=self.path, on_row=on_row)
+            if keep < self._handle.seek(0, os.SEEK_END):
                 self._handle.truncate(keep)
             if needs_newline:
                 self._handle.write(b"\n")

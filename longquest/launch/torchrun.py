@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true")
     add_sampling_arguments(parser)
     parser.add_argument(
-        "--group-size", type=int, default=8, help="batch mode: requests decoded together"
+        "--group-size", type=int, default=8, help="batch mode: requests in the engine at once"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to form the group")
     return parser
@@ -146,17 +146,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_batch(args: argparse.Namespace, *, engine, tokenizer, rank: int) -> None:
-    from longquest.launch.batch import read_done_ids, run_batch
+    from longquest.engine.scheduler import Scheduler
+    from longquest.launch.batch import run_batch
+    from longquest.launch.results import read_id_table
 
-    # Every rank serves the same requests and rank 0 alone writes; rank 0 reads what is
-    # already done and tells the others, so nobody reads while it appends.
-    retry = args.retry_errors
-    done = [read_done_ids(Path(args.output), retry_errors=retry) if rank == 0 else None]
+    # Every rank runs the same runner over the same file and rank 0 alone writes; rank 0
+    # reads what is already done and tells the others, so nobody reads while it appends.
+    # The runner's picks depend only on the file and the order requests finish in, the
+    # same on every rank (rank 0's tokens are everyone's), so every rank's scheduler gets
+    # the same requests in the same steps.
+    done = [read_id_table(Path(args.output)) if rank == 0 else None]
     dist.broadcast_object_list(done, src=0)
     summary = run_batch(
         input_path=args.input,
         output_path=args.output,
-        generate=engine.generate,
+        step=Scheduler(engine).step,
         tokenizer=tokenizer,
         group_size=args.group_size,
         done_ids=done[0],

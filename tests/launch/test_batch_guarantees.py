@@ -25,10 +25,11 @@ GOOD = [
 
 def batch(src, dst, generate=None, **options):
     options.setdefault("progress", False)
+    if "step" not in options:
+        options["generate"] = generate or FakeEngine()
     return run_batch(
         input_path=src,
         output_path=dst,
-        generate=generate or FakeEngine(),
         tokenizer=options.pop("tokenizer", FakeTokenizer()),
         **options,
     )
@@ -142,7 +143,9 @@ def tiny_llm(tmp_path_factory):
     )  # fmt: skip
 
 
-def llm_batch(llm, src, dst, **options):
+def llm_batch(llm, src, dst, *, seam="generate", **options):
+    if seam == "step":
+        return batch(src, dst, step=llm.step, tokenizer=llm.tokenizer, **options)
     return batch(
         src,
         dst,
@@ -152,7 +155,8 @@ def llm_batch(llm, src, dst, **options):
     )
 
 
-def test_local_engine_logprobs_beyond_the_vocabulary_is_an_error_row(tiny_llm, tmp_path):
+@pytest.mark.parametrize("seam", ["step", "generate"])
+def test_local_engine_logprobs_beyond_the_vocabulary_is_an_error_row(tiny_llm, tmp_path, seam):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [
         {"id": "a", "prompt": "one", "max_tokens": 2},
@@ -161,7 +165,7 @@ def test_local_engine_logprobs_beyond_the_vocabulary_is_an_error_row(tiny_llm, t
         {"id": "b", "prompt": "two", "max_tokens": 2, "logprobs": 3},
     ]
     write_input(src, [json.dumps(line) for line in lines])
-    summary = llm_batch(tiny_llm, src, dst, group_size=4)
+    summary = llm_batch(tiny_llm, src, dst, seam=seam, group_size=4)
     by_id = {r["id"]: r for r in rows(dst)}
     assert "logprobs=100000" in by_id["lp"]["error"] and "vocabulary" in by_id["lp"]["error"]
     # 14: a capacity error names the request by its id and line, not "prompt 0".
@@ -287,6 +291,7 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     import longquest.launch.api as api
     from longquest.launch import cli
     from longquest.launch.cli import main
+    from longquest.launch.stream import steps_from_generate
 
     class FakeLLM:
         def __init__(self, model=None, **options):
@@ -294,6 +299,9 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
 
         def generate(self, ids, params, use_tqdm=True):
             return FakeEngine()([p[:5] for p in ids], params)
+
+        def step(self, new):
+            return steps_from_generate(self.generate)(new)
 
         def shutdown(self):
             pass

@@ -42,7 +42,8 @@ def ray_runtime():
     ray.shutdown()
 
 
-def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_path):
+@pytest.mark.parametrize("seam", ["step", "generate"])
+def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_path, seam):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [
         {"id": "a", "prompt": "one", "max_tokens": 2},
@@ -58,10 +59,15 @@ def test_one_bad_request_is_one_error_row_on_ray(ray_runtime, model_dir, tmp_pat
         cache=CacheConfig(max_tokens=256), prefill_chunk_tokens=64,
     )  # fmt: skip
     try:
+        serve = (
+            {"step": llm.step}
+            if seam == "step"
+            else {"generate": lambda ids, params: llm.generate(ids, params, use_tqdm=False)}
+        )
         summary = run_batch(
             input_path=src,
             output_path=dst,
-            generate=lambda ids, params: llm.generate(ids, params, use_tqdm=False),
+            **serve,
             tokenizer=llm.tokenizer,
             group_size=4,
             progress=False,

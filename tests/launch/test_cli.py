@@ -236,7 +236,8 @@ def test_llm_takes_allow_long_context():
     from longquest.launch.api import engine_config
 
     settings = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
-                    launcher="local", prefill_chunk_tokens=64, impl=None)  # fmt: skip
+                    launcher="local", prefill_chunk_tokens=64, impl=None,
+                    prefix_caching=True)  # fmt: skip
     assert engine_config("m", **settings, allow_long_context=True).allow_long_context
     assert not engine_config("m", **settings, allow_long_context=False).allow_long_context
 
