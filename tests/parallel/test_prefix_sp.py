@@ -58,11 +58,13 @@ def prompts(vocab: int) -> dict[str, list[list[int]]]:
     doc = random_prompt(DOC, vocab, 1)
     a, b = random_prompt(40, vocab, 3), random_prompt(40, vocab, 4)
     first = [doc + random_prompt(n, vocab, 10 + n) for n in QUESTIONS]
+    new = doc + random_prompt(5, vocab, 99)
     return {
         # A document ending mid-page and questions of different lengths in one call.
         "first": first,
-        # A new question; a prompt shorter than the cached prefix; an identical prompt.
-        "second": [doc + random_prompt(5, vocab, 99), doc[:10], first[2]],
+        # A new question; a prompt shorter than the cached prefix; a prompt of the first
+        # call again; the new question again (its first copy's pages cached in this call).
+        "second": [new, doc[:10], first[2], new],
         "diverge": [doc + random_prompt(7, vocab, 77)],
         # A, B, A, one call each, in a pool just over one request.
         "evict": [a, b, a],
@@ -121,6 +123,9 @@ def _stats(engine: LLMEngine) -> tuple[int, int]:
 
 def _rank(model_dir, *, rank, world_size, group) -> dict:
     """Every config's stages on this rank: ``{(mode, chunk): {stage: (cached, plain)}}``."""
+    # One thread per rank: ranks that each take every core spin against each other in
+    # gloo's collectives (over ten times slower on two cores).
+    torch.set_num_threads(1)
     results = {}
     for mode, chunk in CONFIGS[world_size]:
         setup = dict(rank=rank, world_size=world_size, group=group)
@@ -174,10 +179,26 @@ def _expected_hits(world_size: int, chunk: int) -> dict[str, list[int]]:
     full = DOC // PAGE * PAGE
     return {
         "first": [0] + [full] * (len(QUESTIONS) - 1),
-        "second": [full, 8, full + PAGE],
+        "second": [full, 8, full + PAGE, full + PAGE],
         "diverge": [divergent_page(ownership) * PAGE],
         "evict": [0, 0, EVICT_HIT_PAGES[world_size] * PAGE],
     }
+
+
+def _single_device(model_dir, mode: str) -> tuple[dict, dict]:
+    """Every stage's prompts and the caching-off single-device engine's outputs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend for the cores
+    try:
+        single = make_engine(model_dir, quest=QUESTS[mode], chunk=8, impl="torch",
+                             prefix_caching=False)  # fmt: skip
+        stages = prompts(single.config.vocab_size)
+        want = {s: single.generate(stages[s], [GREEDY] * len(stages[s]))
+                for s in ("first", "second", "diverge")}  # fmt: skip
+        want["evict"] = [single.generate([p], [EVICT])[0] for p in stages["evict"]]
+    finally:
+        torch.set_num_threads(threads)
+    return stages, want
 
 
 @pytest.fixture(scope="module")
@@ -185,19 +206,15 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("prefix_sp"), architecture="llama3.1")
 
 
+@pytest.fixture(scope="module")
+def references(model_dir):
+    return {mode: _single_device(model_dir, mode) for mode in QUESTS}
+
+
 @pytest.mark.parametrize("world_size", list(CONFIGS))
-def test_prefix_caching_under_sequence_parallelism(model_dir, world_size):
+def test_prefix_caching_under_sequence_parallelism(model_dir, references, world_size):
     results = run_distributed(_rank, world_size=world_size, args=(model_dir,), timeout_s=300)
-    references = {}
     for mode, chunk in CONFIGS[world_size]:
-        if mode not in references:  # the caching-off single-device engine
-            single = make_engine(model_dir, quest=QUESTS[mode], chunk=8, impl="torch",
-                                 prefix_caching=False)  # fmt: skip
-            stages = prompts(single.config.vocab_size)
-            want = {s: single.generate(stages[s], [GREEDY] * len(stages[s]))
-                    for s in ("first", "second", "diverge")}  # fmt: skip
-            want["evict"] = [single.generate([p], [EVICT])[0] for p in stages["evict"]]
-            references[mode] = stages, want
         stages, want = references[mode]
         hits = _expected_hits(world_size, chunk)
         ownership = PageOwnership(world_size=world_size, page_size=PAGE, prefill_chunk_tokens=chunk)
