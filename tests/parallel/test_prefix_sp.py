@@ -62,9 +62,10 @@ def prompts(vocab: int) -> dict[str, list[list[int]]]:
     return {
         # A document ending mid-page and questions of different lengths in one call.
         "first": first,
-        # A new question; a prompt shorter than the cached prefix; a prompt of the first
-        # call again; the new question again (its first copy's pages cached in this call).
-        "second": [new, doc[:10], first[2], new],
+        # A new question; a prompt shorter than the cached prefix; prompts of the first
+        # call again (the 40-token one ends on a page: its last page is computed); the
+        # new question again (its first copy's pages cached in this call).
+        "second": [new, doc[:10], first[2], first[1], new],
         "diverge": [doc + random_prompt(7, vocab, 77)],
         # A, B, A, one call each, in a pool just over one request.
         "evict": [a, b, a],
@@ -176,7 +177,7 @@ def _expected_hits(world_size: int, chunk: int) -> dict[str, list[int]]:
     full = DOC // PAGE * PAGE
     return {
         "first": [0] + [full] * (len(QUESTIONS) - 1),
-        "second": [full, 8, full + PAGE, full + PAGE],
+        "second": [full, 8, full + PAGE, full, full + PAGE],
         "diverge": [divergent_page(ownership) * PAGE],
         "evict": [0, 0, EVICT_HIT_PAGES[world_size] * PAGE],
     }
