@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -113,9 +114,10 @@ def _child(
     backend: str,
 ) -> None:
     try:
+        # One CPU thread per rank: ranks that each take every core contend with one
+        # another (and with gloo's polling) and run tiny models over ten times slower.
+        torch.set_num_threads(1)
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(rank)
         store = dist.TCPStore(_HOST, port, is_master=False)
         dist.init_process_group(
