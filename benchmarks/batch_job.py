@@ -144,7 +144,7 @@ def job_case(setup: Setup, args: argparse.Namespace) -> dict:
         if twin is not None and check is None:
             check = model_check(engine, twin, setup, tokens=min(args.context, 1024))
         seconds, outputs, peak = timed_generate(engine, setup, prompts, params)
-        modes[name] = engine_summary(seconds, outputs, jobs=len(prompts), peak_gib=peak)
+        modes[name] = engine_summary(engine, seconds, outputs, jobs=len(prompts), peak_gib=peak)
         answers[name] = [o.token_ids for o in outputs]
         print(f"{name}: {seconds:.2f} s", flush=True)
         del engine, outputs
@@ -183,7 +183,7 @@ def distinct_case(setup: Setup, args: argparse.Namespace) -> dict:
             engine = make_engine(setup, pages=pages, chunk=args.chunk, prefix_caching=caching)
             warm_up(engine, setup, tokens=warm_tokens(args))
             seconds, outputs, peak = timed_generate(engine, setup, prompts, params)
-            summary = engine_summary(seconds, outputs, jobs=len(prompts), peak_gib=peak)
+            summary = engine_summary(engine, seconds, outputs, jobs=len(prompts), peak_gib=peak)
             runs.append({"mode": name, "repeat": repeat, **summary})
             print(f"{name} (run {repeat}): {seconds:.2f} s", flush=True)
             del engine, outputs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -159,9 +159,11 @@ def timed_generate(
 
 
 def engine_summary(
-    seconds: float, outputs: list[RequestOutput], *, jobs: int, peak_gib: float | None
-) -> dict:
-    """One engine mode's numbers: time, throughput, prompt tokens computed and reused."""
+    engine: LLMEngine, seconds: float, outputs: list[RequestOutput], *, jobs: int,
+    peak_gib: float | None,
+) -> dict:  # fmt: skip
+    """One engine mode's numbers: time, throughput, prompt tokens computed and reused, and
+    the engine's own prefix-cache counts where it keeps them."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     cached = sum(getattr(o, "cached_prompt_tokens", 0) for o in outputs)
     return {
@@ -173,4 +175,10 @@ def engine_summary(
         "prefill_seconds_sum": round(sum(o.prefill_seconds for o in outputs), 3),
         "output_tokens": sum(len(o.token_ids) for o in outputs),
         "peak_memory_gib": None if peak_gib is None else round(peak_gib, 2),
+        "prefix_stats": plain(engine.prefix_stats()) if hasattr(engine, "prefix_stats") else None,
     }
+
+
+def plain(value: object) -> object:
+    """A dataclass as a dict (JSON-ready); anything else unchanged."""
+    return asdict(value) if is_dataclass(value) else value
