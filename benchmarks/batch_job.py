@@ -143,11 +143,11 @@ def job_case(setup: Setup, args: argparse.Namespace) -> dict:
         warm_up(engine, setup, tokens=warm_tokens(args))
         if twin is not None and check is None:
             check = model_check(engine, twin, setup, tokens=min(args.context, 1024))
-        seconds, outputs, peak = timed_generate(engine, setup, prompts, params)
-        modes[name] = engine_summary(engine, seconds, outputs, jobs=len(prompts), peak_gib=peak)
-        answers[name] = [o.token_ids for o in outputs]
-        print(f"{name}: {seconds:.2f} s", flush=True)
-        del engine, outputs
+        call = timed_generate(engine, setup, prompts, params)
+        modes[name] = engine_summary(call, jobs=len(prompts))
+        answers[name] = [o.token_ids for o in call.outputs]
+        print(f"{name}: {call.seconds:.2f} s", flush=True)
+        del engine, call
         release(setup)
     reference = answers.get(OFF)
     for name, mode in modes.items():
@@ -182,11 +182,10 @@ def distinct_case(setup: Setup, args: argparse.Namespace) -> dict:
         for name, caching in modes if repeat % 2 == 0 else modes[::-1]:
             engine = make_engine(setup, pages=pages, chunk=args.chunk, prefix_caching=caching)
             warm_up(engine, setup, tokens=warm_tokens(args))
-            seconds, outputs, peak = timed_generate(engine, setup, prompts, params)
-            summary = engine_summary(engine, seconds, outputs, jobs=len(prompts), peak_gib=peak)
-            runs.append({"mode": name, "repeat": repeat, **summary})
-            print(f"{name} (run {repeat}): {seconds:.2f} s", flush=True)
-            del engine, outputs
+            call = timed_generate(engine, setup, prompts, params)
+            runs.append({"mode": name, "repeat": repeat, **engine_summary(call, jobs=len(prompts))})
+            print(f"{name} (run {repeat}): {call.seconds:.2f} s", flush=True)
+            del engine, call
             release(setup)
     mean = {name: statistics.mean(r["wall_seconds"] for r in runs if r["mode"] == name)
             for name, _ in modes}  # fmt: skip
@@ -237,12 +236,12 @@ def prefill_case(setup: Setup, args: argparse.Namespace) -> dict:
             if setup.cuda:  # compile the kernels for this chunk size
                 warm = random_tokens(min(tokens, chunk), vocab=setup.config.vocab_size, seed=7)
                 engine.generate([warm], [one])
-            seconds, (out,), peak = timed_generate(engine, setup, [prompt], one)
-            rows.append(prefill_row(runner="engine", chunk=chunk, seconds=seconds,
-                                    peak_gib=peak, **row))  # fmt: skip
-            rows[-1]["engine_prefill_seconds"] = round(out.prefill_seconds, 3)
-            print(f"engine {tokens} chunk {chunk}: {seconds:.2f} s", flush=True)
-            del engine, out
+            call = timed_generate(engine, setup, [prompt], one)
+            rows.append(prefill_row(runner="engine", chunk=chunk, seconds=call.seconds,
+                                    peak_gib=call.peak_gib, **row))  # fmt: skip
+            rows[-1]["engine_prefill_seconds"] = round(call.outputs[0].prefill_seconds, 3)
+            print(f"engine {tokens} chunk {chunk}: {call.seconds:.2f} s", flush=True)
+            del engine, call
             release(setup)
         if twin is not None:
             rows.append(hf_prefill_row(twin, setup, prompt, **row))
@@ -255,6 +254,7 @@ def prefill_case(setup: Setup, args: argparse.Namespace) -> dict:
     longest = max(args.contexts)
     return {
         "contexts": args.contexts, "chunks": chunks, "peak_tflops": round(peak_tflops, 1),
+        "engine_prefix_caching": "the engine's default",
         "model_flops": MODEL_FLOPS, "hf_call": "model(input_ids, use_cache=True, logits_to_keep=1)",
         "rows": rows,
         "targets": {

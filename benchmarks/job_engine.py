@@ -142,10 +142,32 @@ def warm_up(engine: LLMEngine, setup: Setup, *, tokens: int) -> None:
         engine.generate([prompt], [SamplingParams(max_tokens=16, ignore_eos=True)])
 
 
+@dataclass(frozen=True, kw_only=True)
+class TimedCall:
+    """One timed ``generate``.
+
+    peak_gib: the most memory allocated during the call (CUDA; None on the CPU).
+    prefix_stats: the engine's prefix-cache counts during the call (its ``prefix_stats()``
+        after less before; ``cached_pages`` is the change in pages the cache holds), None
+        for an engine without them.
+    """
+
+    seconds: float
+    outputs: list[RequestOutput]
+    peak_gib: float | None
+    prefix_stats: dict | None
+
+
+def _prefix_counts(engine: LLMEngine) -> dict | None:
+    stats = engine.prefix_stats() if hasattr(engine, "prefix_stats") else None
+    return asdict(stats) if is_dataclass(stats) else None
+
+
 def timed_generate(
     engine: LLMEngine, setup: Setup, prompts: list[list[int]], params: SamplingParams
-) -> tuple[float, list[RequestOutput], float | None]:
-    """``(wall seconds, outputs, peak GiB allocated)`` of one ``generate`` of every prompt."""
+) -> TimedCall:
+    """One ``generate`` of every prompt, timed (synchronized on CUDA)."""
+    before = _prefix_counts(engine)
     if setup.cuda:
         torch.cuda.synchronize(setup.device)
         torch.cuda.reset_peak_memory_stats(setup.device)
@@ -155,15 +177,14 @@ def timed_generate(
         torch.cuda.synchronize(setup.device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(setup.device) / 2**30 if setup.cuda else None
-    return seconds, outputs, peak
+    after = _prefix_counts(engine)
+    during = None if after is None else {k: v - before.get(k, 0) for k, v in after.items()}
+    return TimedCall(seconds=seconds, outputs=outputs, peak_gib=peak, prefix_stats=during)
 
 
-def engine_summary(
-    engine: LLMEngine, seconds: float, outputs: list[RequestOutput], *, jobs: int,
-    peak_gib: float | None,
-) -> dict:  # fmt: skip
-    """One engine mode's numbers: time, throughput, prompt tokens computed and reused, and
-    the engine's own prefix-cache counts where it keeps them."""
+def engine_summary(call: TimedCall, *, jobs: int) -> dict:
+    """One engine mode's numbers: time, throughput, prompt tokens computed and reused."""
+    outputs, seconds = call.outputs, call.seconds
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     cached = sum(getattr(o, "cached_prompt_tokens", 0) for o in outputs)
     return {
@@ -174,11 +195,6 @@ def engine_summary(
         "prefill_tokens_computed": prompt - cached,
         "prefill_seconds_sum": round(sum(o.prefill_seconds for o in outputs), 3),
         "output_tokens": sum(len(o.token_ids) for o in outputs),
-        "peak_memory_gib": None if peak_gib is None else round(peak_gib, 2),
-        "prefix_stats": plain(engine.prefix_stats()) if hasattr(engine, "prefix_stats") else None,
+        "peak_memory_gib": None if call.peak_gib is None else round(call.peak_gib, 2),
+        "prefix_stats": call.prefix_stats,
     }
-
-
-def plain(value: object) -> object:
-    """A dataclass as a dict (JSON-ready); anything else unchanged."""
-    return asdict(value) if is_dataclass(value) else value
