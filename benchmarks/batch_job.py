@@ -62,6 +62,7 @@ from benchmarks.job_engine import (  # noqa: E402
 from benchmarks.prefill import MODEL_FLOPS, Bench, model_flops, peak_matmul_tflops  # noqa: E402
 from longquest.engine.cache import pages_for  # noqa: E402
 from longquest.engine.config import SamplingParams  # noqa: E402
+from longquest.engine.engine import LLMEngine  # noqa: E402
 
 ON, OFF, HF = "engine, prefix caching on", "engine, prefix caching off", "transformers"
 PREFILL_SLACK = 1.05  # computed prompt tokens may exceed the unshared ones by 5%
@@ -79,8 +80,9 @@ def warm_tokens(args: argparse.Namespace) -> int:
     return min(args.context, args.chunk + 16)
 
 
-def model_check(engine, twin, setup: Setup, *, tokens: int) -> dict:
-    """The engine and its transformers twin agree on the next token of one prompt."""
+def model_check(engine: LLMEngine, twin: torch.nn.Module, setup: Setup, *, tokens: int) -> dict:
+    """Whether the engine and its transformers twin pick the same next token of one prompt,
+    and how far apart their log-probabilities of that token are."""
     prompt = random_tokens(tokens, vocab=setup.config.vocab_size, seed=11)
     (out,) = engine.generate([prompt], [SamplingParams(max_tokens=1, logprobs=1)])
     token = out.token_ids[0]
@@ -91,7 +93,11 @@ def model_check(engine, twin, setup: Setup, *, tokens: int) -> dict:
 
 
 def hf_job(
-    twin, prompts: list[list[int]], *, args: argparse.Namespace, reference: list | None
+    twin: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    args: argparse.Namespace,
+    reference: list | None,
 ) -> dict:
     """transformers on evenly spaced prompts until ``--hf-prompts`` or ``--hf-budget-s``;
     the job's time is the mean per prompt times the job's prompts."""
@@ -202,13 +208,14 @@ def distinct_case(setup: Setup, args: argparse.Namespace) -> dict:
 
 def prefill_row(*, runner: str, chunk: int | None, tokens: int, seconds: float,
                 flops: float, peak_tflops: float, peak_gib: float | None) -> dict:  # fmt: skip
+    """One timed prefill of ``tokens`` tokens: speed, MFU and peak memory (weights included)."""
     return {"context": tokens, "runner": runner, "chunk": chunk, "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 1),
             "mfu": round(flops / (seconds * peak_tflops * 1e12), 4),
             "peak_memory_gib": None if peak_gib is None else round(peak_gib, 2)}  # fmt: skip
 
 
-def hf_prefill_row(twin, setup: Setup, prompt: list[int], **row) -> dict:
+def hf_prefill_row(twin: torch.nn.Module, setup: Setup, prompt: list[int], **row) -> dict:
     """transformers' forward over ``prompt`` after a short warm-up forward."""
     hf_prefill_seconds(twin, prompt[:1024])
     if setup.cuda:
