@@ -4,6 +4,7 @@ small sizes): every case runs each of its modes and writes the JSON the README r
 import json
 
 import pytest
+import torch
 
 from benchmarks.batch_job import HF, OFF, ON, main
 
@@ -67,3 +68,26 @@ def test_prefill_compares_chunks_and_transformers(tmp_path):
     assert all(row["seconds"] > 0 and row["mfu"] > 0 for row in record["rows"])
     targets = record["targets"]
     assert set(targets["engine_not_slower_than_hf"]) == {"256"} and targets["mfu_at_256"] > 0
+
+
+def test_transformers_twin_of_random_weights_is_the_engine_model():
+    """The GPU path's twin (config built from a ModelConfig, Llama 3.1 RoPE scaling): the
+    engine's tensors, not copies, and the same next-token log-probabilities."""
+    from dataclasses import replace
+
+    from benchmarks.batch_job import model_check
+    from benchmarks.hf_reference import transformers_twin
+    from benchmarks.job_engine import Setup, make_engine
+    from benchmarks.synthetic import llama31_8b_config, random_model
+
+    config = replace(llama31_8b_config(), vocab_size=512, hidden_size=64, intermediate_size=96,
+                     num_layers=2, num_qo_heads=4, num_kv_heads=2, head_dim=16)  # fmt: skip
+    model = random_model(config, dtype=torch.float32, device="cpu")
+    setup = Setup(model=model, config=config, hf_config=None, device=torch.device("cpu"),
+                  dtype=torch.float32, impl="torch", description="tiny")  # fmt: skip
+    twin = transformers_twin(model)
+    up = twin.model.layers[1].mlp.up_proj.weight
+    assert up.data_ptr() == model.layers[1].gate_up_proj[96:].data_ptr()
+    engine = make_engine(setup, pages=32, chunk=64, prefix_caching=None)
+    check = model_check(engine, twin, setup, tokens=200)
+    assert check["same_next_token"] and check["logprob_abs_diff"] < 1e-4
