@@ -16,9 +16,14 @@
 #                   memory against NCCL
 #   sp-check        2 GPUs: sequence-parallel equivalence with one GPU, and a context
 #                   past one GPU's memory
+#   job             1 GPU: the long-document QA job (2 documents x 16 questions at 64K,
+#                   64-token answers): prefix caching on, off, and transformers on a subset
+#   job-distinct    1 GPU: 8 distinct 64K prompts, prefix caching on against off (ABBA)
+#   job-prefill     1 GPU: one 64K and one 128K prefill, the engine at chunks 8K/16K/32K
+#                   against one transformers forward, with MFU
 #
 # Results are JSON under $OUT (default benchmarks/results/); $LABEL, if set, is added to
-# the decode files' names (e.g. LABEL=before). LONGQUEST_GIT_COMMIT names the commit
+# the decode and job files' names (e.g. LABEL=before). LONGQUEST_GIT_COMMIT names the commit
 # measured where the device's copy has no .git. NVLink multicast stays off on every
 # multi-GPU run (the exports below), as the lent multi-GPU hosts require.
 set -uo pipefail
@@ -71,7 +76,16 @@ case "${1:-}" in
   sp-check)
     timeout 580 torchrun --standalone --nproc-per-node 2 benchmarks/sp_check.py \
       --out-dir "$out" 2>&1 | quiet ;;
+  job)
+    timeout 580 python benchmarks/batch_job.py --out-dir "$out" ${LABEL:+--label "$LABEL"} \
+      2>&1 | quiet ;;
+  job-distinct)
+    timeout 580 python benchmarks/batch_job.py --distinct 8 --context 65536 --out-dir "$out" \
+      ${LABEL:+--label "$LABEL"} 2>&1 | quiet ;;
+  job-prefill)
+    timeout 580 python benchmarks/batch_job.py --prefill-only --contexts 65536 131072 \
+      --out-dir "$out" ${LABEL:+--label "$LABEL"} 2>&1 | quiet ;;
   *)
-    echo "usage: bash benchmarks/device/run.sh tests|decode-one-gpu|decode-two-gpu|decode-four-gpu|prefill|collectives|sp-check" >&2
+    echo "usage: bash benchmarks/device/run.sh tests|decode-one-gpu|decode-two-gpu|decode-four-gpu|prefill|collectives|sp-check|job|job-distinct|job-prefill" >&2
     exit 2 ;;
 esac
