@@ -18,7 +18,7 @@
 #                   past one GPU's memory
 #   job             1 GPU: the long-document QA job (2 documents x 16 questions at 64K,
 #                   64-token answers): prefix caching on, off, and transformers on a subset
-#   job-distinct    1 GPU: 8 distinct 64K prompts, prefix caching on against off (ABBA)
+#   job-distinct    1 GPU: 32 distinct 32K prompts, prefix caching on against off (ABBA)
 #   job-prefill     1 GPU: one 64K and one 128K prefill, the engine at chunks 8K/16K/32K
 #                   against one transformers forward, with MFU
 #
@@ -80,7 +80,7 @@ case "${1:-}" in
     timeout 580 python benchmarks/batch_job.py --out-dir "$out" ${LABEL:+--label "$LABEL"} \
       2>&1 | quiet ;;
   job-distinct)
-    timeout 580 python benchmarks/batch_job.py --distinct 8 --context 65536 --out-dir "$out" \
+    timeout 580 python benchmarks/batch_job.py --distinct 32 --context 32768 --out-dir "$out" \
       ${LABEL:+--label "$LABEL"} 2>&1 | quiet ;;
   job-prefill)
     timeout 580 python benchmarks/batch_job.py --prefill-only --contexts 65536 131072 \
