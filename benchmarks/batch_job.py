@@ -20,7 +20,7 @@ Other cases (one per run):
                   against one transformers forward, with MFU (as benchmarks/prefill.py)
 
     python benchmarks/batch_job.py                    # GPU: random Llama-3.1-8B shape, bf16
-    python benchmarks/batch_job.py --distinct 8 --context 65536
+    python benchmarks/batch_job.py --distinct 32 --context 32768
     python benchmarks/batch_job.py --prefill-only --contexts 65536 131072
     python benchmarks/batch_job.py --smoke            # CPU: SmolLM2-135M, fp32, D=2 Q=8 L=3000
 
@@ -49,7 +49,6 @@ from benchmarks.hf_reference import (  # noqa: E402
 from benchmarks.job_engine import (  # noqa: E402
     Setup,
     cache_pages,
-    caching_switch_present,
     engine_summary,
     job_prompts,
     load_setup,
@@ -71,8 +70,8 @@ MFU_TARGET = 0.65
 
 
 def engine_modes() -> list[tuple[str, bool | None]]:
-    """``(mode, prefix_caching)`` for each engine mode this tree has."""
-    return [(ON, True), (OFF, False)] if caching_switch_present() else [(OFF, None)]
+    """``(mode, prefix_caching)`` of the engine's two modes."""
+    return [(ON, True), (OFF, False)]
 
 
 def warm_tokens(args: argparse.Namespace) -> int:
@@ -348,7 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         "impl": setup.impl, "smoke": args.smoke, "argv": sys.argv[1:] if argv is None else argv,
         "model_config": {k: v for k, v in vars(setup.config).items() if isinstance(v, int)},
         "quest": dataclasses.asdict(setup.quest),
-        "prefix_caching_available": caching_switch_present(),
         "user_path": "LLMEngine.generate with every prompt in one call (LLM.generate's call on "
                      "one device, once prompts are token ids)",
         **result,

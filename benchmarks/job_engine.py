@@ -8,9 +8,8 @@ makes on one device once the prompts are token ids (the benchmark's prompts alre
 from __future__ import annotations
 
 import gc
-import inspect
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,15 +23,8 @@ from longquest.engine.loader import load_model
 from longquest.engine.model import Model
 from longquest.engine.sequence import RequestOutput
 
-# The engine's switch for prefix reuse; an engine without it never reuses.
-PREFIX_SWITCH = "prefix_caching"
 # Token ids below this are left out of random prompts (real vocabularies keep specials there).
 FIRST_TOKEN = 256
-
-
-def caching_switch_present() -> bool:
-    """Whether ``LLMEngine`` takes the ``prefix_caching`` switch."""
-    return PREFIX_SWITCH in inspect.signature(LLMEngine).parameters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +112,7 @@ def make_engine(setup: Setup, *, pages: int, chunk: int, prefix_caching: bool | 
     shape = CacheShape(num_layers=config.num_layers, num_pages=pages,
                        page_size=setup.quest.page_size, num_kv_heads=config.num_kv_heads,
                        head_dim=config.head_dim, dtype=setup.dtype)  # fmt: skip
-    switch = {} if prefix_caching is None else {PREFIX_SWITCH: prefix_caching}
+    switch = {} if prefix_caching is None else {"prefix_caching": prefix_caching}
     return LLMEngine(model=setup.model, model_config=config,
                      cache=KVCache(shape, device=setup.device), quest=setup.quest,
                      detokenize=lambda ids: "", eos_token_ids=(), prefill_chunk_tokens=chunk,
@@ -158,9 +150,8 @@ class TimedCall:
     prefix_stats: dict | None
 
 
-def _prefix_counts(engine: LLMEngine) -> dict | None:
-    stats = engine.prefix_stats() if hasattr(engine, "prefix_stats") else None
-    return asdict(stats) if is_dataclass(stats) else None
+def _prefix_counts(engine: LLMEngine) -> dict:
+    return asdict(engine.prefix_stats())
 
 
 def timed_generate(

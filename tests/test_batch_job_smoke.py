@@ -27,7 +27,7 @@ def test_job_runs_every_mode_on_the_same_prompts(tmp_path):
     record = _record(tmp_path, "batch-job-cpu-*.json")
     assert (record["case"], record["documents"], record["questions"]) == ("job", 2, 2)
     modes = record["modes"]
-    engines = [ON, OFF] if record["prefix_caching_available"] else [OFF]
+    engines = [ON, OFF]
     assert set(modes) == {*engines, HF}
     for name in engines:
         assert modes[name]["prompt_tokens"] == 4 * (256 + 32)
@@ -42,22 +42,16 @@ def test_job_runs_every_mode_on_the_same_prompts(tmp_path):
     # Both are rounded to milliseconds.
     assert hf["wall_seconds"] == pytest.approx(4 * hf["seconds_per_prompt"], abs=0.003)
     target = record["prefill_target"]
-    if ON in modes:
-        assert modes[ON]["cached_prompt_tokens"] > 0 and target["met"] is True
-        assert record["ratios"]["on_over_off"] > 0 and record["ratios"]["on_over_hf"] > 0
-    else:
-        assert target["met"] is None and record["ratios"]["on_over_off"] is None
+    assert modes[ON]["cached_prompt_tokens"] > 0 and target["met"] is True
+    assert record["ratios"]["on_over_off"] > 0 and record["ratios"]["on_over_hf"] > 0
 
 
 def test_distinct_prompts_alternate_modes(tmp_path):
     main([*SMALL, "--distinct", "2", "--context", "128", "--out-dir", str(tmp_path)])
     record = _record(tmp_path, "batch-job-distinct-cpu-*.json")
     names = [run["mode"] for run in record["runs"]]
-    if record["prefix_caching_available"]:
-        assert names == [ON, OFF, OFF, ON] and record["on_over_off"] > 0
-        assert all(run["cached_prompt_tokens"] == 0 for run in record["runs"])
-    else:
-        assert names == [OFF, OFF] and record["target"]["met"] is None
+    assert names == [ON, OFF, OFF, ON] and record["on_over_off"] > 0
+    assert all(run["cached_prompt_tokens"] == 0 for run in record["runs"])
 
 
 def test_prefill_compares_chunks_and_transformers(tmp_path):
