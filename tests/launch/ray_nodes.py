@@ -3,16 +3,20 @@
 
 ``ray stop`` would stop every Ray process on the machine, other tests' and other users'
 included; this cluster stops only the processes it started and everything below them
-(raylets, agents, workers, job drivers).
+(raylets, agents, workers, job drivers). Its clients (``query``) run in child
+processes, so a test process never becomes a driver of a cluster whose nodes it kills.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +26,14 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 # Plasma's floor; the tests move only small messages through the object store.
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 START_TIMEOUT_S = 180.0
+# Every client and node of the cluster: no token authentication (it would read and
+# write ~/.ray), no usage reports, and a dead node noticed within a few seconds.
+CLUSTER_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 def free_port() -> int:
@@ -30,92 +42,118 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ports(*names: str) -> list[str]:
-    return [f"--{name}={free_port()}" for name in names]
-
-
 class LocalRayCluster:
-    """``with LocalRayCluster(temp_dir, ...) as cluster:``, ``cluster.address`` (GCS),
-    ``cluster.dashboard_url`` (Jobs API, with ``dashboard=True``)."""
+    """``with LocalRayCluster(...) as cluster:``, ``cluster.address`` (GCS),
+    ``cluster.dashboard_url`` (Jobs API, with ``dashboard=True``), ``cluster.env`` (the
+    environment its clients run with)."""
 
     def __init__(
-        self, temp_dir: Path, *, num_cpus: int = 2, dashboard: bool = False,
-        resources: str | None = None,
+        self, *, num_cpus: int = 2, dashboard: bool = False,
+        resources: dict[str, float] | None = None,
     ) -> None:  # fmt: skip
-        self.temp_dir = Path(temp_dir)
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        # Short: Ray's socket paths under it must fit AF_UNIX's 107 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="lq-ray-", dir="/tmp"))
+        self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.nodes: list[subprocess.Popen] = []
-        # The environment of the nodes and of every client of this cluster: no token
-        # authentication (it would read and write ~/.ray), no usage reports.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {**os.environ, **CLUSTER_ENV}
         self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+        self.node_manager_ports: list[int] = []
+        self._started: set[int] = set()
         head = [
             "--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
             f"--include-dashboard={str(dashboard).lower()}",
             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-            *_ports("ray-client-server-port"),
+            f"--ray-client-server-port={free_port()}",
         ]  # fmt: skip
         try:
-            self._start(head, num_cpus=num_cpus, resources=resources, name="head")
+            self._start(head, num_cpus=num_cpus, resources=resources)
         except BaseException:
             self.stop()
             raise
 
-    def add_node(self, *, num_cpus: int, resources: str | None = None) -> None:
-        """A second raylet on this machine, joined to the head: a distinct Ray node."""
-        self._start(
-            [f"--address={self.address}"], num_cpus=num_cpus, resources=resources,
-            name=f"node{len(self.nodes)}",
-        )  # fmt: skip
+    def add_node(self, *, num_cpus: int, resources: dict[str, float] | None = None) -> int:
+        """Start another raylet on this machine, joined to the head: a distinct Ray node.
+        Returns its index in ``nodes``."""
+        self._start([f"--address={self.address}"], num_cpus=num_cpus, resources=resources)
+        return len(self.nodes) - 1
 
-    def _start(self, extra: list[str], *, num_cpus: int, resources: str | None, name: str):
+    def _start(self, extra: list[str], *, num_cpus: int, resources: dict | None) -> None:
+        node_manager_port = free_port()
+        ports = (
+            "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "metrics-export-port", "runtime-env-agent-port",
+        )  # fmt: skip
         command = [
             *RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={num_cpus}",
             "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
-            *_ports(
-                "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-            ),
-            *extra, *([f"--resources={resources}"] if resources else []),
+            f"--node-manager-port={node_manager_port}",
+            *[f"--{name}={free_port()}" for name in ports],
+            *extra, *([f"--resources={json.dumps(resources)}"] if resources else []),
         ]  # fmt: skip
-        log = open(self.temp_dir / f"{name}.log", "wb")
-        self.nodes.append(
-            subprocess.Popen(
+        with open(self.temp_dir / f"node{len(self.nodes)}.log", "wb") as log:
+            node = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
-        )
-        log.close()
-        self._wait_for_nodes(len(self.nodes))
+        self.nodes.append(node)
+        self.node_manager_ports.append(node_manager_port)
+        self._started.add(node.pid)
+        self._wait_for_nodes(sum(n.poll() is None for n in self.nodes))
 
     def _wait_for_nodes(self, count: int) -> None:
-        """Until the GCS lists ``count`` live nodes (a ``ray`` client in a child process,
-        so the test process never connects to this cluster by accident)."""
-        probe = (
-            "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
-            "print(sum(n['Alive'] for n in ray.nodes()))"
-        )
+        """Until the GCS lists ``count`` live nodes."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if any(node.poll() is not None for node in self.nodes):
-                raise RuntimeError(f"a ray node exited at start: see {self.temp_dir}/*.log")
-            done = subprocess.run(
-                [sys.executable, "-c", probe, self.address], capture_output=True, text=True,
-                env=self.env,
-            )  # fmt: skip
-            if done.returncode == 0 and int(done.stdout.split()[-1]) >= count:
-                return
+            if self.nodes[-1].poll() is not None:
+                log = (self.temp_dir / f"node{len(self.nodes) - 1}.log").read_text()
+                raise RuntimeError(f"a ray node exited at start:\n{log[-3000:]}")
+            try:
+                if self.query("sum(n['Alive'] for n in ray.nodes())", timeout_s=30) >= count:
+                    return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
             time.sleep(1.0)
         raise TimeoutError(f"{count} ray nodes did not start in {START_TIMEOUT_S:.0f} s")
 
+    def query(self, expression: str, *, timeout_s: float = 120.0):
+        """``expression`` (JSON-able; ``ray`` in scope), evaluated by a client of this
+        cluster in a child process."""
+        code = (
+            "import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR');"
+            f"print(json.dumps({expression}))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, self.address], capture_output=True, text=True,
+            env=self.env, timeout=timeout_s,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"ray query {expression!r} failed: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.splitlines()[-1])
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id of each of ``nodes``, by index."""
+        by_port = self.query("{n['NodeManagerPort']: n['NodeID'] for n in ray.nodes()}")
+        return [by_port[str(port)] for port in self.node_manager_ports]
+
+    def actor_nodes(self, class_name: str) -> list[tuple[str, str]]:
+        """``(job id, node id)`` of every actor of class ``class_name``, alive or dead,
+        by start time."""
+        return [
+            tuple(pair)
+            for pair in self.query(
+                "[(a['JobID'], a['Address']['NodeID']) for a in sorted("
+                "ray._private.state.actors().values(), key=lambda a: a['StartTime'])"
+                f" if a['ActorClassName'] == {class_name!r}]"
+            )
+        ]
+
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index``'s raylet (the node dies; its workers follow)."""
-        node = self.nodes[index]
-        for pid in descendants(node.pid):
-            if _command(pid).startswith(("/", "raylet")) and "raylet" in _command(pid):
+        tree = descendants(self.nodes[index].pid)
+        self._started |= tree
+        for pid in tree:
+            if _name(pid) == "raylet":
                 os.kill(pid, signal.SIGKILL)
                 return
         raise RuntimeError(f"node {index} has no raylet")
@@ -123,11 +161,11 @@ class LocalRayCluster:
     def stop(self) -> None:
         """SIGTERM every process this cluster started and all below them, then SIGKILL
         what is left after a grace period."""
-        pids = set()
-        for node in self.nodes:
-            pids |= {node.pid} | descendants(node.pid)
+        pids = set(self._started)
+        for pid in self._started:
+            pids |= descendants(pid)
         for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in pids:
+            for pid in filter(alive, pids):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
@@ -137,6 +175,7 @@ class LocalRayCluster:
                 time.sleep(0.2)
         for node in self.nodes:
             node.wait(timeout=5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:
         return self
@@ -145,8 +184,8 @@ class LocalRayCluster:
         self.stop()
 
 
-def _command(pid: int) -> str:
+def _name(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""

@@ -69,7 +69,7 @@ def head(tmp_path_factory):
     pytest.importorskip("ray.dashboard.optional_deps", reason="needs ray[default]")
     from tests.launch.ray_nodes import LocalRayCluster
 
-    with LocalRayCluster(tmp_path_factory.mktemp("head"), num_cpus=2, dashboard=True) as cluster:
+    with LocalRayCluster(num_cpus=2, dashboard=True) as cluster:
         yield cluster
 
 
