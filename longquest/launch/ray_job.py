@@ -60,12 +60,12 @@ def check_job_paths(*, input_path: str | Path, output_path: str | Path, job: Ray
     if job is None:
         return
     where = f"inside a Ray job ({job.submission_id or 'ray job submit'})"
-    shared = "give an absolute path on storage every node sees (e.g. /shared/answers.jsonl)"
+    shared = "give an absolute path on storage every node sees (e.g. /shared/{})"
     if not Path(output_path).is_absolute():
         raise ValueError(
             f"--output {output_path} is a relative path: {where} it would be written into "
-            f"Ray's temporary copy of the working directory, on whichever node runs the "
-            f"job, and deleted with it; {shared}"
+            "Ray's temporary copy of the working directory, on the node that runs the "
+            f"job, and deleted with it; {shared.format('answers.jsonl')}"
         )
     input_path = Path(input_path)
     if input_path.is_absolute():
@@ -79,5 +79,5 @@ def check_job_paths(*, input_path: str | Path, output_path: str | Path, job: Ray
         )
         raise ValueError(
             f"--input {input_path} is a relative path and {uploaded}: {where} it does not "
-            f"name your file; {shared.replace('answers', 'docs')}"
+            f"name your file; {shared.format('docs.jsonl')}"
         )

@@ -164,7 +164,7 @@ class LocalRayCluster:
         pids = set(self._started)
         for pid in self._started:
             pids |= descendants(pid)
-        for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for sig, grace_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
             for pid in filter(alive, pids):
                 try:
                     os.kill(pid, sig)
