@@ -45,8 +45,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def _batch_on(cluster: LocalRayCluster, model: Path, src: Path, dst: Path) -> subprocess.Popen:
-    """``longquest batch`` as its own process, a driver joining ``cluster``."""
+def _batch_on(cluster: LocalRayCluster, model: Path, src: Path, dst: Path, log: Path):
+    """``longquest batch`` as its own process, a driver joining ``cluster``; its stderr
+    goes to ``log`` (a pipe left unread could fill and stall it)."""
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [
@@ -54,7 +55,8 @@ def _batch_on(cluster: LocalRayCluster, model: Path, src: Path, dst: Path) -> su
         "--input", str(src), "--output", str(dst), "--launcher", "ray", "--world-size", "2",
         *MODEL_OPTIONS,
     ]  # fmt: skip
-    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    with open(log, "wb") as stderr:
+        return subprocess.Popen(command, env=env, stderr=stderr)
 
 
 def _rank_worker_nodes(cluster: LocalRayCluster) -> dict[str, set[str]]:
@@ -74,26 +76,33 @@ def test_two_node_cluster_places_answers_and_resumes_after_a_node_dies(tmp_path)
     expected = {row["id"]: row["text"] for row in _rows(want)}
 
     # The head holds one CPU: a group of two 1-CPU actors fits only on a 2-CPU node.
+    log, jobs = tmp_path / "job.log", []
     with LocalRayCluster(num_cpus=1) as cluster:
-        first = cluster.add_node(num_cpus=2, resources={"second_node": 1})
-        job = _batch_on(cluster, model, src, dst)
-        deadline = time.monotonic() + 240
-        while len(_rows(dst)) < 2 and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert job.poll() is None, f"the job ended before the kill: {job.stderr.read()[-2000:]}"
-        cluster.kill_node(first)
-        _, stderr = job.communicate(timeout=180)
-        assert job.returncode == 1, stderr[-3000:]
-        assert "worker rank" in stderr
-        served = [row["id"] for row in _rows(dst)]
-        assert 2 <= len(served) < DOCS and len(set(served)) == len(served)
+        try:
+            first = cluster.add_node(num_cpus=2, resources={"second_node": 1})
+            jobs.append(job := _batch_on(cluster, model, src, dst, log))
+            deadline = time.monotonic() + 240
+            while len(_rows(dst)) < 2 and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert job.poll() is None, f"the job ended before the kill: {log.read_text()[-2000:]}"
+            cluster.kill_node(first)
+            job.wait(timeout=180)
+            assert job.returncode == 1, log.read_text()[-3000:]
+            assert "worker rank" in log.read_text()
+            served = [row["id"] for row in _rows(dst)]
+            assert 2 <= len(served) < DOCS and len(set(served)) == len(served)
 
-        second = cluster.add_node(num_cpus=2)
-        job = _batch_on(cluster, model, src, dst)
-        _, stderr = job.communicate(timeout=300)
-        assert job.returncode == 0, stderr[-3000:]
-        node_ids = cluster.node_ids()
-        placed = _rank_worker_nodes(cluster)
+            second = cluster.add_node(num_cpus=2)
+            jobs.append(job := _batch_on(cluster, model, src, dst, log))
+            job.wait(timeout=300)
+            assert job.returncode == 0, log.read_text()[-3000:]
+            node_ids = cluster.node_ids()
+            placed = _rank_worker_nodes(cluster)
+        finally:
+            for job in jobs:
+                if job.poll() is None:
+                    job.kill()
+                    job.wait()
 
     rows = _rows(dst)
     assert sorted(row["id"] for row in rows) == sorted(expected)  # all, each once
