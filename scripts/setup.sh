@@ -10,7 +10,8 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   "$py" -m pip install -q torch==2.13.0
 fi
 if ! "$py" -c "import longquest, triton, transformers" >/dev/null 2>&1 || [ -n "${LONGQUEST_REINSTALL:-}" ] \
-   || ! "$py" -m pip show -q pytest ray gguf >/dev/null 2>&1; then
+   || ! "$py" -m pip show -q pytest ray gguf >/dev/null 2>&1 \
+   || ! "$py" -c "import ray.dashboard.optional_deps" >/dev/null 2>&1; then
   echo "[setup] installing longquest[$extras]"
   "$py" -m pip install -q -e ".[$extras]"
 fi

@@ -197,7 +197,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from longquest.launch.batch import check_batch_files, run_batch
+    from longquest.launch.ray_job import check_job_paths, current_ray_job
 
+    check_job_paths(input_path=args.input, output_path=args.output, job=current_ray_job())
     check_batch_files(input_path=args.input, output_path=args.output, group_size=args.group_size)
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")

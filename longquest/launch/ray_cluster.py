@@ -18,7 +18,7 @@ import dataclasses
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray
@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from longquest.engine.config import EngineConfig, SamplingParams
 from longquest.engine.scheduler import NewRequest, Scheduler, StepResult
 from longquest.engine.sequence import RequestOutput
+from longquest.launch.ray_devices import group_devices
 
 # Ray's own start-up on a busy 2-core machine can take a while; forming the group is quick.
 DEFAULT_TIMEOUT_S = 300.0
@@ -43,6 +44,9 @@ class WorkerSetup:
     master_port: int
     use_gpu: bool
     timeout_s: float
+    # On GPUs: the group's GPUs on this rank's node and its own among them (ray_devices).
+    visible_devices: str | None = None
+    device_index: int = 0
 
 
 def worker_setups(
@@ -85,6 +89,11 @@ class RankWorker:
             port = sock.getsockname()[1]
         return host, port
 
+    def placement(self) -> tuple[str, list[str]]:
+        """This actor's Ray node id and the GPU ids Ray gave it."""
+        gpus = [str(gpu) for gpu in ray.get_gpu_ids()]
+        return ray.get_runtime_context().get_node_id(), gpus
+
     def setup(self, setup: WorkerSetup) -> int:
         import datetime
 
@@ -93,9 +102,13 @@ class RankWorker:
 
         from longquest.parallel.worker import build_worker
 
+        device_index = 0  # Ray pins one GPU per actor through CUDA_VISIBLE_DEVICES
         if setup.use_gpu:
-            # Ray pins one GPU per actor through CUDA_VISIBLE_DEVICES.
-            torch.cuda.set_device(0)
+            if setup.visible_devices is not None and not torch.cuda.is_initialized():
+                # The group's GPUs on this node, so peer memory can map them.
+                os.environ["CUDA_VISIBLE_DEVICES"] = setup.visible_devices
+                device_index = setup.device_index
+            torch.cuda.set_device(device_index)
         else:
             # CPU actors share the machine's cores instead of each taking all of them.
             world_size = setup.config.parallel.world_size
@@ -111,7 +124,7 @@ class RankWorker:
             setup.config,
             group=dist.group.WORLD,
             rank=setup.rank,
-            device="cuda:0" if setup.use_gpu else "cpu",
+            device=f"cuda:{device_index}" if setup.use_gpu else "cpu",
         )
         self.scheduler = Scheduler(self.engine)
         return os.getpid()
@@ -131,6 +144,11 @@ class RankWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peer_memory(self) -> bool:
+        """Whether this rank's decode collectives go over peer memory (else the group's
+        backend)."""
+        return getattr(self.engine.comm, "peer", None) is not None
 
 
 class RayCluster:
@@ -195,6 +213,10 @@ class RayCluster:
         setups = worker_setups(
             config, master_addr=host, master_port=port, use_gpu=use_gpu, timeout_s=timeout_s
         )
+        if use_gpu:
+            placed = self._call([a.placement.remote() for a in self.actors], "placement")
+            devices = group_devices(node_ids=[n for n, _ in placed], gpu_ids=[g for _, g in placed])
+            setups = [replace(s, **asdict(d)) for s, d in zip(setups, devices)]
         self._call([a.setup.remote(s) for a, s in zip(self.actors, setups)], "setup")
 
     def generate(

@@ -78,8 +78,8 @@ class PeerCollectives:
         if world_size < 2 or device.type != "cuda" or dist.get_backend(group) != "nccl":
             return None
         made, error = None, None
-        # Mapping a peer's memory needs its GPU visible here: one-GPU-per-process launches
-        # (Ray actors pin one GPU each) keep NCCL, which finds its own way between them.
+        # Mapping a peer's memory needs its GPU visible here: a process that sees only its
+        # own GPU keeps NCCL, which finds its own way between them.
         if torch.cuda.device_count() >= world_size:
             try:
                 made = cls(
