@@ -202,6 +202,7 @@ class PagedAttention:
             query_start=meta.query_start,
             causal=True,
             impl=self.impl,
+            tuning=self.tuning,
         )
         return out
 

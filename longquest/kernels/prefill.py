@@ -32,6 +32,7 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 _LOG2E = 1.4426950408889634
 
@@ -316,6 +317,7 @@ def prefill_attention(
     causal: bool = True,
     scale: float | None = None,
     impl: str | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of consecutive query positions over contiguous keys.
 
@@ -328,8 +330,9 @@ def prefill_attention(
     query_start: position of the first query, ``>= 0``.
     causal: a query at position ``p`` sees keys ``<= p``; otherwise every key.
     scale: logit scale, default ``head_dim ** -0.5``.
-    impl: ``"triton"`` (the GPU path: cuDNN where it takes the inputs, else the Triton
-        kernel), ``"torch"`` or ``None`` (the GPU path on CUDA, PyTorch elsewhere).
+    impl: ``"triton"`` (the GPU path: cuDNN where it takes the inputs and the chunk has
+        at least ``tuning.prefill_cudnn_min_queries`` queries, else the Triton kernel),
+        ``"torch"`` or ``None`` (the GPU path on CUDA, PyTorch elsewhere).
 
     Returns ``(out, lse)``: ``[num_q, num_qo_heads, head_dim]`` in the query's dtype and
     ``[num_q, num_qo_heads]`` fp32, natural log (``out = 0, lse = -inf`` for a query
@@ -356,6 +359,7 @@ def prefill_attention(
     query = query if query.stride(-1) == 1 else query.contiguous()
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    if query.shape[0] and key.shape[0] and _cudnn_takes(query, key):
+    cudnn = query.shape[0] >= tuning.prefill_cudnn_min_queries and key.shape[0]
+    if cudnn and _cudnn_takes(query, key):
         return _prefill_cudnn(query, key, value, query_start, bool(causal), scale)
     return _prefill_triton(query, key, value, query_start, bool(causal), scale)

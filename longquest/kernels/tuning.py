@@ -61,6 +61,10 @@ class KernelTuning:
     # Fewer programs a row than this take the two passes instead: 2 programs at 64 rows x
     # 6144 pages take 25.7 us against 19.8.
     spread_min_programs: int = 4
+    # Prefill chunks of at least this many queries take cuDNN's fused attention; shorter
+    # ones the Triton kernel: cuDNN builds a plan for every new shape (about 0.1 s on an
+    # H200), which a short or ragged chunk (a question after a cached document) never repays.
+    prefill_cudnn_min_queries: int = 2048
     # Tokens a decode program loads per loop iteration (several pages gathered at once).
     decode_tokens_per_block: int = 64
     # Decode programs an SM (four fit): 8 splits at a two-rank share of a 2048-token budget

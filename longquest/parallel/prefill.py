@@ -29,8 +29,10 @@ import torch.distributed as dist
 
 from longquest.engine.cache import KVCache, gather_pages, key_peak
 from longquest.kernels import (
+    DEFAULT_TUNING,
     FLOAT8_DTYPE,
     AppendPlan,
+    KernelTuning,
     append_kv,
     check_keys_fit_float8,
     merge_attention_states,
@@ -83,7 +85,9 @@ class ContextParallelAttention:
         group: dist.ProcessGroup,
         world_size: int,
         impl: str | None = None,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> None:
+        self.tuning = tuning
         self.cache = cache
         self.plan = plan
         self.group = group
@@ -163,6 +167,7 @@ class ContextParallelAttention:
                 query_start=0,
                 causal=False,
                 impl=self.impl,
+                tuning=self.tuning,
             )
             outs.append(o)
             lses.append(s)
@@ -181,6 +186,7 @@ class ContextParallelAttention:
                 query_start=0,
                 causal=True,
                 impl=self.impl,
+                tuning=self.tuning,
             )
             outs.append(o)
             lses.append(s)

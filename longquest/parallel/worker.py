@@ -153,6 +153,7 @@ class SequenceParallelRanks:
                 group=self.group,
                 world_size=self.world_size,
                 impl=engine.impl,
+                tuning=engine.tuning,
             )
             with torch.inference_mode():
                 if positions:

@@ -1,12 +1,17 @@
 """prefill_attention (Triton and PyTorch paths) against prefill_attention_ref."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from longquest.kernels import DEFAULT_TUNING
 from longquest.kernels.prefill import _prefill_torch, _prefill_triton, prefill_attention
 from longquest.kernels.ref import prefill_attention_ref
+
+# Every chunk through cuDNN where it runs, however short.
+CUDNN_ALWAYS = dataclasses.replace(DEFAULT_TUNING, prefill_cudnn_min_queries=1)
 
 IMPLS = ["torch", "triton"]
 # (num_qo_heads, num_kv_heads): GQA ratios 1, 2, 3, 4, 8 and MQA.
@@ -128,7 +133,7 @@ def test_gpu_dtypes(dtype, head_dim, causal, device):
     )
     out, lse = prefill_attention(
         query=query.to(device), key=key.to(device), value=value.to(device),
-        query_start=700, causal=causal,
+        query_start=700, causal=causal, tuning=CUDNN_ALWAYS,
     )  # fmt: skip
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_matches(out, lse, ref_out.to(dtype), ref_lse, atol=atol)
@@ -150,8 +155,9 @@ def test_gpu_half_precision_shapes(heads, chunk, causal, device):
     )  # fmt: skip
     query, key, value = query.to(device), key.to(device), value.to(device)
     out, lse = prefill_attention(
-        query=query, key=key, value=value, query_start=query_start, causal=causal
-    )
+        query=query, key=key, value=value, query_start=query_start, causal=causal,
+        tuning=CUDNN_ALWAYS,
+    )  # fmt: skip
     assert_matches(out, lse, ref_out.to(torch.bfloat16), ref_lse, atol=2e-2)
     out, lse = _prefill_triton(query, key, value, query_start, causal, 64**-0.5)
     assert_matches(out, lse, ref_out.to(torch.bfloat16), ref_lse, atol=2e-2)
