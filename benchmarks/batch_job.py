@@ -241,8 +241,8 @@ def prefill_case(setup: Setup, args: argparse.Namespace) -> dict:
         for chunk in chunks:
             engine = make_engine(setup, pages=pages_for(tokens + 1, setup.quest.page_size),
                                  chunk=chunk, prefix_caching=None)  # fmt: skip
-            if setup.cuda:  # compile the kernels for this chunk size
-                warm = random_tokens(min(tokens, chunk), vocab=setup.config.vocab_size, seed=7)
+            if setup.cuda:  # compile the kernels and build cuDNN's plans for these shapes
+                warm = random_tokens(tokens, vocab=setup.config.vocab_size, seed=7)
                 engine.generate([warm], [one])
             call = timed_generate(engine, setup, [prompt], one)
             rows.append(prefill_row(runner="engine", chunk=chunk, seconds=call.seconds,
