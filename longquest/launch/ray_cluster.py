@@ -133,24 +133,31 @@ class RankWorker:
         return os.getpid()
 
 
+def init_ray(*, num_cpus: int) -> bool:
+    """Join the cluster ``RAY_ADDRESS`` names, else start a local Ray with at least
+    ``num_cpus`` CPU slots; nothing when Ray is already up. True when this call started
+    a Ray (its caller stops it)."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address or None,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=True,
+        **({} if address else {"num_cpus": max(os.cpu_count() or 1, num_cpus)}),
+    )
+    return not address
+
+
 class RayCluster:
-    """``config.parallel.world_size`` RankWorker actors driven from this process."""
+    """``config.parallel.world_size`` RankWorker actors driven from this process, in one
+    placement group that Ray keeps on one node (``STRICT_PACK``): one replica."""
 
     def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        world_size = config.parallel.world_size
         # A Ray this cluster starts, shutdown() stops: every launcher calls it in a
         # ``finally``, which SIGTERM reaches too (Ray's driver handler raises SystemExit).
-        self._owns_ray = False
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            ray.init(
-                address=address or None,
-                include_dashboard=False,
-                ignore_reinit_error=True,
-                log_to_driver=True,
-                **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
-            )
-            self._owns_ray = not address
+        self._owns_ray = init_ray(num_cpus=config.parallel.world_size)
         self.timeout_s = timeout_s
         try:
             self._start(config)
@@ -171,7 +178,8 @@ class RayCluster:
                 "--device cpu"
             )
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self._group = placement_group([bundle] * world_size, strategy="PACK")
+        # One node: the ranks exchange every decode step's collectives.
+        self._group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         try:
             ray.get(self._group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as error:
@@ -210,7 +218,12 @@ class RayCluster:
     def step(self, new: list[NewRequest]) -> StepResult:
         """One engine step on every rank with ``new`` added; rank 0's result. A failure
         tears the workers down (see ``_call``)."""
-        return self._call([a.step.remote(new) for a in self.actors], "step")[0]
+        return self._call(self.start_step(new), "step")[0]
+
+    def start_step(self, new: list[NewRequest]) -> list:
+        """Start one step on every rank; its ObjectRefs, rank 0's first (its StepResult
+        is the group's). The caller waits on them (``ray.wait``)."""
+        return [a.step.remote(new) for a in self.actors]
 
     def worker_pids(self) -> list[int]:
         return self._call([a.pid.remote() for a in self.actors], "pid")
