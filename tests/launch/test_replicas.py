@@ -198,9 +198,7 @@ def test_generate_spreads_prompts_over_replicas_in_order(ray_runtime, model_dir)
     assert [o.token_ids for o in remote] == [o.token_ids for o in local]
 
 
-def test_more_replicas_than_the_cluster_holds_is_refused_before_any_actor(
-    ray_runtime, model_dir
-):
+def test_more_replicas_than_the_cluster_holds_is_refused_before_any_actor(ray_runtime, model_dir):
     from ray.util import placement_group_table
 
     def groups() -> int:
