@@ -70,6 +70,17 @@ class GenerateRequest:
     params: list[SamplingParams]
 
 
+def cpu_threads() -> int:
+    """Torch threads for a CPU actor: its share of the node's cores, as its Ray CPU slots
+    are a share of the node's slots, so the actors of every replica on a node (whatever
+    the layout) share its cores instead of each taking all of them."""
+    context = ray.get_runtime_context()
+    slots = context.get_assigned_resources().get("CPU", 1.0)
+    node = next((n for n in ray.nodes() if n.get("NodeID") == context.get_node_id()), {})
+    node_slots = node.get("Resources", {}).get("CPU", 0) or slots
+    return max(1, int((os.cpu_count() or 1) * slots / node_slots))
+
+
 class RankWorker:
     """The body of one Ray actor: one rank of the sequence-parallel group."""
 
@@ -97,9 +108,7 @@ class RankWorker:
             # Ray pins one GPU per actor through CUDA_VISIBLE_DEVICES.
             torch.cuda.set_device(0)
         else:
-            # CPU actors share the machine's cores instead of each taking all of them.
-            world_size = setup.config.parallel.world_size
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            torch.set_num_threads(cpu_threads())
         dist.init_process_group(
             backend="nccl" if setup.use_gpu else "gloo",
             init_method=f"tcp://{setup.master_addr}:{setup.master_port}",

@@ -166,6 +166,7 @@ def _ray(monkeypatch, argv: list[str]) -> list[EngineConfig]:
     monkeypatch.setattr("longquest.parallel.worker.build_worker", build_worker)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **_: None)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ray_cluster, "cpu_threads", lambda: 1)
     with pytest.raises(Reached):
         cli.main(argv)
     assert len(got) == got[0].parallel.world_size
