@@ -108,9 +108,7 @@ class ReplicaFeeder:
         """Serve every line; the replicas' summaries (``ReplicaStats.summary``)."""
         try:
             while True:
-                for replica in self.replicas:
-                    if replica.alive and replica.refs is None:
-                        self._launch(replica)
+                self._launch([r for r in self.replicas if r.alive and r.refs is None])
                 busy = [r for r in self.replicas if r.refs is not None]
                 if not busy:
                     if self.queue.done():
@@ -122,19 +120,27 @@ class ReplicaFeeder:
                 bar.close()
         return [replica.stats.summary() for replica in self.replicas]
 
-    def _launch(self, replica: _Replica) -> None:
-        """Top ``replica`` up from the queue and start its next step, if it has work."""
-        new = []
-        while len(replica.in_flight) < self.limit:
-            item = self.queue.pick(replica.index, idle=not replica.in_flight)
-            if item is None:
-                break
-            self._next_id += 1
-            new.append(NewRequest(request_id=self._next_id, prompt=list(item.token_ids),
-                                  params=item.params))  # fmt: skip
-            replica.in_flight[self._next_id] = item
-        if replica.in_flight:
-            replica.refs = replica.cluster.start_step(new)
+    def _launch(self, ready: list[_Replica]) -> None:
+        """Top the ``ready`` replicas up from the queue, one line each in turn (so
+        replicas that are free together share the next lines), and start their steps."""
+        new: dict[int, list[NewRequest]] = {replica.index: [] for replica in ready}
+        taking = list(ready)
+        while taking:
+            for replica in list(taking):
+                item = None
+                if len(replica.in_flight) < self.limit:
+                    item = self.queue.pick(replica.index, idle=not replica.in_flight)
+                if item is None:
+                    taking.remove(replica)
+                    continue
+                self._next_id += 1
+                new[replica.index].append(NewRequest(
+                    request_id=self._next_id, prompt=list(item.token_ids), params=item.params
+                ))  # fmt: skip
+                replica.in_flight[self._next_id] = item
+        for replica in ready:
+            if replica.in_flight:
+                replica.refs = replica.cluster.start_step(new[replica.index])
 
     def _wait(self, busy: list[_Replica]) -> None:
         """Wait until some replica's step ends or fails, and take what it gave."""
