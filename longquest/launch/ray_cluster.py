@@ -1,4 +1,4 @@
-"""Ray launcher: one actor per GPU (or per CPU slot) in a packed placement group.
+"""Ray launcher: one actor per GPU (or per CPU slot) in a placement group on one node.
 
 The actors form a torch.distributed group (NCCL on GPUs, gloo on CPUs) at an
 address rank 0 picks, then each runs an engine with

@@ -208,3 +208,25 @@ def test_more_replicas_than_the_cluster_holds_is_refused_before_any_actor(ray_ru
     with pytest.raises(ValueError, match="room for 2 replicas"):
         LLM(model_dir, launcher="ray", data_parallel_size=3, world_size=2, **COMMON)
     assert groups() == before
+
+
+def test_the_cli_shows_each_replica_and_prints_the_summary_as_json(
+    ray_runtime, model_dir, job, reference, tmp_path, capsys
+):
+    from longquest.launch import cli
+
+    dst = tmp_path / "out.jsonl"
+    argv = [
+        "batch", "--model", str(model_dir), "--input", str(job), "--output", str(dst),
+        "--launcher", "ray", "--data-parallel-size", "2", "--group-size", "2",
+        "--device", "cpu", "--dtype", "float32", "--cache-tokens", "4096", "--budget", "32",
+        "--page-size", "16", "--dense-layers", "1", "--prefill-chunk", "64",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert {r["id"]: r.get("text") for r in rows_of(dst)} == reference
+    err = capsys.readouterr().err
+    assert "replica 0" in err and "replica 1" in err
+    (line,) = [x for x in err.splitlines() if x.startswith("[longquest] batch summary ")]
+    summary = json.loads(line.removeprefix("[longquest] batch summary "))
+    assert summary["served"] == 6 and len(summary["replicas"]) == 2
+    assert ray.is_initialized()  # a Ray the job joined is left running
