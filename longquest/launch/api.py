@@ -208,7 +208,7 @@ def engine_config(
     quest: QuestConfig | None,
     cache: CacheConfig | None,
     world_size: int,
-    data_parallel_size: int,
+    data_parallel_size: int = 1,
     launcher: str,
     prefill_chunk_tokens: int,
     impl: str | None,

@@ -219,7 +219,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     llm = LLM(config=config)
     # On Ray the replicas (one or more) are fed from the shared queue, one progress line
     # and one summary entry each.
-    seam = {"replicas": llm.replicas} if llm.replicas is not None else {"step": llm.step}
+    seam = {"replicas": llm.replicas} if args.launcher == "ray" else {"step": llm.step}
     try:
         summary = run_batch(
             input_path=args.input,
