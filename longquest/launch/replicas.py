@@ -9,6 +9,8 @@ says what is missing. :class:`~longquest.launch.dispatch.ReplicaFeeder` feeds th
 
 from __future__ import annotations
 
+import threading
+
 import ray
 
 from longquest.engine.config import EngineConfig
@@ -58,6 +60,44 @@ def check_capacity(nodes: list[dict], *, replicas: int, world_size: int, use_gpu
     )
 
 
+def start_replicas(config: EngineConfig, *, timeout_s: float) -> list[ray_cluster.RayCluster]:
+    """Start ``data_parallel_size`` RayClusters side by side (each loads the model), one
+    thread each. On any failure, or an interrupt, the ones started are shut down (a
+    thread still starting shuts its own down when it gets there) and the error raised."""
+    results: list = [None] * config.parallel.data_parallel_size
+    abandoned = threading.Event()
+
+    def start(index: int) -> None:
+        try:
+            results[index] = ray_cluster.RayCluster(config, timeout_s=timeout_s)
+        except BaseException as error:  # noqa: BLE001 - raised by the caller
+            results[index] = error
+            return
+        if abandoned.is_set():
+            results[index].shutdown()
+
+    threads = [threading.Thread(target=start, args=(i,), daemon=True) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        abandoned.set()
+        _shut_down([r for r in results if isinstance(r, ray_cluster.RayCluster)])
+        raise
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        _shut_down([r for r in results if not isinstance(r, BaseException)])
+        raise errors[0]
+    return results
+
+
+def _shut_down(clusters: list) -> None:
+    for cluster in clusters:
+        cluster.shutdown()
+
+
 class ReplicaSet:
     """``config.parallel.data_parallel_size`` replicas, each a RayCluster of
     ``config.parallel.world_size`` actors built from the same config."""
@@ -73,8 +113,7 @@ class ReplicaSet:
                 ray.nodes(), replicas=replicas, world_size=world_size,
                 use_gpu=uses_gpu(config.device, gpus),
             )  # fmt: skip
-            for _ in range(replicas):
-                self.clusters.append(ray_cluster.RayCluster(config, timeout_s=timeout_s))
+            self.clusters = start_replicas(config, timeout_s=timeout_s)
         except BaseException:  # a failed or interrupted start leaves no actor or Ray behind
             self.shutdown()
             raise

@@ -169,7 +169,8 @@ def _ray(monkeypatch, argv: list[str]) -> list[EngineConfig]:
     monkeypatch.setattr(ray_cluster, "cpu_threads", lambda: 1)
     with pytest.raises(Reached):
         cli.main(argv)
-    assert len(got) == got[0].parallel.world_size
+    parallel = got[0].parallel
+    assert len(got) == parallel.world_size * parallel.data_parallel_size
     return got
 
 
