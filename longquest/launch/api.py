@@ -112,6 +112,8 @@ class LLM:
 
         A prompt is a string, a list of token ids, or chat messages
         (``[{"role": "user", "content": ...}]``, formatted by the chat template).
+        With several replicas the prompts are spread over them, and a prompt the engine
+        refuses raises its ValueError once the others are served.
         """
         if not isinstance(prompts, (str, list, tuple)):
             raise ValueError(f"prompts must be a string or a list of prompts, got {prompts!r}")
