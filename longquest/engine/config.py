@@ -139,7 +139,9 @@ LAUNCHERS = ("local", "ray", "torchrun")
 class ParallelConfig:
     """How many ranks share every sequence's KV pages, and how they are started.
 
-    world_size: sequence-parallel ranks (one GPU each).
+    world_size: sequence-parallel ranks (one GPU each) of one replica.
+    data_parallel_size: independent replicas of ``world_size`` ranks each, fed from one
+        work queue (the Ray launcher only; every replica holds the whole model).
     launcher: ``"local"`` (one device, this process), ``"ray"`` or ``"torchrun"``.
     split_mlp: decode splits every MLP over the ranks (each reads ``1 / world_size``
         of the MLP weights; one all-reduce sums the parts).
@@ -148,6 +150,7 @@ class ParallelConfig:
     """
 
     world_size: int = 1
+    data_parallel_size: int = 1
     launcher: str = "local"
     split_mlp: bool = True
     peer_collectives: bool = True
@@ -163,6 +166,18 @@ class ParallelConfig:
             raise ValueError(
                 "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
                 f"for world_size={self.world_size}"
+            )
+        replicas = self.data_parallel_size
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(
+                "ParallelConfig.data_parallel_size (replicas of the model, --data-parallel-size) "
+                f"must be a whole number >= 1, got {replicas!r}"
+            )
+        if replicas > 1 and self.launcher != "ray":
+            raise ValueError(
+                f"data_parallel_size={replicas} runs replicas as Ray placement groups; use "
+                f"launcher='ray' (longquest batch --launcher ray --data-parallel-size {replicas}), "
+                f"not {self.launcher!r}"
             )
 
 

@@ -36,6 +36,8 @@ class LLM:
     quest: Quest sparsity; ``QuestConfig(token_budget=None)`` decodes densely.
     cache: KV cache size; by default what free GPU memory holds (32K tokens on CPU).
     world_size, launcher: sequence-parallel ranks and how they start (``ParallelConfig``).
+    data_parallel_size: replicas of ``world_size`` ranks each, every one a Ray placement
+        group on one node (``launcher="ray"`` only); ``generate`` spreads prompts over them.
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
     impl: kernels: None (Triton on CUDA, PyTorch on the CPU), "triton" or "torch".
     allow_long_context: serve prompts that, with ``max_tokens``, run past the context
@@ -54,6 +56,7 @@ class LLM:
         quest: QuestConfig | None = None,
         cache: CacheConfig | None = None,
         world_size: int = 1,
+        data_parallel_size: int = 1,
         launcher: str = "local",
         prefill_chunk_tokens: int = 8192,
         impl: str | None = None,
@@ -61,8 +64,8 @@ class LLM:
         prefix_caching: bool = True,
     ) -> None:
         settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
-                        world_size=world_size, launcher=launcher,
-                        prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
+                        world_size=world_size, data_parallel_size=data_parallel_size,
+                        launcher=launcher, prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
                         allow_long_context=allow_long_context,
                         prefix_caching=prefix_caching)  # fmt: skip
         if config is None:
@@ -80,16 +83,18 @@ class LLM:
             )
         self.config = config
         self.quest = config.quest
-        self._engine = self._cluster = self._scheduler = None
+        self._engine = self._cluster = self._scheduler = self._replicas = None
         if config.parallel.launcher == "local":
             from longquest.engine.builder import build_engine
 
             self._engine, self.tokenizer = build_engine(config)
         else:
             from longquest.engine.tokenizer import Tokenizer
-            from longquest.launch.ray_cluster import RayCluster
+            from longquest.launch.replicas import ReplicaSet
 
-            self._cluster = RayCluster(config)
+            self._replicas = ReplicaSet(config)
+            if len(self._replicas) == 1:
+                self._cluster = self._replicas.clusters[0]
             try:
                 self.tokenizer = Tokenizer(config.model)
             except BaseException:  # no LLM to shut down: release the workers here
@@ -107,6 +112,8 @@ class LLM:
 
         A prompt is a string, a list of token ids, or chat messages
         (``[{"role": "user", "content": ...}]``, formatted by the chat template).
+        With several replicas the prompts are spread over them, and a prompt the engine
+        refuses raises its ValueError once the others are served.
         """
         if not isinstance(prompts, (str, list, tuple)):
             raise ValueError(f"prompts must be a string or a list of prompts, got {prompts!r}")
@@ -134,6 +141,10 @@ class LLM:
                     "or one per prompt"
                 )
         token_ids = [self.tokenizer.encode(p, index=i) for i, p in enumerate(prompts)]
+        if self._replicas is not None and self._cluster is None:
+            from longquest.launch.dispatch import generate_on_replicas
+
+            return generate_on_replicas(self._replicas.clusters, token_ids, params)
         if self._cluster is not None:
             return self._cluster.generate(token_ids, params)
         bars = progress_callback(use_tqdm, prefill_chunk_tokens=self.config.prefill_chunk_tokens)
@@ -146,7 +157,14 @@ class LLM:
     def step(self, new: list[NewRequest]) -> StepResult:
         """Advance the engine by one step with ``new`` (token ids) added: the streaming
         seam of the batch runner (see longquest.engine.scheduler). Requests stay in
-        flight between calls; finish them before calling ``generate``."""
+        flight between calls; finish them before calling ``generate``. With several
+        replicas, give ``replicas`` to ``run_batch`` instead."""
+        if self._replicas is not None and self._cluster is None:
+            raise ValueError(
+                f"LLM.step drives one replica; with data_parallel_size="
+                f"{len(self._replicas)} pass run_batch(replicas=llm.replicas, ...) "
+                "(longquest batch does), or use generate"
+            )
         if self._cluster is not None:
             return self._cluster.step(new)
         if self._scheduler is None:
@@ -154,25 +172,33 @@ class LLM:
         return self._scheduler.step(new)
 
     @property
+    def replicas(self):
+        """The Ray replicas (a :class:`~longquest.launch.replicas.ReplicaSet`), or None
+        for the local launcher."""
+        return self._replicas
+
+    @property
     def engine(self):
         """The single-device engine (``launcher="local"`` only)."""
         return self._engine
 
     def worker_pids(self) -> list[int]:
-        """The process ids of the ranks: this process for the local launcher."""
-        if self._cluster is not None:
-            return self._cluster.worker_pids()
+        """The process ids of the ranks (every replica's, in replica then rank order):
+        this process for the local launcher."""
+        if self._replicas is not None:
+            return [pid for pids in self._replicas.worker_pids() for pid in pids]
         return [os.getpid()]
 
     def shutdown(self) -> None:
         """Release the workers (Ray actors); a no-op for the local launcher."""
-        if self._cluster is not None:
-            self._cluster.shutdown()
-            self._cluster = None
+        if self._replicas is not None:
+            self._replicas.shutdown()
+        self._cluster = self._replicas = None
 
 
 _DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
-                         launcher="local", prefill_chunk_tokens=8192, impl=None,
+                         data_parallel_size=1, launcher="local", prefill_chunk_tokens=8192,
+                         impl=None,
                          allow_long_context=False, prefix_caching=True)  # fmt: skip
 
 
@@ -184,6 +210,7 @@ def engine_config(
     quest: QuestConfig | None,
     cache: CacheConfig | None,
     world_size: int,
+    data_parallel_size: int = 1,
     launcher: str,
     prefill_chunk_tokens: int,
     impl: str | None,
@@ -199,7 +226,9 @@ def engine_config(
         device=None if device is None else str(device),
         quest=quest or QuestConfig(),
         cache=cache or CacheConfig(),
-        parallel=ParallelConfig(world_size=world_size, launcher=launcher),
+        parallel=ParallelConfig(
+            world_size=world_size, data_parallel_size=data_parallel_size, launcher=launcher
+        ),
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,
         allow_long_context=allow_long_context,

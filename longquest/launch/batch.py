@@ -212,6 +212,7 @@ def run_batch(
     tokenizer,
     generate: Generate | None = None,
     step: Step | None = None,
+    replicas=None,
     group_size: int = 8,
     lookahead: int = 256,
     done_ids: IdTable | None = None,
@@ -228,8 +229,13 @@ def run_batch(
         rank's scheduler under torchrun -- there only rank 0 passes ``write=True``).
     generate: instead of ``step``, a blocking ``generate(prompts, params)``; each
         group of up to ``group_size`` requests is then served to the end together.
-    group_size: requests in the engine at once (they decode as a batch); a finished
-        one's slot is refilled in the next step.
+    replicas: instead of ``step``, data-parallel Ray replicas (``LLM.replicas``, a
+        :class:`~longquest.launch.replicas.ReplicaSet`) fed from one shared queue
+        (longquest.launch.dispatch); the summary then also has ``replicas`` (one
+        ``ReplicaStats.summary`` each), ``prefill_tokens`` (prompt tokens computed, not
+        taken from a prefix cache) and ``wall_s``.
+    group_size: requests in the engine (on each replica) at once, decoded as a batch; a
+        finished one's slot is refilled in the next step.
     lookahead: lines parsed ahead of the engine, among which lines sharing a prompt
         prefix with the last one issued go first (at most ``LOOKAHEAD_TOKENS`` prompt
         tokens, and at least one line).
@@ -241,8 +247,8 @@ def run_batch(
     file that is the input, not a results file, or locked by another job (nothing is
     changed); RuntimeError when ``done_ids`` disagrees with the file once it is locked.
     """
-    if (generate is None) == (step is None):
-        raise ValueError("give run_batch one of step= or generate=")
+    if sum(seam is not None for seam in (generate, step, replicas)) != 1:
+        raise ValueError("give run_batch one of step=, generate= or replicas=")
     check_group_size(group_size)
     check_lookahead(lookahead)
     input_path, output_path = Path(input_path), Path(output_path)
@@ -263,6 +269,10 @@ def run_batch(
             input_path, tokenizer, ids=ids, retry_errors=retry_errors, write=rows.write,
             summary=rows.summary,
         )  # fmt: skip
+        if replicas is not None:
+            _serve_on_replicas(replicas, items, rows, group_size=group_size, lookahead=lookahead,
+                               progress=progress)  # fmt: skip
+            return rows.summary
         window = Lookahead(
             items, tokens_of=lambda item: item.token_ids, size=lookahead,
             max_tokens=LOOKAHEAD_TOKENS,
@@ -275,6 +285,29 @@ def run_batch(
     finally:
         rows.close()
     return rows.summary
+
+
+def _serve_on_replicas(
+    replicas, items: Iterator[BatchItem], rows: _Rows, *, group_size: int, lookahead: int,
+    progress: bool,
+) -> None:  # fmt: skip
+    """Serve ``items`` on ``replicas``' clusters from one shared queue; the replicas'
+    figures go into ``rows.summary``."""
+    from longquest.launch.dispatch import ReplicaFeeder
+    from longquest.launch.routing import SharedQueue
+
+    queue = SharedQueue(
+        items, tokens_of=lambda item: item.token_ids, replicas=len(replicas.clusters),
+        size=lookahead, max_tokens=LOOKAHEAD_TOKENS,
+    )  # fmt: skip
+    feeder = ReplicaFeeder(
+        clusters=replicas.clusters, queue=queue, row_of=result_row, write=rows.write,
+        limit=group_size, progress=progress,
+    )  # fmt: skip
+    per_replica = feeder.run()
+    rows.summary["prefill_tokens"] = sum(r["prefill_tokens"] for r in per_replica)
+    rows.summary["wall_s"] = round(time.perf_counter() - rows.start, 3)
+    rows.summary["replicas"] = per_replica
 
 
 class _Rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import re
 import sys
 from pathlib import Path
@@ -126,7 +127,11 @@ def cache_from_args(args: argparse.Namespace) -> CacheConfig:
 
 
 def engine_config_from_args(
-    args: argparse.Namespace, *, world_size: int = 1, launcher: str = "local"
+    args: argparse.Namespace,
+    *,
+    world_size: int = 1,
+    data_parallel_size: int = 1,
+    launcher: str = "local",
 ) -> EngineConfig:
     """The one EngineConfig of the options ``add_model_arguments`` added, which every
     launcher passes to its ranks unchanged."""
@@ -136,7 +141,9 @@ def engine_config_from_args(
         device=args.device,
         quest=quest_from_args(args),
         cache=cache_from_args(args),
-        parallel=ParallelConfig(world_size=world_size, launcher=launcher),
+        parallel=ParallelConfig(
+            world_size=world_size, data_parallel_size=data_parallel_size, launcher=launcher
+        ),
         prefill_chunk_tokens=args.prefill_chunk,
         allow_long_context=args.allow_long_context,
         prefix_caching=not args.no_prefix_caching,
@@ -203,24 +210,30 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_batch_files(input_path=args.input, output_path=args.output, group_size=args.group_size)
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
-    config = engine_config_from_args(args, world_size=args.world_size, launcher=args.launcher)
+    config = engine_config_from_args(
+        args, world_size=args.world_size, data_parallel_size=args.data_parallel_size,
+        launcher=args.launcher,
+    )  # fmt: skip
     if args.launcher == "torchrun":
         return _batch_with_torchrun(config, args)
     from longquest.launch.api import LLM
 
     llm = LLM(config=config)
+    # On Ray the replicas (one or more) are fed from the shared queue, one progress line
+    # and one summary entry each.
+    seam = {"replicas": llm.replicas} if args.launcher == "ray" else {"step": llm.step}
     try:
         summary = run_batch(
             input_path=args.input,
             output_path=args.output,
-            step=llm.step,
+            **seam,
             tokenizer=llm.tokenizer,
             group_size=args.group_size,
             retry_errors=args.retry_errors,
         )
     finally:
         llm.shutdown()
-    print(f"[longquest] batch {summary}", file=sys.stderr)
+    print(f"[longquest] batch summary {json.dumps(summary)}", file=sys.stderr)
     return 0
 
 
@@ -304,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(batch)
     batch.add_argument("--input", required=True, help="JSONL: id, prompt|messages, sampling")
     batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
-    batch.add_argument("--world-size", type=int, default=1)
+    batch.add_argument("--world-size", type=int, default=1,
+                       help="sequence-parallel ranks (GPUs) of one replica (1)")  # fmt: skip
+    batch.add_argument("--data-parallel-size", type=int, default=1,
+                       help="replicas of --world-size ranks each, fed from one queue "
+                       "(--launcher ray; 1)")  # fmt: skip
     batch.add_argument("--launcher", default="local", choices=["local", "ray", "torchrun"])
     batch.add_argument("--group-size", type=int, default=8,
                        help="requests in the engine at once (a finished one's place is "

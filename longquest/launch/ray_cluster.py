@@ -1,4 +1,4 @@
-"""Ray launcher: one actor per GPU (or per CPU slot) in a packed placement group.
+"""Ray launcher: one actor per GPU (or per CPU slot) in a placement group on one node.
 
 The actors form a torch.distributed group (NCCL on GPUs, gloo on CPUs) at an
 address rank 0 picks, then each runs an engine with
@@ -74,6 +74,17 @@ class GenerateRequest:
     params: list[SamplingParams]
 
 
+def cpu_threads() -> int:
+    """Torch threads for a CPU actor: its share of the node's cores, as its Ray CPU slots
+    are a share of the node's slots, so the actors of every replica on a node (whatever
+    the layout) share its cores instead of each taking all of them."""
+    context = ray.get_runtime_context()
+    slots = context.get_assigned_resources().get("CPU", 1.0)
+    node = next((n for n in ray.nodes() if n.get("NodeID") == context.get_node_id()), {})
+    node_slots = node.get("Resources", {}).get("CPU", 0) or slots
+    return max(1, int((os.cpu_count() or 1) * slots / node_slots))
+
+
 class RankWorker:
     """The body of one Ray actor: one rank of the sequence-parallel group."""
 
@@ -110,9 +121,7 @@ class RankWorker:
                 device_index = setup.device_index
             torch.cuda.set_device(device_index)
         else:
-            # CPU actors share the machine's cores instead of each taking all of them.
-            world_size = setup.config.parallel.world_size
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            torch.set_num_threads(cpu_threads())
         dist.init_process_group(
             backend="nccl" if setup.use_gpu else "gloo",
             init_method=f"tcp://{setup.master_addr}:{setup.master_port}",
@@ -151,24 +160,31 @@ class RankWorker:
         return getattr(self.engine.comm, "peer", None) is not None
 
 
+def init_ray(*, num_cpus: int) -> bool:
+    """Join the cluster ``RAY_ADDRESS`` names, else start a local Ray with at least
+    ``num_cpus`` CPU slots; nothing when Ray is already up. True when this call started
+    a Ray (its caller stops it)."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address or None,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=True,
+        **({} if address else {"num_cpus": max(os.cpu_count() or 1, num_cpus)}),
+    )
+    return not address
+
+
 class RayCluster:
-    """``config.parallel.world_size`` RankWorker actors driven from this process."""
+    """``config.parallel.world_size`` RankWorker actors driven from this process, in one
+    placement group that Ray keeps on one node (``STRICT_PACK``): one replica."""
 
     def __init__(self, config: EngineConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        world_size = config.parallel.world_size
         # A Ray this cluster starts, shutdown() stops: every launcher calls it in a
         # ``finally``, which SIGTERM reaches too (Ray's driver handler raises SystemExit).
-        self._owns_ray = False
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            ray.init(
-                address=address or None,
-                include_dashboard=False,
-                ignore_reinit_error=True,
-                log_to_driver=True,
-                **({} if address else {"num_cpus": max(os.cpu_count() or 1, world_size)}),
-            )
-            self._owns_ray = not address
+        self._owns_ray = init_ray(num_cpus=config.parallel.world_size)
         self.timeout_s = timeout_s
         try:
             self._start(config)
@@ -189,7 +205,8 @@ class RayCluster:
                 "--device cpu"
             )
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self._group = placement_group([bundle] * world_size, strategy="PACK")
+        # One node: the ranks exchange every decode step's collectives.
+        self._group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         try:
             ray.get(self._group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as error:
@@ -232,7 +249,12 @@ class RayCluster:
     def step(self, new: list[NewRequest]) -> StepResult:
         """One engine step on every rank with ``new`` added; rank 0's result. A failure
         tears the workers down (see ``_call``)."""
-        return self._call([a.step.remote(new) for a in self.actors], "step")[0]
+        return self._call(self.start_step(new), "step")[0]
+
+    def start_step(self, new: list[NewRequest]) -> list:
+        """Start one step on every rank; its ObjectRefs, rank 0's first (its StepResult
+        is the group's). The caller waits on them (``ray.wait``)."""
+        return [a.step.remote(new) for a in self.actors]
 
     def worker_pids(self) -> list[int]:
         return self._call([a.pid.remote() for a in self.actors], "pid")

@@ -63,7 +63,8 @@ def name_request(message: str, *, request_id: object, line: int) -> str:
     return re.sub(r"\bprompt \d+\b", name, message, count=1)
 
 
-def _refused_row(item: BatchItem, message: str) -> dict:
+def refused_row(item: BatchItem, message: str) -> dict:
+    """The error row of a line the engine refused (``message`` names the line)."""
     return {"id": item.id, "error": name_request(message, request_id=item.id, line=item.line)}
 
 
@@ -108,7 +109,7 @@ class Feeder:
                 self._recover(error)
                 continue
             for request_id, message in result.refused.items():
-                self.write(_refused_row(self.in_flight.pop(request_id), message))
+                self.write(refused_row(self.in_flight.pop(request_id), message))
             for output in result.finished:
                 self.write(self.row_of(self.in_flight.pop(output.request_id), output))
 
@@ -140,7 +141,7 @@ class Feeder:
         """The error row of a request that failed alone; raises ``error`` when the
         engine no longer serves anything (not this request's fault: no row)."""
         if isinstance(error, ValueError):  # the request's own fault, refused before any work
-            return _refused_row(item, str(error))
+            return refused_row(item, str(error))
         if not self._engine_serves(item):
             raise error
         message = (

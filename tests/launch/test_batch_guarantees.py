@@ -312,9 +312,9 @@ def test_retry_errors_flag_reaches_every_launcher(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(api, "LLM", FakeLLM)
     args = ["batch", "--model", str(tmp_path), "--input", str(src), "--output", str(dst)]
     assert main(args) == 0
-    assert "'served': 0, 'errors': 0, 'skipped': 1" in capsys.readouterr().err
+    assert '"served": 0, "errors": 0, "skipped": 1' in capsys.readouterr().err
     assert main([*args, "--retry-errors"]) == 0
-    assert "'served': 1, 'errors': 0, 'skipped': 0" in capsys.readouterr().err
+    assert '"served": 1, "errors": 0, "skipped": 0' in capsys.readouterr().err
     assert "text" in read_results(dst)['"g0"']
     commands = []
     monkeypatch.setattr(cli, "run_quietly_on_interrupt", lambda c: commands.append(c) or 0)

@@ -42,6 +42,10 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
     "--prefill-chunk": (["--prefill-chunk", "100"], lambda c: c.prefill_chunk_tokens == 100),
     "--no-spread-selection": (["--no-spread-selection"], lambda c: not c.quest.spread_selection),
     "--world-size": (["--world-size", "3"], lambda c: c.parallel.world_size == 3),
+    "--data-parallel-size": (
+        ["--data-parallel-size", "2"],
+        lambda c: c.parallel.data_parallel_size == 2,
+    ),
     "--allow-long-context": (["--allow-long-context"], lambda c: c.allow_long_context),
     "--no-prefix-caching": (["--no-prefix-caching"], lambda c: not c.prefix_caching),
     # The launcher is the test's parameter; its check is made for every case.
@@ -105,6 +109,8 @@ def _runs(command: str, launcher: str) -> list[tuple[list[str], list[str]]]:
     """Argument lists covering every engine option of ``command`` (the exclusive pair
     needs two runs), with the options each run checks."""
     present = [o for o in _options(_subparsers()[command]) if o in ENGINE_OPTIONS]
+    if launcher != "ray":  # one device, or one replica of torchrun ranks
+        present = [o for o in present if o != "--data-parallel-size"]
     if launcher == "local":
         present = [o for o in present if o != "--world-size"]  # one device only
     runs = []
@@ -152,12 +158,19 @@ def _ray(monkeypatch, argv: list[str]) -> list[EngineConfig]:
         return None, None
 
     monkeypatch.setattr(ray_cluster, "RayCluster", InProcessCluster)
+    # No Ray: the replicas' capacity check is tested in test_replicas.
+    monkeypatch.setattr("longquest.launch.replicas.init_ray", lambda **_: False)
+    monkeypatch.setattr("longquest.launch.replicas.ray.cluster_resources", lambda: {})
+    monkeypatch.setattr("longquest.launch.replicas.ray.nodes", lambda: [])
+    monkeypatch.setattr("longquest.launch.replicas.check_capacity", lambda *_, **__: None)
     monkeypatch.setattr("longquest.parallel.worker.build_worker", build_worker)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **_: None)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ray_cluster, "cpu_threads", lambda: 1)
     with pytest.raises(Reached):
         cli.main(argv)
-    assert len(got) == got[0].parallel.world_size
+    parallel = got[0].parallel
+    assert len(got) == parallel.world_size * parallel.data_parallel_size
     return got
 
 
