@@ -22,7 +22,7 @@ from tests.tiny_models import make_tiny_model, save_char_tokenizer
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = 6
+DOCS = 12  # long enough (about 10 s on 2 cores) for the kill to land mid-job
 MODEL_OPTIONS = [
     "--device", "cpu", "--dtype", "float32", "--page-size", "16", "--budget", "32",
     "--dense-layers", "1", "--cache-tokens", "2048", "--group-size", "2",
@@ -31,8 +31,8 @@ MODEL_OPTIONS = [
 
 def _input(path: Path) -> Path:
     lines = [
-        {"id": f"doc{i}", "prompt": f"document {i}: " + "lorem ipsum " * (6 + 3 * i),
-         "max_tokens": 12, "ignore_eos": True}
+        {"id": f"doc{i}", "prompt": f"document {i}: " + "lorem ipsum " * (6 + i),
+         "max_tokens": 48, "ignore_eos": True}
         for i in range(DOCS)
     ]  # fmt: skip
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -82,15 +82,16 @@ def test_two_node_cluster_places_answers_and_resumes_after_a_node_dies(tmp_path)
             first = cluster.add_node(num_cpus=2, resources={"second_node": 1})
             jobs.append(job := _batch_on(cluster, model, src, dst, log))
             deadline = time.monotonic() + 240
-            while len(_rows(dst)) < 2 and job.poll() is None and time.monotonic() < deadline:
+            while len(_rows(dst)) < 1 and job.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert job.poll() is None, f"the job ended before the kill: {log.read_text()[-2000:]}"
             cluster.kill_node(first)
             job.wait(timeout=180)
             assert job.returncode == 1, log.read_text()[-3000:]
-            assert "worker rank" in log.read_text()
+            # The job's one replica died with the node: the job ends, its rows kept.
+            assert "every replica failed" in log.read_text()
             served = [row["id"] for row in _rows(dst)]
-            assert 2 <= len(served) < DOCS and len(set(served)) == len(served)
+            assert 1 <= len(served) < DOCS and len(set(served)) == len(served)
 
             second = cluster.add_node(num_cpus=2)
             jobs.append(job := _batch_on(cluster, model, src, dst, log))
