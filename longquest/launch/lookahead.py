@@ -40,6 +40,33 @@ def prefix_signature(token_ids: array) -> list[bytes]:
     return signature
 
 
+class WindowReader(Generic[Item]):
+    """A source read one item ahead, for a window of at most ``size`` items and
+    ``max_tokens`` prompt tokens (and at least one item): the next item enters only once
+    it fits."""
+
+    def __init__(self, source: Iterator[Item], *, tokens_of, size: int, max_tokens: int) -> None:
+        self._source, self.tokens_of = source, tokens_of
+        self.size, self.max_tokens = size, max_tokens
+        self._next: Item | None = None  # read from the source, not in the window yet
+        self._exhausted = False
+
+    def next_fitting(self, *, waiting: int, tokens: int) -> Item | None:
+        """The next item if it fits a window holding ``waiting`` items of ``tokens``
+        prompt tokens; None when it does not fit yet or the source is exhausted."""
+        if waiting >= self.size:
+            return None
+        if self._next is None and not self._exhausted:
+            self._next = next(self._source, None)
+            self._exhausted = self._next is None
+        if self._next is None:
+            return None
+        if waiting and tokens + len(self.tokens_of(self._next)) > self.max_tokens:
+            return None  # it waits, read, until the window has room
+        item, self._next = self._next, None
+        return item
+
+
 @dataclass
 class _Waiting(Generic[Item]):
     item: Item
@@ -57,8 +84,7 @@ class Lookahead(Generic[Item]):
             raise ValueError(
                 f"look-ahead needs size >= 1 and max_tokens >= 1, got {size}, {max_tokens}"
             )
-        self._source = source
-        self._tokens_of = tokens_of
+        self._reader = WindowReader(source, tokens_of=tokens_of, size=size, max_tokens=max_tokens)
         self.size, self.max_tokens = size, max_tokens
         self._waiting: dict[int, _Waiting[Item]] = {}
         self._order: deque[int] = deque()  # entry numbers in file order; picked ones lazily
@@ -67,8 +93,6 @@ class Lookahead(Generic[Item]):
         self._picks = 0
         self._tokens = 0
         self._last: list[bytes] = []
-        self._next: Item | None = None  # read from the source, not in the window yet
-        self._exhausted = False
 
     def __len__(self) -> int:
         """Lines in the window now."""
@@ -105,19 +129,12 @@ class Lookahead(Generic[Item]):
         return default
 
     def _fill(self) -> None:
-        while len(self._waiting) < self.size:
-            if self._next is None and not self._exhausted:
-                self._next = next(self._source, None)
-                self._exhausted = self._next is None
-            if self._next is None:
-                return
-            token_ids = self._tokens_of(self._next)
-            if self._waiting and self._tokens + len(token_ids) > self.max_tokens:
-                return  # it waits, read, until the window has room
-            self._enter(self._next, token_ids)
-            self._next = None
+        read = self._reader.next_fitting
+        while (item := read(waiting=len(self._waiting), tokens=self._tokens)) is not None:
+            self._enter(item)
 
-    def _enter(self, item: Item, token_ids: array) -> None:
+    def _enter(self, item: Item) -> None:
+        token_ids = self._reader.tokens_of(item)
         number = self._entered
         self._entered += 1
         waiting = _Waiting(

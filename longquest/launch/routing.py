@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from longquest.launch.lookahead import SIGNATURE_TOKENS, prefix_signature
+from longquest.launch.lookahead import SIGNATURE_TOKENS, WindowReader, prefix_signature
 
 # Shared prefixes shorter than this do not tie lines to a replica: re-prefilling them
 # costs little, and a system prompt every line starts with would send all to one.
@@ -63,7 +63,7 @@ class SharedQueue(Generic[Item]):
                 f"the shared queue needs size, max_tokens and replicas >= 1, got {size}, "
                 f"{max_tokens}, {replicas}"
             )
-        self._source, self._tokens_of = source, tokens_of
+        self._reader = WindowReader(source, tokens_of=tokens_of, size=size, max_tokens=max_tokens)
         self.size, self.max_tokens = size, max_tokens
         self.alive = set(range(replicas))
         self._waiting: dict[int, _Waiting[Item]] = {}
@@ -72,8 +72,6 @@ class SharedQueue(Generic[Item]):
         self._holders: OrderedDict[bytes, set[int]] = OrderedDict()
         self._last: dict[int, list[bytes]] = {}  # replica -> sticky entries of its last line
         self._entered = self._picks = self._tokens = 0
-        self._next: Item | None = None  # read from the source, not in the window yet
-        self._exhausted = False
 
     def __len__(self) -> int:
         """Lines waiting in the window now."""
@@ -152,19 +150,12 @@ class SharedQueue(Generic[Item]):
         return waiting.item
 
     def _fill(self) -> None:
-        while len(self._waiting) < self.size:
-            if self._next is None and not self._exhausted:
-                self._next = next(self._source, None)
-                self._exhausted = self._next is None
-            if self._next is None:
-                return
-            if self._waiting and self._tokens + len(self._tokens_of(self._next)) > self.max_tokens:
-                return  # it waits, read, until the window has room
-            self._enter(self._next, entered=self._picks)
-            self._next = None
+        read = self._reader.next_fitting
+        while (item := read(waiting=len(self._waiting), tokens=self._tokens)) is not None:
+            self._enter(item, entered=self._picks)
 
     def _enter(self, item: Item, *, entered: int) -> int:
-        token_ids = self._tokens_of(item)
+        token_ids = self._reader.tokens_of(item)
         number = self._entered
         self._entered += 1
         sticky = prefix_signature(token_ids)[_FIRST_STICKY:]
