@@ -147,7 +147,7 @@ def job_case(setup: Setup, args: argparse.Namespace) -> dict:
     modes, answers, check = {}, {}, None
     for name, caching in engine_modes():
         engine = make_engine(setup, pages=pages, chunk=args.chunk, prefix_caching=caching)
-        warm_up(engine, setup, tokens=warm_tokens(args))
+        warm_up(engine, setup, tokens=warm_tokens(args), rows=len(prompts))
         if twin is not None and check is None:
             check = model_check(engine, twin, setup, tokens=min(args.context, 1024))
         call = timed_generate(engine, setup, prompts, params)
@@ -188,7 +188,7 @@ def distinct_case(setup: Setup, args: argparse.Namespace) -> dict:
     for repeat in range(args.repeats):
         for name, caching in modes if repeat % 2 == 0 else modes[::-1]:
             engine = make_engine(setup, pages=pages, chunk=args.chunk, prefix_caching=caching)
-            warm_up(engine, setup, tokens=warm_tokens(args))
+            warm_up(engine, setup, tokens=warm_tokens(args), rows=len(prompts))
             call = timed_generate(engine, setup, prompts, params)
             runs.append({"mode": name, "repeat": repeat, **engine_summary(call, jobs=len(prompts))})
             print(f"{name} (run {repeat}): {call.seconds:.2f} s", flush=True)

@@ -126,12 +126,22 @@ def release(setup: Setup) -> None:
         torch.cuda.empty_cache()
 
 
-def warm_up(engine: LLMEngine, setup: Setup, *, tokens: int) -> None:
-    """On CUDA, compile the kernels and capture a decode graph on a prompt no job shares
-    (the CPU's PyTorch kernels have nothing to compile)."""
-    if setup.cuda:
-        prompt = random_tokens(tokens, vocab=setup.config.vocab_size, seed=7)
-        engine.generate([prompt], [SamplingParams(max_tokens=16, ignore_eos=True)])
+def warm_up(engine: LLMEngine, setup: Setup, *, tokens: int, rows: int = 1) -> None:
+    """On CUDA, compile the kernels and capture decode graphs before the clock starts, on
+    prompts no job shares: one of ``tokens`` tokens (every prefill chunk shape) and
+    ``rows - 1`` short ones, so decode batches as wide as the job's are compiled too (Triton
+    builds a kernel per class of batch width: 1, multiples of 16, others; one short prompt
+    stops early so both of a wide batch's classes are seen). The CPU's PyTorch kernels have
+    nothing to compile."""
+    if not setup.cuda:
+        return
+    vocab = setup.config.vocab_size
+    prompts = [random_tokens(tokens, vocab=vocab, seed=7)]
+    prompts += [random_tokens(256, vocab=vocab, seed=8 + row) for row in range(rows - 1)]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True) for _ in prompts]
+    if rows > 1:
+        params[-1] = SamplingParams(max_tokens=9, ignore_eos=True)
+    engine.generate(prompts, params)
 
 
 @dataclass(frozen=True, kw_only=True)

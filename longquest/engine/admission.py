@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from longquest.engine.cache import CacheCapacityError, pages_for
 from longquest.engine.config import SamplingParams
-from longquest.engine.page_keys import page_keys, page_tokens
+from longquest.engine.page_keys import PromptKeys
 from longquest.engine.page_pool import PageEntry, PagePool
 from longquest.engine.ranks import RankGroup
 from longquest.engine.sequence import Sequence
@@ -88,12 +88,7 @@ class Admission:
     def admit(self, seq: Sequence) -> bool:
         """Take ``seq``'s cached prefix and reserve the rest of this rank's pages of the
         whole sequence if every rank can; False (nothing changed) when not now."""
-        prompt_len = len(seq.prompt)
-        own = [
-            page
-            for page in range(pages_for(prompt_len + seq.params.max_tokens, self.page_size))
-            if self.ranks.owner(page_index=page) == self.ranks.rank
-        ]
+        own = self._own_pages(pages_for(len(seq.prompt) + seq.params.max_tokens, self.page_size))
         hit, shared = 0, []
         if self.prefix_caching:
             local_hit, found = self._local_hit(seq, own)
@@ -158,21 +153,26 @@ class Admission:
         for page in own:
             if page >= cap:
                 break
-            entry = self._entry(seq, page, keys)
-            physical = self.pool.lookup(entry.key, parent=entry.parent, tokens=entry.tokens)
+            physical = self.pool.lookup(
+                keys.keys[page], parent=keys.parent(page), tokens=keys.tokens(page)
+            )
             if physical is None:
                 return page, found
             found.append((page, physical))
         return cap, found
 
-    def _keys(self, seq: Sequence) -> list[bytes]:
+    def _own_pages(self, num_pages: int) -> list[int]:
+        """The pages of ``0 .. num_pages - 1`` this rank holds, in O(their number)."""
+        own, page = [], self.ranks.next_local_page(page_index=0)
+        while page < num_pages:
+            own.append(page)
+            page = self.ranks.next_local_page(page_index=page + 1)
+        return own
+
+    def _keys(self, seq: Sequence) -> PromptKeys:
         if seq.prompt_keys is None:  # once per request, not per admission attempt
-            seq.prompt_keys = page_keys(seq.prompt, page_size=self.page_size, salt=self.salt)
+            seq.prompt_keys = PromptKeys(seq.prompt, page_size=self.page_size, salt=self.salt)
         return seq.prompt_keys
 
-    def _entry(self, seq: Sequence, page: int, keys: list[bytes]) -> PageEntry:
-        return PageEntry(
-            key=keys[page],
-            parent=keys[page - 1] if page else self.salt,
-            tokens=page_tokens(seq.prompt, page_index=page, page_size=self.page_size),
-        )
+    def _entry(self, seq: Sequence, page: int, keys: PromptKeys) -> PageEntry:
+        return PageEntry(key=keys.keys[page], parent=keys.parent(page), tokens=keys.tokens(page))

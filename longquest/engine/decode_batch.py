@@ -140,7 +140,9 @@ class DecodeBatch:
         step on the same buffers (benchmarks time it)."""
         return {key: graph for key, (graph, _) in self._graphs.items()}
 
-    def run(self, *, key: tuple, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(
+        self, *, key: tuple, forward: Callable[[], torch.Tensor], capture: bool = True
+    ) -> torch.Tensor:
         """Run the step: ``forward()`` eagerly, or its CUDA graph once captured.
 
         forward: computes the step's result (logits, or greedy tokens) from
@@ -148,6 +150,7 @@ class DecodeBatch:
         ``sparse`` flag); its first run with a given key is eager (it warms up the
         kernels and the communicators); the graph is captured right after and replayed
         from the next step on. The returned tensor is overwritten by the next replay.
+        capture=False runs eagerly and captures nothing (a launch that will not recur).
         """
         if not self.use_graphs:
             return forward()
@@ -157,6 +160,8 @@ class DecodeBatch:
             graph.replay()
             return logits
         logits = forward()
+        if not capture:
+            return logits
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             static_logits = forward()

@@ -267,8 +267,11 @@ class LLMEngine:
                 picked.append(ids)
             return torch.stack(picked, dim=1)  # [num_seqs, steps]
 
+        # A launch shorter than steps_per_launch is a batch's last one (its shortest row ends
+        # there, and the batch changes): capturing it would cost more than it saves.
+        capture = steps == 1 or steps == self.steps_per_launch
         with torch.inference_mode():
-            out = batch.run(key=(sparse, greedy, steps), forward=forward)
+            out = batch.run(key=(sparse, greedy, steps), forward=forward, capture=capture)
         if greedy:
             table = out.tolist()
             per_step = []

@@ -38,18 +38,43 @@ def cache_salt(
     return hashlib.sha256(repr(sorted(identity.items())).encode()).digest()
 
 
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """``tokens`` as the bytes page keys hash (4-byte ints)."""
+    return array(TOKEN_TYPECODE, tokens).tobytes()
+
+
+class PromptKeys:
+    """A prompt's packed tokens and the keys of its full pages, computed once per request.
+
+    keys[i]: page ``i``'s key; :meth:`parent` and :meth:`tokens` give what an index entry
+    of page ``i`` is checked against.
+    """
+
+    def __init__(self, tokens: Sequence[int], *, page_size: int, salt: bytes) -> None:
+        self.salt = salt
+        self.packed = pack_tokens(tokens)
+        self.width = page_size * array(TOKEN_TYPECODE).itemsize
+        keys, parent = [], salt
+        for page in range(len(tokens) // page_size):
+            parent = hashlib.sha256(parent + self.tokens(page)).digest()
+            keys.append(parent)
+        self.keys = keys
+
+    def tokens(self, page: int) -> bytes:
+        """Page ``page``'s tokens as bytes."""
+        return self.packed[page * self.width : (page + 1) * self.width]
+
+    def parent(self, page: int) -> bytes:
+        """The key page ``page`` chains from: the previous page's, or the salt."""
+        return self.keys[page - 1] if page else self.salt
+
+
 def page_tokens(tokens: Sequence[int], *, page_index: int, page_size: int) -> bytes:
     """The tokens of page ``page_index`` of ``tokens`` as the bytes its key hashes."""
     start = page_index * page_size
-    return array(TOKEN_TYPECODE, tokens[start : start + page_size]).tobytes()
+    return pack_tokens(tokens[start : start + page_size])
 
 
 def page_keys(tokens: Sequence[int], *, page_size: int, salt: bytes) -> list[bytes]:
     """The 32-byte keys of the ``len(tokens) // page_size`` full pages of ``tokens``."""
-    packed = array(TOKEN_TYPECODE, tokens).tobytes()
-    width = page_size * array(TOKEN_TYPECODE).itemsize
-    keys, parent = [], salt
-    for page in range(len(tokens) // page_size):
-        parent = hashlib.sha256(parent + packed[page * width : (page + 1) * width]).digest()
-        keys.append(parent)
-    return keys
+    return PromptKeys(tokens, page_size=page_size, salt=salt).keys

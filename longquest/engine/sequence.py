@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from longquest.engine.config import SamplingParams
+
+if TYPE_CHECKING:
+    from longquest.engine.page_keys import PromptKeys
 
 
 @dataclass(kw_only=True)
@@ -54,7 +58,7 @@ class Sequence:
     cached_pages: int = 0
     cached_prompt_tokens: int = 0  # cached_pages * page_size
     # Keys of the prompt's full pages (longquest.engine.page_keys), once admission needs them.
-    prompt_keys: list[bytes] | None = field(default=None, repr=False)
+    prompt_keys: PromptKeys | None = field(default=None, repr=False)
     # (global page index, physical page id) of the pages this rank holds, ascending.
     local_pages: list[tuple[int, int]] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
