@@ -39,7 +39,7 @@ _FLAGS = {
 
 def parse_context(text: str) -> int:
     """Tokens of ``131072``, ``512K`` or ``1M`` (K = 1024, M = 1024 * 1024; ``1.5M`` too,
-rounded to a whole token)."""
+    rounded to a whole token)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
     if not match:
         raise ValueError(f"--context: cannot read {text!r}; give tokens as 131072, 512K or 1M")
