@@ -261,8 +261,9 @@ def working_bytes(
     - a prefill chunk's activations: the residual stream, q/k/v, the MLP's gate/up; under
       sequence parallelism the round's ``S x chunk`` queries and the fp32 partial results
       every rank sends and receives;
-    - prefill attention's gathered K and V of one layer's earlier pages (``local_tokens``
-      of them on this GPU), with the copy the gather makes;
+    - prefill attention's K and V of one layer's earlier pages (``local_tokens`` of them
+      on this GPU), gathered, and a copy of each (the gather's indexing, or a layout
+      the attention kernel wants);
     - decode logits (fp32, the whole vocabulary, and the sampler's copy) for
       ``decode_rows`` sequences, the CUDA graph pool, the CUDA context and, on 2+ GPUs,
       the collectives' buffers.
@@ -275,7 +276,7 @@ def working_bytes(
     qkv = 2 * chunk * (qo_heads + 2 * kv_heads) * head_dim * element
     attention = 3 * rows * qo_heads * head_dim * element + 3 * rows * qo_heads * (head_dim + 1) * 4
     mlp = 3 * chunk * (model.intermediate_size // t) * element
-    gather = 3 * local_tokens * kv_heads * head_dim * element
+    gather = 4 * local_tokens * kv_heads * head_dim * element
     logits = 2 * assumptions.decode_rows * model.vocab_size * 4
     fixed = assumptions.cuda_context_bytes + assumptions.cuda_graph_bytes
     if tensor_parallel * sequence_parallel > 1:
