@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from longquest.engine.builder import resolve_bounds_dtype, resolve_dtype
 from longquest.engine.cache import CacheShape, pages_for
 from longquest.engine.config import (
     BOUNDS_DTYPE_NAMES,
@@ -35,7 +34,6 @@ from longquest.engine.config import (
     CacheConfig,
     ModelConfig,
 )
-from longquest.engine.loader import model_config_from_hf
 from longquest.engine.validate import check_float, check_int
 from longquest.parallel.ownership import PageOwnership
 
@@ -116,7 +114,16 @@ class PlanRequest:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        # Imported here, as the loader below: the CLI builds its parser without them.
+        from longquest.engine.builder import resolve_dtype
+
         return resolve_dtype(self.dtype, torch.device("cuda"))
+
+    @property
+    def torch_bounds_dtype(self) -> torch.dtype | None:
+        from longquest.engine.builder import resolve_bounds_dtype
+
+        return resolve_bounds_dtype(self.bounds_dtype)
 
     @property
     def gpu_memory_bytes(self) -> int:
@@ -169,6 +176,8 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     the file is not JSON or describes an architecture the engine does not run.
     """
     from transformers import AutoConfig
+
+    from longquest.engine.loader import model_config_from_hf
 
     path = Path(model_dir)
     file = path / "config.json"
@@ -227,7 +236,7 @@ def page_bytes_per_gpu(model: ModelConfig, *, tensor_parallel: int, request: Pla
         num_kv_heads=model.num_kv_heads // tensor_parallel,
         head_dim=model.head_dim,
         dtype=request.torch_dtype,
-        bounds_dtype=resolve_bounds_dtype(request.bounds_dtype),
+        bounds_dtype=request.torch_bounds_dtype,
     )
     return shape.bytes_per_page
 
