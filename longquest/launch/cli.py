@@ -1,5 +1,5 @@
-"""The ``longquest`` command line: ``generate`` one prompt, serve a ``batch`` file, run
-the ``demo``.
+"""The ``longquest`` command line: ``generate`` one prompt, serve a ``batch`` file,
+``plan`` which GPU layouts hold a model and a context, run the ``demo``.
 
 Exit codes: 0 done, 2 bad input or usage (a one-line message), 130 interrupted (Ctrl-C),
 1 anything else.
@@ -24,6 +24,7 @@ from longquest.engine.config import (
     SamplingParams,
 )
 from longquest.launch.demo import run_demo
+from longquest.launch.plan_report import add_plan_parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--retry-errors", action="store_true",
                        help="serve again the ids whose last row is an error")  # fmt: skip
     batch.set_defaults(func=cmd_batch)
+    add_plan_parser(commands)
 
     # The demo's defaults live in run_demo's signature only.
     defaults = {
