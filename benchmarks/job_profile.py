@@ -78,9 +78,11 @@ def main() -> int:
     engine.ranks.prefill = timed("ranks.prefill", engine.ranks.prefill, cuda=cuda)
     run = decode_batch_module.DecodeBatch.run
 
-    def run_timed(self, *, key, forward):
-        name = "graph replay" if key in self._graphs else "eager+capture"
-        return timed(f"batch.run {name} {key}", run, cuda=cuda)(self, key=key, forward=forward)
+    def run_timed(self, *, key, forward, capture=True):
+        name = "graph replay" if key in self._graphs else ("eager+capture" if capture else "eager")
+        return timed(f"batch.run {name} {key}", run, cuda=cuda)(
+            self, key=key, forward=forward, capture=capture
+        )
 
     decode_batch_module.DecodeBatch.run = run_timed
     profiler = cProfile.Profile()
