@@ -128,19 +128,21 @@ def release(setup: Setup) -> None:
 
 def warm_up(engine: LLMEngine, setup: Setup, *, tokens: int, rows: int = 1) -> None:
     """On CUDA, compile the kernels and capture decode graphs before the clock starts, on
-    prompts no job shares: one of ``tokens`` tokens (every prefill chunk shape) and
-    ``rows - 1`` short ones, so decode batches as wide as the job's are compiled too (Triton
-    builds a kernel per class of batch width: 1, multiples of 16, others; one short prompt
-    stops early so both of a wide batch's classes are seen). The CPU's PyTorch kernels have
-    nothing to compile."""
+    prompts no job shares: one of ``tokens`` tokens alone (every prefill chunk shape, and a
+    batch of one), then ``rows`` short ones together, so decode batches as wide as the
+    job's are compiled too (Triton builds a kernel per class of batch width: 1, multiples
+    of 16, others; one short prompt stops early, so a wide batch's two classes are both
+    seen). The CPU's PyTorch kernels have nothing to compile."""
     if not setup.cuda:
         return
     vocab = setup.config.vocab_size
-    prompts = [random_tokens(tokens, vocab=vocab, seed=7)]
-    prompts += [random_tokens(256, vocab=vocab, seed=8 + row) for row in range(rows - 1)]
+    long_prompt = random_tokens(tokens, vocab=vocab, seed=7)
+    engine.generate([long_prompt], [SamplingParams(max_tokens=16, ignore_eos=True)])
+    if rows == 1:
+        return
+    prompts = [random_tokens(256, vocab=vocab, seed=8 + row) for row in range(rows)]
     params = [SamplingParams(max_tokens=24, ignore_eos=True) for _ in prompts]
-    if rows > 1:
-        params[-1] = SamplingParams(max_tokens=9, ignore_eos=True)
+    params[-1] = SamplingParams(max_tokens=9, ignore_eos=True)
     engine.generate(prompts, params)
 
 
