@@ -27,6 +27,12 @@ from longquest.kernels.scores import page_scores
 from longquest.kernels.topk import select_pages
 from longquest.kernels.topk_spread import make_select_workspace
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
+from longquest.kernels.two_level import (
+    candidate_pages,
+    coarse_bounds,
+    group_page_scores,
+    select_pages_two_level,
+)
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -40,9 +46,12 @@ __all__ = [
     "add_rms_norm",
     "append_kv",
     "buffer_bytes",
+    "candidate_pages",
     "check_dim",
     "check_keys_fit_float8",
     "check_tensor",
+    "coarse_bounds",
+    "group_page_scores",
     "keep_global_top_k",
     "make_select_workspace",
     "merge_attention_states",
@@ -58,6 +67,7 @@ __all__ = [
     "rms_norm",
     "rotate_query_key",
     "select_pages",
+    "select_pages_two_level",
     "silu_mul",
     "store_bounds",
 ]

@@ -78,7 +78,7 @@ def _query_signs(q, key_min_ptr, query_ptr):
 @triton.jit
 def _score_blocks(
     query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
-    n, first, last, head, max_pages,
+    n, pin, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -86,7 +86,8 @@ def _score_blocks(
     """Score blocks ``first .. last - 1`` of one (sequence, KV head) row into ``out_row``.
 
     ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
-    Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
+    Slots at ``j >= n`` (below ``max_pages``) get ``-inf``, valid slots at ``j >= pin``
+    ``+inf``.
 
     ``USE_DOT`` (fp16/bf16 query; bounds of its dtype, or fp8 bounds, which convert exactly
     to fp16 in registers, the query too): for ``q_d >= 0`` the bound's term is
@@ -148,6 +149,7 @@ def _score_blocks(
                 q = q.to(tl.float32)
                 bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
                 best = tl.maximum(best, tl.sum(bound, axis=1))
+        best = tl.where(pages < pin, best, float("inf"))
         tl.store(out_row + pages, tl.where(pages < n, best, float("-inf")), mask=pages < max_pages)
         kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
 
@@ -155,7 +157,7 @@ def _score_blocks(
 @triton.jit
 def _score_blocks_as_rows(
     query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
-    n, first, last, head, max_pages,
+    n, pin, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -191,28 +193,29 @@ def _score_blocks_as_rows(
                            mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
         kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
                                   stride_bp, HEAD_DIM)  # fmt: skip
-        _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+        _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, pin, max_pages, cols,
                           GROUP, DOT_PRECISION)  # fmt: skip
 
 
 @triton.jit
-def _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+def _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, pin, max_pages, cols,
                       GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """The pages-as-rows bound of one ``[BLOCK_P, head_dim]`` block, stored at ``pages``."""
     bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
     bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
     best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
+    best = tl.where(pages < pin, best, float("inf"))
     tl.store(out_row + pages, tl.where(valid, best, float("-inf")), mask=pages < max_pages)
 
 
 @triton.jit
 def _page_scores_kernel(
-    query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, out_ptr,
+    query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, pin_from_ptr, out_ptr,
     num_kv_heads, max_pages, blocks_per_program,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, AS_ROWS: tl.constexpr = False,
-    NUM_STAGES: tl.constexpr = 2,
+    NUM_STAGES: tl.constexpr = 2, PIN_FROM: tl.constexpr = False,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
@@ -220,6 +223,9 @@ def _page_scores_kernel(
     seq = tl.program_id(1)
     count = tl.load(num_pages_ptr + seq).to(tl.int32)
     n = tl.minimum(tl.maximum(count, 0), max_pages)
+    pin = max_pages
+    if PIN_FROM:
+        pin = tl.load(pin_from_ptr + seq).to(tl.int32)
     first = chunk * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
     if AS_ROWS:
@@ -227,7 +233,7 @@ def _page_scores_kernel(
             query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
-            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            n, pin, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES,
         )  # fmt: skip
     else:
@@ -235,7 +241,7 @@ def _page_scores_kernel(
             query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
-            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            n, pin, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
         )  # fmt: skip
 
@@ -292,7 +298,7 @@ def score_grid(
     return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
 
 
-def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.Tensor:
+def _page_scores_torch(query, key_min, key_max, page_table, num_pages, pin_from) -> torch.Tensor:
     """Vectorised PyTorch path, in page chunks that bound the [.., pages, head_dim] temporary."""
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
@@ -311,6 +317,8 @@ def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.
         kmax = key_max[chunk].float().permute(0, 2, 1, 3)[:, :, None]
         bound = torch.maximum(q * kmin, q * kmax).sum(-1)  # [S, Hkv, group, P]
         scores[:, :, start : start + step] = bound.amax(dim=2)
+    if pin_from is not None:
+        scores.masked_fill_((positions[None, :] >= pin_from.long()[:, None])[:, None], math.inf)
     return scores.masked_fill_(~valid[:, None, :], -math.inf)
 
 
@@ -321,6 +329,7 @@ def page_scores(
     key_max: torch.Tensor,
     page_table: torch.Tensor,
     num_pages: torch.Tensor,
+    pin_from: torch.Tensor | None = None,
     check_pages: bool = True,
     impl: str | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
@@ -333,6 +342,8 @@ def page_scores(
     page_table: ``[num_seqs, max_pages]`` int32/int64 physical page ids; entries at
     ``j >= num_pages[s]`` are ignored.
     num_pages: ``[num_seqs]`` int — valid pages per sequence, ``0 <= num_pages <= max_pages``.
+    pin_from: ``[num_seqs]`` int or None — valid pages at ``j >= pin_from[s]`` score ``+inf``
+    (the two-level selection's groups whose bounds are not final yet, always kept).
     check_pages: verify that the used page ids lie in the pool and that ``num_pages`` is in
     range. That costs one device-to-host sync, so a caller that builds its page tables
     itself (the engine) passes False on the hot path; the kernel then still never reads
@@ -358,22 +369,27 @@ def page_scores(
     check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
     check_tensor("num_pages", num_pages, ndim=1, dtypes=INDEX_DTYPES, device=device)
     check_dim("num_pages", num_pages, 0, num_seqs, "num_seqs")
+    if pin_from is not None:
+        check_tensor("pin_from", pin_from, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        check_dim("pin_from", pin_from, 0, num_seqs, "num_seqs")
     max_pages = page_table.shape[1]
     if check_pages and num_seqs and max_pages:
         check_page_table(page_table, num_pages, num_pages_total)
 
     if resolve_impl(impl, device) == "torch":
-        return _page_scores_torch(query, key_min, key_max, page_table, num_pages)
+        return _page_scores_torch(query, key_min, key_max, page_table, num_pages, pin_from)
     if query.stride(2) != 1:
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
     if key_min.dtype == FLOAT8_DTYPE:
         check_float8_supported(device)
-    return _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning)
+    return _page_scores_triton(query, key_min, key_max, page_table, num_pages, pin_from, tuning)
 
 
-def _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning) -> torch.Tensor:
+def _page_scores_triton(
+    query, key_min, key_max, page_table, num_pages, pin_from, tuning
+) -> torch.Tensor:
     """Launch the score kernel (no checks, no host sync)."""
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
@@ -389,12 +405,13 @@ def _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning) 
         device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"], as_rows, tuning
     )
     _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
-        query, key_min, key_max, page_table, num_pages, out,
+        query, key_min, key_max, page_table, num_pages,
+        num_pages if pin_from is None else pin_from, out,
         num_kv_heads, max_pages, blocks_per_program,
         query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
         GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, **dot,
-        **_form_options(as_rows, tuning),
+        PIN_FROM=pin_from is not None, **_form_options(as_rows, tuning),
     )  # fmt: skip
     return out
