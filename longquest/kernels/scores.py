@@ -45,34 +45,9 @@ from longquest.kernels._checks import (
     resolve_impl,
 )
 from longquest.kernels._device import sm_count
+from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
-
-# tl.dot's smallest M, the tensor-core forms' BLOCK_G: larger GQA groups go elementwise.
-DOT_MAX_GROUP = 16
-
-
-@triton.jit
-def _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims, stride_bp, HEAD_DIM):
-    offsets = ids.to(tl.int64)[:, None] * stride_bp + head_offset + dims[None, :]
-    mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
-    kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
-    kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
-    return kmin, kmax
-
-
-@triton.jit
-def _query_signs(q, key_min_ptr, query_ptr):
-    """``(relu(q), min(q, 0))`` in the tensor-core products' input dtype: the query's own,
-    or fp16 for fp8 bounds (e4m3 pairs convert to fp16 in one instruction, to bf16 in
-    several), the query then clamped into fp16's range."""
-    if key_min_ptr.dtype.element_ty == tl.float8e4nv:
-        q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
-        q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
-    else:
-        q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
-        q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
-    return q_pos, q_neg
 
 
 @triton.jit
@@ -107,7 +82,7 @@ def _score_blocks(
             query_ptr + rows[:, None] * stride_qh + dims[None, :],
             mask=(rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM), other=0.0,
         )  # fmt: skip
-        q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
+        q_pos, q_neg = query_signs(q, key_min_ptr, query_ptr)
     # The page table is read without waiting for n (any id below max_pages is in the row);
     # only the bounds loads are masked by n.
     # Masks compare lanes with a per-block limit (0 past the program's last block).
@@ -117,7 +92,7 @@ def _score_blocks(
     ids_next = tl.load(
         table_row + nxt * stride_tp, mask=nxt < tl.where(first + 1 < last, max_pages, 0)
     )
-    kmin, kmax = _load_bounds(
+    kmin, kmax = load_bounds(
         key_min_ptr, key_max_ptr, ids, pages < tl.where(first < last, n, 0), head_offset, dims,
         stride_bp, HEAD_DIM,
     )  # fmt: skip
@@ -128,7 +103,7 @@ def _score_blocks(
         ids_after = tl.load(
             table_row + after * stride_tp, mask=after < tl.where(block + 2 < last, max_pages, 0)
         )
-        kmin_next, kmax_next = _load_bounds(
+        kmin_next, kmax_next = load_bounds(
             key_min_ptr, key_max_ptr, ids_next, nxt < tl.where(block + 1 < last, n, 0),
             head_offset, dims, stride_bp, HEAD_DIM,
         )  # fmt: skip
@@ -178,7 +153,7 @@ def _score_blocks_as_rows(
         query_ptr + cols[None, :] * stride_qh + dims[:, None],
         mask=(cols[None, :] < GROUP) & (dims[:, None] < HEAD_DIM), other=0.0,
     )  # fmt: skip
-    q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
+    q_pos, q_neg = query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
     # Page ids one block ahead: a block's bounds loads wait on ids already loaded (Triton's
     # pipeline alone does not overlap the bounds loads with the id loads they depend on).
@@ -191,7 +166,7 @@ def _score_blocks_as_rows(
         nxt = pages + BLOCK_P
         ids_next = tl.load(table_row + nxt * stride_tp,
                            mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
-        kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
+        kmin, kmax = load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
                                   stride_bp, HEAD_DIM)  # fmt: skip
         _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, pin, max_pages, cols,
                           GROUP, DOT_PRECISION)  # fmt: skip
@@ -244,20 +219,6 @@ def _page_scores_kernel(
             n, pin, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
         )  # fmt: skip
-
-
-def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
-    """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
-    through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (both taken to fp16
-    in registers), for GQA groups of up to 16 query heads. The interpreter keeps the
-    elementwise form."""
-    upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
-    same = query.dtype == key_min.dtype
-    # The product pads the group to 16 query heads; a larger group is scored elementwise.
-    small_group = query.shape[1] <= DOT_MAX_GROUP * key_min.shape[1]
-    use_dot = query.device.type == "cuda" and (same or upcast) and small_group
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
 def _form_options(as_rows: bool, tuning: KernelTuning) -> dict:

@@ -42,8 +42,9 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
+from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
-from longquest.kernels.scores import _load_bounds, _query_signs, dot_options, page_scores
+from longquest.kernels.scores import page_scores
 from longquest.kernels.topk import select_pages
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
@@ -74,7 +75,7 @@ def _group_page_scores_kernel(
     ids = tl.load(page_table_ptr + seq.to(tl.int64) * stride_ts + page * stride_tp,
                   mask=valid, other=0)  # fmt: skip
     dims = tl.arange(0, BLOCK_D)
-    kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head * stride_bh, dims,
+    kmin, kmax = load_bounds(key_min_ptr, key_max_ptr, ids, valid, head * stride_bh, dims,
                               stride_bp, HEAD_DIM)  # fmt: skip
     q_base = query_ptr + seq * stride_qs + (head * GROUP) * stride_qh
     if USE_DOT:
@@ -84,7 +85,7 @@ def _group_page_scores_kernel(
             q_base + cols[None, :] * stride_qh + dims[:, None],
             mask=(cols[None, :] < GROUP) & (dims[:, None] < HEAD_DIM), other=0.0,
         )  # fmt: skip
-        q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
+        q_pos, q_neg = query_signs(q, key_min_ptr, query_ptr)
         bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
         bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
         best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
