@@ -9,6 +9,7 @@ PyTorch elsewhere). Launchers whose tiles or grids are tuned take
 
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor
 from longquest.kernels.append import AppendPlan, append_kv, plan_append, plan_decode_append
+from longquest.kernels.coarse import coarse_bounds, refresh_last_full_group
 from longquest.kernels.decode import paged_decode_attention
 from longquest.kernels.float8 import (
     FLOAT8_DTYPE,
@@ -29,7 +30,6 @@ from longquest.kernels.topk_spread import make_select_workspace
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 from longquest.kernels.two_level import (
     candidate_pages,
-    coarse_bounds,
     group_page_scores,
     select_pages_two_level,
 )
@@ -64,6 +64,7 @@ __all__ = [
     "plan_append",
     "plan_decode_append",
     "prefill_attention",
+    "refresh_last_full_group",
     "rms_norm",
     "rotate_query_key",
     "select_pages",

@@ -267,35 +267,6 @@ def candidate_pages(
     return out
 
 
-def coarse_bounds(
-    *, key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coarse bounds of page groups: the element-wise min / max of their pages' bounds.
-
-    key_min, key_max: ``[..., num_pages_total, num_kv_heads, head_dim]`` (leading dims,
-    e.g. layers, are kept), any bounds dtype.
-    pages: ``[num_groups, group_pages]`` int physical page ids, ``-1`` past a group's end;
-    every group has at least one page.
-    Returns ``(coarse_min, coarse_max)``, ``[..., num_groups, num_kv_heads, head_dim]`` in
-    the bounds' dtype: exact (a min or max of values of a dtype is one of them).
-    Plain PyTorch: the engine runs it outside the captured decode step, when groups fill.
-    """
-    check_tensor("key_min", key_min, ndim=key_min.dim(), dtypes=BOUNDS_DTYPES)
-    check_tensor("key_max", key_max, ndim=key_min.dim(), dtypes=(key_min.dtype,),
-                 device=key_min.device)  # fmt: skip
-    if key_min.dim() < 3 or key_max.shape != key_min.shape:
-        raise ValueError(
-            f"key_min and key_max must be [..., num_pages_total, num_kv_heads, head_dim] of "
-            f"one shape, got {tuple(key_min.shape)} and {tuple(key_max.shape)}"
-        )
-    check_tensor("pages", pages, ndim=2, dtypes=INDEX_DTYPES, device=key_min.device)
-    valid = (pages >= 0)[:, :, None, None]  # [num_groups, group_pages, 1, 1]
-    ids = pages.long().clamp(min=0)
-    lo = key_min[..., ids, :, :].float().masked_fill(~valid, math.inf).amin(dim=-3)
-    hi = key_max[..., ids, :, :].float().masked_fill(~valid, -math.inf).amax(dim=-3)
-    return lo.to(key_min.dtype), hi.to(key_max.dtype)
-
-
 def select_pages_two_level(
     *,
     query: torch.Tensor,
