@@ -33,8 +33,8 @@ def _prompts():
 def reference_selection(calls: list[int]):
     """A stand-in for ``select_pages_two_level`` that checks the engine's coarse bounds of
     every final group against the reference recomputed from the pages, then selects with
-    the reference (coarse bounds recomputed from scratch; on one device every row appends,
-    so its full pages are all but the newest)."""
+    the reference (coarse bounds recomputed from scratch). A rank's pages are all full but
+    the newest, where it holds it (``pin_last``): groups of full pages are final."""
 
     def select(*, query, key_min, key_max, page_table, num_pages, pin_last, coarse_min,
                coarse_max, coarse_table, num_groups, pin_from, group_pages, kept_groups,
@@ -43,7 +43,7 @@ def reference_selection(calls: list[int]):
         want_min, want_max = coarse_bounds_ref(key_min=key_min, key_max=key_max,
                                                page_table=page_table, num_pages=num_pages,
                                                group_pages=group_pages)  # fmt: skip
-        final = torch.div(num_pages - 1, group_pages, rounding_mode="floor")
+        final = torch.div(num_pages - pin_last.int(), group_pages, rounding_mode="floor")
         assert torch.equal(pin_from.long(), final.long())
         for s, count in enumerate(final.tolist()):
             slots = coarse_table[s, :count].long()
