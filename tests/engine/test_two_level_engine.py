@@ -129,3 +129,37 @@ def test_kept_groups():
     assert QuestConfig(token_budget=None, group_pages=4).kept_groups is None
     # 2048 tokens of 4-token pages: 512 pages, twice that in groups of 4 pages, plus one.
     assert QuestConfig(page_size=4, token_budget=2048, group_pages=4).kept_groups == 257
+
+
+def _gpu_engine(model_dir, *, device, dtype, bounds_dtype=None, **kwargs):
+    from longquest.engine.cache import CacheShape, KVCache
+    from longquest.engine.engine import LLMEngine
+    from longquest.engine.loader import load_model
+
+    model, config = load_model(model_dir, dtype=dtype, device=device)
+    shape = CacheShape(num_layers=config.num_layers, num_pages=256, page_size=PAGE,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype,
+                       bounds_dtype=bounds_dtype)  # fmt: skip
+    return LLMEngine(model=model, model_config=config, cache=KVCache(shape, device=device),
+                     quest=TWO_LEVEL, detokenize=str, eos_token_ids=(), prefill_chunk_tokens=64,
+                     **kwargs)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_match_the_cpu_and_eager_steps(llama_dir):
+    """fp32: the GPU's kernels in CUDA graphs, 8 chained steps a launch, decode the CPU
+    reference path's tokens; fp8 bounds in bf16: graphs decode what eager steps decode."""
+    params = [SamplingParams(max_tokens=20)] * len(LENGTHS)
+    cpu = _gpu_engine(llama_dir, device="cpu", dtype=torch.float32, impl="torch")
+    gpu = _gpu_engine(llama_dir, device="cuda", dtype=torch.float32)
+    assert gpu.cuda_graphs and gpu.steps_per_launch > 1
+    want = [o.token_ids for o in cpu.generate(_prompts(), params)]
+    assert [o.token_ids for o in gpu.generate(_prompts(), params)] == want
+    if torch.cuda.get_device_capability() < (8, 9):
+        return
+    fp8 = dict(device="cuda", dtype=torch.bfloat16, bounds_dtype=torch.float8_e4m3fn)
+    graphs = _gpu_engine(llama_dir, **fp8).generate(_prompts(), params)
+    eager = _gpu_engine(llama_dir, cuda_graphs=False, steps_per_launch=1, **fp8)
+    assert [o.token_ids for o in graphs] == [
+        o.token_ids for o in eager.generate(_prompts(), params)
+    ]
