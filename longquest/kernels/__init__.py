@@ -29,8 +29,8 @@ from longquest.kernels.topk import select_pages
 from longquest.kernels.topk_spread import make_select_workspace
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 from longquest.kernels.two_level import (
-    candidate_pages,
     group_page_scores,
+    select_candidates,
     select_pages_two_level,
 )
 
@@ -46,7 +46,6 @@ __all__ = [
     "add_rms_norm",
     "append_kv",
     "buffer_bytes",
-    "candidate_pages",
     "check_dim",
     "check_keys_fit_float8",
     "check_tensor",
@@ -67,6 +66,7 @@ __all__ = [
     "refresh_last_full_group",
     "rms_norm",
     "rotate_query_key",
+    "select_candidates",
     "select_pages",
     "select_pages_two_level",
     "silu_mul",

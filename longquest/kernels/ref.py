@@ -137,6 +137,29 @@ def select_pages_ref(
     return top_scores, indices
 
 
+def select_candidates_ref(
+    *, scores: torch.Tensor, indices: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``top_k`` candidates of each row: ``scores`` / ``indices`` ``[num_seqs,
+    num_kv_heads, list_len]`` (fp32, int32 with ``-1`` for no candidate). Returns their
+    scores and indices ``[num_seqs, num_kv_heads, top_k]`` in list order (ties to the
+    earlier slot), padded with ``-inf`` / ``-1``."""
+    num_seqs, num_kv_heads, _ = scores.shape
+    top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=scores.device)
+    top_indices = torch.full_like(top_scores, -1, dtype=torch.int32)
+    for s in range(num_seqs):
+        for h in range(num_kv_heads):
+            slots = [c for c, i in enumerate(indices[s, h].tolist()) if i >= 0]
+            if not slots:
+                continue
+            row = scores[s, h, slots].float()
+            order = torch.sort(-row, stable=True).indices[:top_k].sort().values
+            chosen = torch.tensor(slots, device=scores.device)[order]
+            top_scores[s, h, : len(order)] = scores[s, h, chosen]
+            top_indices[s, h, : len(order)] = indices[s, h, chosen]
+    return top_scores, top_indices
+
+
 def coarse_bounds_ref(
     *,
     key_min: torch.Tensor,

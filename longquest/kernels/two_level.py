@@ -2,7 +2,7 @@
 
 A sequence's pages are grouped ``group_pages`` at a time (group ``g`` holds its pages
 ``g * group_pages .. (g + 1) * group_pages - 1``); a group's coarse bounds are the
-element-wise min / max of its pages' bounds (:func:`coarse_bounds`), so a group's score
+element-wise min / max of its pages' bounds (:mod:`.coarse`), so a group's score
 bounds the score of every page in it, which bounds ``q . k`` of every key in them. A
 decode query then:
 
@@ -13,8 +13,7 @@ decode query then:
    (:func:`~longquest.kernels.topk.select_pages`);
 3. scores the pages of the kept groups from their fine bounds (:func:`group_page_scores`,
    the sequence's newest page ``+inf`` where pinned) and keeps the ``top_k`` best of those
-   candidates (``select_pages`` again);
-4. maps candidate positions back to the sequence's page indices (:func:`candidate_pages`).
+   candidates (:func:`select_candidates`, which reports their page indices).
 
 Exactness: a page of a dropped group scores at most that group's coarse score, so every
 page scoring above the best dropped group's coarse score is a candidate and the result
@@ -44,22 +43,24 @@ from longquest.kernels._checks import (
 )
 from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
+from longquest.kernels.radix import DIGIT_BITS, NUM_BINS
 from longquest.kernels.scores import page_scores
-from longquest.kernels.topk import select_pages
+from longquest.kernels.topk import select_pages, select_row
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 
 @triton.jit
 def _group_page_scores_kernel(
     query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, pin_ptr, groups_ptr,
-    out_ptr, num_kv_heads, max_pages, kept_groups,
+    out_ptr, out_page_ptr, num_kv_heads, max_pages, kept_groups,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp,
     GROUP_PAGES: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``BLOCK_P`` candidate slots of one (sequence, KV head) row a program: slot ``c`` is
-    page ``groups[c // GROUP_PAGES] * GROUP_PAGES + c % GROUP_PAGES``."""
+    page ``groups[c // GROUP_PAGES] * GROUP_PAGES + c % GROUP_PAGES``; its score and page
+    index (-1: no page) are written."""
     row = tl.program_id(0)  # seq * num_kv_heads + head
     seq = row // num_kv_heads
     head = row % num_kv_heads
@@ -98,33 +99,15 @@ def _group_page_scores_kernel(
             q = q.to(tl.float32)
             best = tl.maximum(best, tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1))
     best = tl.where(page == pinned_page, float("inf"), best)
-    tl.store(out_ptr + row.to(tl.int64) * list_len + slots,
-             tl.where(valid, best, float("-inf")), mask=in_list)  # fmt: skip
-
-
-@triton.jit
-def _candidate_pages_kernel(
-    positions_ptr, scores_ptr, groups_ptr, out_ptr, top_k, kept_groups,
-    GROUP_PAGES: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    slots = tl.arange(0, BLOCK_K)
-    ok = slots < top_k
-    base = row.to(tl.int64) * top_k
-    position = tl.load(positions_ptr + base + slots, mask=ok, other=-1)
-    score = tl.load(scores_ptr + base + slots, mask=ok, other=float("-inf"))
-    chosen = ok & (position >= 0) & (score > float("-inf"))
-    group = tl.load(groups_ptr + row.to(tl.int64) * kept_groups + position // GROUP_PAGES,
-                    mask=chosen, other=-1)  # fmt: skip
-    page = group * GROUP_PAGES + position % GROUP_PAGES
-    tl.store(out_ptr + base + slots, tl.where(chosen & (group >= 0), page, -1), mask=ok)
+    out = row.to(tl.int64) * list_len + slots
+    tl.store(out_ptr + out, tl.where(valid, best, float("-inf")), mask=in_list)
+    tl.store(out_page_ptr + out, tl.where(valid, page, -1), mask=in_list)
 
 
 def _group_page_scores_torch(query, key_min, key_max, page_table, num_pages, pin_last, groups,
                              group_pages) -> torch.Tensor:  # fmt: skip
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
-    kept = groups.shape[2]
     max_pages = page_table.shape[1]
     offsets = torch.arange(group_pages, device=query.device)
     pages = (groups.long()[..., None] * group_pages + offsets).flatten(2)  # [S, Hkv, L]
@@ -141,7 +124,7 @@ def _group_page_scores_torch(query, key_min, key_max, page_table, num_pages, pin
     scores = torch.maximum(q * kmin, q * kmax).sum(-1).amax(dim=2)  # [S, Hkv, L]
     pinned = pin_last.to(query.device)[:, None, None] & (pages == n - 1)
     scores = scores.masked_fill(pinned, math.inf).masked_fill(~valid, -math.inf)
-    return scores.reshape(num_seqs, num_kv_heads, kept * group_pages)
+    return scores, torch.where(valid, pages, -1).to(torch.int32)
 
 
 def group_page_scores(
@@ -155,16 +138,17 @@ def group_page_scores(
     groups: torch.Tensor,
     group_pages: int,
     impl: str | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine Quest scores of the pages in each (sequence, KV head)'s kept groups.
 
     query, key_min, key_max, page_table, num_pages: as for
     :func:`~longquest.kernels.scores.page_scores`.
     pin_last: ``[num_seqs]`` bool — the sequence's last valid page scores ``+inf``.
     groups: ``[num_seqs, num_kv_heads, kept_groups]`` int32 group indices, ``-1`` none.
-    Returns ``[num_seqs, num_kv_heads, kept_groups * group_pages]`` fp32: slot ``c`` is page
-    ``groups[.., c // group_pages] * group_pages + c % group_pages``; ``-inf`` where that is
-    no page (group ``-1`` or page ``>= num_pages``).
+    Returns ``(scores, pages)``, both ``[num_seqs, num_kv_heads, kept_groups * group_pages]``
+    (fp32, int32): slot ``c`` is page ``groups[.., c // group_pages] * group_pages + c %
+    group_pages``, or ``-inf`` / ``-1`` where that is no page (group ``-1`` or page
+    ``>= num_pages``).
     """
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     device = query.device
@@ -197,14 +181,15 @@ def group_page_scores(
 
 
 def _group_page_scores_triton(query, key_min, key_max, page_table, num_pages, pin_last, groups,
-                              group_pages) -> torch.Tensor:  # fmt: skip
+                              group_pages) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
     kept = groups.shape[2]
     list_len = kept * group_pages
     out = torch.empty(num_seqs, num_kv_heads, list_len, device=query.device)
+    pages = torch.empty(out.shape, dtype=torch.int32, device=query.device)
     if not out.numel():
-        return out
+        return out, pages
     if query.stride(2) != 1:
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
@@ -216,55 +201,105 @@ def _group_page_scores_triton(query, key_min, key_max, page_table, num_pages, pi
     block_p = 64 if dot["USE_DOT"] else max(16, min(64, 4096 // block_d))
     grid = (num_seqs * num_kv_heads, triton.cdiv(list_len, block_p))
     _group_page_scores_kernel[grid](
-        query, key_min, key_max, page_table, num_pages, pin_last, groups, out,
+        query, key_min, key_max, page_table, num_pages, pin_last, groups, out, pages,
         num_kv_heads, page_table.shape[1], kept,
         query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
         page_table.stride(0), page_table.stride(1),
         GROUP_PAGES=group_pages, GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4, **dot,
     )  # fmt: skip
-    return out
+    return out, pages
 
 
-def candidate_pages(
+@triton.jit
+def _select_candidates_kernel(
+    score_ptr, index_ptr, out_score_ptr, out_index_ptr, list_len, k_out,
+    BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr, OUT_BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    score_ptr += row.to(tl.int64) * list_len
+    index_ptr += row.to(tl.int64) * list_len
+    lanes = tl.arange(0, BLOCK)
+    count = tl.zeros([], tl.int32)
+    for block in range(0, list_len, BLOCK):
+        index = tl.load(index_ptr + block + lanes, mask=block + lanes < list_len, other=-1)
+        count += tl.sum((index >= 0).to(tl.int32), axis=0)
+    offset = row.to(tl.int64) * k_out
+    select_row(
+        score_ptr, index_ptr, 0, list_len, count, -1, k_out,
+        out_score_ptr + offset, out_index_ptr + offset,
+        True, BLOCK, IN_REGISTERS, OUT_BLOCK, DIGIT_BITS, NUM_BINS,
+    )  # fmt: skip
+
+
+def _select_candidates_torch(scores, indices, top_k):
+    num_seqs, num_kv_heads, list_len = scores.shape
+    device = scores.device
+    top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=device)
+    top_indices = torch.full(top_scores.shape, -1, dtype=torch.int32, device=device)
+    k = min(top_k, list_len)
+    if not k:
+        return top_scores, top_indices
+    valid = indices >= 0
+    # Order-preserving int key, as in topk._select_pages_torch; earlier slots win ties.
+    bits = torch.where(scores == 0, 0.0, scores.float()).view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    key = torch.where(valid, key, -(2**31)) * 2**31 + (
+        list_len - 1 - torch.arange(list_len, device=device)
+    )
+    chosen = key.topk(k, dim=-1).indices.sort(dim=-1).values
+    ok = valid.gather(-1, chosen)
+    # Chosen slots that are no candidate (fewer candidates than k) sort last: move them out.
+    order = torch.sort((~ok).int(), dim=-1, stable=True).indices
+    chosen, ok = chosen.gather(-1, order), ok.gather(-1, order)
+    top_scores[..., :k] = torch.where(ok, scores.gather(-1, chosen), -math.inf)
+    top_indices[..., :k] = torch.where(ok, indices.gather(-1, chosen), -1)
+    return top_scores, top_indices
+
+
+def select_candidates(
     *,
-    positions: torch.Tensor,
-    top_scores: torch.Tensor,
-    groups: torch.Tensor,
-    group_pages: int,
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+    top_k: int,
     impl: str | None = None,
-) -> torch.Tensor:
-    """Page indices of the candidates :func:`select_pages` chose from
-    :func:`group_page_scores`.
+    tuning: KernelTuning = DEFAULT_TUNING,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``top_k`` candidates of each row by score, with their indices, in list order.
 
-    positions: ``[num_seqs, num_kv_heads, top_k]`` int32 candidate slots, ``-1`` none.
-    top_scores: their scores, fp32; a ``-inf`` one was no page.
-    groups: ``[num_seqs, num_kv_heads, kept_groups]`` int32, as scored.
-    Returns ``[num_seqs, num_kv_heads, top_k]`` int32 page indices, ``-1`` for none.
+    scores: ``[num_seqs, num_kv_heads, list_len]`` fp32; indices: the same shape, int32 —
+    each slot's page index, ``-1`` where the slot is no candidate.
+    Returns ``(top_scores, top_indices)``, ``[num_seqs, num_kv_heads, top_k]`` (fp32,
+    int32): the ``min(top_k, candidates)`` highest scores, ties to the earlier slot, in slot
+    order, padded at the end with ``-inf`` / ``-1``. One program a row (the radix select of
+    :mod:`.topk` over a candidate list); ``tuning``: ``select_register_max`` and
+    ``select_loop_block``.
     """
-    device = positions.device
-    check_tensor("positions", positions, ndim=3, dtypes=(torch.int32,), device=device)
-    check_tensor("top_scores", top_scores, ndim=3, dtypes=(torch.float32,), device=device)
-    check_tensor("groups", groups, ndim=3, dtypes=(torch.int32,), device=device)
+    check_tensor("scores", scores, ndim=3, dtypes=(torch.float32,))
+    device = scores.device
+    check_tensor("indices", indices, ndim=3, dtypes=(torch.int32,), device=device)
     for dim in range(3):
-        check_dim("top_scores", top_scores, dim, positions.shape[dim], "as positions")
-    for dim in range(2):
-        check_dim("groups", groups, dim, positions.shape[dim], "as positions")
+        check_dim("indices", indices, dim, scores.shape[dim], "as scores")
     if resolve_impl(impl, device) == "torch":
-        chosen = (positions >= 0) & (top_scores > -math.inf)
-        slot = positions.long().clamp(min=0)
-        group = groups.long().gather(-1, slot // group_pages)
-        page = group * group_pages + slot % group_pages
-        return torch.where(chosen & (group >= 0), page, -1).to(torch.int32)
-    out = torch.empty_like(positions)
-    num_seqs, num_kv_heads, top_k = positions.shape
-    if out.numel():
-        _candidate_pages_kernel[(num_seqs * num_kv_heads,)](
-            positions.contiguous(), top_scores.contiguous(), groups.contiguous(), out,
-            top_k, groups.shape[2], GROUP_PAGES=group_pages,
-            BLOCK_K=triton.next_power_of_2(top_k),
-        )  # fmt: skip
-    return out
+        return _select_candidates_torch(scores, indices, top_k)
+    num_seqs, num_kv_heads, list_len = scores.shape
+    top_scores = torch.empty(num_seqs, num_kv_heads, top_k, device=device)
+    top_indices = torch.empty(top_scores.shape, dtype=torch.int32, device=device)
+    if not top_scores.numel():
+        return top_scores, top_indices
+    if not list_len:
+        return top_scores.fill_(-math.inf), top_indices.fill_(-1)
+    fits = list_len <= tuning.select_register_max
+    block = triton.next_power_of_2(list_len) if fits else tuning.select_loop_block
+    num_warps = max(4, min(16, block // 256))  # as topk's one-program selection
+    _select_candidates_kernel[(num_seqs * num_kv_heads,)](
+        scores.contiguous(), indices.contiguous(), top_scores, top_indices, list_len, top_k,
+        BLOCK=max(block, 32 * num_warps), IN_REGISTERS=fits,
+        OUT_BLOCK=min(triton.next_power_of_2(top_k), 1024),
+        DIGIT_BITS=DIGIT_BITS, NUM_BINS=NUM_BINS, num_warps=num_warps,
+    )  # fmt: skip
+    return top_scores, top_indices
 
 
 def select_pages_two_level(
@@ -319,15 +354,10 @@ def select_pages_two_level(
     _, groups = select_pages(scores=coarse, num_pages=num_groups, top_k=kept_groups,
                              pin_last=False, workspace=workspace, spread=spread,
                              **common)  # fmt: skip
-    fine = group_page_scores(query=query, key_min=key_min, key_max=key_max,
-                             page_table=page_table, num_pages=num_pages, pin_last=pin_last,
-                             groups=groups, group_pages=group_pages, impl=impl)  # fmt: skip
-    # Every slot is in range for the selection; a slot that is no page scores -inf and is
-    # mapped to -1 below.
-    slots = torch.full_like(num_groups, fine.shape[2])
-    top_scores, positions = select_pages(scores=fine, num_pages=slots, top_k=top_k,
-                                         pin_last=False, workspace=workspace, spread=spread,
-                                         **common)  # fmt: skip
-    indices = candidate_pages(positions=positions, top_scores=top_scores, groups=groups,
-                              group_pages=group_pages, impl=impl)  # fmt: skip
-    return top_scores, indices
+    fine, pages = group_page_scores(query=query, key_min=key_min, key_max=key_max,
+                                    page_table=page_table, num_pages=num_pages,
+                                    pin_last=pin_last, groups=groups, group_pages=group_pages,
+                                    impl=impl)  # fmt: skip
+    # Candidates sit in ascending page order (kept groups ascending), so the slot order the
+    # selection keeps is page order, and its ties go to the lower page.
+    return select_candidates(scores=fine, indices=pages, top_k=top_k, **common)

@@ -8,15 +8,16 @@ import torch
 
 from longquest.kernels import (
     FLOAT8_DTYPE,
-    candidate_pages,
     coarse_bounds,
     group_page_scores,
     page_scores,
+    select_candidates,
     select_pages_two_level,
 )
 from longquest.kernels.ref import (
     coarse_bounds_ref,
     page_scores_ref,
+    select_candidates_ref,
     select_pages_ref,
     select_pages_two_level_ref,
 )
@@ -119,8 +120,9 @@ def test_group_page_scores_match_reference(device, impl, qo_heads, kv_heads):
     groups = torch.tensor([[1, 0, -1], [0, 2, 1], [-1, -1, -1]], dtype=torch.int32)
     groups = groups[:, None].expand(-1, kv_heads, -1).contiguous()
     fine = {k: args[k] for k in ("query", "key_min", "key_max", "page_table", "num_pages")}
-    got = group_page_scores(**fine, pin_last=args["pin_last"], groups=groups.to(device),
-                            group_pages=4, impl=impl).cpu()  # fmt: skip
+    got, pages = group_page_scores(**fine, pin_last=args["pin_last"], groups=groups.to(device),
+                                   group_pages=4, impl=impl)  # fmt: skip
+    got, pages = got.cpu(), pages.cpu()
     full = page_scores_ref(**{k: v.cpu() for k, v in fine.items()})
     for s, n in enumerate(num_pages):
         if n and bool(args["pin_last"][s]):
@@ -132,19 +134,29 @@ def test_group_page_scores_match_reference(device, impl, qo_heads, kv_heads):
                 g = int(groups[s, h, c // 4])
                 page = g * 4 + c % 4
                 want = full[s, h, page] if g >= 0 and page < n else -math.inf
+                assert pages[s, h, c] == (page if g >= 0 and page < n else -1)
                 torch.testing.assert_close(
                     got[s, h, c], torch.as_tensor(want), rtol=1e-6, atol=1e-5
                 )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_candidate_pages(device, impl):
-    groups = torch.tensor([[[3, 5, -1]]], dtype=torch.int32, device=device)
-    positions = torch.tensor([[[0, 5, 7, -1]]], dtype=torch.int32, device=device)
-    scores = torch.tensor([[[1.0, math.inf, -math.inf, -math.inf]]], device=device)
-    got = candidate_pages(positions=positions, top_scores=scores, groups=groups, group_pages=4,
-                          impl=impl)  # fmt: skip
-    assert got.cpu().tolist() == [[[12, 21, -1, -1]]]
+@pytest.mark.parametrize("top_k", [1, 3, 8, 40])
+def test_select_candidates_matches_reference(device, impl, top_k):
+    """Candidates between non-candidates, ties (kept in slot order), a row with none, a
+    row with fewer candidates than top_k."""
+    gen = torch.Generator().manual_seed(top_k)
+    scores = torch.randn(3, 2, 33, generator=gen).round(decimals=1)
+    scores[0, 0, 5] = math.inf
+    indices = torch.randint(0, 500, (3, 2, 33), generator=gen, dtype=torch.int32)
+    indices[torch.rand(3, 2, 33, generator=gen) < 0.3] = -1
+    indices[1, 1] = -1
+    indices[2, 0, 4:] = -1
+    want = select_candidates_ref(scores=scores, indices=indices, top_k=top_k)
+    got = select_candidates(scores=scores.to(device), indices=indices.to(device), top_k=top_k,
+                            impl=impl)  # fmt: skip
+    assert torch.equal(got[1].cpu(), want[1])
+    assert torch.equal(got[0].cpu(), want[0])
 
 
 CASES = [
