@@ -208,23 +208,30 @@ def test_never_misses_a_page_above_the_dropped_groups(seed):
     coarse = page_scores_ref(query=args["query"], key_min=args["coarse_min"].flatten(0, 1),
                              key_max=args["coarse_max"].flatten(0, 1), page_table=table,
                              num_pages=num_groups)  # fmt: skip
+    for s, first in enumerate(pin_from.tolist()):
+        coarse[s, :, first : int(num_groups[s])] = math.inf  # as the selection pins them
     for kept_groups in (2, 3, 5):
-        _, got = _two_level(args, max_groups, group_pages=group_pages, kept_groups=kept_groups,
-                            top_k=top_k, pin_from=pin_from, impl="torch")  # fmt: skip
+        scores, got = _two_level(args, max_groups, group_pages=group_pages,
+                                 kept_groups=kept_groups, top_k=top_k, pin_from=pin_from,
+                                 impl="torch")  # fmt: skip
+        _, kept = select_pages_ref(scores=coarse, num_pages=num_groups, top_k=kept_groups,
+                                   pin_last=False)  # fmt: skip
         for s, n in enumerate(num_pages):
             for h in range(2):
-                kept = {p // group_pages for p in got[s, h].tolist() if p >= 0}
-                dropped = [g for g in range(int(num_groups[s])) if g not in kept]
-                missed = set(exact[s, h].tolist()) - set(got[s, h].tolist())
+                dropped = set(range(int(num_groups[s]))) - set(kept[s, h].tolist())
                 # The pages of each dropped group score at most its coarse bound.
                 for g in dropped:
                     pages = fine[s, h, g * group_pages : min(n, (g + 1) * group_pages)]
                     assert pages.max() <= coarse[s, h, g] * (1 + 1e-6) + 1e-5
                 # A missed page lies in a dropped group, below the best of their bounds.
                 ceiling = max((float(coarse[s, h, g]) for g in dropped), default=-math.inf)
+                missed = set(exact[s, h].tolist()) - set(got[s, h].tolist())
                 for page in missed:
                     assert page // group_pages in dropped
                     assert float(fine[s, h, page]) <= ceiling + 1e-5
+                # So where the k-th kept page scores above that bound, nothing is missed.
+                if float(scores[s, h].min()) > ceiling:
+                    assert not missed
     _, every = _two_level(args, max_groups, group_pages=group_pages, kept_groups=max_groups,
                           top_k=top_k, pin_from=pin_from, impl="torch")  # fmt: skip
     assert torch.equal(every, exact)
