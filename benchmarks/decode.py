@@ -10,9 +10,10 @@ depend on weight values). Each sequence's KV cache is filled synthetically
 per page, exact Quest bounds) instead of a prefill. For every (context, batch) that
 fits, the same engine decodes the same sequences in each mode:
 
-- ``quest-B``: Quest at a token budget B (first two layers dense); ``quest-B/gG``: the
-  same with two-level selection over groups of G pages (``--group-pages``, e.g.
-  ``none,4,8`` with ``--page-size 4``: one level and two levels side by side);
+- ``quest-B``: Quest at a token budget B (first two layers dense); ``quest-B/gG`` (or
+  ``quest-B/gGmM``): the same with two-level selection over groups of G pages, kept groups
+  holding M page budgets (``--group-pages``, e.g. ``none,4,8:4`` with ``--page-size 4``:
+  one level and two levels side by side; M defaults to ``--group-margin``);
 - ``dense``: the same engine attending to every page (under sequence parallelism:
   the dense sequence-parallel baseline, "decode context parallelism");
 - ``sdpa`` (one GPU): the same model with torch SDPA over contiguous K/V (one K/V
@@ -484,14 +485,15 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     modes = []
     for kind in kinds:
         suffix = f"@{kind}" if len(kinds) > 1 else ""
-        for selection, group in [(s, g) for s in selections for g in args.group_list]:
+        for selection, (group, margin, tag) in [(s, g) for s in selections
+                                                for g in args.group_list]:  # fmt: skip
             label = f"/{selection}" if len(selections) > 1 else ""
-            label += "" if group is None else f"/g{group}"
+            label += "" if group is None else f"/g{tag}"
             # The local top-k spread over programs where select_pages chooses it, or never.
             spread = selection == "spread"
             modes += [(f"quest-{b}{label}{suffix}",
                        QuestConfig(token_budget=b, page_size=page, spread_selection=spread,
-                                   group_pages=group, group_margin=args.group_margin),
+                                   group_pages=group, group_margin=margin),
                        kind, selection) for b in budgets]  # fmt: skip
         modes.append(
             (f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind, "spread")
@@ -583,6 +585,15 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     return row
 
 
+def parse_group(text: str, margin: float) -> tuple[int | None, float, str]:
+    """``"none"``, ``"G"`` or ``"G:M"`` -> ``(group_pages, group_margin, name tag)``."""
+    if text == "none":
+        return None, margin, ""
+    group, _, given = text.partition(":")
+    margin = float(given) if given else margin
+    return int(group), margin, group + (f"m{margin:g}" if given else "")
+
+
 def engine_group(engine):
     return getattr(engine.ranks, "group", None)
 
@@ -626,11 +637,11 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--group-pages", default="none",
-        help="comma list of none (one-level selection) and/or ints: two-level selection "
-        "over groups of that many pages (QuestConfig.group_pages); each is timed",
+        help="comma list of none (one-level selection) and/or G or G:M: two-level selection "
+        "over groups of G pages, kept groups holding M page budgets; each is timed",
     )  # fmt: skip
     parser.add_argument("--group-margin", type=float, default=2.0,
-                        help="QuestConfig.group_margin of the two-level modes")  # fmt: skip
+                        help="M of the two-level modes that give none")  # fmt: skip
     parser.add_argument("--rows", default="",
                         help="CONTEXTxBATCH comma list instead of contexts x batches")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
@@ -642,7 +653,7 @@ def main() -> int:
     args.selection_list = [k for k in args.selection.split(",") if k]
     if not args.selection_list or set(args.selection_list) - {"spread", "two-pass"}:
         parser.error(f"--selection takes spread and/or two-pass, got {args.selection!r}")
-    args.group_list = [None if g == "none" else int(g) for g in args.group_pages.split(",") if g]
+    args.group_list = [parse_group(g, args.group_margin) for g in args.group_pages.split(",") if g]
     on_cuda = torch.cuda.is_available() and not args.tiny
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
@@ -714,8 +725,8 @@ def main() -> int:
         from benchmarks.common import write_result
 
         name = f"decode-w{world}" + (f"-page{page}" if page != PAGE else "")
-        groups = [g for g in args.group_list if g is not None]
-        name += "-groups" + "_".join(map(str, groups)) if groups else ""
+        groups = [tag for g, _, tag in args.group_list if g is not None]
+        name += "-groups" + "_".join(groups) if groups else ""
         name += f"-{args.label}" if args.label else ""
         path = write_result(name, report, out_dir=args.out_dir)
         print("wrote", path, flush=True)
