@@ -22,6 +22,10 @@ holds every page of the single-level top ``top_k`` that scores above it; with
 
 Cost a (sequence, KV head): the coarse bounds (``1 / group_pages`` of the fine ones) plus
 ``kept_groups * group_pages`` fine bounds, against every fine bound for the single level.
+The second term does not shrink with the context: with 4-token pages, groups of 8 and
+kept groups holding 2 budgets of 4096 tokens, a 64K-token row reads as many bound bytes
+as one level of 16-token pages (a 512K-token row: about half). Two more launches a layer
+than one level (the fine scores and their selection).
 """
 
 from __future__ import annotations
