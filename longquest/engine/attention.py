@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from longquest.engine.cache import KVCache, gather_pages, key_peak
+from longquest.engine.coarse import CoarseMetadata
 from longquest.engine.config import QuestConfig
 from longquest.kernels import (
     DEFAULT_TUNING,
@@ -34,6 +35,7 @@ from longquest.kernels import (
     paged_decode_attention,
     prefill_attention,
     select_pages,
+    select_pages_two_level,
 )
 
 
@@ -113,6 +115,8 @@ class DecodeMetadata:
         last split reduce the others (see ``paged_decode_attention``), or None.
     select_workspace: ``[>= num_seqs * num_kv_heads, WORKSPACE_STRIDE]`` int32 zeros for a
         selection spread over several programs a row (see ``select_pages``), or None.
+    coarse: the page groups' coarse bounds where the selection has two levels
+        (``QuestConfig.group_pages``), else None.
     """
 
     append_plan: AppendPlan | None
@@ -126,6 +130,7 @@ class DecodeMetadata:
     sparse: bool
     split_counters: torch.Tensor | None = None
     select_workspace: torch.Tensor | None = None
+    coarse: CoarseMetadata | None = None
 
 
 class PagedAttention:
@@ -206,6 +211,34 @@ class PagedAttention:
         )
         return out
 
+    def _select(self, layer, query, key_min, key_max, meta: DecodeMetadata, top_k: int):
+        """This rank's top ``top_k`` pages of every (sequence, KV head): ``(top_scores,
+        local indices)`` (see ``select_pages``), in one level or in two."""
+        common = dict(workspace=meta.select_workspace, spread=self.quest.spread_selection,
+                      impl=self.impl, tuning=self.tuning)  # fmt: skip
+        fine = dict(query=query, key_min=key_min, key_max=key_max, page_table=meta.page_table,
+                    num_pages=meta.num_pages)  # fmt: skip
+        group_pages = self.quest.group_pages
+        if group_pages is None:
+            # The engine built the tables; checking them costs a sync.
+            scores = page_scores(**fine, check_pages=False, impl=self.impl, tuning=self.tuning)
+            return select_pages(scores=scores, num_pages=meta.num_pages, top_k=top_k,
+                                pin_last=meta.pin_last, **common)  # fmt: skip
+        coarse = meta.coarse
+        if coarse is None or coarse.group_pages != group_pages:
+            raise RuntimeError(
+                f"QuestConfig.group_pages={group_pages} but the decode batch holds "
+                f"{'no' if coarse is None else coarse.group_pages} coarse groups; rebuild it "
+                "(DecodeBatch(group_pages=..., cache=...)) after changing the selection"
+            )
+        return select_pages_two_level(
+            **fine, pin_last=meta.pin_last, coarse_min=coarse.key_min[layer],
+            coarse_max=coarse.key_max[layer], coarse_table=coarse.table,
+            num_groups=coarse.num_groups, pin_from=coarse.pin_from, group_pages=group_pages,
+            kept_groups=min(self.quest.kept_groups, coarse.table.shape[1]), top_k=top_k,
+            **common,
+        )  # fmt: skip
+
     def _decode(self, layer, query, key, value, meta: DecodeMetadata) -> torch.Tensor:
         if meta.slot_mapping is not None:
             if meta.append_rows is not None:
@@ -215,26 +248,7 @@ class PagedAttention:
         selected = None
         top_k = self.quest.page_budget
         if top_k is not None and meta.sparse and layer >= self.quest.dense_layers:
-            scores = page_scores(
-                query=query,
-                key_min=key_min,
-                key_max=key_max,
-                page_table=meta.page_table,
-                num_pages=meta.num_pages,
-                check_pages=False,  # the engine built the tables; checking costs a sync
-                impl=self.impl,
-                tuning=self.tuning,
-            )
-            top_scores, local = select_pages(
-                scores=scores,
-                num_pages=meta.num_pages,
-                top_k=top_k,
-                pin_last=meta.pin_last,
-                workspace=meta.select_workspace,
-                spread=self.quest.spread_selection,
-                impl=self.impl,
-                tuning=self.tuning,
-            )
+            top_scores, local = self._select(layer, query, key_min, key_max, meta, top_k)
             selected = self.comm.select_global(
                 top_scores=top_scores,
                 local_indices=local,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -39,12 +40,18 @@ class QuestConfig:
         several programs (``longquest.kernels.topk_spread``), which must all be resident
         at once. Turn it off where other work holds the GPU's SMs for long (MPS with an
         active-thread limit, green contexts): a program left waiting traps after 10 s.
+    group_pages: None scores every page's bounds (one level); ``G`` (a power of two >= 2)
+        selects in two levels (``longquest.kernels.two_level``): groups of ``G`` pages of a
+        rank scored from coarse bounds first, then the pages of the ``kept_groups`` best.
+    group_margin: the kept groups hold ``group_margin`` (>= 1) page budgets.
     """
 
     page_size: int = 16
     token_budget: int | None = 4096
     dense_layers: int = 2
     spread_selection: bool = True
+    group_pages: int | None = None
+    group_margin: float = 2.0
 
     def __post_init__(self) -> None:
         plain_numbers(self)
@@ -72,11 +79,31 @@ class QuestConfig:
             raise ValueError(
                 f"QuestConfig.spread_selection must be a bool, got {self.spread_selection!r}"
             )
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        pages, accepts = self.group_pages, "None (one level) or a power of two >= 2 (pages a group)"
+        if pages is not None:
+            check_int(pages, name="QuestConfig.group_pages", minimum=2, accepts=accepts)
+            if pages & (pages - 1):
+                raise ValueError(f"QuestConfig.group_pages must be {accepts}, got {pages}")
+        check_float(self.group_margin, name="QuestConfig.group_margin", minimum=1.0,
+                    accepts="a finite number >= 1 (page budgets the kept groups hold)")  # fmt: skip
 
     @property
     def page_budget(self) -> int | None:
         """Pages attended per (sequence, KV head) in sparse layers, or None for dense."""
         return None if self.token_budget is None else self.token_budget // self.page_size
+
+    @property
+    def kept_groups(self) -> int | None:
+        """Groups the two-level selection keeps a row: ``group_margin`` page budgets plus the
+        newest page's group (a row of ``page_budget`` pages or more gets that many); None
+        for one level or dense decoding."""
+        budget = self.page_budget
+        if self.group_pages is None or budget is None:
+            return None
+        return math.ceil(self.group_margin * budget / self.group_pages) + 1
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 
 from longquest.engine.attention import DecodeMetadata
+from longquest.engine.cache import KVCache
+from longquest.engine.coarse import CoarseBounds
 from longquest.kernels import make_select_workspace, plan_decode_append
 
 # Columns of the per-step row info.
@@ -35,6 +37,9 @@ class DecodeBatch:
         The batch's graphs share one memory pool, freed with the batch.
     num_kv_heads: sizes the attention's split counters and the selection's workspace (one
         a row and KV head).
+    group_pages, cache, impl: the two-level selection's pages a group (None: one level),
+        the cache whose bounds the groups' coarse bounds come from, and the kernels that
+        keep them.
     """
 
     def __init__(
@@ -47,6 +52,9 @@ class DecodeBatch:
         num_kv_heads: int,
         use_graphs: bool = False,
         max_steps: int = 1,
+        group_pages: int | None = None,
+        cache: KVCache | None = None,
+        impl: str | None = None,
     ) -> None:
         if use_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -74,6 +82,14 @@ class DecodeBatch:
             max_rows=max(rows * num_kv_heads, 1), device=device
         )
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.group_pages = group_pages
+        self.coarse = None
+        if group_pages is not None:
+            if cache is None:
+                raise ValueError("a two-level selection (group_pages) needs the cache")
+            self.coarse = CoarseBounds(cache=cache, rows=rows, width=self.width,
+                                       group_pages=group_pages, device=device,
+                                       impl=impl)  # fmt: skip
 
     def update(self, *, rows: list[list[tuple[int, ...]]], local_pages: list[list]) -> None:
         """Load the row info of the next steps and any pages added since the last launch.
@@ -105,6 +121,10 @@ class DecodeBatch:
             index, values = index.to(self.device), values.to(self.device)
             self.page_table[index[0], index[1]] = values[0]
             self.global_pages[index[0], index[1]] = values[1]
+        if self.coarse is not None:
+            # Full pages before the first step's append: the row's tokens then, by page.
+            full = [(row[SEQ_LEN] - (row[APPEND_PAGE] >= 0)) // self.page_size for row in rows[0]]
+            self.coarse.refresh(page_table=self.page_table, full_pages=full)
         self.step_info[: len(rows)].copy_(host, non_blocking=True)
 
     def first_tokens(self) -> torch.Tensor:
@@ -120,18 +140,26 @@ class DecodeBatch:
             page_offsets=info[:, APPEND_OFFSET].to(torch.int32),
             page_size=self.page_size,
         )
+        num_pages = info[:, NUM_PAGES].to(torch.int32)
+        coarse = None
+        if self.coarse is not None and sparse:
+            appended = (info[:, APPEND_PAGE] >= 0).to(torch.int64)
+            full = torch.div(info[:, SEQ_LEN] - appended, self.page_size, rounding_mode="floor")
+            coarse = self.coarse.step(page_table=self.page_table, num_pages=num_pages,
+                                      full_pages=full)  # fmt: skip
         meta = DecodeMetadata(
             append_plan=plan,
             slot_mapping=plan.slot_mapping,
             append_rows=None,
             page_table=self.page_table,
             seq_lens=info[:, SEQ_LEN].to(torch.int32),
-            num_pages=info[:, NUM_PAGES].to(torch.int32),
+            num_pages=num_pages,
             global_pages=self.global_pages,
             pin_last=info[:, PIN_LAST] != 0,
             sparse=sparse,
             split_counters=self.split_counters,
             select_workspace=self.select_workspace,
+            coarse=coarse,
         )
         return info[:, POSITION], meta
 

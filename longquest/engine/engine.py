@@ -311,7 +311,8 @@ class LLMEngine:
         """
         ids = [s.request_id for s in running]
         batch = self._batch
-        if batch is None or batch.request_ids != ids:
+        group_pages = self.quest.group_pages
+        if batch is None or batch.request_ids != ids or batch.group_pages != group_pages:
             self._batch = None  # free the old buffers and graphs first
             width = max(len(s.local_pages) + s.reserved_pages for s in running)
             batch = self._batch = DecodeBatch(
@@ -322,6 +323,9 @@ class LLMEngine:
                 use_graphs=self.cuda_graphs,
                 max_steps=self.steps_per_launch,
                 num_kv_heads=self.config.num_kv_heads,
+                group_pages=group_pages,
+                cache=self.cache,
+                impl=self.impl,
             )
         rows = [[] for _ in range(steps)]
         sparse, budget = False, self.quest.page_budget

@@ -9,6 +9,7 @@ PyTorch elsewhere). Launchers whose tiles or grids are tuned take
 
 from longquest.kernels._checks import INDEX_DTYPES, check_dim, check_tensor
 from longquest.kernels.append import AppendPlan, append_kv, plan_append, plan_decode_append
+from longquest.kernels.coarse import coarse_bounds, refresh_last_full_group
 from longquest.kernels.decode import paged_decode_attention
 from longquest.kernels.float8 import (
     FLOAT8_DTYPE,
@@ -27,6 +28,11 @@ from longquest.kernels.scores import page_scores
 from longquest.kernels.topk import select_pages
 from longquest.kernels.topk_spread import make_select_workspace
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
+from longquest.kernels.two_level import (
+    group_page_scores,
+    select_candidates,
+    select_pages_two_level,
+)
 
 __all__ = [
     "DEFAULT_TUNING",
@@ -43,6 +49,8 @@ __all__ = [
     "check_dim",
     "check_keys_fit_float8",
     "check_tensor",
+    "coarse_bounds",
+    "group_page_scores",
     "keep_global_top_k",
     "make_select_workspace",
     "merge_attention_states",
@@ -55,9 +63,12 @@ __all__ = [
     "plan_append",
     "plan_decode_append",
     "prefill_attention",
+    "refresh_last_full_group",
     "rms_norm",
     "rotate_query_key",
+    "select_candidates",
     "select_pages",
+    "select_pages_two_level",
     "silu_mul",
     "store_bounds",
 ]

@@ -137,6 +137,114 @@ def select_pages_ref(
     return top_scores, indices
 
 
+def select_candidates_ref(
+    *, scores: torch.Tensor, indices: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``top_k`` candidates of each row: ``scores`` / ``indices`` ``[num_seqs,
+    num_kv_heads, list_len]`` (fp32, int32 with ``-1`` for no candidate). Returns their
+    scores and indices ``[num_seqs, num_kv_heads, top_k]`` in list order (ties to the
+    earlier slot), padded with ``-inf`` / ``-1``."""
+    num_seqs, num_kv_heads, _ = scores.shape
+    top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=scores.device)
+    top_indices = torch.full_like(top_scores, -1, dtype=torch.int32)
+    for s in range(num_seqs):
+        for h in range(num_kv_heads):
+            slots = [c for c, i in enumerate(indices[s, h].tolist()) if i >= 0]
+            if not slots:
+                continue
+            row = scores[s, h, slots].float()
+            order = torch.sort(-row, stable=True).indices[:top_k].sort().values
+            chosen = torch.tensor(slots, device=scores.device)[order]
+            top_scores[s, h, : len(order)] = scores[s, h, chosen]
+            top_indices[s, h, : len(order)] = indices[s, h, chosen]
+    return top_scores, top_indices
+
+
+def coarse_bounds_ref(
+    *,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    group_pages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of each sequence's page groups: group ``g`` covers its pages
+    ``g * group_pages .. min((g + 1) * group_pages, num_pages) - 1``.
+
+    Returns ``(coarse_min, coarse_max)``, ``[num_seqs, max_groups, num_kv_heads, head_dim]``
+    in the bounds' dtype (``max_groups = ceil(max_pages / group_pages)``): the element-wise
+    min / max over the group's pages' bounds; zeros for groups past ``num_pages``.
+    """
+    num_seqs, max_pages = page_table.shape
+    max_groups = -(-max_pages // group_pages)
+    shape = (num_seqs, max_groups, *key_min.shape[1:])
+    coarse_min = torch.zeros(shape, dtype=key_min.dtype, device=key_min.device)
+    coarse_max = torch.zeros(shape, dtype=key_max.dtype, device=key_max.device)
+    for s in range(num_seqs):
+        n = int(num_pages[s])
+        for g in range(-(-n // group_pages)):
+            pages = page_table[s, g * group_pages : min(n, (g + 1) * group_pages)].long()
+            coarse_min[s, g] = key_min[pages].float().amin(dim=0).to(key_min.dtype)
+            coarse_max[s, g] = key_max[pages].float().amax(dim=0).to(key_max.dtype)
+    return coarse_min, coarse_max
+
+
+def select_pages_two_level_ref(
+    *,
+    query: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    pin_last: torch.Tensor,
+    coarse_min: torch.Tensor,
+    coarse_max: torch.Tensor,
+    pin_from: torch.Tensor,
+    group_pages: int,
+    kept_groups: int,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``top_k`` pages among those of the ``kept_groups`` best page groups.
+
+    coarse_min, coarse_max: ``[num_seqs, max_groups, num_kv_heads, head_dim]`` as from
+    :func:`coarse_bounds_ref`. pin_last: ``[num_seqs]`` bool. pin_from: ``[num_seqs]`` int —
+    groups at ``g >= pin_from`` score ``+inf`` (always kept).
+    A group scores as a page would with its coarse bounds; the best ``kept_groups`` of each
+    (sequence, KV head) are kept (ties to the lower group); their pages are scored from the
+    fine bounds, the last page ``+inf`` where pinned, and the best ``top_k`` of them kept
+    (ties to the lower page). Returns ``(top_scores, indices)`` as :func:`select_pages_ref`.
+    """
+    num_seqs, max_groups = coarse_min.shape[:2]
+    num_kv_heads = key_min.shape[1]
+    num_groups = torch.tensor([-(-int(n) // group_pages) for n in num_pages.tolist()])
+    table = torch.arange(num_seqs * max_groups, device=query.device).view(num_seqs, max_groups)
+    coarse = page_scores_ref(query=query, key_min=coarse_min.flatten(0, 1),
+                             key_max=coarse_max.flatten(0, 1), page_table=table,
+                             num_pages=num_groups)  # fmt: skip
+    fine = page_scores_ref(query=query, key_min=key_min, key_max=key_max,
+                           page_table=page_table, num_pages=num_pages)  # fmt: skip
+    top_scores = torch.full((num_seqs, num_kv_heads, top_k), -math.inf, device=query.device)
+    indices = torch.full_like(top_scores, -1, dtype=torch.int32)
+    for s in range(num_seqs):
+        n, first_pinned = int(num_pages[s]), int(pin_from[s])
+        coarse[s, :, first_pinned : int(num_groups[s])] = math.inf
+        if n and bool(pin_last[s]):
+            fine[s, :, n - 1] = math.inf
+        _, kept = select_pages_ref(scores=coarse[s : s + 1], num_pages=num_groups[s : s + 1],
+                                   top_k=kept_groups, pin_last=False)  # fmt: skip
+        for h in range(num_kv_heads):
+            pages = [g * group_pages + t for g in kept[0, h].tolist() if g >= 0
+                     for t in range(group_pages) if g * group_pages + t < n]  # fmt: skip
+            if not pages:
+                continue
+            row = fine[s, h, pages]
+            order = torch.sort(-row, stable=True).indices[:top_k].sort().values
+            k = len(order)
+            top_scores[s, h, :k] = row[order]
+            indices[s, h, :k] = torch.tensor(pages, device=query.device)[order].int()
+    return top_scores, indices
+
+
 def paged_decode_attention_ref(
     *,
     query: torch.Tensor,

@@ -45,40 +45,15 @@ from longquest.kernels._checks import (
     resolve_impl,
 )
 from longquest.kernels._device import sm_count
+from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
-
-# tl.dot's smallest M, the tensor-core forms' BLOCK_G: larger GQA groups go elementwise.
-DOT_MAX_GROUP = 16
-
-
-@triton.jit
-def _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims, stride_bp, HEAD_DIM):
-    offsets = ids.to(tl.int64)[:, None] * stride_bp + head_offset + dims[None, :]
-    mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
-    kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
-    kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
-    return kmin, kmax
-
-
-@triton.jit
-def _query_signs(q, key_min_ptr, query_ptr):
-    """``(relu(q), min(q, 0))`` in the tensor-core products' input dtype: the query's own,
-    or fp16 for fp8 bounds (e4m3 pairs convert to fp16 in one instruction, to bf16 in
-    several), the query then clamped into fp16's range."""
-    if key_min_ptr.dtype.element_ty == tl.float8e4nv:
-        q_pos = tl.minimum(tl.where(q > 0, q, 0.0), 65504.0).to(tl.float16)
-        q_neg = tl.maximum(tl.where(q < 0, q, 0.0), -65504.0).to(tl.float16)
-    else:
-        q_pos = tl.where(q > 0, q, 0.0).to(query_ptr.dtype.element_ty)
-        q_neg = tl.where(q < 0, q, 0.0).to(query_ptr.dtype.element_ty)
-    return q_pos, q_neg
 
 
 @triton.jit
 def _score_blocks(
     query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
-    n, first, last, head, max_pages,
+    n, pin, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -86,7 +61,8 @@ def _score_blocks(
     """Score blocks ``first .. last - 1`` of one (sequence, KV head) row into ``out_row``.
 
     ``query_ptr`` points at the group's first query head; ``n`` is the row's valid pages.
-    Slots at ``j >= n`` (below ``max_pages``) get ``-inf``.
+    Slots at ``j >= n`` (below ``max_pages``) get ``-inf``, valid slots at ``j >= pin``
+    ``+inf``.
 
     ``USE_DOT`` (fp16/bf16 query; bounds of its dtype, or fp8 bounds, which convert exactly
     to fp16 in registers, the query too): for ``q_d >= 0`` the bound's term is
@@ -106,7 +82,7 @@ def _score_blocks(
             query_ptr + rows[:, None] * stride_qh + dims[None, :],
             mask=(rows[:, None] < GROUP) & (dims[None, :] < HEAD_DIM), other=0.0,
         )  # fmt: skip
-        q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
+        q_pos, q_neg = query_signs(q, key_min_ptr, query_ptr)
     # The page table is read without waiting for n (any id below max_pages is in the row);
     # only the bounds loads are masked by n.
     # Masks compare lanes with a per-block limit (0 past the program's last block).
@@ -116,7 +92,7 @@ def _score_blocks(
     ids_next = tl.load(
         table_row + nxt * stride_tp, mask=nxt < tl.where(first + 1 < last, max_pages, 0)
     )
-    kmin, kmax = _load_bounds(
+    kmin, kmax = load_bounds(
         key_min_ptr, key_max_ptr, ids, pages < tl.where(first < last, n, 0), head_offset, dims,
         stride_bp, HEAD_DIM,
     )  # fmt: skip
@@ -127,7 +103,7 @@ def _score_blocks(
         ids_after = tl.load(
             table_row + after * stride_tp, mask=after < tl.where(block + 2 < last, max_pages, 0)
         )
-        kmin_next, kmax_next = _load_bounds(
+        kmin_next, kmax_next = load_bounds(
             key_min_ptr, key_max_ptr, ids_next, nxt < tl.where(block + 1 < last, n, 0),
             head_offset, dims, stride_bp, HEAD_DIM,
         )  # fmt: skip
@@ -148,6 +124,7 @@ def _score_blocks(
                 q = q.to(tl.float32)
                 bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
                 best = tl.maximum(best, tl.sum(bound, axis=1))
+        best = tl.where(pages < pin, best, float("inf"))
         tl.store(out_row + pages, tl.where(pages < n, best, float("-inf")), mask=pages < max_pages)
         kmin, kmax, ids_next = kmin_next, kmax_next, ids_after
 
@@ -155,7 +132,7 @@ def _score_blocks(
 @triton.jit
 def _score_blocks_as_rows(
     query_ptr, key_min_ptr, key_max_ptr, table_row, out_row,
-    n, first, last, head, max_pages,
+    n, pin, first, last, head, max_pages,
     stride_qh, stride_bp, stride_bh, stride_tp,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -176,7 +153,7 @@ def _score_blocks_as_rows(
         query_ptr + cols[None, :] * stride_qh + dims[:, None],
         mask=(cols[None, :] < GROUP) & (dims[:, None] < HEAD_DIM), other=0.0,
     )  # fmt: skip
-    q_pos, q_neg = _query_signs(q, key_min_ptr, query_ptr)
+    q_pos, q_neg = query_signs(q, key_min_ptr, query_ptr)
     head_offset = head * stride_bh
     # Page ids one block ahead: a block's bounds loads wait on ids already loaded (Triton's
     # pipeline alone does not overlap the bounds loads with the id loads they depend on).
@@ -189,30 +166,31 @@ def _score_blocks_as_rows(
         nxt = pages + BLOCK_P
         ids_next = tl.load(table_row + nxt * stride_tp,
                            mask=nxt < tl.where(block + 1 < last, n, 0), other=0)  # fmt: skip
-        kmin, kmax = _load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
+        kmin, kmax = load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims,
                                   stride_bp, HEAD_DIM)  # fmt: skip
-        _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+        _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, pin, max_pages, cols,
                           GROUP, DOT_PRECISION)  # fmt: skip
 
 
 @triton.jit
-def _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, max_pages, cols,
+def _store_rows_bound(kmin, kmax, q_pos, q_neg, out_row, pages, valid, pin, max_pages, cols,
                       GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """The pages-as-rows bound of one ``[BLOCK_P, head_dim]`` block, stored at ``pages``."""
     bound = tl.dot(kmax.to(q_pos.dtype), q_pos, input_precision=DOT_PRECISION)
     bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
     best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
+    best = tl.where(pages < pin, best, float("inf"))
     tl.store(out_row + pages, tl.where(valid, best, float("-inf")), mask=pages < max_pages)
 
 
 @triton.jit
 def _page_scores_kernel(
-    query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, out_ptr,
+    query_ptr, key_min_ptr, key_max_ptr, page_table_ptr, num_pages_ptr, pin_from_ptr, out_ptr,
     num_kv_heads, max_pages, blocks_per_program,
     stride_qs, stride_qh, stride_bp, stride_bh, stride_ts, stride_tp, stride_os, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, AS_ROWS: tl.constexpr = False,
-    NUM_STAGES: tl.constexpr = 2,
+    NUM_STAGES: tl.constexpr = 2, PIN_FROM: tl.constexpr = False,
 ):  # fmt: skip
     # Axis 0 packs (program of the row, KV head), heads fastest; axis 0 has no 65535 limit.
     head = tl.program_id(0) % num_kv_heads
@@ -220,6 +198,9 @@ def _page_scores_kernel(
     seq = tl.program_id(1)
     count = tl.load(num_pages_ptr + seq).to(tl.int32)
     n = tl.minimum(tl.maximum(count, 0), max_pages)
+    pin = max_pages
+    if PIN_FROM:
+        pin = tl.load(pin_from_ptr + seq).to(tl.int32)
     first = chunk * blocks_per_program
     last = tl.minimum(first + blocks_per_program, tl.cdiv(max_pages, BLOCK_P))
     if AS_ROWS:
@@ -227,7 +208,7 @@ def _page_scores_kernel(
             query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
-            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            n, pin, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, DOT_PRECISION, NUM_STAGES,
         )  # fmt: skip
     else:
@@ -235,23 +216,9 @@ def _page_scores_kernel(
             query_ptr + seq * stride_qs + (head * GROUP) * stride_qh, key_min_ptr, key_max_ptr,
             page_table_ptr + seq.to(tl.int64) * stride_ts,
             out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh,
-            n, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
+            n, pin, first, last, head, max_pages, stride_qh, stride_bp, stride_bh, stride_tp,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_P, USE_DOT, DOT_PRECISION,
         )  # fmt: skip
-
-
-def dot_options(query: torch.Tensor, key_min: torch.Tensor) -> dict:
-    """Tensor-core scoring where it is exact: on CUDA, query and bounds of one dtype (fp32
-    through the ``ieee`` path), or fp8 bounds with an fp16/bf16 query (both taken to fp16
-    in registers), for GQA groups of up to 16 query heads. The interpreter keeps the
-    elementwise form."""
-    upcast = key_min.dtype == FLOAT8_DTYPE and query.dtype in (torch.float16, torch.bfloat16)
-    same = query.dtype == key_min.dtype
-    # The product pads the group to 16 query heads; a larger group is scored elementwise.
-    small_group = query.shape[1] <= DOT_MAX_GROUP * key_min.shape[1]
-    use_dot = query.device.type == "cuda" and (same or upcast) and small_group
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    return {"USE_DOT": use_dot, "DOT_PRECISION": precision}
 
 
 def _form_options(as_rows: bool, tuning: KernelTuning) -> dict:
@@ -292,7 +259,7 @@ def score_grid(
     return block_p, blocks_per_program, triton.cdiv(blocks, blocks_per_program)
 
 
-def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.Tensor:
+def _page_scores_torch(query, key_min, key_max, page_table, num_pages, pin_from) -> torch.Tensor:
     """Vectorised PyTorch path, in page chunks that bound the [.., pages, head_dim] temporary."""
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
@@ -311,6 +278,8 @@ def _page_scores_torch(query, key_min, key_max, page_table, num_pages) -> torch.
         kmax = key_max[chunk].float().permute(0, 2, 1, 3)[:, :, None]
         bound = torch.maximum(q * kmin, q * kmax).sum(-1)  # [S, Hkv, group, P]
         scores[:, :, start : start + step] = bound.amax(dim=2)
+    if pin_from is not None:
+        scores.masked_fill_((positions[None, :] >= pin_from.long()[:, None])[:, None], math.inf)
     return scores.masked_fill_(~valid[:, None, :], -math.inf)
 
 
@@ -321,6 +290,7 @@ def page_scores(
     key_max: torch.Tensor,
     page_table: torch.Tensor,
     num_pages: torch.Tensor,
+    pin_from: torch.Tensor | None = None,
     check_pages: bool = True,
     impl: str | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
@@ -333,6 +303,8 @@ def page_scores(
     page_table: ``[num_seqs, max_pages]`` int32/int64 physical page ids; entries at
     ``j >= num_pages[s]`` are ignored.
     num_pages: ``[num_seqs]`` int — valid pages per sequence, ``0 <= num_pages <= max_pages``.
+    pin_from: ``[num_seqs]`` int or None — valid pages at ``j >= pin_from[s]`` score ``+inf``
+    (the two-level selection's groups whose bounds are not final yet, always kept).
     check_pages: verify that the used page ids lie in the pool and that ``num_pages`` is in
     range. That costs one device-to-host sync, so a caller that builds its page tables
     itself (the engine) passes False on the hot path; the kernel then still never reads
@@ -358,22 +330,27 @@ def page_scores(
     check_dim("page_table", page_table, 0, num_seqs, "num_seqs")
     check_tensor("num_pages", num_pages, ndim=1, dtypes=INDEX_DTYPES, device=device)
     check_dim("num_pages", num_pages, 0, num_seqs, "num_seqs")
+    if pin_from is not None:
+        check_tensor("pin_from", pin_from, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        check_dim("pin_from", pin_from, 0, num_seqs, "num_seqs")
     max_pages = page_table.shape[1]
     if check_pages and num_seqs and max_pages:
         check_page_table(page_table, num_pages, num_pages_total)
 
     if resolve_impl(impl, device) == "torch":
-        return _page_scores_torch(query, key_min, key_max, page_table, num_pages)
+        return _page_scores_torch(query, key_min, key_max, page_table, num_pages, pin_from)
     if query.stride(2) != 1:
         query = query.contiguous()
     if key_min.stride(2) != 1 or key_max.stride(2) != 1 or key_min.stride() != key_max.stride():
         raise ValueError("key_min and key_max need equal strides and a contiguous last dimension")
     if key_min.dtype == FLOAT8_DTYPE:
         check_float8_supported(device)
-    return _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning)
+    return _page_scores_triton(query, key_min, key_max, page_table, num_pages, pin_from, tuning)
 
 
-def _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning) -> torch.Tensor:
+def _page_scores_triton(
+    query, key_min, key_max, page_table, num_pages, pin_from, tuning
+) -> torch.Tensor:
     """Launch the score kernel (no checks, no host sync)."""
     num_seqs, num_qo_heads, head_dim = query.shape
     num_kv_heads = key_min.shape[1]
@@ -389,12 +366,13 @@ def _page_scores_triton(query, key_min, key_max, page_table, num_pages, tuning) 
         device, num_seqs, num_kv_heads, max_pages, head_dim, dot["USE_DOT"], as_rows, tuning
     )
     _page_scores_kernel[(per_row * num_kv_heads, num_seqs)](
-        query, key_min, key_max, page_table, num_pages, out,
+        query, key_min, key_max, page_table, num_pages,
+        num_pages if pin_from is None else pin_from, out,
         num_kv_heads, max_pages, blocks_per_program,
         query.stride(0), query.stride(1), key_min.stride(0), key_min.stride(1),
         page_table.stride(0), page_table.stride(1), out.stride(0), out.stride(1),
         GROUP=num_qo_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_P=block_p, **dot,
-        **_form_options(as_rows, tuning),
+        PIN_FROM=pin_from is not None, **_form_options(as_rows, tuning),
     )  # fmt: skip
     return out

@@ -55,7 +55,7 @@ from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
 
 @triton.jit
-def _select_row(
+def select_row(
     score_ptr, index_ptr, start, end, count, pin_index, k_out, out_score_ptr, out_index_ptr,
     FROM_CANDIDATES: tl.constexpr, BLOCK: tl.constexpr, IN_REGISTERS: tl.constexpr,
     OUT_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, NUM_BINS: tl.constexpr,
@@ -146,7 +146,7 @@ def _select_kernel(
         if PIN == 2:
             pin_index = tl.where(tl.load(pin_ptr + seq) != 0, n - 1, -1)
     offset = row.to(tl.int64) * stride_out_row + chunk * stride_out_chunk
-    _select_row(
+    select_row(
         score_ptr, index_ptr, start, end, count, pin_index, k_out,
         out_score_ptr + offset, out_index_ptr + offset,
         FROM_CANDIDATES, BLOCK, IN_REGISTERS, OUT_BLOCK, DIGIT_BITS, NUM_BINS,

@@ -37,6 +37,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
     sparsity.add_argument("--dense", action="store_true", help="attend to every page")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (16)")
     parser.add_argument("--dense-layers", type=int, default=2, help="leading dense layers (2)")
+    parser.add_argument("--group-pages", type=int, default=None,
+                        help="two-level selection over groups of this many pages (default: one "
+                        "level)")  # fmt: skip
+    parser.add_argument("--group-margin", type=float, default=2.0,
+                        help="two-level: page budgets the kept groups hold (2)")  # fmt: skip
     parser.add_argument(
         "--device", default=None,
         help="cuda, cuda:N or cpu (default: CUDA when available, else the CPU)",
@@ -119,6 +124,8 @@ def quest_from_args(args: argparse.Namespace) -> QuestConfig:
         token_budget=None if args.dense else args.budget,
         dense_layers=args.dense_layers,
         spread_selection=not args.no_spread_selection,
+        group_pages=args.group_pages,
+        group_margin=args.group_margin,
     )
 
 
