@@ -1,6 +1,6 @@
 """A batch job over Ray replicas on the CPU: job time per layout of 4 actors in all.
 
-    python benchmarks/ray_job.py                      # 32 documents of ~1.5K tokens, 2 questions
+    python benchmarks/ray_job.py                      # 32 documents of ~1K tokens, 2 questions
     python benchmarks/ray_job.py --docs 2 --context 128 --questions 1 --max-tokens 4 \\
         --layouts 2x1,1x2                             # a smoke run
 
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=32, help="documents")
     parser.add_argument("--questions", type=int, default=2, help="lines a document")
-    parser.add_argument("--context", type=int, default=1536, help="tokens a document")
+    parser.add_argument("--context", type=int, default=1024, help="tokens a document")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated a line")
     parser.add_argument("--layouts", default="4x1,2x2,1x4", help="RxW,... (replicas x actors)")
     parser.add_argument("--group-size", type=int, default=4, help="requests in flight a replica")
