@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = "[longquest] batch summary "
-DOCS = 16  # long enough (about 10 s on 2 cores) for the kill to land mid-job
+DOCS = 16  # enough work that the kill finds lines in flight on the killed node
 MODEL_OPTIONS = [
     "--device", "cpu", "--dtype", "float32", "--page-size", "16", "--budget", "32",
     "--dense-layers", "1", "--cache-tokens", "2048", "--group-size", "2",
@@ -104,3 +105,5 @@ def test_two_replicas_on_two_nodes_answer_once_when_one_node_dies(tmp_path):
     assert sorted(replicas) == sorted([(killed, killed), (kept, kept)])
     assert replicas[killed, killed]["lost"] and not replicas[kept, kept]["lost"]
     assert replicas[kept, kept]["lines"] + replicas[killed, killed]["lines"] == DOCS
+    handed = re.search(r"replica \d lost .*; (\d+) of its lines go to", log.read_text())
+    assert handed and int(handed[1]) >= 1  # it had lines in flight, served by the other
