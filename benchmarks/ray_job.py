@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
             job = Path(scratch) / "job.jsonl"
             write_job(job, docs=args.docs, questions=args.questions, context=args.context,
                       max_tokens=args.max_tokens, tokenizer=Tokenizer(str(model)))  # fmt: skip
-            record = {"config": {**settings, "model": weights, "actors": actors,
+            shape = json.loads((model / "config.json").read_text())
+            shape = {k: shape.get(k) for k in ("num_hidden_layers", "hidden_size",
+                                               "intermediate_size", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim",
+                                               "vocab_size")}  # fmt: skip
+            record = {"config": {**settings, "model": weights, "shape": shape, "actors": actors,
                                  "actor_device": "cpu", "cores": cores,
                                  "threads_per_actor": max(1, cores // actors),
                                  "ray": ray.__version__}, "results": rows}  # fmt: skip
