@@ -74,6 +74,20 @@ class GenerateRequest:
     params: list[SamplingParams]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU
+    quota (a container may see all of its host's cores but be allowed a few)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = cores or os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def cpu_threads() -> int:
     """Torch threads for a CPU actor: its share of the node's cores, as its Ray CPU slots
     are a share of the node's slots, so the actors of every replica on a node (whatever
@@ -82,7 +96,7 @@ def cpu_threads() -> int:
     slots = context.get_assigned_resources().get("CPU", 1.0)
     node = next((n for n in ray.nodes() if n.get("NodeID") == context.get_node_id()), {})
     node_slots = node.get("Resources", {}).get("CPU", 0) or slots
-    return max(1, int((os.cpu_count() or 1) * slots / node_slots))
+    return max(1, int(usable_cores() * slots / node_slots))
 
 
 class RankWorker:
@@ -230,8 +244,9 @@ class RayCluster:
         setups = worker_setups(
             config, master_addr=host, master_port=port, use_gpu=use_gpu, timeout_s=timeout_s
         )
+        placed = self._call([a.placement.remote() for a in self.actors], "placement")
+        self.node_ids = [node for node, _ in placed]  # rank order
         if use_gpu:
-            placed = self._call([a.placement.remote() for a in self.actors], "placement")
             devices = group_devices(node_ids=[n for n, _ in placed], gpu_ids=[g for _, g in placed])
             setups = [replace(s, **asdict(d)) for s, d in zip(setups, devices)]
         self._call([a.setup.remote(s) for a, s in zip(self.actors, setups)], "setup")

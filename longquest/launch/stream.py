@@ -68,6 +68,18 @@ def refused_row(item: BatchItem, message: str) -> dict:
     return {"id": item.id, "error": name_request(message, request_id=item.id, line=item.line)}
 
 
+def internal_error_row(item: BatchItem, error: Exception) -> dict:
+    """The error row of a line whose request failed (not refused) while the engine went
+    on serving other work right after it; a warning goes to stderr too."""
+    message = (
+        f"internal error while serving this request ({type(error).__name__}: {error}); "
+        "the engine served other work right after it, so it is this request's. Rerun "
+        "with --retry-errors to try it again"
+    )
+    print(f"[longquest] request id={item.id!r}: {message}", file=sys.stderr)
+    return {"id": item.id, "error": message}
+
+
 class Feeder:
     """Issues picked lines to ``step``, at most ``limit`` in flight, and writes a row
     for each as it finishes.
@@ -144,13 +156,7 @@ class Feeder:
             return refused_row(item, str(error))
         if not self._engine_serves(item):
             raise error
-        message = (
-            f"internal error while serving this request ({type(error).__name__}: {error}); "
-            "the engine served other work right after it, so it is this request's. Rerun "
-            "with --retry-errors to try it again"
-        )
-        print(f"[longquest] request id={item.id!r}: {message}", file=sys.stderr)
-        return {"id": item.id, "error": message}
+        return internal_error_row(item, error)
 
     def _finish(self, request: NewRequest) -> RequestOutput:
         """Serve ``request`` alone to the end; raises ValueError when it is refused."""

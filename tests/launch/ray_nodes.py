@@ -136,18 +136,6 @@ class LocalRayCluster:
         by_port = self.query("{n['NodeManagerPort']: n['NodeID'] for n in ray.nodes()}")
         return [by_port[str(port)] for port in self.node_manager_ports]
 
-    def actor_nodes(self, class_name: str) -> list[tuple[str, str]]:
-        """``(job id, node id)`` of every actor of class ``class_name``, alive or dead,
-        by start time."""
-        return [
-            tuple(pair)
-            for pair in self.query(
-                "[(a['JobID'], a['Address']['NodeID']) for a in sorted("
-                "ray._private.state.actors().values(), key=lambda a: a['StartTime'])"
-                f" if a['ActorClassName'] == {class_name!r}]"
-            )
-        ]
-
     def kill_node(self, index: int) -> None:
         """SIGKILL node ``index``'s raylet (the node dies; its workers follow)."""
         tree = descendants(self.nodes[index].pid)

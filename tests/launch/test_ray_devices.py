@@ -17,7 +17,7 @@ from longquest.engine.config import (
     SamplingParams,
 )
 from longquest.launch.ray_devices import ActorDevices, group_devices
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, save_char_tokenizer
 
 
 def test_one_node_every_actor_sees_the_group_in_rank_order():
@@ -106,6 +106,12 @@ def _local_generate(model_dir, *, prompts, params):
     return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+def _model(directory):
+    """The tiny Llama with a tokenizer that needs neither sentencepiece nor tiktoken (the
+    engine loads one from the model directory; the GPU machine has neither library)."""
+    return save_char_tokenizer(make_tiny_model(directory, architecture="llama3.1"))
+
+
 def _prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(11)
     return [torch.randint(3, 990, (n,), generator=gen).tolist() for n in (157, 70)]
@@ -113,7 +119,7 @@ def _prompts() -> list[list[int]]:
 
 @pytest.mark.gpu
 def test_a_replica_of_one_gpu_actor_matches_one_gpu(tmp_path):
-    model_dir = make_tiny_model(tmp_path, architecture="llama3.1")
+    model_dir = _model(tmp_path)
     params = SamplingParams(max_tokens=16)
     want = _local_generate(model_dir, prompts=_prompts(), params=params)
     got, peer = _ray_generate(model_dir, world_size=1, prompts=_prompts(), params=params)
@@ -123,7 +129,7 @@ def test_a_replica_of_one_gpu_actor_matches_one_gpu(tmp_path):
 
 @pytest.mark.multigpu
 def test_two_gpu_actors_decode_over_peer_memory(tmp_path):
-    model_dir = make_tiny_model(tmp_path, architecture="llama3.1")
+    model_dir = _model(tmp_path)
     params = SamplingParams(max_tokens=16)
     want = _local_generate(model_dir, prompts=_prompts(), params=params)
     got, peer = _ray_generate(model_dir, world_size=2, prompts=_prompts(), params=params)

@@ -70,13 +70,15 @@ def ray_runtime():
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """An input of three documents asked two questions each (the documents are longer
-    than the sticky prefix), and a line that is not JSON."""
+    than the sticky prefix), a line the engine refuses (past the model's context: it
+    costs no replica) and a line that is not JSON."""
     src = tmp_path_factory.mktemp("job") / "in.jsonl"
     lines = [
         {"id": f"d{d}q{q}", "prompt": f"Document {d}: " + f"w{d} " * 100 + f"? {q}",
          "max_tokens": 40, "ignore_eos": True}
         for d in range(3) for q in range(2)
     ]  # fmt: skip
+    lines.insert(3, {"id": "too-long", "prompt": "x" * 600, "max_tokens": 4})
     src.write_text("".join(json.dumps(line) + "\n" for line in lines) + "{broken\n")
     return src
 
@@ -115,7 +117,8 @@ def test_replicas_write_the_single_device_answers_once(
     rows = rows_of(dst)
     assert sorted(r["id"] for r in rows) == sorted(reference)  # each once
     assert {r["id"]: r.get("text") for r in rows} == reference
-    assert summary["served"] == 6 and summary["errors"] == 1
+    assert summary["served"] == 6 and summary["errors"] == 2
+    assert "past the model's context" in next(r for r in rows if r["id"] == "too-long")["error"]
     per_replica = summary["replicas"]
     assert [r["replica"] for r in per_replica] == list(range(replicas))
     assert sum(r["lines"] for r in per_replica) == 6 and not any(r["lost"] for r in per_replica)
