@@ -137,19 +137,29 @@ LAUNCHERS = ("local", "ray", "torchrun")
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How many ranks share every sequence's KV pages, and how they are started.
+    """How the ranks of one replica split the model and every sequence's KV pages, and
+    how they are started.
 
-    world_size: sequence-parallel ranks (one GPU each) of one replica.
+    world_size: ranks (one GPU each) of one replica: ``tensor_parallel_size`` tensor
+        ranks times ``sequence_parallel_size`` sequence ranks.
+    tensor_parallel_size: T, the ways the weights are split (attention by KV-head groups,
+        the MLP by its intermediate dimension, embedding and LM head by vocabulary). T
+        divides ``world_size``, and the model's KV heads, query heads and intermediate
+        size (checked when its config is read, before any weight). A tensor rank keeps
+        the KV pages of its own KV heads only; T larger than the KV heads (Helix-style
+        KV-head replication) is not supported.
     data_parallel_size: independent replicas of ``world_size`` ranks each, fed from one
         work queue (the Ray launcher only; every replica holds the whole model).
     launcher: ``"local"`` (one device, this process), ``"ray"`` or ``"torchrun"``.
-    split_mlp: decode splits every MLP over the ranks (each reads ``1 / world_size``
-        of the MLP weights; one all-reduce sums the parts).
+    split_mlp: decode splits every MLP further over the sequence ranks (each reads
+        ``1 / world_size`` of the MLP weights; one all-reduce over the replica's ranks
+        sums the parts). At T = 1 the weights are replicated and this is the only split.
     peer_collectives: decode's collectives write straight into the other GPUs' memory
         where every rank can; else NCCL.
     """
 
     world_size: int = 1
+    tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     launcher: str = "local"
     split_mlp: bool = True
@@ -167,6 +177,15 @@ class ParallelConfig:
                 "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
                 f"for world_size={self.world_size}"
             )
+        check_int(self.tensor_parallel_size, name="ParallelConfig.tensor_parallel_size",
+                  minimum=1, accepts="a whole number >= 1 that divides world_size")  # fmt: skip
+        if self.world_size % self.tensor_parallel_size:
+            raise ValueError(
+                f"ParallelConfig.tensor_parallel_size={self.tensor_parallel_size} does not "
+                f"divide world_size={self.world_size}: the ranks form tensor_parallel_size x "
+                "sequence_parallel_size; use a divisor of world_size, e.g. "
+                f"{_largest_divisor(self.world_size, self.tensor_parallel_size)}"
+            )
         replicas = self.data_parallel_size
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(
@@ -179,6 +198,16 @@ class ParallelConfig:
                 f"launcher='ray' (longquest batch --launcher ray --data-parallel-size {replicas}), "
                 f"not {self.launcher!r}"
             )
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """S: the ranks that share the KV pages of one tensor rank's heads."""
+        return self.world_size // self.tensor_parallel_size
+
+
+def _largest_divisor(number: int, at_most: int) -> int:
+    """The largest divisor of ``number`` that is at most ``at_most``."""
+    return max(d for d in range(1, min(number, at_most) + 1) if number % d == 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +297,31 @@ class ModelConfig:
             scaled = float(scaling["factor"]) * int(original or self.max_position_embeddings)
             return max(self.max_position_embeddings, int(scaled))
         return self.max_position_embeddings
+
+
+def check_tensor_parallel(config: ModelConfig, *, tensor_parallel_size: int) -> None:
+    """Raise ValueError unless ``tensor_parallel_size`` divides the model's KV heads, query
+    heads and intermediate size (each tensor rank takes whole KV heads with their query
+    heads, and an equal slice of the MLP). Vocabularies of any size are split (the last
+    shard padded)."""
+    size = tensor_parallel_size
+    if size == 1:
+        return
+    sizes = {
+        "num_key_value_heads": config.num_kv_heads,
+        "num_attention_heads": config.num_qo_heads,
+        "intermediate_size": config.intermediate_size,
+    }
+    wrong = [f"{name}={value}" for name, value in sizes.items() if value % size]
+    if wrong:
+        fits = [d for d in range(1, config.num_kv_heads + 1)
+                if all(value % d == 0 for value in sizes.values())]  # fmt: skip
+        raise ValueError(
+            f"tensor_parallel_size={size} does not divide the model's {', '.join(wrong)}: "
+            "every tensor rank takes whole KV heads (with their query heads) and an equal "
+            f"share of the MLP; use a tensor_parallel_size in {fits} (T above the KV heads, "
+            "Helix-style, is not supported) and more sequence ranks instead"
+        )
 
 
 # EngineConfig.dtype values: "auto" is bf16 on CUDA and fp32 on the CPU.

@@ -80,9 +80,11 @@ class LLMEngine:
         # Every rank plans with the same pool, so capacity decisions agree.
         self.allocator = PagePool(self.ranks.agreed_pages(cache.shape.num_pages))
         shape = cache.shape  # the builder's salt names the weights too
+        tensor_size = 1 if model.tensor is None else model.tensor.world_size
         prefix_salt = prefix_salt or cache_salt(
             model=model_config, dtype=shape.dtype, page_size=shape.page_size,
-            bounds_dtype=shape.bounds_dtype, world_size=self.world_size,
+            bounds_dtype=shape.bounds_dtype, world_size=self.world_size * tensor_size,
+            tensor_parallel_size=tensor_size,
         )  # fmt: skip
         self.admission = Admission(pool=self.allocator, ranks=self.ranks, page_size=self.page_size,
                                    salt=prefix_salt, prefix_caching=prefix_caching)  # fmt: skip
@@ -318,7 +320,7 @@ class LLMEngine:
                 device=self.device,
                 use_graphs=self.cuda_graphs,
                 max_steps=self.steps_per_launch,
-                num_kv_heads=self.config.num_kv_heads,
+                num_kv_heads=self.model.num_kv_heads,  # this tensor rank's
             )
         rows = [[] for _ in range(steps)]
         sparse, budget = False, self.quest.page_budget

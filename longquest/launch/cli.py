@@ -65,6 +65,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         "declares in its config.json (refused by default: the model was not trained there)",
     )  # fmt: skip
     parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="T",
+        help="split the weights T ways over the ranks (T divides the ranks and the model's "
+        "KV heads, heads and MLP width); the other ranks//T ways split the KV pages (1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-prefix-caching", action="store_true",
         help="compute every prompt in full instead of reusing the KV pages of prompt "
         "prefixes seen before (the outputs are those of a full prefill)",
@@ -142,7 +147,10 @@ def engine_config_from_args(
         quest=quest_from_args(args),
         cache=cache_from_args(args),
         parallel=ParallelConfig(
-            world_size=world_size, data_parallel_size=data_parallel_size, launcher=launcher
+            world_size=world_size,
+            tensor_parallel_size=args.tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            launcher=launcher,
         ),
         prefill_chunk_tokens=args.prefill_chunk,
         allow_long_context=args.allow_long_context,

@@ -1,7 +1,8 @@
 """torchrun entry: ``torchrun --nproc-per-node N -m longquest.launch.torchrun --model DIR ...``.
 
-Every process is one rank of a sequence-parallel group (NCCL on GPUs, gloo with
-``--device cpu``). Rank 0 prints what ``longquest generate`` prints. The ranks are
+Every process is one rank of one replica (NCCL on GPUs, gloo with ``--device cpu``):
+``--tensor-parallel-size T`` splits the weights T ways and the N processes' KV pages
+N / T ways. Rank 0 prints what ``longquest generate`` prints. The ranks are
 configured by the model options, or by ``--config-json``: an ``EngineConfig`` as
 JSON, which ``longquest batch --launcher torchrun`` passes.
 """
@@ -187,8 +188,9 @@ def _serve_prompt(args: argparse.Namespace, params, *, engine, tokenizer, rank: 
         print(output.text)
         for line in logprob_lines(output, tokenizer.decode):
             print(line, file=sys.stderr)
-        world = engine.world_size
-        print(summary_line(output, engine.quest) + f" | world size {world}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        layout = f"tensor parallel {world // engine.world_size} | world size {world}"
+        print(summary_line(output, engine.quest) + f" | {layout}", file=sys.stderr)
 
 
 if __name__ == "__main__":
