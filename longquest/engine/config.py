@@ -183,8 +183,7 @@ class ParallelConfig:
             raise ValueError(
                 f"ParallelConfig.tensor_parallel_size={self.tensor_parallel_size} does not "
                 f"divide world_size={self.world_size}: the ranks form tensor_parallel_size x "
-                "sequence_parallel_size; use a divisor of world_size, e.g. "
-                f"{_largest_divisor(self.world_size, self.tensor_parallel_size)}"
+                "sequence_parallel_size; use a divisor of world_size"
             )
         replicas = self.data_parallel_size
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
@@ -203,11 +202,6 @@ class ParallelConfig:
     def sequence_parallel_size(self) -> int:
         """S: the ranks that share the KV pages of one tensor rank's heads."""
         return self.world_size // self.tensor_parallel_size
-
-
-def _largest_divisor(number: int, at_most: int) -> int:
-    """The largest divisor of ``number`` that is at most ``at_most``."""
-    return max(d for d in range(1, min(number, at_most) + 1) if number % d == 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,31 +291,6 @@ class ModelConfig:
             scaled = float(scaling["factor"]) * int(original or self.max_position_embeddings)
             return max(self.max_position_embeddings, int(scaled))
         return self.max_position_embeddings
-
-
-def check_tensor_parallel(config: ModelConfig, *, tensor_parallel_size: int) -> None:
-    """Raise ValueError unless ``tensor_parallel_size`` divides the model's KV heads, query
-    heads and intermediate size (each tensor rank takes whole KV heads with their query
-    heads, and an equal slice of the MLP). Vocabularies of any size are split (the last
-    shard padded)."""
-    size = tensor_parallel_size
-    if size == 1:
-        return
-    sizes = {
-        "num_key_value_heads": config.num_kv_heads,
-        "num_attention_heads": config.num_qo_heads,
-        "intermediate_size": config.intermediate_size,
-    }
-    wrong = [f"{name}={value}" for name, value in sizes.items() if value % size]
-    if wrong:
-        fits = [d for d in range(1, config.num_kv_heads + 1)
-                if all(value % d == 0 for value in sizes.values())]  # fmt: skip
-        raise ValueError(
-            f"tensor_parallel_size={size} does not divide the model's {', '.join(wrong)}: "
-            "every tensor rank takes whole KV heads (with their query heads) and an equal "
-            f"share of the MLP; use a tensor_parallel_size in {fits} (T above the KV heads, "
-            "Helix-style, is not supported) and more sequence ranks instead"
-        )
 
 
 # EngineConfig.dtype values: "auto" is bf16 on CUDA and fp32 on the CPU.

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
-from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, check_tensor_parallel
-from longquest.engine.model import Model, TensorParallel
+from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from longquest.engine.model import Model, TensorParallel, check_tensor_parallel
 from longquest.engine.rope import ROPE_KEYS, check_rope_scaling, rope_type_of
 from longquest.engine.shards import Target, checkpoint_targets
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longquest.engine.config import ModelConfig, check_tensor_parallel
+from longquest.engine.config import ModelConfig
 from longquest.engine.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from longquest.kernels import INDEX_DTYPES, add_rms_norm, check_tensor, rotate_query_key, silu_mul
 from longquest.kernels import rms_norm as fused_rms_norm
@@ -79,6 +79,31 @@ class TensorParallel(Protocol):
     def all_reduce(self, tensor: Tensor) -> Tensor: ...
 
     def all_gather(self, tensor: Tensor) -> Tensor: ...
+
+
+def check_tensor_parallel(config: ModelConfig, *, tensor_parallel_size: int) -> None:
+    """Raise ValueError unless ``tensor_parallel_size`` divides the model's KV heads, query
+    heads and intermediate size (each tensor rank takes whole KV heads with their query
+    heads, and an equal slice of the MLP). Vocabularies of any size are split (the last
+    shard padded)."""
+    size = tensor_parallel_size
+    if size == 1:
+        return
+    sizes = {
+        "num_key_value_heads": config.num_kv_heads,
+        "num_attention_heads": config.num_qo_heads,
+        "intermediate_size": config.intermediate_size,
+    }
+    wrong = [f"{name}={value}" for name, value in sizes.items() if value % size]
+    if wrong:
+        fits = [d for d in range(1, config.num_kv_heads + 1)
+                if all(value % d == 0 for value in sizes.values())]  # fmt: skip
+        raise ValueError(
+            f"tensor_parallel_size={size} does not divide the model's {', '.join(wrong)}: "
+            "every tensor rank takes whole KV heads (with their query heads) and an equal "
+            f"share of the MLP; use a tensor_parallel_size in {fits} (T above the KV heads, "
+            "Helix-style, is not supported) and more sequence ranks instead"
+        )
 
 
 def vocab_shard_size(vocab_size: int, world_size: int) -> int:

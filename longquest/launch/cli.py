@@ -65,14 +65,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         "declares in its config.json (refused by default: the model was not trained there)",
     )  # fmt: skip
     parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, metavar="T",
-        help="split the weights T ways over the ranks (T divides the ranks and the model's "
-        "KV heads, heads and MLP width); the other ranks//T ways split the KV pages (1)",
-    )  # fmt: skip
-    parser.add_argument(
         "--no-prefix-caching", action="store_true",
         help="compute every prompt in full instead of reusing the KV pages of prompt "
         "prefixes seen before (the outputs are those of a full prefill)",
+    )  # fmt: skip
+
+
+def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tensor-parallel-size``, for the commands that start several ranks."""
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="T",
+        help="split the weights T ways over a replica's ranks (T divides the ranks and the "
+        "model's KV heads, query heads and MLP width); the ranks // T sequence ranks of "
+        "each weight shard split its KV pages (1)",
     )  # fmt: skip
 
 
@@ -135,6 +140,7 @@ def engine_config_from_args(
     args: argparse.Namespace,
     *,
     world_size: int = 1,
+    tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     launcher: str = "local",
 ) -> EngineConfig:
@@ -148,7 +154,7 @@ def engine_config_from_args(
         cache=cache_from_args(args),
         parallel=ParallelConfig(
             world_size=world_size,
-            tensor_parallel_size=args.tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
             data_parallel_size=data_parallel_size,
             launcher=launcher,
         ),
@@ -219,8 +225,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
     config = engine_config_from_args(
-        args, world_size=args.world_size, data_parallel_size=args.data_parallel_size,
-        launcher=args.launcher,
+        args, world_size=args.world_size, tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size, launcher=args.launcher,
     )  # fmt: skip
     if args.launcher == "torchrun":
         return _batch_with_torchrun(config, args)
@@ -326,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", required=True, help="JSONL: id, prompt|messages, sampling")
     batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
     batch.add_argument("--world-size", type=int, default=1,
-                       help="sequence-parallel ranks (GPUs) of one replica (1)")  # fmt: skip
+                       help="ranks (GPUs) of one replica: tensor x sequence ranks (1)")  # fmt: skip
+    add_tensor_parallel_argument(batch)
     batch.add_argument("--data-parallel-size", type=int, default=1,
                        help="replicas of --world-size ranks each, fed from one queue "
                        "(--launcher ray; 1)")  # fmt: skip

@@ -22,6 +22,7 @@ from longquest.engine.config import EngineConfig
 from longquest.launch.cli import (
     add_model_arguments,
     add_sampling_arguments,
+    add_tensor_parallel_argument,
     engine_config_from_args,
     logprob_lines,
     sampling_from_args,
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="sequence-parallel generation, one process per GPU",
     )
     add_model_arguments(parser, model_required=False)
+    add_tensor_parallel_argument(parser)
     parser.add_argument(
         "--config-json", help="the EngineConfig as JSON (instead of --model and its options)"
     )
@@ -114,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config_json is None:
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            config = engine_config_from_args(args, world_size=world, launcher="torchrun")
+            config = engine_config_from_args(
+                args,
+                world_size=world,
+                tensor_parallel_size=args.tensor_parallel_size,
+                launcher="torchrun",
+            )
         params = None if args.input is not None else sampling_from_args(args)
     except ValueError as error:
         parser.error(str(error))
