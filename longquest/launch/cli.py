@@ -25,6 +25,11 @@ from longquest.engine.config import (
 )
 from longquest.launch.demo import run_demo
 
+TENSOR_PARALLEL_HELP = (
+    "split the weights T ways over a replica's ranks (T divides the ranks and the model's "
+    "KV heads, query heads and MLP width); each shard's ranks // T ranks split its KV pages (1)"
+)
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
     """Options shared by every command that loads a model (see ``engine_config_from_args``)."""
@@ -68,16 +73,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         "--no-prefix-caching", action="store_true",
         help="compute every prompt in full instead of reusing the KV pages of prompt "
         "prefixes seen before (the outputs are those of a full prefill)",
-    )  # fmt: skip
-
-
-def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
-    """``--tensor-parallel-size``, for the commands that start several ranks."""
-    parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, metavar="T",
-        help="split the weights T ways over a replica's ranks (T divides the ranks and the "
-        "model's KV heads, query heads and MLP width); the ranks // T sequence ranks of "
-        "each weight shard split its KV pages (1)",
     )  # fmt: skip
 
 
@@ -146,18 +141,15 @@ def engine_config_from_args(
 ) -> EngineConfig:
     """The one EngineConfig of the options ``add_model_arguments`` added, which every
     launcher passes to its ranks unchanged."""
+    parallel = ParallelConfig(world_size=world_size, tensor_parallel_size=tensor_parallel_size,
+                              data_parallel_size=data_parallel_size, launcher=launcher)  # fmt: skip
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         quest=quest_from_args(args),
         cache=cache_from_args(args),
-        parallel=ParallelConfig(
-            world_size=world_size,
-            tensor_parallel_size=tensor_parallel_size,
-            data_parallel_size=data_parallel_size,
-            launcher=launcher,
-        ),
+        parallel=parallel,
         prefill_chunk_tokens=args.prefill_chunk,
         allow_long_context=args.allow_long_context,
         prefix_caching=not args.no_prefix_caching,
@@ -333,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
     batch.add_argument("--world-size", type=int, default=1,
                        help="ranks (GPUs) of one replica: tensor x sequence ranks (1)")  # fmt: skip
-    add_tensor_parallel_argument(batch)
+    batch.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
+                       help=TENSOR_PARALLEL_HELP)  # fmt: skip
     batch.add_argument("--data-parallel-size", type=int, default=1,
                        help="replicas of --world-size ranks each, fed from one queue "
                        "(--launcher ray; 1)")  # fmt: skip

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from longquest.engine.config import EngineConfig
 from longquest.launch.cli import (
+    TENSOR_PARALLEL_HELP,
     add_model_arguments,
     add_sampling_arguments,
-    add_tensor_parallel_argument,
     engine_config_from_args,
     logprob_lines,
     sampling_from_args,
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="sequence-parallel generation, one process per GPU",
     )
     add_model_arguments(parser, model_required=False)
-    add_tensor_parallel_argument(parser)
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="T", help=TENSOR_PARALLEL_HELP
+    )
     parser.add_argument(
         "--config-json", help="the EngineConfig as JSON (instead of --model and its options)"
     )
