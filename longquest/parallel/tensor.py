@@ -6,8 +6,9 @@ o_proj and one after down_proj (each ``[num_tokens, hidden_size]`` in the model 
 one all-reduce of the vocabulary-parallel embedding per forward, and one all-gather of
 the logits' vocabulary slices where logits are computed. Over NCCL (gloo on the CPU),
 or over peer memory (:class:`~longquest.parallel.peer.PeerCollectives`) as the
-sequence axis's collectives, with NCCL for a payload the peer buffer cannot take while
-a CUDA graph is captured.
+sequence axis's collectives: payloads up to ``KernelTuning.peer_max_payload_bytes``
+(decode's), except one the peer buffer cannot take while a CUDA graph is captured;
+prefill chunks' sums go over NCCL.
 
 The same class, over the replica's whole group, sums the parts of an MLP that decode
 splits over the sequence ranks of a tensor-parallel model (:class:`SplitMlp`).
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longquest.kernels import SUM_DTYPES
+from longquest.kernels import DEFAULT_TUNING, SUM_DTYPES, KernelTuning
 from longquest.parallel.collectives import all_gather_into_tensor
 from longquest.parallel.peer import PeerCollectives
 
@@ -29,7 +30,8 @@ class GroupCollectives:
     """All-reduce (sum) and all-gather over one explicitly passed process group.
 
     group: the process group; rank, world_size: this rank's index in it and its size.
-    peer: where set, payloads go over peer memory instead of the group's backend.
+    peer: where set, payloads up to ``tuning.peer_max_payload_bytes`` go over peer memory
+        instead of the group's backend.
     Every rank of the group must make the same calls, in the same order, with the same
     sizes.
     """
@@ -41,6 +43,7 @@ class GroupCollectives:
         rank: int,
         world_size: int,
         peer: PeerCollectives | None = None,
+        tuning: KernelTuning = DEFAULT_TUNING,
     ) -> None:
         if world_size != dist.get_world_size(group) or rank != dist.get_rank(group):
             raise ValueError(
@@ -51,21 +54,29 @@ class GroupCollectives:
         self.rank = rank
         self.world_size = world_size
         self.peer = peer
+        self.max_peer_bytes = tuning.peer_max_payload_bytes
+
+    def _peer_for(self, nbytes: int) -> PeerCollectives | None:
+        """The peer collectives when a payload of ``nbytes`` goes over them, else None."""
+        peer = self.peer
+        if peer is None or nbytes > self.max_peer_bytes or not peer.fits(nbytes):
+            return None
+        return peer
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` (any shape) over the group in place; returns it (identical on
         every rank)."""
-        peer = self.peer
-        if peer is not None and tensor.dtype in SUM_DTYPES:
-            if peer.fits(tensor.numel() * tensor.element_size()):
-                return peer.all_reduce(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        peer = self._peer_for(nbytes) if tensor.dtype in SUM_DTYPES else None
+        if peer is not None:
+            return peer.all_reduce(tensor)
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[world_size, *tensor.shape]``: every rank's ``tensor``, in rank order."""
-        peer = self.peer
-        if peer is not None and peer.fits(tensor.numel() * tensor.element_size()):
+        peer = self._peer_for(tensor.numel() * tensor.element_size())
+        if peer is not None:
             return peer.all_gather(tensor)
         flat = tensor.contiguous().view(-1)
         result = flat.new_empty(self.world_size * flat.numel())

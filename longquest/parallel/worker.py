@@ -327,7 +327,7 @@ def build_worker(
     if size > 1:
         tensor = GroupCollectives(
             group=mesh.tensor, rank=mesh.tensor_rank, world_size=size,
-            peer=peer_over(mesh.tensor, mesh.tensor_rank, size),
+            peer=peer_over(mesh.tensor, mesh.tensor_rank, size), tuning=config.tuning,
         )  # fmt: skip
     comm = SequenceParallelComm(
         group=mesh.sequence, rank=mesh.sequence_rank, world_size=sequences, impl=config.impl,
@@ -336,7 +336,7 @@ def build_worker(
     if size > 1 and sequences > 1 and parallel.split_mlp:
         mlp_sum = GroupCollectives(
             group=group, rank=rank, world_size=world_size,
-            peer=peer_over(group, rank, world_size),
+            peer=peer_over(group, rank, world_size), tuning=config.tuning,
         )  # fmt: skip
     # A round splits into 2 * S blocks of whole pages.
     page_size = config.quest.page_size
