@@ -180,6 +180,7 @@ class SequenceParallelRanks:
                 world_size=self.world_size,
                 impl=engine.impl,
                 tuning=engine.tuning,
+                replica=self.replica,
             )
             with torch.inference_mode():
                 if positions:

@@ -18,6 +18,8 @@ One spawned run per world size holds every case (spawning costs seconds per proc
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -101,7 +103,32 @@ def _rank(model_dirs, cases, *, rank, world_size, group):
         # The cache holds this tensor rank's KV heads only.
         assert engine.cache.shape.num_kv_heads == engine.config.num_kv_heads // tensor
         results[name, tensor, quest_name] = _generate(engine)
+    if world_size == 2:
+        results["fp8"] = _keys_beyond_fp8(model_dirs["qwen2"], rank=rank, group=group)
     return results
+
+
+def _keys_beyond_fp8(model_dir, *, rank, group) -> str | None:
+    """fp8 key bounds, keys beyond +-448 in tensor rank 0's KV heads only: the prefill
+    raises on both tensor ranks (neither is left waiting in a collective)."""
+    from longquest.parallel.worker import build_worker
+
+    config = _config(model_dir, "quest", world_size=2, tensor=2)
+    cache = CacheConfig(num_pages=96, bounds_dtype="float8_e4m3fn")
+    engine, _ = build_worker(
+        dataclasses.replace(config, cache=cache), group=group, rank=rank, device="cpu"
+    )
+    if rank == 0:
+        model, head_dim = engine.model, engine.config.head_dim
+        q_size, kv_size = model.num_qo_heads * head_dim, model.num_kv_heads * head_dim
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.qkv_proj[q_size : q_size + kv_size] *= 1e4
+    try:
+        engine.generate(_prompts()[:1], [SamplingParams(max_tokens=2)])
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +163,8 @@ def test_tensor_and_sequence_layouts_match_single_device(model_dirs, world_size)
     want, tolerance = _single_device(model_dirs, cases)
     results = run_distributed(_rank, world_size=world_size, args=(model_dirs, cases), timeout_s=900)
     for rank, got in enumerate(results):
+        if world_size == 2:
+            assert "float8_e4m3fn range" in (got.pop("fp8") or ""), f"rank {rank}"
         for (name, tensor, quest_name), (mixed, chained) in got.items():
             where = f"{name} T={tensor} S={world_size // tensor} {quest_name} rank {rank}"
             want_mixed, want_chained = want[name, quest_name]
@@ -146,3 +175,39 @@ def test_tensor_and_sequence_layouts_match_single_device(model_dirs, world_size)
                     assert a.keys() == b.keys(), where
                     for token, value in a.items():
                         assert b[token] == pytest.approx(value, abs=tolerance[name]), where
+
+
+def _gpu_rank(model_dir, tensor, peer, *, rank, world_size, group):
+    """Quest decode on CUDA ranks over NCCL (or peer memory) with CUDA graphs and chained
+    greedy steps, against one GPU."""
+    from longquest.parallel.worker import build_worker
+
+    def config(world, tensor_size):
+        base = _config(model_dir, "quest", world_size=world, tensor=tensor_size)
+        parallel = dataclasses.replace(base.parallel, peer_collectives=peer)
+        return dataclasses.replace(base, device=f"cuda:{rank}", parallel=parallel)
+
+    params = [CHAINED] * len(PROMPT_LENGTHS)
+    single, _ = build_engine(config(1, 1), device=f"cuda:{rank}")
+    want = [o.token_ids for o in single.generate(_prompts(), params)]
+    engine, _ = build_worker(
+        config(world_size, tensor), group=group, rank=rank, device=f"cuda:{rank}"
+    )
+    assert engine.cuda_graphs
+    assert (engine.model.tensor.peer is not None) == peer
+    got = [o.token_ids for o in engine.generate(_prompts(), params)]
+    return got, want
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("peer", [False, True], ids=["nccl", "peer"])
+@pytest.mark.parametrize("world_size, tensor", [(2, 2), (4, 2)], ids=["T2", "T2xS2"])
+def test_gpu_ranks_with_graphs_match_one_gpu(model_dirs, peer, world_size, tensor):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} CUDA GPUs")
+    results = run_distributed(
+        _gpu_rank, world_size=world_size, args=(model_dirs["qwen2"], tensor, peer),
+        timeout_s=600, backend="nccl",
+    )  # fmt: skip
+    for got, want in results:
+        assert got == want
