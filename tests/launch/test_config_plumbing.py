@@ -293,3 +293,16 @@ def test_the_kernel_tuning_reaches_the_engine(tmp_path, monkeypatch):
     assert engine.tuning is config.tuning
     engine.generate([[1, 2, 3]], [SamplingParams(max_tokens=3, ignore_eos=True)])
     assert seen and all(t is tuning for t in seen)
+
+
+def test_llm_settings_carry_the_tensor_parallel_size():
+    from longquest.launch.api import engine_config
+
+    config = engine_config(
+        MODEL, dtype="auto", device=None, quest=None, cache=None, world_size=4,
+        tensor_parallel_size=2, launcher="ray", prefill_chunk_tokens=8192, impl=None,
+        allow_long_context=False, prefix_caching=True,
+    )  # fmt: skip
+    assert config.parallel.tensor_parallel_size == 2
+    assert config.parallel.sequence_parallel_size == 2
+    assert EngineConfig.from_json(config.to_json()) == config

@@ -102,6 +102,13 @@ def _rank(model_dirs, cases, *, rank, world_size, group):
         engine, _ = build_worker(config, group=group, rank=rank, device="cpu")
         # The cache holds this tensor rank's KV heads only.
         assert engine.cache.shape.num_kv_heads == engine.config.num_kv_heads // tensor
+        # Decode splits the rank's MLP shard over its S sequence ranks where they divide
+        # it; at T > 1 the parts are summed over the whole replica.
+        sequences = world_size // tensor
+        splits = sequences > 1 and engine.config.intermediate_size // tensor % sequences == 0
+        assert (engine.mlp_split is not None) == splits, (name, tensor)
+        if splits and tensor > 1:
+            assert engine.mlp_split.everyone.world_size == world_size
         results[name, tensor, quest_name] = _generate(engine)
     if world_size == 2:
         results["fp8"] = _keys_beyond_fp8(model_dirs["qwen2"], rank=rank, group=group)
