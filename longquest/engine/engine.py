@@ -262,10 +262,9 @@ class LLMEngine:
                     attention=attention,
                     mlp_split=self.mlp_split,
                 )
-                logits = self.model.compute_logits(hidden)
                 if not greedy:
-                    return logits
-                ids = self._greedy_tokens(logits)
+                    return self.model.compute_logits(hidden)
+                ids = self._greedy_tokens(hidden)
                 picked.append(ids)
             return torch.stack(picked, dim=1)  # [num_seqs, steps]
 
@@ -348,10 +347,11 @@ class LLMEngine:
         return batch, sparse
 
     # ------------------------------------------------------------------ sampling
-    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy tokens ``[num_seqs]`` int64 of logits ``[num_seqs, vocab_size]``, rank
-        0's on every rank, on the device with no host sync (capturable)."""
-        return self.ranks.share_tokens(logits.argmax(dim=-1))
+    def _greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[num_seqs]`` int64 of the final hidden states ``[num_seqs,
+        hidden_size]``, rank 0's on every rank, on the device with no host sync
+        (capturable)."""
+        return self.ranks.share_tokens(self.model.greedy_tokens(hidden))
 
     def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
         tokens, logprobs = sample(

@@ -366,3 +366,24 @@ class Model(nn.Module):
             logits = parts.transpose(0, 1).reshape(hidden.shape[0], -1)
             logits = logits[:, : self.config.vocab_size].contiguous()
         return logits.float()
+
+    def greedy_tokens(self, hidden: Tensor) -> Tensor:
+        """The argmax of ``compute_logits(hidden)``: ``[n]`` int64 (the first of equal
+        maxima), on the device with no host sync.
+
+        Under tensor parallelism each rank takes the maximum of its vocabulary slice and
+        only those ``[n, 2]`` (value, token) pairs are gathered, not the logits.
+        """
+        if self.tensor is None:
+            return self.compute_logits(hidden).argmax(dim=-1)
+        logits = F.linear(hidden, self.lm_head).float()  # [n, vocab_shard]
+        real = self.config.vocab_size - self.vocab_start  # the last shard's padding: never
+        if real < self.vocab_shard:
+            logits[:, real:] = -torch.inf
+        value, index = logits.max(dim=-1)  # [n] each, the first maximum of the slice
+        # The token id travels as the bits of an fp32 word beside its value (a copy, exact).
+        token = (index + self.vocab_start).to(torch.int32).view(torch.float32)
+        best = self.tensor.all_gather(torch.stack((value, token), dim=-1))  # [T, n, 2]
+        # argmax returns the first maximum: the lowest tensor rank, so the lowest token.
+        shard = best[..., 0].argmax(dim=0, keepdim=True)  # [1, n]
+        return best[..., 1].gather(0, shard)[0].view(torch.int32).long()
