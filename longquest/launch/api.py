@@ -26,7 +26,8 @@ API_LAUNCHERS = ("local", "ray")
 
 class LLM:
     """A model ready to generate, on one device (``launcher="local"``) or on
-    ``world_size`` sequence-parallel workers (``launcher="ray"``).
+    ``world_size`` workers (``launcher="ray"``) that split the weights
+    ``tensor_parallel_size`` ways and the KV pages the remaining ways.
 
     Give either the model directory and settings, or one ``config=EngineConfig(...)``:
 

@@ -86,7 +86,8 @@ def cpu_threads() -> int:
 
 
 class RankWorker:
-    """The body of one Ray actor: one rank of the sequence-parallel group."""
+    """The body of one Ray actor: one rank of a replica (``build_worker`` places it on the
+    tensor and sequence axes)."""
 
     def __init__(self) -> None:
         self.engine = None
