@@ -157,8 +157,9 @@ class RankWorker:
 
     def peer_memory(self) -> bool:
         """Whether this rank's decode collectives go over peer memory (else the group's
-        backend)."""
-        return getattr(self.engine.comm, "peer", None) is not None
+        backend): the sequence axis's, or the tensor axis's where there is no other."""
+        comms = (self.engine.comm, self.engine.model.tensor)
+        return any(getattr(comm, "peer", None) is not None for comm in comms)
 
 
 def init_ray(*, num_cpus: int) -> bool:

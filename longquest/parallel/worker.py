@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from longquest.engine.attention import AttentionComm
+from longquest.engine.attention import AttentionComm, LocalComm
 from longquest.engine.config import EngineConfig, ModelConfig
 from longquest.engine.model import MlpSplit, Model
 from longquest.engine.ranks import ProgressCallback
@@ -330,10 +330,14 @@ def build_worker(
             group=mesh.tensor, rank=mesh.tensor_rank, world_size=size,
             peer=peer_over(mesh.tensor, mesh.tensor_rank, size), tuning=config.tuning,
         )  # fmt: skip
-    comm = SequenceParallelComm(
-        group=mesh.sequence, rank=mesh.sequence_rank, world_size=sequences, impl=config.impl,
-        peer=peer_over(mesh.sequence, mesh.sequence_rank, sequences), tuning=config.tuning,
-    )  # fmt: skip
+    # A tensor rank with one sequence rank holds every page of its heads: nothing to join.
+    comm: AttentionComm = LocalComm()
+    if sequences > 1 or size == 1:
+        comm = SequenceParallelComm(
+            group=mesh.sequence, rank=mesh.sequence_rank, world_size=sequences,
+            impl=config.impl, peer=peer_over(mesh.sequence, mesh.sequence_rank, sequences),
+            tuning=config.tuning,
+        )  # fmt: skip
     if size > 1 and sequences > 1 and parallel.split_mlp:
         mlp_sum = GroupCollectives(
             group=group, rank=rank, world_size=world_size,
