@@ -10,6 +10,7 @@ from longquest.engine.cache import CacheShape, KVCache, pages_that_fit
 from longquest.engine.config import DTYPE_NAMES, CacheConfig, EngineConfig, ModelConfig
 from longquest.engine.engine import LLMEngine
 from longquest.engine.loader import load_model
+from longquest.engine.model import TensorParallel
 from longquest.engine.page_keys import cache_salt
 from longquest.engine.ranks import RankGroup
 from longquest.engine.tokenizer import Tokenizer
@@ -71,9 +72,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def cache_pages(
-    *, config: ModelConfig, cache: CacheConfig, page_size: int, dtype, device, world_size: int = 1
+    *,
+    config: ModelConfig,
+    cache: CacheConfig,
+    page_size: int,
+    dtype,
+    device,
+    world_size: int = 1,
+    num_kv_heads: int | None = None,
 ) -> int:
-    """Pages per layer for this rank: configured, or what free device memory holds."""
+    """Pages per layer for this rank: configured, or what free device memory holds.
+
+    world_size: the sequence ranks sharing every sequence's pages. num_kv_heads: the KV
+    heads this rank's pages hold (a tensor rank's share; None: all of the model's).
+    """
     if cache.num_pages is not None:
         return cache.num_pages
     if cache.max_tokens is not None:
@@ -89,7 +101,7 @@ def cache_pages(
         free_bytes=int(max(0, free - headroom) * cache.memory_fraction),
         page_size=page_size,
         num_layers=config.num_layers,
-        num_kv_heads=config.num_kv_heads,
+        num_kv_heads=config.num_kv_heads if num_kv_heads is None else num_kv_heads,
         head_dim=config.head_dim,
         dtype=dtype,
         bounds_dtype=resolve_bounds_dtype(cache.bounds_dtype),
@@ -101,6 +113,7 @@ def build_engine(
     *,
     device: torch.device | str | None = None,
     ranks: RankGroup | None = None,
+    tensor: TensorParallel | None = None,
 ) -> tuple[LLMEngine, Tokenizer]:
     """Load the model and tokenizer, size the cache, return the engine and tokenizer.
 
@@ -108,12 +121,20 @@ def build_engine(
     device: where this rank runs; None resolves ``config.device``.
     ranks: the rank group (the sequence-parallel worker passes its own); None is one
         device. With ``config.parallel.world_size > 1`` the cache is sized for this
-        rank's share of the context.
+        rank's share of the context (its sequence ranks' share of its KV heads' pages).
+    tensor: the tensor-parallel group (``config.parallel.tensor_parallel_size`` ranks)
+        this rank's model is a shard of; None holds the whole model.
     """
-    quest = config.quest
+    quest, parallel = config.quest, config.parallel
+    if (1 if tensor is None else tensor.world_size) != parallel.tensor_parallel_size:
+        raise ValueError(
+            f"config.parallel.tensor_parallel_size={parallel.tensor_parallel_size} but the "
+            f"tensor group has {1 if tensor is None else tensor.world_size} ranks; build "
+            "tensor-parallel ranks with longquest.parallel.worker.build_worker"
+        )
     device = resolve_device(config.device if device is None else device)
     torch_dtype = resolve_dtype(config.dtype, device)
-    model, model_config = load_model(config.model, dtype=torch_dtype, device=device)
+    model, model_config = load_model(config.model, dtype=torch_dtype, device=device, tensor=tensor)
     tokenizer = Tokenizer(config.model)
     num_pages = cache_pages(
         config=model_config,
@@ -121,7 +142,8 @@ def build_engine(
         page_size=quest.page_size,
         dtype=torch_dtype,
         device=device,
-        world_size=config.parallel.world_size,
+        world_size=parallel.sequence_parallel_size,
+        num_kv_heads=model.num_kv_heads,
     )
     if num_pages < 1:
         raise ValueError(
@@ -132,7 +154,7 @@ def build_engine(
         num_layers=model_config.num_layers,
         num_pages=num_pages,
         page_size=quest.page_size,
-        num_kv_heads=model_config.num_kv_heads,
+        num_kv_heads=model.num_kv_heads,  # this tensor rank's heads
         head_dim=model_config.head_dim,
         dtype=torch_dtype,
         bounds_dtype=resolve_bounds_dtype(config.cache.bounds_dtype),
@@ -155,7 +177,8 @@ def build_engine(
             dtype=torch_dtype,
             page_size=quest.page_size,
             bounds_dtype=shape.bounds_dtype,
-            world_size=config.parallel.world_size,
+            world_size=parallel.world_size,
+            tensor_parallel_size=parallel.tensor_parallel_size,
             weights=weights_identity(config.model),
         ),
     )

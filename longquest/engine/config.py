@@ -164,19 +164,29 @@ LAUNCHERS = ("local", "ray", "torchrun")
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """How many ranks share every sequence's KV pages, and how they are started.
+    """How the ranks of one replica split the model and every sequence's KV pages, and
+    how they are started.
 
-    world_size: sequence-parallel ranks (one GPU each) of one replica.
+    world_size: ranks (one GPU each) of one replica: ``tensor_parallel_size`` tensor
+        ranks times ``sequence_parallel_size`` sequence ranks.
+    tensor_parallel_size: T, the ways the weights are split (attention by KV-head groups,
+        the MLP by its intermediate dimension, embedding and LM head by vocabulary). T
+        divides ``world_size``, and the model's KV heads, query heads and intermediate
+        size (checked when its config is read, before any weight). A tensor rank keeps
+        the KV pages of its own KV heads only; T larger than the KV heads (Helix-style
+        KV-head replication) is not supported.
     data_parallel_size: independent replicas of ``world_size`` ranks each, fed from one
         work queue (the Ray launcher only; every replica holds the whole model).
     launcher: ``"local"`` (one device, this process), ``"ray"`` or ``"torchrun"``.
-    split_mlp: decode splits every MLP over the ranks (each reads ``1 / world_size``
-        of the MLP weights; one all-reduce sums the parts).
+    split_mlp: decode splits every MLP further over the sequence ranks (each reads
+        ``1 / world_size`` of the MLP weights; one all-reduce over the replica's ranks
+        sums the parts). At T = 1 the weights are replicated and this is the only split.
     peer_collectives: decode's collectives write straight into the other GPUs' memory
         where every rank can; else NCCL.
     """
 
     world_size: int = 1
+    tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     launcher: str = "local"
     split_mlp: bool = True
@@ -194,6 +204,14 @@ class ParallelConfig:
                 "launcher='local' runs on one device; use launcher='ray' (or torchrun) "
                 f"for world_size={self.world_size}"
             )
+        check_int(self.tensor_parallel_size, name="ParallelConfig.tensor_parallel_size",
+                  minimum=1, accepts="a whole number >= 1 that divides world_size")  # fmt: skip
+        if self.world_size % self.tensor_parallel_size:
+            raise ValueError(
+                f"ParallelConfig.tensor_parallel_size={self.tensor_parallel_size} does not "
+                f"divide world_size={self.world_size}: the ranks form tensor_parallel_size x "
+                "sequence_parallel_size; use a divisor of world_size"
+            )
         replicas = self.data_parallel_size
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(
@@ -206,6 +224,11 @@ class ParallelConfig:
                 f"launcher='ray' (longquest batch --launcher ray --data-parallel-size {replicas}), "
                 f"not {self.launcher!r}"
             )
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """S: the ranks that share the KV pages of one tensor rank's heads."""
+        return self.world_size // self.tensor_parallel_size
 
 
 @dataclass(frozen=True, kw_only=True)

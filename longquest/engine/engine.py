@@ -80,9 +80,11 @@ class LLMEngine:
         # Every rank plans with the same pool, so capacity decisions agree.
         self.allocator = PagePool(self.ranks.agreed_pages(cache.shape.num_pages))
         shape = cache.shape  # the builder's salt names the weights too
+        tensor_size = 1 if model.tensor is None else model.tensor.world_size
         prefix_salt = prefix_salt or cache_salt(
             model=model_config, dtype=shape.dtype, page_size=shape.page_size,
-            bounds_dtype=shape.bounds_dtype, world_size=self.world_size,
+            bounds_dtype=shape.bounds_dtype, world_size=self.world_size * tensor_size,
+            tensor_parallel_size=tensor_size,
         )  # fmt: skip
         self.admission = Admission(pool=self.allocator, ranks=self.ranks, page_size=self.page_size,
                                    salt=prefix_salt, prefix_caching=prefix_caching)  # fmt: skip
@@ -260,10 +262,9 @@ class LLMEngine:
                     attention=attention,
                     mlp_split=self.mlp_split,
                 )
-                logits = self.model.compute_logits(hidden)
                 if not greedy:
-                    return logits
-                ids = self._greedy_tokens(logits)
+                    return self.model.compute_logits(hidden)
+                ids = self._greedy_tokens(hidden)
                 picked.append(ids)
             return torch.stack(picked, dim=1)  # [num_seqs, steps]
 
@@ -322,7 +323,7 @@ class LLMEngine:
                 device=self.device,
                 use_graphs=self.cuda_graphs,
                 max_steps=self.steps_per_launch,
-                num_kv_heads=self.config.num_kv_heads,
+                num_kv_heads=self.model.num_kv_heads,  # this tensor rank's
                 group_pages=group_pages,
                 cache=self.cache,
                 impl=self.impl,
@@ -353,10 +354,11 @@ class LLMEngine:
         return batch, sparse
 
     # ------------------------------------------------------------------ sampling
-    def _greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy tokens ``[num_seqs]`` int64 of logits ``[num_seqs, vocab_size]``, rank
-        0's on every rank, on the device with no host sync (capturable)."""
-        return self.ranks.share_tokens(logits.argmax(dim=-1))
+    def _greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[num_seqs]`` int64 of the final hidden states ``[num_seqs,
+        hidden_size]``, rank 0's on every rank, on the device with no host sync
+        (capturable)."""
+        return self.ranks.share_tokens(self.model.greedy_tokens(hidden))
 
     def _accept(self, *, seq_list: list[Sequence], logits: torch.Tensor) -> None:
         tokens, logprobs = sample(

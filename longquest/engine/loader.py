@@ -4,7 +4,9 @@ The config is read with ``AutoConfig`` (never ``trust_remote_code``); weights
 only from safetensors (``model.safetensors``, or the shards named by
 ``model.safetensors.index.json``), streamed one tensor at a time into the
 model's preallocated parameters so peak host memory stays at one tensor.
-Pickle checkpoints (``*.bin``, ``*.pt``) are never opened.
+Under tensor parallelism a rank reads only its part of each tensor
+(``get_slice``; :mod:`longquest.engine.shards` says which part), so no process
+ever holds the whole model. Pickle checkpoints (``*.bin``, ``*.pt``) are never opened.
 
 Sliding-window attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) is
 not implemented: a window smaller than the model's context is rejected, and a
@@ -14,7 +16,7 @@ window at least as long as the context is full attention and so accepted.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,8 +25,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from longquest.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from longquest.engine.model import Model
+from longquest.engine.model import Model, TensorParallel, check_tensor_parallel
 from longquest.engine.rope import ROPE_KEYS, check_rope_scaling, rope_type_of
+from longquest.engine.shards import Target, checkpoint_targets
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -152,7 +155,11 @@ def _reject_sliding_window(hf_config: object, max_positions: int) -> None:
 
 
 def load_model(
-    model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tensor: TensorParallel | None = None,
 ) -> tuple[Model, ModelConfig]:
     """Build the model of a Hugging Face directory and load its safetensors weights.
 
@@ -160,6 +167,9 @@ def load_model(
         ``model.safetensors.index.json`` with its shards.
     dtype: the parameters' dtype (checkpoint tensors are cast); checked by
         running the model's ops on ``device`` first.
+    tensor: the tensor-parallel group: the model holds, and this process reads, only
+        this rank's share of the weights. Its size must divide the model's heads and
+        intermediate size: ValueError, before any weight is read, when it does not.
     Returns ``(model, config)``, the model in eval mode on ``device``.
     """
     path = Path(model_dir)
@@ -174,30 +184,36 @@ def load_model(
     device = torch.device(device)
     hf_config = _read_config(path)
     config = model_config_from_hf(hf_config)
+    check_tensor_parallel(config, tensor_parallel_size=1 if tensor is None else tensor.world_size)
     check_dtype_runs(dtype=dtype, device=device)
 
-    model = Model(config, dtype=dtype, device=device).eval()
-    targets = _checkpoint_targets(model)
+    model = Model(config, dtype=dtype, device=device, tensor=tensor).eval()
+    targets = checkpoint_targets(model)
     loaded: set[str] = set()
+
+    def pick(name: str, shape: tuple[int, ...]) -> Target | None:
+        """The target of checkpoint tensor ``name``, None to skip it."""
+        if name.endswith("rotary_emb.inv_freq") or name in loaded:
+            return None  # computed from the config instead; duplicates across shards
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            return None  # tied: the head is the embedding
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(
+                f"unexpected tensor {name!r} in the checkpoint of {str(path)!r}: the "
+                f"{config.architecture} model has no such weight (an unsupported variant?)"
+            )
+        if shape != target.shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {shape} but config.json implies "
+                f"{target.shape}; the checkpoint and config.json do not match"
+            )
+        loaded.add(name)
+        return target
+
     with torch.no_grad():
-        for name, tensor in _stream(weight_files):
-            if name.endswith("rotary_emb.inv_freq") or name in loaded:
-                continue  # computed from the config instead; duplicates across shards
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # tied: the head is the embedding
-            target = targets.get(name)
-            if target is None:
-                raise ValueError(
-                    f"unexpected tensor {name!r} in the checkpoint of {str(path)!r}: the "
-                    f"{config.architecture} model has no such weight (an unsupported variant?)"
-                )
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                    f"{tuple(target.shape)}; the checkpoint and config.json do not match"
-                )
-            target.copy_(tensor)
-            loaded.add(name)
+        for target, part in _stream(weight_files, pick=pick):
+            target.param.copy_(part)
     missing = sorted(set(targets) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -280,8 +296,12 @@ def _read_config(path: Path) -> object:
         ) from error
 
 
-def _stream(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every ``(name, tensor)`` of the files, read one at a time onto the CPU.
+def _stream(
+    files: list[Path], *, pick: Callable[[str, tuple[int, ...]], Target | None]
+) -> Iterator[tuple[Target, torch.Tensor]]:
+    """``(target, its part of the checkpoint tensor)`` for every tensor of the files that
+    ``pick(name, shape)`` gives a target, read one at a time onto the CPU: only the part
+    the target takes is read from disk (``get_slice``).
 
     Raises ValueError naming the file when it is truncated or corrupt.
     """
@@ -289,46 +309,11 @@ def _stream(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as tensors:
                 for name in tensors.keys():
-                    yield name, tensors.get_tensor(name)
+                    handle = tensors.get_slice(name)
+                    target = pick(name, tuple(handle.get_shape()))
+                    if target is not None:
+                        yield target, target.read(handle)
         except (SafetensorError, OSError) as error:
             raise ValueError(
                 f"weights file {file} is truncated or corrupt ({error}); download it again"
             ) from error
-
-
-def _checkpoint_targets(model: Model) -> dict[str, torch.Tensor]:
-    """Hugging Face tensor name -> the slice of our parameter it fills."""
-    config = model.config
-    head_dim = config.head_dim
-    q_rows, kv_rows = config.num_qo_heads * head_dim, config.num_kv_heads * head_dim
-    targets = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
-    if not config.tie_word_embeddings:
-        targets["lm_head.weight"] = model.lm_head
-    for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        fused = [
-            ("q_proj", 0, q_rows),
-            ("k_proj", q_rows, kv_rows),
-            ("v_proj", q_rows + kv_rows, kv_rows),
-        ]
-        for name, start, rows in fused:
-            targets[f"{prefix}self_attn.{name}.weight"] = layer.qkv_proj.narrow(0, start, rows)
-            if layer.qkv_bias is not None:
-                targets[f"{prefix}self_attn.{name}.bias"] = layer.qkv_bias.narrow(0, start, rows)
-        if layer.q_norm is not None:
-            targets[f"{prefix}self_attn.q_norm.weight"] = layer.q_norm
-            targets[f"{prefix}self_attn.k_norm.weight"] = layer.k_norm
-        intermediate = config.intermediate_size
-        targets.update(
-            {
-                f"{prefix}input_layernorm.weight": layer.input_norm,
-                f"{prefix}self_attn.o_proj.weight": layer.o_proj,
-                f"{prefix}post_attention_layernorm.weight": layer.post_attention_norm,
-                f"{prefix}mlp.gate_proj.weight": layer.gate_up_proj.narrow(0, 0, intermediate),
-                f"{prefix}mlp.up_proj.weight": layer.gate_up_proj.narrow(
-                    0, intermediate, intermediate
-                ),
-                f"{prefix}mlp.down_proj.weight": layer.down_proj,
-            }
-        )
-    return targets

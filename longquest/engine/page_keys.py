@@ -26,15 +26,18 @@ def cache_salt(
     page_size: int,
     bounds_dtype: object,
     world_size: int,
+    tensor_parallel_size: int = 1,
     weights: object = (),
 ) -> bytes:
     """SHA-256 of what shapes a page's K/V or its placement: the model's config and
     ``weights`` (e.g. the weight files' names and sizes), the cache dtypes, the page size,
-    the sequence-parallel world size and longquest's version. Each value's ``repr`` must
+    the world size and its tensor-parallel size (a rank's pages hold only its KV heads)
+    and longquest's version. Each value's ``repr`` must
     be the same in every process. Pages of two engines share keys only if their salts
     are equal."""
     identity = dict(model=model, dtype=dtype, page_size=page_size, bounds_dtype=bounds_dtype,
-                    world_size=world_size, weights=weights, version=__version__)  # fmt: skip
+                    world_size=world_size, tensor_parallel_size=tensor_parallel_size,
+                    weights=weights, version=__version__)  # fmt: skip
     return hashlib.sha256(repr(sorted(identity.items())).encode()).digest()
 
 

@@ -30,7 +30,9 @@ ProgressCallback = Callable[[str, int, int], None]
 class RankGroup(Protocol):
     """How the ranks of one engine split its pages and agree on its steps.
 
-    rank, world_size: this rank and the group's size.
+    rank, world_size: this rank and the group's size: the ranks that split the pages of
+        the same KV heads (under tensor parallelism, one tensor rank's sequence ranks;
+        the model then holds that tensor rank's heads and makes its own collectives).
     comm: decode attention's cross-rank steps (global top-k, LSE merge).
     """
 

@@ -91,6 +91,10 @@ class KernelTuning:
     peer_block_words: int = 512
     # Rows a peer-merge program holds at once ([rows, head_dim] fp32 a source).
     peer_merge_rows: int = 8
+    # The largest tensor-parallel sum or gather sent over peer memory (decode's, up to 512
+    # rows of hidden 8192 in bf16); larger ones (a prefill chunk's) take NCCL: the peer
+    # buffer is 4 x ranks x the largest payload. A memory bound, not a measured speed.
+    peer_max_payload_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         for field in fields(self):

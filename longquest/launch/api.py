@@ -26,7 +26,8 @@ API_LAUNCHERS = ("local", "ray")
 
 class LLM:
     """A model ready to generate, on one device (``launcher="local"``) or on
-    ``world_size`` sequence-parallel workers (``launcher="ray"``).
+    ``world_size`` workers (``launcher="ray"``) that split the weights
+    ``tensor_parallel_size`` ways and the KV pages the remaining ways.
 
     Give either the model directory and settings, or one ``config=EngineConfig(...)``:
 
@@ -35,7 +36,11 @@ class LLM:
     device: "cuda", "cuda:N", "cpu" or None (CUDA when available).
     quest: Quest sparsity; ``QuestConfig(token_budget=None)`` decodes densely.
     cache: KV cache size; by default what free GPU memory holds (32K tokens on CPU).
-    world_size, launcher: sequence-parallel ranks and how they start (``ParallelConfig``).
+    world_size, launcher: the ranks (GPUs) of one replica and how they start
+        (``ParallelConfig``).
+    tensor_parallel_size: T, the ways the weights are split over the ``world_size`` ranks
+        (it divides world_size and the model's KV heads, query heads and intermediate
+        size); the other ``world_size // T`` ways split every sequence's KV pages.
     data_parallel_size: replicas of ``world_size`` ranks each, every one a Ray placement
         group on one node (``launcher="ray"`` only); ``generate`` spreads prompts over them.
     prefill_chunk_tokens: prompt tokens per prefill step (bounds activation memory).
@@ -56,6 +61,7 @@ class LLM:
         quest: QuestConfig | None = None,
         cache: CacheConfig | None = None,
         world_size: int = 1,
+        tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
         launcher: str = "local",
         prefill_chunk_tokens: int = 8192,
@@ -64,7 +70,8 @@ class LLM:
         prefix_caching: bool = True,
     ) -> None:
         settings = dict(dtype=dtype, device=device, quest=quest, cache=cache,
-                        world_size=world_size, data_parallel_size=data_parallel_size,
+                        world_size=world_size, tensor_parallel_size=tensor_parallel_size,
+                        data_parallel_size=data_parallel_size,
                         launcher=launcher, prefill_chunk_tokens=prefill_chunk_tokens, impl=impl,
                         allow_long_context=allow_long_context,
                         prefix_caching=prefix_caching)  # fmt: skip
@@ -197,7 +204,8 @@ class LLM:
 
 
 _DEFAULT_SETTINGS = dict(dtype="auto", device=None, quest=None, cache=None, world_size=1,
-                         data_parallel_size=1, launcher="local", prefill_chunk_tokens=8192,
+                         tensor_parallel_size=1, data_parallel_size=1, launcher="local",
+                         prefill_chunk_tokens=8192,
                          impl=None,
                          allow_long_context=False, prefix_caching=True)  # fmt: skip
 
@@ -210,6 +218,7 @@ def engine_config(
     quest: QuestConfig | None,
     cache: CacheConfig | None,
     world_size: int,
+    tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     launcher: str,
     prefill_chunk_tokens: int,
@@ -227,7 +236,10 @@ def engine_config(
         quest=quest or QuestConfig(),
         cache=cache or CacheConfig(),
         parallel=ParallelConfig(
-            world_size=world_size, data_parallel_size=data_parallel_size, launcher=launcher
+            world_size=world_size,
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            launcher=launcher,
         ),
         prefill_chunk_tokens=prefill_chunk_tokens,
         impl=impl,

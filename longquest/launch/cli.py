@@ -26,6 +26,11 @@ from longquest.engine.config import (
 from longquest.launch.demo import run_demo
 from longquest.launch.plan_report import add_plan_parser
 
+TENSOR_PARALLEL_HELP = (
+    "split the weights T ways over a replica's ranks (T divides the ranks and the model's "
+    "KV heads, query heads and MLP width); each shard's ranks // T ranks split its KV pages (1)"
+)
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
     """Options shared by every command that loads a model (see ``engine_config_from_args``)."""
@@ -138,20 +143,21 @@ def engine_config_from_args(
     args: argparse.Namespace,
     *,
     world_size: int = 1,
+    tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     launcher: str = "local",
 ) -> EngineConfig:
     """The one EngineConfig of the options ``add_model_arguments`` added, which every
     launcher passes to its ranks unchanged."""
+    parallel = ParallelConfig(world_size=world_size, tensor_parallel_size=tensor_parallel_size,
+                              data_parallel_size=data_parallel_size, launcher=launcher)  # fmt: skip
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         quest=quest_from_args(args),
         cache=cache_from_args(args),
-        parallel=ParallelConfig(
-            world_size=world_size, data_parallel_size=data_parallel_size, launcher=launcher
-        ),
+        parallel=parallel,
         prefill_chunk_tokens=args.prefill_chunk,
         allow_long_context=args.allow_long_context,
         prefix_caching=not args.no_prefix_caching,
@@ -219,8 +225,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.launcher == "local" and args.world_size != 1:
         raise ValueError("--launcher local runs one device; use ray or torchrun for --world-size")
     config = engine_config_from_args(
-        args, world_size=args.world_size, data_parallel_size=args.data_parallel_size,
-        launcher=args.launcher,
+        args, world_size=args.world_size, tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size, launcher=args.launcher,
     )  # fmt: skip
     if args.launcher == "torchrun":
         return _batch_with_torchrun(config, args)
@@ -326,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", required=True, help="JSONL: id, prompt|messages, sampling")
     batch.add_argument("--output", required=True, help="JSONL results; rerun to resume")
     batch.add_argument("--world-size", type=int, default=1,
-                       help="sequence-parallel ranks (GPUs) of one replica (1)")  # fmt: skip
+                       help="ranks (GPUs) of one replica: tensor x sequence ranks (1)")  # fmt: skip
+    batch.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
+                       help=TENSOR_PARALLEL_HELP)  # fmt: skip
     batch.add_argument("--data-parallel-size", type=int, default=1,
                        help="replicas of --world-size ranks each, fed from one queue "
                        "(--launcher ray; 1)")  # fmt: skip

@@ -100,7 +100,8 @@ def cpu_threads() -> int:
 
 
 class RankWorker:
-    """The body of one Ray actor: one rank of the sequence-parallel group."""
+    """The body of one Ray actor: one rank of a replica (``build_worker`` places it on the
+    tensor and sequence axes)."""
 
     def __init__(self) -> None:
         self.engine = None
@@ -170,8 +171,9 @@ class RankWorker:
 
     def peer_memory(self) -> bool:
         """Whether this rank's decode collectives go over peer memory (else the group's
-        backend)."""
-        return getattr(self.engine.comm, "peer", None) is not None
+        backend): the sequence axis's, or the tensor axis's where there is no other."""
+        comms = (self.engine.comm, self.engine.model.tensor)
+        return any(getattr(comm, "peer", None) is not None for comm in comms)
 
 
 def init_ray(*, num_cpus: int) -> bool:

@@ -1,7 +1,8 @@
 """torchrun entry: ``torchrun --nproc-per-node N -m longquest.launch.torchrun --model DIR ...``.
 
-Every process is one rank of a sequence-parallel group (NCCL on GPUs, gloo with
-``--device cpu``). Rank 0 prints what ``longquest generate`` prints. The ranks are
+Every process is one rank of one replica (NCCL on GPUs, gloo with ``--device cpu``):
+``--tensor-parallel-size T`` splits the weights T ways and the N processes' KV pages
+N / T ways. Rank 0 prints what ``longquest generate`` prints. The ranks are
 configured by the model options, or by ``--config-json``: an ``EngineConfig`` as
 JSON, which ``longquest batch --launcher torchrun`` passes.
 """
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from longquest.engine.config import EngineConfig
 from longquest.launch.cli import (
+    TENSOR_PARALLEL_HELP,
     add_model_arguments,
     add_sampling_arguments,
     engine_config_from_args,
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, model_required=False)
     parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="T", help=TENSOR_PARALLEL_HELP
+    )
+    parser.add_argument(
         "--config-json", help="the EngineConfig as JSON (instead of --model and its options)"
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -113,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config_json is None:
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            config = engine_config_from_args(args, world_size=world, launcher="torchrun")
+            config = engine_config_from_args(
+                args,
+                world_size=world,
+                tensor_parallel_size=args.tensor_parallel_size,
+                launcher="torchrun",
+            )
         params = None if args.input is not None else sampling_from_args(args)
     except ValueError as error:
         parser.error(str(error))
@@ -187,8 +197,9 @@ def _serve_prompt(args: argparse.Namespace, params, *, engine, tokenizer, rank: 
         print(output.text)
         for line in logprob_lines(output, tokenizer.decode):
             print(line, file=sys.stderr)
-        world = engine.world_size
-        print(summary_line(output, engine.quest) + f" | world size {world}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        layout = f"tensor parallel {world // engine.world_size} | world size {world}"
+        print(summary_line(output, engine.quest) + f" | {layout}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Sequence-parallel execution: every rank holds some whole KV pages of every sequence.
+"""Ranks working together: T tensor ranks (weights split, ``mesh.py``, ``tensor.py``) x
+S sequence ranks, each of which holds some whole KV pages of every sequence.
 
 - :class:`PageOwnership` — which rank owns each page (zigzag prefill chunks,
   rotating decode pages); plain Python.

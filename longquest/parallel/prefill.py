@@ -75,7 +75,12 @@ class RoundPlan:
 
 
 class ContextParallelAttention:
-    """``LayerAttention`` for one prefill round under sequence parallelism."""
+    """``LayerAttention`` for one prefill round under sequence parallelism.
+
+    group: the sequence group (``world_size`` ranks) whose pages hold the keys.
+    replica: the replica's whole group, when it is larger (tensor parallelism): the fp8
+        key-range check reduces over it, so that no rank is left waiting.
+    """
 
     def __init__(
         self,
@@ -86,8 +91,11 @@ class ContextParallelAttention:
         world_size: int,
         impl: str | None = None,
         tuning: KernelTuning = DEFAULT_TUNING,
+        replica: dist.ProcessGroup | None = None,
     ) -> None:
         self.tuning = tuning
+        # Every rank of the replica (all tensor ranks too) raises together on fp8 keys.
+        self.replica = group if replica is None else replica
         self.cache = cache
         self.plan = plan
         self.group = group
@@ -99,7 +107,7 @@ class ContextParallelAttention:
         tiny all-reduce and a sync per layer, prefill only): a rank raising alone would
         leave the others waiting in the next collective."""
         peak = key_peak(key).reshape(1)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.replica)
         where = f"the prompt's keys (layer {layer}, round ending at {self.plan.round_end})"
         check_keys_fit_float8(keys=peak, what=where)
 

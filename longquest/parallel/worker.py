@@ -1,4 +1,4 @@
-"""One rank of a sequence-parallel group: its rank group and how it is built.
+"""One rank of a replica (T tensor x S sequence ranks): its rank group and how it is built.
 
 Every rank runs the same generation loop (``LLMEngine``) on the same requests in
 the same order (SPMD). What differs from one device comes in through the engine's
@@ -14,10 +14,19 @@ implements:
 - sampling happens once: rank 0's tokens are broadcast, so every rank appends
   the same token (temperature > 0 included).
 
-Decode splits every MLP over the ranks by default (``split_mlp``): each rank
-reads a ``1 / world_size`` share of the MLP weights, the largest part of the
-weights a step reads, and one all-reduce sums the parts. The weights stay
-replicated (prefill, where every rank runs other tokens, needs all of them).
+Under tensor parallelism (:mod:`longquest.parallel.mesh`) the engine's rank group is
+the rank's *sequence group* (the S ranks that hold the same weight shard and KV heads):
+ownership, the decode attention's collectives and context-parallel prefill run inside
+it as they do at T = 1, while admission and the sampled tokens are agreed over the
+whole replica, and the model (a shard, ``longquest.engine.model.TensorParallel``)
+sums and gathers over its tensor group.
+
+Decode splits every MLP over the sequence ranks by default (``split_mlp``): each rank
+reads a ``1 / S`` share of its MLP weights (the largest part of the weights a step
+reads), and one all-reduce sums the parts — over the sequence group at T = 1, over the
+whole replica at T > 1, where it also does the tensor group's sum. The weights stay
+whole within the sequence group (prefill, where every rank runs other tokens, needs
+them).
 
 Collectives per decode step: 2 per sparse layer, 1 per dense layer, plus one per
 layer with the MLP split, plus one broadcast of the sampled tokens. Admission
@@ -33,14 +42,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from longquest.engine.attention import AttentionComm
+from longquest.engine.attention import AttentionComm, LocalComm
 from longquest.engine.config import EngineConfig, ModelConfig
 from longquest.engine.model import MlpSplit, Model
 from longquest.engine.ranks import ProgressCallback
 from longquest.engine.sequence import Sequence
 from longquest.kernels import plan_append
+from longquest.parallel.mesh import build_mesh
 from longquest.parallel.ownership import PageOwnership
+from longquest.parallel.peer import PeerCollectives
 from longquest.parallel.prefill import ContextParallelAttention, RoundPlan
+from longquest.parallel.tensor import GroupCollectives, SplitMlp
 
 if TYPE_CHECKING:
     from longquest.engine.engine import LLMEngine
@@ -51,10 +63,16 @@ class SequenceParallelRanks:
     """The :class:`~longquest.engine.ranks.RankGroup` of one rank of a sequence-parallel
     group: ``LLMEngine(ranks=SequenceParallelRanks(...), ...)``.
 
-    group: the process group of the ``world_size`` ranks; ``rank`` is this one's index.
-    comm: decode attention's collectives (``SequenceParallelComm``), also the MLP split's.
+    group: the process group of the ``world_size`` sequence ranks; ``rank`` is this
+        one's index.
+    comm: decode attention's collectives (``SequenceParallelComm``), also the MLP split's
+        at T = 1.
     device: where the admission and token collectives' tensors live (NCCL needs CUDA).
     split_mlp: decode splits every MLP over the ranks where they divide it.
+    replica: the replica's whole group (all T x S ranks), over which admission and the
+        sampled tokens are agreed; None when ``group`` is the whole replica (T = 1).
+    mlp_sum: the replica's whole group's collectives, which sum a tensor-parallel
+        model's MLP parts when decode splits them over the sequence ranks (T > 1).
     """
 
     def __init__(
@@ -67,6 +85,8 @@ class SequenceParallelRanks:
         comm: AttentionComm,
         device: torch.device | str,
         split_mlp: bool = True,
+        replica: dist.ProcessGroup | None = None,
+        mlp_sum: GroupCollectives | None = None,
     ) -> None:
         if ownership.world_size != world_size:
             raise ValueError(
@@ -79,7 +99,10 @@ class SequenceParallelRanks:
         self.comm = comm
         self.device = torch.device(device)
         self.split_mlp = split_mlp
-        self._source = dist.get_global_rank(group, 0)
+        self.replica = group if replica is None else replica
+        self.mlp_sum = mlp_sum
+        # Rank 0 of the replica samples for everyone.
+        self._source = dist.get_global_rank(self.replica, 0)
 
     def owner(self, *, page_index: int) -> int:
         return self.ownership.owner(page_index=page_index)
@@ -89,9 +112,7 @@ class SequenceParallelRanks:
 
     def agreed_pages(self, num_pages: int) -> int:
         # Every rank plans with the smallest pool, so capacity decisions agree.
-        pool = torch.tensor([num_pages], dtype=torch.int64, device=self.device)
-        dist.all_reduce(pool, op=dist.ReduceOp.MIN, group=self.group)
-        return int(pool)
+        return self.agree_min(num_pages)
 
     def most_pages_needed(self, *, num_pages: int) -> int:
         own = self.ownership
@@ -102,26 +123,31 @@ class SequenceParallelRanks:
 
     def agree_min(self, value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.replica)
         return int(flag)
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tokens, src=self._source, group=self.group)
+        dist.broadcast(tokens, src=self._source, group=self.replica)
         return tokens
 
     def mlp_split(self, *, model: Model, model_config: ModelConfig) -> MlpSplit | None:
         """Each rank reads only its share of the MLP weights in decode (see MlpSplit)."""
         if not self.split_mlp or self.world_size == 1:
             return None
-        if not hasattr(self.comm, "all_reduce"):
+        tensor_parallel = model.tensor is not None
+        reducer = self.mlp_sum if tensor_parallel else self.comm
+        if not hasattr(reducer, "all_reduce"):
             raise ValueError(
-                f"split_mlp needs a comm with all_reduce (SequenceParallelComm), got "
-                f"{type(self.comm).__name__}; pass split_mlp=False"
+                "split_mlp needs the collectives that sum the parts (comm=SequenceParallelComm "
+                "at T = 1, mlp_sum=GroupCollectives over the replica at T > 1), got "
+                f"{type(reducer).__name__}; pass split_mlp=False"
             )
-        if model_config.intermediate_size % self.world_size:
-            return None
+        if model.layers[0].down_proj.shape[1] % self.world_size:
+            return None  # this rank's intermediate size does not split evenly
         model.split_mlp(blocks=self.world_size)
-        return self.comm
+        if not tensor_parallel:
+            return self.comm
+        return SplitMlp(rank=self.rank, world_size=self.world_size, everyone=self.mlp_sum)
 
     def prefill(
         self, *, engine: LLMEngine, seq: Sequence, on_progress: ProgressCallback | None
@@ -154,6 +180,7 @@ class SequenceParallelRanks:
                 world_size=self.world_size,
                 impl=engine.impl,
                 tuning=engine.tuning,
+                replica=self.replica,
             )
             with torch.inference_mode():
                 if positions:
@@ -182,10 +209,10 @@ class SequenceParallelRanks:
         """A rank with no tokens in a partial round (the last, or the first after a
         cached prefix) still takes part in every layer's collectives: its keys serve the
         other ranks' queries."""
-        config, device = engine.config, engine.device
+        config, device, model = engine.config, engine.device, engine.model
         dtype = engine.cache.shape.dtype
-        query = torch.empty(0, config.num_qo_heads, config.head_dim, dtype=dtype, device=device)
-        key = torch.empty(0, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
+        query = torch.empty(0, model.num_qo_heads, config.head_dim, dtype=dtype, device=device)
+        key = torch.empty(0, model.num_kv_heads, config.head_dim, dtype=dtype, device=device)
         for layer in range(config.num_layers):
             attention(layer=layer, query=query, key=key, value=key)
 
@@ -271,11 +298,12 @@ def build_worker(
     """This rank's engine (with :class:`SequenceParallelRanks`) and the tokenizer.
 
     config: the same on every rank (checked); ``config.parallel.world_size`` ranks form
-        ``group``. device: this rank's device (its GPU, or the CPU).
+        ``group`` (one replica), split ``tensor_parallel_size`` x S as
+        :mod:`longquest.parallel.mesh` lays them out. device: this rank's device (its GPU,
+        or the CPU). Collective: every rank of ``group`` calls it.
     """
     from longquest.engine.builder import build_engine
     from longquest.parallel.comm import SequenceParallelComm
-    from longquest.parallel.peer import PeerCollectives
 
     check_same_everywhere(config, group=group)
     world_size, parallel = config.parallel.world_size, config.parallel
@@ -285,31 +313,51 @@ def build_worker(
             f"world_size={world_size}; start as many ranks as ParallelConfig.world_size"
         )
     device = torch.device(device)
-    peer = None
-    if parallel.peer_collectives:
-        peer = PeerCollectives.create(
-            group=group, rank=rank, world_size=world_size, device=device, tuning=config.tuning
+    mesh = build_mesh(group=group, rank=rank, tensor_parallel_size=parallel.tensor_parallel_size)
+    size, sequences = mesh.tensor_parallel_size, mesh.sequence_parallel_size
+
+    def peer_over(axis: dist.ProcessGroup, axis_rank: int, axis_size: int):
+        if not parallel.peer_collectives:
+            return None
+        return PeerCollectives.create(
+            group=axis, rank=axis_rank, world_size=axis_size, device=device, tuning=config.tuning
         )
-    # A round splits into 2 * world_size blocks of whole pages.
+
+    # Every rank builds the axes' collectives in the same order: tensor, sequence, replica.
+    tensor = mlp_sum = None
+    if size > 1:
+        tensor = GroupCollectives(
+            group=mesh.tensor, rank=mesh.tensor_rank, world_size=size,
+            peer=peer_over(mesh.tensor, mesh.tensor_rank, size), tuning=config.tuning,
+        )  # fmt: skip
+    # A tensor rank with one sequence rank holds every page of its heads: nothing to join.
+    comm: AttentionComm = LocalComm()
+    if sequences > 1 or size == 1:
+        comm = SequenceParallelComm(
+            group=mesh.sequence, rank=mesh.sequence_rank, world_size=sequences,
+            impl=config.impl, peer=peer_over(mesh.sequence, mesh.sequence_rank, sequences),
+            tuning=config.tuning,
+        )  # fmt: skip
+    if size > 1 and sequences > 1 and parallel.split_mlp:
+        mlp_sum = GroupCollectives(
+            group=group, rank=rank, world_size=world_size,
+            peer=peer_over(group, rank, world_size), tuning=config.tuning,
+        )  # fmt: skip
+    # A round splits into 2 * S blocks of whole pages.
     page_size = config.quest.page_size
     step = 2 * page_size
     chunk = max(step, config.prefill_chunk_tokens // step * step)
     ranks = SequenceParallelRanks(
-        group=group,
+        group=mesh.sequence,
         ownership=PageOwnership(
-            world_size=world_size, page_size=page_size, prefill_chunk_tokens=chunk
+            world_size=sequences, page_size=page_size, prefill_chunk_tokens=chunk
         ),
-        world_size=world_size,
-        rank=rank,
-        comm=SequenceParallelComm(
-            group=group,
-            rank=rank,
-            world_size=world_size,
-            impl=config.impl,
-            peer=peer,
-            tuning=config.tuning,
-        ),
+        world_size=sequences,
+        rank=mesh.sequence_rank,
+        comm=comm,
         device=device,
         split_mlp=parallel.split_mlp,
+        replica=group,
+        mlp_sum=mlp_sum,
     )
-    return build_engine(config, device=device, ranks=ranks)
+    return build_engine(config, device=device, ranks=ranks, tensor=tensor)

@@ -46,7 +46,8 @@ def test_the_salt_separates_engines():
     base = dict(model="tiny", dtype="float32", page_size=4, bounds_dtype=None, world_size=1)
     keys = page_keys(tokens, page_size=4, salt=cache_salt(**base))
     for field, value in [("model", "other"), ("dtype", "bfloat16"), ("world_size", 2),
-                         ("bounds_dtype", "float8_e4m3fn"), ("page_size", 8)]:  # fmt: skip
+                         ("bounds_dtype", "float8_e4m3fn"), ("page_size", 8),
+                         ("tensor_parallel_size", 2)]:  # fmt: skip
         salt = cache_salt(**{**base, field: value})
         assert salt != cache_salt(**base)
         other = page_keys(tokens, page_size=4, salt=salt)

@@ -42,6 +42,10 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
     "--prefill-chunk": (["--prefill-chunk", "100"], lambda c: c.prefill_chunk_tokens == 100),
     "--no-spread-selection": (["--no-spread-selection"], lambda c: not c.quest.spread_selection),
     "--world-size": (["--world-size", "3"], lambda c: c.parallel.world_size == 3),
+    "--tensor-parallel-size": (
+        ["--tensor-parallel-size", "3"],
+        lambda c: c.parallel.tensor_parallel_size == 3,
+    ),
     "--data-parallel-size": (
         ["--data-parallel-size", "2"],
         lambda c: c.parallel.data_parallel_size == 2,
@@ -112,7 +116,8 @@ def _runs(command: str, launcher: str) -> list[tuple[list[str], list[str]]]:
     if launcher != "ray":  # one device, or one replica of torchrun ranks
         present = [o for o in present if o != "--data-parallel-size"]
     if launcher == "local":
-        present = [o for o in present if o != "--world-size"]  # one device only
+        one_device = ("--world-size", "--tensor-parallel-size")
+        present = [o for o in present if o not in one_device]
     runs = []
     for left_out in EXCLUSIVE:
         chosen = [o for o in present if o != left_out]
@@ -225,7 +230,8 @@ def test_torchrun_entry_takes_the_same_engine_options():
     entry = set(_options(torchrun.build_parser()))
     shared = set(_options(_subparsers()["generate"])) & set(ENGINE_OPTIONS)
     assert shared <= entry
-    own = {"--config-json", "--timeout", "--input", "--output", "--group-size", "--retry-errors"}
+    own = {"--config-json", "--timeout", "--input", "--output", "--group-size", "--retry-errors",
+           "--tensor-parallel-size"}  # fmt: skip
     assert entry - shared - NOT_ENGINE["generate"] == own
 
 
@@ -287,3 +293,16 @@ def test_the_kernel_tuning_reaches_the_engine(tmp_path, monkeypatch):
     assert engine.tuning is config.tuning
     engine.generate([[1, 2, 3]], [SamplingParams(max_tokens=3, ignore_eos=True)])
     assert seen and all(t is tuning for t in seen)
+
+
+def test_llm_settings_carry_the_tensor_parallel_size():
+    from longquest.launch.api import engine_config
+
+    config = engine_config(
+        MODEL, dtype="auto", device=None, quest=None, cache=None, world_size=4,
+        tensor_parallel_size=2, launcher="ray", prefill_chunk_tokens=8192, impl=None,
+        allow_long_context=False, prefix_caching=True,
+    )  # fmt: skip
+    assert config.parallel.tensor_parallel_size == 2
+    assert config.parallel.sequence_parallel_size == 2
+    assert EngineConfig.from_json(config.to_json()) == config
