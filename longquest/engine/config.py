@@ -9,6 +9,8 @@ import re
 import typing
 from dataclasses import dataclass, field
 
+from longquest.engine.model_config import SUPPORTED_ARCHITECTURES as SUPPORTED_ARCHITECTURES
+from longquest.engine.model_config import ModelConfig as ModelConfig
 from longquest.engine.validate import (
     check_bool,
     check_float,
@@ -18,12 +20,6 @@ from longquest.engine.validate import (
 )
 from longquest.kernels import KernelTuning
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
 # CacheConfig.bounds_dtype values; None stores the bounds in the model dtype.
 BOUNDS_DTYPE_NAMES = (None, "float8_e4m3fn")
 
@@ -268,56 +264,6 @@ class SamplingParams:
             check_int(self.logprobs, name="SamplingParams.logprobs", minimum=0,
                       accepts="None or a whole number >= 0 (top tokens to report)")  # fmt: skip
         object.__setattr__(self, "stop", stop_strings(self.stop, name="SamplingParams.stop"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """The architecture facts the engine's model needs, read from a HF config."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: tuple[tuple[str, object], ...] | None = None
-    max_position_embeddings: int = 8192
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; longquest supports "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        if self.num_qo_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_qo_heads={self.num_qo_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}"
-            )
-
-    @property
-    def group_size(self) -> int:
-        return self.num_qo_heads // self.num_kv_heads
-
-    @property
-    def context_length(self) -> int:
-        """The context the model declares usable: ``max_position_embeddings``, or a RoPE
-        scaling's ``factor x original_max_position_embeddings`` when that is longer (YaRN
-        and linear configs often keep the pre-scaling length in max_position_embeddings)."""
-        scaling = dict(self.rope_scaling or ())
-        if scaling.get("rope_type") in ("linear", "yarn") and "factor" in scaling:
-            original = scaling.get("original_max_position_embeddings")
-            scaled = float(scaling["factor"]) * int(original or self.max_position_embeddings)
-            return max(self.max_position_embeddings, int(scaled))
-        return self.max_position_embeddings
 
 
 # EngineConfig.dtype values: "auto" is bf16 on CUDA and fp32 on the CPU.

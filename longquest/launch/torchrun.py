@@ -19,14 +19,13 @@ import torch
 import torch.distributed as dist
 
 from longquest.engine.config import EngineConfig
-from longquest.launch.cli import (
+from longquest.launch.cli import logprob_lines, summary_line
+from longquest.launch.options import (
     TENSOR_PARALLEL_HELP,
     add_model_arguments,
     add_sampling_arguments,
     engine_config_from_args,
-    logprob_lines,
     sampling_from_args,
-    summary_line,
 )
 
 

@@ -71,7 +71,8 @@ def test_api_refuses_too_long_before_work(model_dir):
 
 def test_bounds_dtype_flag_builds_the_cache_config():
     from longquest.engine.config import CacheConfig
-    from longquest.launch.cli import build_parser, cache_from_args
+    from longquest.launch.cli import build_parser
+    from longquest.launch.options import cache_from_args
 
     base = ["generate", "--model", "m", "--prompt", "hi"]
     assert cache_from_args(build_parser().parse_args(base)) == CacheConfig()
@@ -85,7 +86,8 @@ def test_bounds_dtype_flag_builds_the_cache_config():
 
 
 def test_no_spread_selection_flag_builds_the_quest_config():
-    from longquest.launch.cli import build_parser, quest_from_args
+    from longquest.launch.cli import build_parser
+    from longquest.launch.options import quest_from_args
 
     base = ["generate", "--model", "m", "--prompt", "p"]
     assert quest_from_args(build_parser().parse_args(base)).spread_selection is True
@@ -133,7 +135,8 @@ def test_generate_help_says_what_each_option_does():
 
 def test_sampling_flags_build_the_sampling_params():
     from longquest.engine.config import SamplingParams
-    from longquest.launch.cli import build_parser, sampling_from_args
+    from longquest.launch.cli import build_parser
+    from longquest.launch.options import sampling_from_args
 
     base = ["generate", "--model", "m", "--prompt", "p"]
     assert sampling_from_args(build_parser().parse_args(base)) == SamplingParams()

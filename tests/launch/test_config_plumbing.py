@@ -32,6 +32,11 @@ ENGINE_OPTIONS: dict[str, tuple[list[str], Callable[[EngineConfig], bool]]] = {
     "--dense": (["--dense"], lambda c: c.quest.token_budget is None),
     "--page-size": (["--page-size", "32"], lambda c: c.quest.page_size == 32),
     "--dense-layers": (["--dense-layers", "5"], lambda c: c.quest.dense_layers == 5),
+    "--group-pages": (["--group-pages", "8"], lambda c: c.quest.group_pages == 8),
+    "--group-margin": (
+        ["--group-pages", "8", "--group-margin", "3"],
+        lambda c: c.quest.group_margin == 3.0,
+    ),
     "--device": (["--device", "cpu"], lambda c: c.device == "cpu"),
     "--dtype": (["--dtype", "float16"], lambda c: c.dtype == "float16"),
     "--cache-tokens": (["--cache-tokens", "4096"], lambda c: c.cache.max_tokens == 4096),
