@@ -107,6 +107,16 @@ def random_smollm2(directory: Path) -> Path:
     return save_char_tokenizer(directory)
 
 
+def _first_error(rows: Path) -> str | None:
+    """The first error row's message in the job's output (a layout that refuses lines
+    says why in the JSON)."""
+    for line in rows.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("error"):
+            return str(row["error"])
+    return None
+
+
 def run_layout(config: EngineConfig, job: Path, *, group_size: int) -> dict:
     from longquest.launch.api import LLM
     from longquest.launch.batch import run_batch
@@ -121,6 +131,7 @@ def run_layout(config: EngineConfig, job: Path, *, group_size: int) -> dict:
                 replicas=llm.replicas, tokenizer=llm.tokenizer, group_size=group_size,
                 progress=False,
             )  # fmt: skip
+            first_error = _first_error(Path(scratch) / "out.jsonl")
     finally:
         llm.shutdown()
     job_s = time.perf_counter() - started
@@ -131,6 +142,7 @@ def run_layout(config: EngineConfig, job: Path, *, group_size: int) -> dict:
         "job_s": round(job_s, 2),
         "lines": summary["served"],
         "errors": summary["errors"],
+        "first_error": first_error,
         "tokens": summary["tokens"],
         "prefill_tokens": summary["prefill_tokens"],
         "lines_per_minute": round(60 * summary["served"] / job_s, 2),

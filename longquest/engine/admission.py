@@ -77,9 +77,10 @@ class Admission:
         need = self.ranks.most_pages_needed(num_pages=pages_for(total, self.page_size))
         if need > self.pool.num_pages:
             world_size, num_pages = self.ranks.world_size, self.pool.num_pages
+            busiest = f" ({need} pages on the rank holding most of them)" * (world_size > 1)
             raise CacheCapacityError(
                 f"prompt {index} has {prompt_len} tokens; with max_tokens={params.max_tokens} "
-                f"it needs {total} tokens of KV cache but the cache holds "
+                f"it needs {total} tokens of KV cache{busiest} but the cache holds "
                 f"{num_pages * self.page_size * world_size} tokens ({num_pages} pages of "
                 f"{self.page_size} on each of {world_size} rank(s)); shorten the prompt, "
                 "lower max_tokens, or give the cache more memory (CacheConfig) or more GPUs"

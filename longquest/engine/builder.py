@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,18 +81,23 @@ def cache_pages(
     device,
     world_size: int = 1,
     num_kv_heads: int | None = None,
+    most_pages_needed: Callable[[int], int] | None = None,
 ) -> int:
     """Pages per layer for this rank: configured, or what free device memory holds.
 
     world_size: the sequence ranks sharing every sequence's pages. num_kv_heads: the KV
     heads this rank's pages hold (a tensor rank's share; None: all of the model's).
+    most_pages_needed(n): the most of a sequence's ``n`` pages any rank holds (the rank
+    group's ownership rule); with ``cache.max_tokens`` every rank gets that many pages of
+    a ``max_tokens`` sequence, so one sequence that long fits. None: an even split.
     """
     if cache.num_pages is not None:
         return cache.num_pages
     if cache.max_tokens is not None:
-        # Each rank holds about 1/world_size of every sequence, plus rounding slack.
-        per_rank = -(-cache.max_tokens // world_size)
-        return -(-per_rank // page_size) + 4
+        pages = -(-cache.max_tokens // page_size)
+        # Pages follow positions in blocks, so a short sequence may sit on few ranks.
+        share = most_pages_needed(pages) if most_pages_needed else -(-pages // world_size)
+        return share + 4  # rounding slack
     if device.type != "cuda":
         return -(-DEFAULT_CPU_CACHE_TOKENS // page_size)
     free, _ = torch.cuda.mem_get_info(device)
@@ -144,6 +150,7 @@ def build_engine(
         device=device,
         world_size=parallel.sequence_parallel_size,
         num_kv_heads=model.num_kv_heads,
+        most_pages_needed=None if ranks is None else _pages_needed_by(ranks),
     )
     if num_pages < 1:
         raise ValueError(
@@ -191,3 +198,7 @@ def weights_identity(model_dir: str) -> tuple[tuple[str, int], ...]:
     times: copies of one model on several hosts must agree.)"""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     return tuple((path.name, path.stat().st_size) for path in files)
+
+
+def _pages_needed_by(ranks: RankGroup) -> Callable[[int], int]:
+    return lambda num_pages: ranks.most_pages_needed(num_pages=num_pages)

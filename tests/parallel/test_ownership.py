@@ -217,3 +217,24 @@ def test_bad_arguments_raise():
         ownership.owner(page_index=-1)
     with pytest.raises(ValueError, match="seq_len"):
         ownership.tail_owner(seq_len=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("tokens", [200, 1873, 5000, 40_000])
+@pytest.mark.parametrize("chunk", [512, 8192])
+def test_a_cache_sized_in_tokens_fits_one_sequence_that_long(world_size, tokens, chunk):
+    """cache_tokens=N holds one N-token sequence on every rank, even where the sequence
+    is too short to spread over all ranks (its blocks sit on the first ones)."""
+    from longquest.engine.builder import cache_pages
+    from longquest.engine.config import CacheConfig
+
+    own = PageOwnership(world_size=world_size, page_size=16, prefill_chunk_tokens=chunk)
+    needed = max(own.num_local_pages(rank=r, num_pages=-(-tokens // 16))
+                 for r in range(world_size))  # fmt: skip
+    pages = cache_pages(config=None, cache=CacheConfig(max_tokens=tokens), page_size=16,
+                        dtype=None, device=None, world_size=world_size,
+                        most_pages_needed=lambda n: max(
+                            own.num_local_pages(rank=r, num_pages=n) for r in range(world_size)
+                        ))  # fmt: skip
+    assert pages >= needed
+    assert pages <= needed + 4
