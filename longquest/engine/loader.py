@@ -182,7 +182,7 @@ def load_model(
         raise FileNotFoundError(f"no config.json in {str(path)!r}; is it a Hugging Face model?")
     weight_files = _weight_files(path)
     device = torch.device(device)
-    hf_config = _read_config(path)
+    hf_config = read_hf_config(path)
     config = model_config_from_hf(hf_config)
     check_tensor_parallel(config, tensor_parallel_size=1 if tensor is None else tensor.world_size)
     check_dtype_runs(dtype=dtype, device=device)
@@ -275,7 +275,7 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def _read_config(path: Path) -> object:
+def read_hf_config(path: Path) -> object:
     """``config.json`` through AutoConfig; a file that is not a JSON object, or that
     transformers cannot read, is a ValueError naming the file and the fault."""
     file = path / "config.json"

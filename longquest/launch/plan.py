@@ -21,7 +21,6 @@ over several ranks) is not supported. Per GPU:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,31 +174,16 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     FileNotFoundError when the directory or its config.json is missing; ValueError when
     the file is not JSON or describes an architecture the engine does not run.
     """
-    from transformers import AutoConfig
-
-    from longquest.engine.loader import model_config_from_hf
+    from longquest.engine.loader import model_config_from_hf, read_hf_config
 
     path = Path(model_dir)
-    file = path / "config.json"
-    if not file.is_file():
+    if not (path / "config.json").is_file():
         where = "does not exist" if not path.is_dir() else "has no config.json"
         raise FileNotFoundError(
             f"model directory {str(path)!r} {where}; pass a Hugging Face model directory "
             "(only its config.json is read)"
         )
-    try:
-        parsed = json.loads(file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error})") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(parsed).__name__}")
-    try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"transformers cannot read {file} ({type(error).__name__}: {error}); is it the "
-            "config.json of a supported model?"
-        ) from error
+    hf_config = read_hf_config(path)
     return model_config_from_hf(hf_config)
 
 
