@@ -88,6 +88,7 @@ class LLM:
                 f"LLM starts the 'local' or the 'ray' launcher, got {config.parallel.launcher!r}; "
                 "start torchrun ranks with `longquest batch --launcher torchrun` or torchrun"
             )
+        check_tensor_layout(config)
         self.config = config
         self.quest = config.quest
         self._engine = self._cluster = self._scheduler = self._replicas = None
@@ -289,3 +290,16 @@ class ProgressBars:
 def progress_callback(enabled: bool, *, prefill_chunk_tokens: int) -> ProgressBars | None:
     """A ``ProgressBars`` when ``enabled``, else None (no reports)."""
     return ProgressBars(prefill_chunk_tokens=prefill_chunk_tokens) if enabled else None
+
+
+def check_tensor_layout(config: EngineConfig) -> None:
+    """Refuse, before any worker starts, a ``tensor_parallel_size`` the model's heads or
+    MLP cannot take (the same ValueError every rank would raise in its setup). Reads only
+    the model's config.json, which the driver needs for the tokenizer anyway."""
+    size = config.parallel.tensor_parallel_size
+    if size == 1:
+        return
+    from longquest.engine.model import check_tensor_parallel
+    from longquest.launch.plan import read_model_config
+
+    check_tensor_parallel(read_model_config(config.model), tensor_parallel_size=size)

@@ -93,9 +93,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         args, world_size=args.world_size, tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size, launcher=args.launcher,
     )  # fmt: skip
+    from longquest.launch.api import LLM, check_tensor_layout
+
     if args.launcher == "torchrun":
+        check_tensor_layout(config)
         return _batch_with_torchrun(config, args)
-    from longquest.launch.api import LLM
 
     llm = LLM(config=config)
     # On Ray the replicas (one or more) are fed from the shared queue, one progress line

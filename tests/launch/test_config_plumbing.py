@@ -168,6 +168,8 @@ def _ray(monkeypatch, argv: list[str]) -> list[EngineConfig]:
         return None, None
 
     monkeypatch.setattr(ray_cluster, "RayCluster", InProcessCluster)
+    # The driver's layout check reads config.json, which MODEL is not (test_tensor_layout).
+    monkeypatch.setattr("longquest.launch.api.check_tensor_layout", lambda config: None)
     # No Ray: the replicas' capacity check is tested in test_replicas.
     monkeypatch.setattr("longquest.launch.replicas.init_ray", lambda **_: False)
     monkeypatch.setattr("longquest.launch.replicas.ray.cluster_resources", lambda: {})
@@ -189,6 +191,8 @@ def _torchrun(monkeypatch, argv: list[str]) -> list[EngineConfig]:
     torchrun entry up to build_worker."""
     commands = []
     monkeypatch.setattr(cli, "run_quietly_on_interrupt", lambda c: commands.append(c) or 0)
+    # The driver's layout check reads config.json, which MODEL is not (test_tensor_layout).
+    monkeypatch.setattr("longquest.launch.api.check_tensor_layout", lambda config: None)
     assert cli.main(argv) == 0
     (command,) = commands
     entry = command[command.index("longquest.launch.torchrun") + 1 :]
