@@ -1,6 +1,7 @@
 """Tiles of Quest's page bounds shared by the score kernels (:mod:`.scores`, the one-level
 scan, and :mod:`.two_level`, the fine pass over kept groups): loading a block of pages'
-bounds, the query's sign split for the tensor-core bound, and when that form is exact."""
+bounds, the bound in CUDA-core arithmetic, the query's sign split for the tensor-core
+bound, and when that form is exact."""
 
 from __future__ import annotations
 
@@ -23,6 +24,25 @@ def load_bounds(key_min_ptr, key_max_ptr, ids, valid, head_offset, dims, stride_
     kmin = tl.load(key_min_ptr + offsets, mask=mask, other=0.0)
     kmax = tl.load(key_max_ptr + offsets, mask=mask, other=0.0)
     return kmin, kmax
+
+
+@triton.jit
+def best_bound_elementwise(
+    q_base, stride_qh, kmin, kmax, dims,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_P]`` fp32: each page's bound ``sum_d max(q_d * kmin_d, q_d * kmax_d)``,
+    maxed over the ``GROUP`` query heads of one KV head (head ``g`` at ``q_base + g *
+    stride_qh``), in CUDA-core arithmetic: the form for fp32 without tensor cores, GQA
+    groups past ``DOT_MAX_GROUP`` and the interpreter."""
+    lo = kmin.to(tl.float32)
+    hi = kmax.to(tl.float32)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for g in range(GROUP):
+        q = tl.load(q_base + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
+        q = q.to(tl.float32)
+        best = tl.maximum(best, tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1))
+    return best
 
 
 @triton.jit

@@ -45,7 +45,12 @@ from longquest.kernels._checks import (
     resolve_impl,
 )
 from longquest.kernels._device import sm_count
-from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
+from longquest.kernels.bound_tiles import (
+    best_bound_elementwise,
+    dot_options,
+    load_bounds,
+    query_signs,
+)
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.tuning import DEFAULT_TUNING, KernelTuning
 
@@ -116,14 +121,8 @@ def _score_blocks(
             )
             best = tl.max(tl.where(rows[:, None] < GROUP, bound, float("-inf")), axis=0)
         else:
-            lo = kmin.to(tl.float32)
-            hi = kmax.to(tl.float32)
-            best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-            for g in range(GROUP):
-                q = tl.load(query_ptr + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
-                q = q.to(tl.float32)
-                bound = tl.maximum(q[None, :] * lo, q[None, :] * hi)
-                best = tl.maximum(best, tl.sum(bound, axis=1))
+            best = best_bound_elementwise(query_ptr, stride_qh, kmin, kmax, dims, GROUP,
+                                          HEAD_DIM, BLOCK_P)  # fmt: skip
         best = tl.where(pages < pin, best, float("inf"))
         tl.store(out_row + pages, tl.where(pages < n, best, float("-inf")), mask=pages < max_pages)
         kmin, kmax, ids_next = kmin_next, kmax_next, ids_after

@@ -45,7 +45,12 @@ from longquest.kernels._checks import (
     check_tensor,
     resolve_impl,
 )
-from longquest.kernels.bound_tiles import dot_options, load_bounds, query_signs
+from longquest.kernels.bound_tiles import (
+    best_bound_elementwise,
+    dot_options,
+    load_bounds,
+    query_signs,
+)
 from longquest.kernels.float8 import FLOAT8_DTYPE, check_float8_supported
 from longquest.kernels.radix import DIGIT_BITS, NUM_BINS
 from longquest.kernels.scores import page_scores
@@ -95,13 +100,8 @@ def _group_page_scores_kernel(
         bound = tl.dot(kmin.to(q_neg.dtype), q_neg, bound, input_precision=DOT_PRECISION)
         best = tl.max(tl.where(cols[None, :] < GROUP, bound, float("-inf")), axis=1)
     else:
-        lo = kmin.to(tl.float32)
-        hi = kmax.to(tl.float32)
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for g in range(GROUP):
-            q = tl.load(q_base + g * stride_qh + dims, mask=dims < HEAD_DIM, other=0.0)
-            q = q.to(tl.float32)
-            best = tl.maximum(best, tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), axis=1))
+        best = best_bound_elementwise(q_base, stride_qh, kmin, kmax, dims, GROUP, HEAD_DIM,
+                                      BLOCK_P)  # fmt: skip
     best = tl.where(page == pinned_page, float("inf"), best)
     out = row.to(tl.int64) * list_len + slots
     tl.store(out_ptr + out, tl.where(valid, best, float("-inf")), mask=in_list)
