@@ -3,7 +3,9 @@
 Sizes are deliberately odd (3 KV heads, vocab and MLP widths that are not
 powers of two) so shape mix-ups show. Every weight is redrawn with a scale
 that keeps activations O(1) — attention is far from uniform — and norm
-weights and biases are randomised so a loader that skipped them would fail.
+weights and biases are randomised so a loader that skipped them would fail. The tied
+variants' final norm is scaled down by sqrt(hidden) so their logits, read through the
+N(0, 1) embedding, are O(1) like a real model's rather than near 100.
 :func:`make_tiny_model` saves no tokenizer (only token ids are needed);
 :func:`save_char_tokenizer` adds one, one token a character, for tests that send text.
 """
@@ -141,9 +143,13 @@ def make_tiny_model(directory: Path, *, architecture: str, seed: int = 0, **over
 
 
 def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
+    config = model.config
+    head_scale = config.hidden_size**-0.5 if config.tie_word_embeddings else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name == "model.norm.weight":  # feeds the LM head
+                param.normal_(1.0, 0.2, generator=generator).mul_(head_scale)
+            elif name.endswith("norm.weight"):
                 param.normal_(1.0, 0.2, generator=generator)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.2, generator=generator)
